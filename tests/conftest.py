@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random shards and a tiny, exact (fp32, uncompiled) training configuration."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# A model small enough that a step takes milliseconds on CPU, trained in float32 so runs are exact.
+TINY = ["--B=4", "--T=32", "--total_batch_size=256", "--n_layer=2", "--n_head=2", "--n_embd=32",
+        "--vocab_size=512", "--block_size=64", "--warmup_steps=2", "--max_steps=8", "--eval_interval=4",
+        "--checkpoint_interval=4", "--val_tokens=512", "--compile=False", "--dtype=float32",
+        "--sample_count=0", "--device=cpu"]
+
+
+def write_shards(data_dir, sizes, vocab=500, seed=0, prefix="tiny"):
+    """Shards of random uint16 tokens: sizes[0] is the val shard, the rest are train shards."""
+    os.makedirs(data_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, n in enumerate(sizes):
+        split = "val" if i == 0 else "train"
+        path = os.path.join(data_dir, f"{prefix}_{split}_{i:06d}.npy")
+        np.save(path, rng.integers(0, vocab, n).astype(np.uint16))
+        paths.append(path)
+    return paths
+
+
+def run(args, cwd=None, timeout=600, env=None):
+    """Runs a command with the project's interpreter; returns the CompletedProcess (text output)."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(args, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def train(args, **kw):
+    return run([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *args], **kw)
+
+
+def train_losses(log_dir, kind="train"):
+    """{step: loss} of one kind of line in log_dir/log.txt."""
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        rows = [line.split() for line in f]
+    return {int(s): float(v) for s, k, v in rows if k == kind}
+
+
+@pytest.fixture
+def shards(tmp_path):
+    data_dir = tmp_path / "data"
+    write_shards(str(data_dir), [4000, 5000, 3000, 4100])
+    return str(data_dir)
