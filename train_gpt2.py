@@ -504,23 +504,67 @@ def find_checkpoint(resume, log_dir):
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 
-def load_checkpoint(path, cfg):
+def read_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        saved = {k: ckpt["config"][k] for k in MODEL_KEYS}
+        ckpt["config"] = {**SETTINGS, **ckpt["config"]}  # settings added since it was written take defaults
+        GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS})
+        return ckpt
     except Exception as e:
         raise UserError(f"{path}: not a train_gpt2.py checkpoint ({type(e).__name__}: {e})") from None
-    ours = {k: cfg[k] for k in MODEL_KEYS}
+
+
+def load_checkpoint(path, cfg):
+    """The checkpoint at path, refused if its model shape differs from the run's settings."""
+    ckpt = read_checkpoint(path)
+    saved, ours = ({k: c[k] for k in MODEL_KEYS} for c in (ckpt["config"], cfg))
     if saved != ours:
         diff = ", ".join(f"{k}={saved[k]} (run has {ours[k]})" for k in MODEL_KEYS if saved[k] != ours[k])
         raise UserError(f"{path}: checkpoint was trained with {diff}; pass matching settings or a fresh log_dir")
     return ckpt
 
 
+def load_model(spec, device="cpu"):
+    """A GPT in eval mode from a train_gpt2.py checkpoint file, a local Hugging Face directory, or a
+    hub name such as "gpt2-xl": the one way scripts get a model, so all of them share one forward path."""
+    if os.path.isfile(spec):
+        ckpt = read_checkpoint(spec)
+        model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
+        model.load_state_dict(ckpt["model"])
+    else:
+        model = GPT.from_pretrained(spec)
+    return model.to(device).eval()
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 
 DEVICE = "cpu"  # set by main(); the helpers above move batches here
+
+
+def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast):
+    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as floats.
+    model may be compiled and/or wrapped in DDP."""
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=DEVICE)
+    for micro_step in range(grad_accum_steps):
+        x, y = loader.next_batch()
+        x, y = x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True)
+        sync = not ddp or micro_step == grad_accum_steps - 1  # all-reduce gradients once per step
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+            _, loss = model(x, y)
+        loss = loss / grad_accum_steps
+        loss_accum += loss.detach()
+        loss.backward()
+    if ddp:
+        dist.all_reduce(loss_accum)  # gloo has no AVG, so sum and divide
+        loss_accum /= dist.get_world_size()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return loss_accum.item(), norm.item()
 
 
 def main(argv=None):
@@ -619,34 +663,17 @@ def train(cfg):
             break
 
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=DEVICE)
-        for micro_step in range(grad_accum_steps):
-            x, y = train_loader.next_batch()
-            x, y = x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True)
-            sync = not ddp or micro_step == grad_accum_steps - 1  # all-reduce gradients once per step
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                _, loss = model(x, y)
-            loss = loss / grad_accum_steps
-            loss_accum += loss.detach()
-            loss.backward()
-        if ddp:
-            dist.all_reduce(loss_accum)  # gloo has no AVG, so sum and divide
-            loss_accum /= world
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
         lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+        loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, cfg["grad_clip"], autocast)
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         mfu = f"{100 * flops_step / dt / (peak * world):.1f}%" if peak else "n/a"
-        log(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm.item():.4f} | "
+        log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
             f"dt {1000 * dt:.2f}ms | tok/sec {cfg['total_batch_size'] / dt:.0f} | mfu {mfu}")
         if master:
             with open(log_file, "a") as f:
-                f.write(f"{step} train {loss_accum.item():.6f}\n")
+                f.write(f"{step} train {loss:.6f}\n")
 
     if ddp:
         dist.destroy_process_group()
