@@ -125,6 +125,42 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+LOSS_CHUNK_ROWS = 256  # rows of logits LinearCrossEntropy holds at once (256 x 50304 fp32 = 52 MB)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(x @ weight.T, targets) (mean over rows; targets must be real ids), computed a chunk
+    of rows at a time in `dtype` with fp32 softmax. The forward also works out both gradients, so the
+    B*T x vocab logits are never held whole (fp32 they are 400 MB at B=8, T=256) nor recomputed; the
+    backward only scales them. Same maths as the plain loss; the weight gradient is summed in fp32."""
+    @staticmethod
+    def forward(ctx, x, weight, targets, dtype):
+        n, need_grad = x.size(0), any(ctx.needs_input_grad[:2])
+        ctx.x_dtype = x.dtype
+        xd, wd = x.to(dtype), weight.to(dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(xd) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for i in range(0, n, LOSS_CHUNK_ROWS):
+            xc, tc = xd[i:i + LOSS_CHUNK_ROWS], targets[i:i + LOSS_CHUNK_ROWS]
+            logits = (xc @ wd.t()).float()
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)
+            loss += (lse.squeeze(1) - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if need_grad:  # d loss / d logits = (softmax - onehot) / n
+                g = torch.exp(logits - lse).scatter_add(1, tc[:, None], torch.full_like(lse, -1.0)) / n
+                g = g.to(dtype)
+                grad_x[i:i + LOSS_CHUNK_ROWS] = g @ wd
+                grad_w += (g.t() @ xc).float()
+        if need_grad:
+            ctx.save_for_backward(grad_x, grad_w)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return (grad_x * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -158,11 +194,12 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
-        return logits, loss
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x), None
+        # With targets only the loss is returned (logits None): the fused loss never holds them all.
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), dtype)
 
     @classmethod
     def from_pretrained(cls, name_or_path, vocab_size=None):
@@ -328,7 +365,9 @@ class DataLoaderLite:
     def next_batch(self):
         B, T = self.B, self.T
         start = self.pos + self.rank * B * T
-        buf = torch.from_numpy(self.tokens[start:start + B * T + 1].astype(np.int64))
+        # Read, not sliced from the memmap: mapped pages would stay resident, up to the whole shard.
+        part = np.fromfile(self.tokens.filename, dtype="<u2", count=B * T + 1, offset=self.tokens.offset + 2 * start)
+        buf = torch.from_numpy(part.astype(np.int64))
         self.pos += B * T * self.world
         if self.pos + B * T * self.world + 1 > len(self.tokens):  # the next group step would not fit
             self.pos, self.shard = 0, self.shard + 1
