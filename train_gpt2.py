@@ -603,6 +603,8 @@ def train(cfg):
     train_loader = DataLoaderLite(cfg["B"], cfg["T"], rank, world, "train", cfg["data_dir"], cfg["seed"])
     val_loader = DataLoaderLite(cfg["B"], cfg["T"], rank, world, "val", cfg["data_dir"])
     val_steps = max(1, min(cfg["val_tokens"] // micro_tokens, val_loader.steps_per_epoch()))
+    log(f"val loss over {val_steps * micro_tokens} tokens (val_tokens={cfg['val_tokens']}, rounded to whole steps "
+        f"and capped at the val split's size)")
 
     torch.manual_seed(cfg["seed"])
     config = GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
