@@ -383,6 +383,9 @@ def pick_device(requested, local_rank=0):
 
 def autocast_context(device_type, dtype):
     """bf16 autocast for the matmuls (AMX on CPU, tensor cores on CUDA); a no-op for float32."""
+    if device_type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        print("this GPU has no bf16 (pre-Ampere); training in float32")
+        return contextlib.nullcontext()
     if dtype == "bfloat16" and device_type in ("cuda", "cpu"):
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

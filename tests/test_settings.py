@@ -52,13 +52,16 @@ def test_device_choice(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
-def test_autocast_and_fused_adamw_follow_the_device():
+def test_autocast_and_fused_adamw_follow_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     for device_type in ("cpu", "cuda"):
         ctx = tg.autocast_context(device_type, "bfloat16")
         assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16 and ctx.device == device_type
         assert not isinstance(tg.autocast_context(device_type, "float32"), torch.autocast)
     assert not isinstance(tg.autocast_context("mps", "bfloat16"), torch.autocast)
     assert tg.use_fused_adamw("cuda") and tg.use_fused_adamw("cpu") and not tg.use_fused_adamw("mps")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a V100 or T4
+    assert not isinstance(tg.autocast_context("cuda", "bfloat16"), torch.autocast)
     with tg.autocast_context("cpu", "bfloat16"):
         assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
 
