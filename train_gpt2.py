@@ -146,9 +146,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = (xc @ wd.t()).float()
             lse = torch.logsumexp(logits, dim=1, keepdim=True)
             loss += (lse.squeeze(1) - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            if need_grad:  # d loss / d logits = (softmax - onehot) / n
-                g = torch.exp(logits - lse).scatter_add(1, tc[:, None], torch.full_like(lse, -1.0)) / n
-                g = g.to(dtype)
+            if need_grad:  # d loss / d logits = (softmax - onehot) / n, one fusable pointwise pass
+                onehot = torch.arange(logits.size(1), device=x.device) == tc[:, None]
+                g = ((torch.exp(logits - lse) - onehot.float()) / n).to(dtype)
                 grad_x[i:i + LOSS_CHUNK_ROWS] = g @ wd
                 grad_w += (g.t() @ xc).float()
         if need_grad:
@@ -440,7 +440,9 @@ def get_lr(it, cfg):
     return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["max_lr"] - cfg["min_lr"])
 
 
-GPU_BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16, per device
+# Dense bf16 datasheet peaks, per device; the first name found in torch.cuda.get_device_name() wins,
+# so the PCIe H100 (fewer SMs, lower clocks) comes before the SXM one.
+GPU_BF16_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
 
 
 def device_peak_flops(device_type, setting=0.0):

@@ -65,8 +65,9 @@ def build(args, which):
     from transformers import GPT2Config, GPT2LMHeadModel
     config = GPT2Config(vocab_size=args.vocab_size, n_positions=args.block_size, n_embd=args.n_embd,
                         n_layer=args.n_layer, n_head=args.n_head, activation_function="gelu_new",
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    hf = GPT2LMHeadModel(config, attn_implementation="sdpa")
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+    hf = GPT2LMHeadModel(config)
+    assert hf.config._attn_implementation == "sdpa" and hf.lm_head.weight is hf.transformer.wte.weight
     optimizer = torch.optim.AdamW(hf.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
     return hf, HFAdapter(hf), optimizer
 

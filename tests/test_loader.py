@@ -110,3 +110,20 @@ def test_bad_shards_are_named(tmp_path, content, message):
 def test_missing_shards_name_the_dir_and_the_prepare_command(tmp_path):
     with pytest.raises(tg.UserError, match=r"no train shards .* in '.*empty'.*prepare_fineweb.py"):
         tg.DataLoaderLite(B, T, 0, 1, "train", str(tmp_path / "empty"))
+
+
+def test_llmc_bin_shard_gives_the_same_batches_as_npy(tmp_path):
+    """Batches are read from the file at the shard's data offset: 1024 header bytes in llm.c's format."""
+    tokens = np.arange(3 * B * T + 1, dtype=np.uint16) * 7
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = tg.LLMC_MAGIC, tg.LLMC_VERSION, len(tokens)
+    os.makedirs(tmp_path / "bin")
+    with open(tmp_path / "bin" / "c_train_000001.bin", "wb") as f:
+        f.write(header.tobytes() + tokens.astype("<u2").tobytes())
+    os.makedirs(tmp_path / "npy")
+    np.save(tmp_path / "npy" / "c_train_000001.npy", tokens)
+    a, b = (tg.DataLoaderLite(B, T, 0, 1, "train", str(tmp_path / d)) for d in ("bin", "npy"))
+    for i in range(3):
+        (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+        assert np.array_equal(xa.flatten(), tokens[i * B * T:(i + 1) * B * T])

@@ -70,6 +70,10 @@ def test_peak_flops_for_mfu(monkeypatch):
     assert tg.device_peak_flops("cuda", setting=123e12) == 123e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
     assert tg.device_peak_flops("cuda") == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 PCIe")
+    assert tg.device_peak_flops("cuda") == 756e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+    assert tg.device_peak_flops("cuda") == 989e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA A100-SXM4-40GB")
     assert tg.device_peak_flops("cuda") == 312e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA GeForce GTX 1080")
