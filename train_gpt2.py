@@ -92,11 +92,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_SCALE = True
         self.n_head = config.n_head
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         Bsz, Tlen, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(Bsz, Tlen, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+        if cache is not None:  # attend to the stored keys and values of the earlier positions too
+            k, v = cache.update(k, v)
+        # flash attention where available; a lone new token may see every stored position, so needs no mask
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=Tlen > 1)
         return self.c_proj(y.transpose(1, 2).contiguous().view(Bsz, Tlen, C))
 
 
@@ -120,9 +123,27 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """One layer's keys and values for every position generated so far, in buffers sized for block_size,
+    so that each new token's forward computes only its own row and attends to the stored ones."""
+
+    def __init__(self, block_size):
+        self.block_size, self.pos, self.k, self.v = block_size, 0, None, None
+
+    def update(self, k, v):
+        """Stores k, v (B, n_head, T, head_size) after the earlier positions; returns all of them."""
+        assert self.pos == 0 or k.size(2) == 1, "a cache takes the whole prompt first, then one token a call"
+        if self.k is None:  # allocated at first use, in the dtype autocast gives k and v
+            shape = (*k.shape[:2], self.block_size, k.size(3))
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        start, self.pos = self.pos, self.pos + k.size(2)
+        self.k[:, :, start:self.pos], self.v[:, :, start:self.pos] = k, v
+        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
 
 
 class GPT(nn.Module):
@@ -150,19 +171,65 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
-        Tlen = idx.size(1)
+    def forward(self, idx, targets=None, cache=None):
+        """cache: a list of one KVCache per layer, for generation; idx then continues the cached positions
+        and only the last position's logits are computed."""
+        start = cache[0].pos if cache else 0
+        Tlen = start + idx.size(1)
         if Tlen > self.config.block_size:
             raise UserError(f"sequence length {Tlen} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(Tlen, dtype=torch.long, device=idx.device)
+        pos = torch.arange(start, Tlen, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache[i] if cache else None)
+        if cache:
+            x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
         return logits, loss
+
+    @torch.no_grad()
+    def generate_stream(self, tokens, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0, num_samples=1,
+                        seed=None, generator=None, stop=EOT, use_cache=True):
+        """Continues the prompt `tokens` num_samples times, yielding each new position's (num_samples,)
+        tokens, until max_new_tokens or until every sample has produced `stop` (None: never stops).
+        seed or generator makes the sampling repeatable; temperature 0 is greedy. Call it on the
+        uncompiled model: a compiled one would recompile as the sequence grows (torch.compile's wrapper
+        forwards this method to the module it wraps, so compiled.generate_stream() is fine too)."""
+        bs = self.config.block_size
+        device = self.lm_head.weight.device
+        idx = torch.as_tensor(tokens, dtype=torch.long, device=device).view(1, -1).repeat(num_samples, 1)
+        if idx.size(1) == 0:
+            raise UserError("the prompt is empty; start it with <|endoftext|> for an unconditioned sample")
+        if generator is None and seed is not None:
+            generator = torch.Generator(device).manual_seed(seed)
+        done = torch.zeros(num_samples, dtype=torch.bool, device=device)
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache or cache is None or cache[0].pos == bs:
+                # Positions are learned and absolute: once the window slides, every kept token sits at a
+                # new position, so the stored keys and values are stale and the window is recomputed.
+                cache = [KVCache(bs) for _ in self.transformer.h]
+                logits, _ = self(idx[:, -bs:], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            # ids past GPT-2's 50257 are vocabulary padding, never tokens
+            nxt = sample_next(logits[:, -1, :EOT + 1].float(), temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, nxt[:, None]), dim=1)
+            yield nxt
+            done |= nxt == stop
+            if done.all():
+                return
+
+    def generate(self, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling):
+        """generate_stream's tokens gathered: one list of new tokens per sample, each cut before `stop`."""
+        rows = [[] for _ in range(num_samples)]
+        for nxt in self.generate_stream(tokens, max_new_tokens, num_samples=num_samples, stop=stop, **sampling):
+            for row, token in zip(rows, nxt.tolist()):
+                row.append(token)
+        return [row[:row.index(stop)] if stop in row else row for row in rows]
 
     @classmethod
     def from_pretrained(cls, name_or_path, vocab_size=None):
@@ -220,6 +287,23 @@ class GPT(nn.Module):
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                  fused=use_fused_adamw(device_type))
+
+
+def sample_next(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None):
+    """One token per row of (B, vocab) float logits: the argmax at temperature 0, else a draw from the
+    top_k likeliest tokens (0: all), narrowed to the fewest whose probabilities sum to top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the likelier tokens already hold top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
 def use_fused_adamw(device_type):
@@ -448,22 +532,6 @@ def evaluate_loss(model, loader, steps, autocast):
     return total.item() / (steps * (dist.get_world_size() if dist.is_initialized() else 1))
 
 
-@torch.no_grad()
-def sample(model, prompt, count, length, autocast, seed=42):
-    """Top-50 sampled completions of prompt (as in the reference), from an uncompiled model."""
-    enc = get_tokenizer()
-    x = torch.tensor(enc.encode(prompt), dtype=torch.long, device=DEVICE).repeat(count, 1)
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    while x.size(1) < length:
-        with autocast:
-            logits, _ = model(x[:, -model.config.block_size:])
-        probs = F.softmax(logits[:, -1, :enc.n_vocab].float(), dim=-1)  # never the padding tokens
-        topk_probs, topk_idx = torch.topk(probs, 50, dim=-1)
-        choice = torch.multinomial(topk_probs, 1, generator=gen)
-        x = torch.cat((x, torch.gather(topk_idx, -1, choice)), dim=1)
-    return [enc.decode(row.tolist()) for row in x]
-
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: written to a temp file and renamed, so a kill mid-write never leaves a broken one.
 
@@ -651,9 +719,13 @@ def train(cfg):
                 with open(log_file, "a") as f:
                     f.write(f"{step} val {val_loss:.6f}\n")
                 if cfg["sample_count"] and step > 0:
-                    for i, text in enumerate(sample(raw_model, "Hello, I'm a language model,", cfg["sample_count"],
-                                                    cfg["sample_tokens"], autocast)):
-                        log(f"sample {i}: {text!r}")
+                    enc = get_tokenizer()
+                    prompt = enc.encode("Hello, I'm a language model,")
+                    with autocast:  # the uncompiled model, which shares the compiled one's weights
+                        samples = raw_model.generate(prompt, cfg["sample_tokens"] - len(prompt),
+                                                     num_samples=cfg["sample_count"], seed=42)
+                    for i, tokens in enumerate(samples):
+                        log(f"sample {i}: {enc.decode(prompt + tokens)!r}")
             model.train()
         if master and step > start_step and (step % cfg["checkpoint_interval"] == 0 or last):
             path = checkpoint_path(cfg["log_dir"], step)
