@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -54,11 +55,13 @@ def shards(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A tiny model trained a few steps with GPT-2's padded vocabulary, so that every real token id exists."""
+def tiny_run(tmp_path_factory):
+    """A tiny model trained 8 steps with GPT-2's padded vocabulary, so that every real token id exists;
+    .checkpoint is its final checkpoint, .stdout the run's output (with 2 in-training samples)."""
     root = tmp_path_factory.mktemp("tiny_run")
     write_shards(str(root / "data"), [4000, 5000])
     log_dir = root / "log"
-    result = train([*TINY, "--vocab_size=50304", f"--data_dir={root / 'data'}", f"--log_dir={log_dir}"])
+    result = train([*TINY, "--vocab_size=50304", "--sample_count=2", "--sample_tokens=16",
+                    f"--data_dir={root / 'data'}", f"--log_dir={log_dir}"])
     assert result.returncode == 0, result.stderr
-    return str(log_dir / "model_000008.pt")
+    return types.SimpleNamespace(checkpoint=str(log_dir / "model_000008.pt"), stdout=result.stdout)
