@@ -45,7 +45,7 @@ def main():
 
     n = sum(p.numel() for p in model.parameters())
     print(f"{n / 1e6:.0f}M parameters, {device}, {args.dtype}, {args.prompt_tokens}-token prompt, "
-          f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads")
+          f"{args.new_tokens} new tokens, torch threads: {torch.get_num_threads()}")
     slow_tokens, slow = timed(use_cache=False)
     print(f"recompute every token: {slow:8.1f} tok/s")
     fast_tokens, fast = timed(use_cache=True)
