@@ -555,16 +555,16 @@ def hellaswag_predictions(model, data, batch_tokens, autocast, fixed_shape=False
     """The ending (0-3) each example's model picks under each of HELLA_METRICS, as an (N, 3) tensor."""
     device = next(model.parameters()).device
     preds = torch.zeros(len(data), len(HELLA_METRICS), dtype=torch.long)
-    for idx, tokens, mask in hellaswag_batches(data, batch_tokens, fixed_shape):
-        tokens, target = tokens.to(device), mask[:, 1:].to(device)
-        with autocast:
+    with autocast:  # one region for all batches, so that autocast casts each weight once, not once a forward
+        for idx, tokens, mask in hellaswag_batches(data, batch_tokens, fixed_shape):
+            tokens, target = tokens.to(device), mask[:, 1:].to(device)
             logits, _ = model(tokens)
-        losses = torch.zeros(target.shape, device=device)  # only ending tokens' logits are worth a float copy
-        losses[target] = F.cross_entropy(logits[:, :-1][target].float(), tokens[:, 1:][target], reduction="none")
-        total = losses.sum(1).view(-1, 4)[:len(idx)].double().cpu()
-        per_token = total / target.sum(1).view(-1, 4)[:len(idx)].cpu()
-        per_char = total / torch.tensor([data[i][2] for i in idx], dtype=torch.float64).clamp(min=1)
-        preds[idx] = torch.stack([s.argmin(1) for s in (total, per_token, per_char)], dim=1)
+            losses = torch.zeros(target.shape, device=device)  # only ending tokens' logits get a float copy
+            losses[target] = F.cross_entropy(logits[:, :-1][target].float(), tokens[:, 1:][target], reduction="none")
+            total = losses.sum(1).view(-1, 4)[:len(idx)].double().cpu()
+            per_token = total / target.sum(1).view(-1, 4)[:len(idx)].cpu()
+            per_char = total / torch.tensor([data[i][2] for i in idx], dtype=torch.float64).clamp(min=1)
+            preds[idx] = torch.stack([s.argmin(1) for s in (total, per_token, per_char)], dim=1)
     return preds
 
 

@@ -1,7 +1,7 @@
 """HellaSwag scoring throughput: batched forwards against one example per forward (the reference's way),
 in the same run, on the same small random GPT, on the same HellaSwag-shaped examples.
 
-    python bench/hellaswag_throughput.py                      # 4 layers x 256 wide, bf16, 256 examples
+    python bench/hellaswag_throughput.py                      # 4 layers x 256 wide, bf16, 128 examples
     python bench/hellaswag_throughput.py --data=hellaswag/hellaswag_val.jsonl --n_layer=12 --n_embd=768
 """
 import argparse
@@ -29,7 +29,7 @@ def timed(model, data, batch_tokens, autocast):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data", default="", help="a HellaSwag jsonl; default: random examples of HellaSwag's lengths")
-    p.add_argument("--examples", type=int, default=256)
+    p.add_argument("--examples", type=int, default=128)
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_head", type=int, default=4)
     p.add_argument("--n_embd", type=int, default=256)
