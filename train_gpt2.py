@@ -591,7 +591,7 @@ def training_hellaswag(cfg, world, rank, log):
 def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
     """acc_norm over all ranks' examples, and how many examples that was."""
     preds = hellaswag_predictions(model, data, batch_tokens, autocast, fixed_shape=True)
-    counts = torch.tensor([len(labels), (preds[:, 1] == labels).sum().item()], device=DEVICE)
+    counts = torch.tensor([len(labels), (preds[:, 1] == labels).sum().item()], device=DEVICE)  # column 1: acc_norm
     if dist.is_initialized():
         dist.all_reduce(counts)
     n, correct = counts.tolist()

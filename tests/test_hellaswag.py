@@ -3,6 +3,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import hellaswag
-from conftest import write_hellaswag
+from conftest import run, write_hellaswag
 from train_gpt2 import (GPT, GPTConfig, UserError, get_tokenizer, hellaswag_predictions, hellaswag_tokens,
                         read_hellaswag)
 
@@ -166,3 +167,26 @@ def test_download_goes_through_a_temp_file(tmp_path):
     with pytest.raises(UserError, match=f"put hellaswag_val.jsonl at {missing} or pass --data=path.jsonl"):
         hellaswag.download("file://" + str(tmp_path / "no_such_file"), missing)
     assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_hf_directory_scores_as_transformers_does(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2, initializer_range=0.3)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    data = write_hellaswag(str(tmp_path / "h.jsonl"), 20, seed=4, ctx_words=(3, 12), ending_words=(1, 6))
+    out = tmp_path / "out.json"
+    hellaswag.main([f"--model={tmp_path / 'hf'}", f"--data={data}", "--device=cpu", "--dtype=float32", f"--json={out}"])
+    examples = read_hellaswag(data)
+    expected = reference_predictions(lambda x: (hf(x).logits, None), examples)
+    correct = expected == torch.tensor([e["label"] for e in examples])[:, None]
+    results = json.load(open(out))
+    assert {k: results[k] for k in ("acc", "acc_norm", "acc_norm_harness")} == hellaswag.accuracies(correct)
+
+
+def test_unknown_model_is_one_line(tmp_path):
+    data = write_hellaswag(str(tmp_path / "h.jsonl"), 2)
+    proc = run([sys.executable, "hellaswag.py", "--model=no/such-model", f"--data={data}", "--device=cpu"],
+               env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1 and proc.stderr.startswith("error: --model=no/such-model: not a checkpoint file")
+    assert len(proc.stderr.strip().splitlines()) == 1
