@@ -100,8 +100,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(Bsz, Tlen, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:  # attend to the stored keys and values of the earlier positions too
             k, v = cache.update(k, v)
-        # flash attention where available; a lone new token may see every stored position, so needs no mask
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=Tlen > 1)
+        # Flash attention where available. A lone new token may see every stored position, so needs no mask;
+        # without a cache is_causal stays a constant, since a symbolic one would break torch.compile's graph.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or Tlen > 1)
         return self.c_proj(y.transpose(1, 2).contiguous().view(Bsz, Tlen, C))
 
 

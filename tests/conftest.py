@@ -82,7 +82,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_run")
     write_shards(str(root / "data"), [4000, 5000])
     log_dir = root / "log"
-    result = train([*TINY, "--vocab_size=50304", "--sample_count=2", "--sample_tokens=16",
+    result = train([*TINY, "--vocab_size=50304", "--sample_count=2", "--sample_tokens=16", "--hella_data=",
                     f"--data_dir={root / 'data'}", f"--log_dir={log_dir}"])
     assert result.returncode == 0, result.stderr
     return types.SimpleNamespace(checkpoint=str(log_dir / "model_000008.pt"), stdout=result.stdout)
