@@ -396,6 +396,9 @@ def pick_device(requested, local_rank=0):
 
 def autocast_context(device_type, dtype):
     """bf16 autocast for the matmuls (AMX on CPU, tensor cores on CUDA); a no-op for float32."""
+    if device_type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        print("this GPU has no bf16 (pre-Ampere); training in float32")
+        return contextlib.nullcontext()
     if dtype == "bfloat16" and device_type in ("cuda", "cpu"):
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -683,6 +686,8 @@ def train(cfg):
                                   cfg["vocab_size"])
     val_loader = DataLoaderLite(cfg["B"], cfg["T"], rank, world, "val", cfg["data_dir"], vocab_size=cfg["vocab_size"])
     val_steps = max(1, min(cfg["val_tokens"] // micro_tokens, val_loader.steps_per_epoch()))
+    log(f"val loss over {val_steps * micro_tokens} tokens (val_tokens={cfg['val_tokens']}, rounded to whole steps "
+        f"and capped at the val split's size)")
 
     torch.manual_seed(cfg["seed"])
     config = GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
