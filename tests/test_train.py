@@ -64,7 +64,7 @@ def test_default_path_compiles_in_bf16_and_still_evaluates_and_samples(shards, t
     (["--total_batch_size=300"], "total_batch_size=300 is not a multiple of B*T*world_size = 4*32*1 = 128"),
     (["--n_embd=48", "--resume=auto"], "model_000004.pt: checkpoint was trained with n_embd=32 (run has 48)"),
     (["--resume=/nonexistent.pt"], "--resume=/nonexistent.pt: no such checkpoint file"),
-    (["--resume={shards}/tiny_val_000000.npy"], "not a train_gpt2.py checkpoint"),
+    (["--resume={shards}/tiny_val_000000.npy"], "not a readable train_gpt2.py checkpoint"),
     (["--lr=3"], "unknown setting '--lr=3'; use --name=value with a name from: data_dir, log_dir,"),
     (["--B=four"], "--B=four: expected a int (default 64)"),
     (["--compile=maybe"], "--compile=maybe: expected a bool (default True)"),
