@@ -59,7 +59,8 @@ def save_in_two_halves(obj, f):
 real_save = torch.save
 torch.save = save_in_two_halves
 wrap(tg.DataLoaderLite, "next_batch", before=lambda loader: f"{loader.split} batch")
-wrap(os, "replace", before=lambda src, dst: f"before renaming to {dst}", after=lambda src, dst: f"after renaming to {dst}")
+wrap(os, "replace", before=lambda src, dst: f"before renaming to {dst}",
+     after=lambda src, dst: f"after renaming to {dst}")
 wrap(os, "remove", after=lambda path: f"after deleting {path}")
 
 train_steps = 0

@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, TINY, run, train, train_losses, write_shards
 
 FAULTY = os.path.join(ROOT, "tests", "faulty_run.py")
-# Checkpoints every 2 steps, of which 2 are kept, so that kills also land in renames and deletions.
+# Checkpoints every 2 steps, of which 2 are kept, so that a run has many writes, renames and deletions to kill.
 ARGS = TINY + ["--checkpoint_interval=2", "--keep_checkpoints=2", "--peak_flops=1e12"]
 
 
@@ -118,7 +118,8 @@ def test_full_disk_keeps_previous_checkpoint(data, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *args, "--resume=auto"],
-                       capture_output=True, text=True, preexec_fn=small_files, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       capture_output=True, text=True, preexec_fn=small_files,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 1
     assert r.stderr.strip() == (
         f"error: cannot write checkpoint {tmp_path}/model_000008.pt ([Errno 27] File too large); free disk space or "
