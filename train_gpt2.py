@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import tiktoken
@@ -378,7 +378,8 @@ def parse_args(argv):
             else:
                 cfg[name] = kind(value)
         except ValueError:
-            raise UserError(f"--{name}={value}: expected a {kind.__name__} (default {SETTINGS[name]!r})") from None
+            want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+            raise UserError(f"--{name}={value}: expected {want} (default {SETTINGS[name]!r})") from None
     if cfg["dtype"] not in ("bfloat16", "float32"):
         raise UserError(f"--dtype={cfg['dtype']}: expected bfloat16 or float32")
     if cfg["T"] > cfg["block_size"]:

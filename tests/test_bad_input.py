@@ -72,6 +72,14 @@ CASES = [
      "start afresh"),
     ("--resume file that does not exist", {}, ["--resume={dir}/log/model_000123.pt"],
      "error: --resume={dir}/log/model_000123.pt: no such checkpoint file"),
+    ("T longer than block_size", {}, ["--T=128"],
+     "error: T=128 is longer than block_size=64; lower --T or raise --block_size"),
+    ("total_batch_size not a multiple of B*T*world", {}, ["--total_batch_size=300"],
+     "error: total_batch_size=300 is not a multiple of B*T*world_size = 4*32*1 = 128; change --total_batch_size "
+     "or --B"),
+    ("unknown setting", {}, ["--lr=3"],
+     "error: unknown setting '--lr=3'; use --name=value with a name from: data_dir, log_dir, total_batch_size, B,"),
+    ("setting of the wrong type", {}, ["--B=four"], "error: --B=four: expected an integer (default 64)"),
     ("log_dir is a file", {"log": b""}, [],
      "error: cannot write to log_dir '{dir}/log' ([Errno 17] File exists: '{dir}/log'); point --log_dir at a "
      "writable directory"),
