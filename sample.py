@@ -11,7 +11,6 @@ import argparse
 import codecs
 import sys
 
-
 from train_gpt2 import EOT, UserError, autocast_context, get_tokenizer, load_model, pick_device
 
 
