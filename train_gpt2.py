@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # The run's whole configuration. Every name here can be overridden as --name=value.
+preset = ""                      # "quickstart": SETTING_PRESETS' small CPU run on prepare_fineweb.py --dataset=pydoc
 data_dir = "edu_fineweb10B"      # shards *_train_NNNNNN.npy / *_val_NNNNNN.npy (or llm.c .bin) from prepare_fineweb.py
 log_dir = "log"                  # log.txt and checkpoints model_NNNNNN.pt
 total_batch_size = 524288        # tokens per optimizer step across all ranks (2**19, ~0.5M as in GPT-3)
@@ -54,6 +55,16 @@ peak_flops = 0.0                 # per-device peak FLOP/s for MFU; 0 looks the G
 resume = ""                      # "" starts fresh; "auto" continues from the newest checkpoint in log_dir; or a path
 # ----------------------------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
+
+# What --preset=name changes; --name=value arguments still override it.
+SETTING_PRESETS = {
+    "": {},
+    # A few minutes on a laptop CPU: a 4-layer GPT on the ~139K tokens of Python's pydoc topics.
+    "quickstart": dict(data_dir="pydoc_topics", log_dir="log_quickstart", total_batch_size=1024, B=8, T=128,
+                       max_lr=3e-3, min_lr=3e-4, warmup_steps=15, max_steps=150, eval_interval=50,
+                       val_tokens=4096, checkpoint_interval=150, sample_count=2, sample_tokens=48,
+                       compile=False, n_layer=4, n_head=4, n_embd=128, block_size=128),
+}
 
 EOT = 50256  # <|endoftext|>, which starts every document in the shards
 
@@ -348,22 +359,27 @@ class DataLoaderLite:
 
 
 def parse_args(argv):
-    """SETTINGS overridden by --name=value arguments, each parsed as its constant's type."""
-    cfg = dict(SETTINGS)
+    """SETTINGS, then the --preset's changes, then the other --name=value arguments, each parsed as its
+    constant's type."""
+    given = {}
     for arg in argv:
         name, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or name not in cfg:
+        if not arg.startswith("--") or not eq or name not in SETTINGS:
             raise UserError(f"unknown setting {arg!r}; use --name=value with a name from: {', '.join(SETTINGS)}")
         kind = type(SETTINGS[name])
         try:
             if kind is bool:
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
-                cfg[name] = value.lower() in ("true", "1")
+                given[name] = value.lower() in ("true", "1")
             else:
-                cfg[name] = kind(value)
+                given[name] = kind(value)
         except ValueError:
             raise UserError(f"--{name}={value}: expected a {kind.__name__} (default {SETTINGS[name]!r})") from None
+    name = given.get("preset", SETTINGS["preset"])
+    if name not in SETTING_PRESETS:
+        raise UserError(f"--preset={name}: unknown preset; choose from: {', '.join(map(repr, SETTING_PRESETS))}")
+    cfg = {**SETTINGS, **SETTING_PRESETS[name], **given}
     if cfg["dtype"] not in ("bfloat16", "float32"):
         raise UserError(f"--dtype={cfg['dtype']}: expected bfloat16 or float32")
     if cfg["T"] > cfg["block_size"]:
