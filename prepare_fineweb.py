@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -124,6 +125,12 @@ def tokenizer_hash(enc):
     return h.hexdigest()
 
 
+def init_worker():
+    """Leaves Ctrl-C to the main process, which stops the pool, and builds the worker's encoder."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    get_tokenizer()
+
+
 def tokenize(texts):
     """EOT then the tokens of each document, as one uint16 array, and each document's length in it.
     Runs in the pool's workers; each builds its own encoder on first use, so 'spawn' works too."""
@@ -176,8 +183,8 @@ def open_manifest(out, settings):
         manifest = json.load(f)
     differ = [k for k in settings if manifest.get(k) != settings[k]]
     if differ:
-        raise UserError(f"{out} holds shards from a different source ({', '.join(differ)} differ); "
-                        f"use another --out, or delete {out} to start over")
+        raise UserError(f"{out} holds shards from a different source (its manifest differs in "
+                        f"{', '.join(differ)}); use another --out, or delete {out} to start over")
     kept = []
     for shard in manifest["shards"]:  # a deleted shard is written again, and so is every one after it
         if not os.path.exists(os.path.join(out, shard["file"])):
@@ -210,10 +217,12 @@ def prepare(args):
         import datasets
         try:
             ds = datasets.load_dataset(path, split="train", streaming=args.streaming, **options)
-        except (OSError, datasets.exceptions.DatasetGenerationError) as e:
-            cause = e.__cause__ or e  # datasets wraps the reader's error, which says what is wrong
-            raise UserError(f"cannot load {args.data_files or path}: {str(cause).splitlines()[0]}") from None
-        first = next(iter(ds), None)
+            first = next(iter(ds), None)
+        except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+            cause = str(e.__cause__ or e)  # datasets wraps the reader's error, which says what is wrong
+            if "corresponds to no data" not in cause:  # datasets' words for a split of zero rows
+                raise UserError(f"cannot load {args.data_files or path}: {cause.splitlines()[0]}") from None
+            first = None
         if first is None:
             raise UserError(f"the dataset is empty: {args.data_files or path} has no rows")
         if args.text_column not in first:
@@ -240,7 +249,7 @@ def prepare(args):
                            "carry": carry_out})
             save_manifest(args.out, manifest)
 
-        pool = multiprocessing.Pool(args.num_proc, initializer=get_tokenizer) if args.num_proc > 1 else None
+        pool = multiprocessing.Pool(args.num_proc, initializer=init_worker) if args.num_proc > 1 else None
         try:
             for toks, lens in (pool.imap(tokenize, texts) if pool else map(tokenize, texts)):
                 if carry:  # the first document was cut by the last finished shard: only its tail is new

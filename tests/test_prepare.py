@@ -146,10 +146,12 @@ def test_missing_text_column(tmp_path):
 
 def test_empty_dataset(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    assert error_of(f"--data_files={tmp_path}/empty.jsonl", f"--out={tmp_path}/o1").startswith("error: the dataset is empty")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), str(tmp_path / "empty.parquet"))
-    assert error_of(f"--data_files={tmp_path}/empty.parquet", f"--out={tmp_path}/o2").startswith("error: the dataset is empty")
-    assert not glob.glob(str(tmp_path / "o*" / "*.npy"))
+    for name in ("empty.jsonl", "blank.jsonl", "empty.parquet"):
+        msg = error_of(f"--data_files={tmp_path / name}", f"--out={tmp_path / 'out'}")
+        assert msg.startswith("error: the dataset is empty"), msg
+    assert not glob.glob(str(tmp_path / "out" / "*.npy"))
 
 
 def test_unwritable_out_dir(tmp_path):
@@ -169,7 +171,7 @@ def test_out_dir_with_shards_of_another_source_is_refused_untouched(tmp_path):
     before = shard_hashes(out)
     other = write_corpus(str(tmp_path / "b.jsonl"), DOCS[::-1])
     msg = error_of(f"--data_files={other}", f"--out={out}", "--shard_size=100")
-    assert msg.startswith(f"error: {out} holds shards from a different source (source differ)")
+    assert msg.startswith(f"error: {out} holds shards from a different source (its manifest differs in source)")
     assert "error" in error_of(f"--data_files={first}", f"--out={out}", "--shard_size=400")  # other settings too
     assert shard_hashes(out) == before
 
