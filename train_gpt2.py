@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # The run's whole configuration. Every name here can be overridden as --name=value.
-preset = ""                      # "quickstart": SETTING_PRESETS' small CPU run on prepare_fineweb.py --dataset=pydoc
 data_dir = "edu_fineweb10B"      # shards *_train_NNNNNN.npy / *_val_NNNNNN.npy (or llm.c .bin) from prepare_fineweb.py
 log_dir = "log"                  # log.txt and checkpoints model_NNNNNN.pt
 total_batch_size = 524288        # tokens per optimizer step across all ranks (2**19, ~0.5M as in GPT-3)
@@ -44,6 +43,8 @@ val_tokens = 10485760            # tokens per val evaluation, whatever the world
 checkpoint_interval = 5000       # steps between checkpoints; one is always written at the end
 sample_count = 4                 # completions of "Hello, I'm a language model," printed at each eval (0: none)
 sample_tokens = 32               # length in tokens of each sample, prompt included
+hella_data = "hellaswag/hellaswag_val.jsonl"  # scored at each eval if present; `python hellaswag.py` downloads it here
+hella_examples = 0               # HellaSwag examples scored at each eval: the file's first N (0: all 10,042)
 seed = 1337                      # model init and shard order
 compile = True                   # torch.compile the model
 device = "auto"                  # auto picks cuda, then mps, then cpu; or name one ("cuda:1", "cpu")
@@ -55,6 +56,7 @@ block_size = 1024                # maximum context length of the model
 vocab_size = 50304               # GPT-2's 50257 padded up to a multiple of 128 for faster matmuls
 peak_flops = 0.0                 # per-device peak FLOP/s for MFU; 0 looks the GPU up or measures the CPU
 resume = ""                      # "" starts fresh; "auto" continues from the newest checkpoint in log_dir; or a path
+preset = ""                      # "quickstart": SETTING_PRESETS' small CPU run on prepare_fineweb.py --dataset=pydoc
 # ----------------------------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
 
@@ -400,6 +402,9 @@ def pick_device(requested, local_rank=0):
 
 def autocast_context(device_type, dtype):
     """bf16 autocast for the matmuls (AMX on CPU, tensor cores on CUDA); a no-op for float32."""
+    if device_type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        print("this GPU has no bf16 (pre-Ampere); training in float32")
+        return contextlib.nullcontext()
     if dtype == "bfloat16" and device_type in ("cuda", "cpu"):
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -479,6 +484,135 @@ def sample(model, prompt, count, length, autocast, seed=42):
         choice = torch.multinomial(topk_probs, 1, generator=gen)
         x = torch.cat((x, torch.gather(topk_idx, -1, choice)), dim=1)
     return [enc.decode(row.tolist()) for row in x]
+
+
+# ----------------------------------------------------------------------------------------------
+# HellaSwag, scored completion-style as in the GPT-2 reproductions: each of the 4 endings follows the
+# context, and only the ending's tokens are scored. hellaswag.py is the command line around these.
+
+HELLA_METRICS = {  # name: which ending is predicted
+    "acc": "lowest summed loss over the ending's tokens",
+    "acc_norm": "lowest mean loss per ending token (completion-style, as GPT-2 reproductions report)",
+    "acc_norm_harness": "lowest summed loss per character of the ending (EleutherAI lm-eval-harness's acc_norm)",
+}
+HELLA_FIELDS = {  # the fields scoring reads: check, what the check wants
+    "ctx": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "endings": (lambda v: isinstance(v, list) and len(v) == 4 and all(isinstance(e, str) for e in v),
+                "a list of 4 strings"),
+    "label": (lambda v: str(v) in ("0", "1", "2", "3"), "0, 1, 2 or 3"),
+    "split_type": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def read_hellaswag(path, limit=0):
+    """The examples of a HellaSwag jsonl file (its first `limit` if > 0), checked so that a bad line
+    fails here, by line number and field, and not as a wrong score."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit and len(examples) == limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(example, dict):
+                raise UserError(f"{path}, line {lineno}: expected a JSON object, got {type(example).__name__}")
+            for field, (ok, want) in HELLA_FIELDS.items():
+                if field not in example:
+                    raise UserError(f"{path}, line {lineno}: field {field!r} is missing")
+                if not ok(example[field]):
+                    raise UserError(f"{path}, line {lineno}: field {field!r} should be {want}, got {example[field]!r}")
+            example["label"] = int(example["label"])  # Hugging Face's copy stores it as a string
+            examples.append(example)
+    return examples
+
+
+def hellaswag_tokens(examples, block_size):
+    """Per example (context tokens, the 4 endings' tokens, the endings' lengths in characters). Each ending
+    is tokenized with the space that joins it to the context; a context too long for block_size loses its start."""
+    enc = get_tokenizer()
+    data = []
+    for i, example in enumerate(examples):
+        ends = [enc.encode(" " + e) for e in example["endings"]]
+        room = block_size - max(map(len, ends))
+        if room < 1:
+            raise UserError(f"HellaSwag example {i}: an ending is longer than block_size={block_size} tokens")
+        data.append((enc.encode(example["ctx"])[-room:], ends, [len(e) for e in example["endings"]]))
+    return data
+
+
+def hellaswag_batches(data, batch_tokens, fixed_shape=False):
+    """(example indices, tokens, ending mask) batches of whole examples, 4 right-padded rows each, about
+    batch_tokens tokens a batch. Longest examples go first, so that like lengths share a batch (little
+    padding) and memory peaks at once; fixed_shape pads every batch to one shape, so that a compiled
+    model compiles once and never again."""
+    sizes = [len(ctx) + max(map(len, ends)) for ctx, ends, _ in data]
+    order = sorted(range(len(data)), key=lambda i: -sizes[i])
+    longest = max(sizes, default=1)
+    start = 0
+    while start < len(order):
+        length = longest if fixed_shape else sizes[order[start]]
+        count = max(1, batch_tokens // (4 * length))
+        idx = order[start:start + count]
+        start += count
+        rows = 4 * (count if fixed_shape else len(idx))
+        tokens = torch.zeros(rows, length, dtype=torch.long)
+        mask = torch.zeros(rows, length, dtype=torch.bool)
+        for j, i in enumerate(idx):
+            ctx, ends, _ = data[i]
+            for k, end in enumerate(ends):
+                row = ctx + end
+                tokens[4 * j + k, :len(row)] = torch.tensor(row)
+                mask[4 * j + k, len(ctx):len(row)] = True
+        yield idx, tokens, mask
+
+
+@torch.no_grad()
+def hellaswag_predictions(model, data, batch_tokens, autocast, fixed_shape=False):
+    """The ending (0-3) each example's model picks under each of HELLA_METRICS, as an (N, 3) tensor."""
+    device = next(model.parameters()).device
+    preds = torch.zeros(len(data), len(HELLA_METRICS), dtype=torch.long)
+    with autocast:  # one region for all batches, so that autocast casts each weight once, not once a forward
+        for idx, tokens, mask in hellaswag_batches(data, batch_tokens, fixed_shape):
+            tokens, target = tokens.to(device), mask[:, 1:].to(device)
+            logits, _ = model(tokens)
+            losses = torch.zeros(target.shape, device=device)  # only ending tokens' logits get a float copy
+            losses[target] = F.cross_entropy(logits[:, :-1][target].float(), tokens[:, 1:][target], reduction="none")
+            total = losses.sum(1).view(-1, 4)[:len(idx)].double().cpu()
+            per_token = total / target.sum(1).view(-1, 4)[:len(idx)].cpu()
+            per_char = total / torch.tensor([data[i][2] for i in idx], dtype=torch.float64).clamp(min=1)
+            preds[idx] = torch.stack([s.argmin(1) for s in (total, per_token, per_char)], dim=1)
+    return preds
+
+
+def training_hellaswag(cfg, world, rank, log):
+    """This rank's share of the HellaSwag examples, tokenized once, and their labels; or None, after one
+    warning, when there is nothing to score: a missing eval must never stop a training run."""
+    path = cfg["hella_data"]
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        log(f"warning: no HellaSwag file at {path}, so no HellaSwag evals; run `python hellaswag.py` once "
+            f"to download it there, or pass --hella_data=path.jsonl")
+        return None
+    if cfg["vocab_size"] <= EOT:
+        log(f"warning: no HellaSwag evals, since vocab_size={cfg['vocab_size']} cannot hold GPT-2's tokens")
+        return None
+    examples = read_hellaswag(path, cfg["hella_examples"])[rank::world]
+    return hellaswag_tokens(examples, cfg["block_size"]), torch.tensor([e["label"] for e in examples])
+
+
+def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
+    """acc_norm over all ranks' examples, and how many examples that was."""
+    preds = hellaswag_predictions(model, data, batch_tokens, autocast, fixed_shape=True)
+    counts = torch.tensor([len(labels), (preds[:, 1] == labels).sum().item()], device=DEVICE)  # column 1: acc_norm
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    n, correct = counts.tolist()
+    return correct / max(n, 1), n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,6 +754,9 @@ def train(cfg):
     train_loader = DataLoaderLite(cfg["B"], cfg["T"], rank, world, "train", cfg["data_dir"], cfg["seed"])
     val_loader = DataLoaderLite(cfg["B"], cfg["T"], rank, world, "val", cfg["data_dir"])
     val_steps = max(1, min(cfg["val_tokens"] // micro_tokens, val_loader.steps_per_epoch()))
+    log(f"val loss over {val_steps * micro_tokens} tokens (val_tokens={cfg['val_tokens']}, rounded to whole steps "
+        f"and capped at the val split's size)")
+    hella = training_hellaswag(cfg, world, rank, log)
 
     torch.manual_seed(cfg["seed"])
     config = GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
@@ -671,6 +808,13 @@ def train(cfg):
                     for i, text in enumerate(sample(raw_model, "Hello, I'm a language model,", cfg["sample_count"],
                                                     cfg["sample_tokens"], autocast)):
                         log(f"sample {i}: {text!r}")
+            if hella:  # scored by the compiled model, not DDP's wrapper, as ranks run different batch counts
+                acc_norm, count = evaluate_hellaswag(
+                    model.module if ddp else model, *hella, cfg["B"] * cfg["T"], autocast)
+                log(f"step {step:5d} | hella acc_norm {acc_norm:.4f} ({count} examples)")
+                if master:
+                    with open(log_file, "a") as f:
+                        f.write(f"{step} hella {acc_norm:.6f}\n")
             model.train()
         if master and step > start_step and (step % cfg["checkpoint_interval"] == 0 or last):
             path = checkpoint_path(cfg["log_dir"], step)

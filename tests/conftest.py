@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random shards and a tiny, exact (fp32, uncompiled) training configuration."""
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,23 @@ def shards(tmp_path):
     data_dir = tmp_path / "data"
     write_shards(str(data_dir), [4000, 5000, 3000, 4100])
     return str(data_dir)
+
+
+WORDS = ("the a man woman dog ball kitchen knife water slowly quickly then runs jumps holds shows camera "
+         "guitar plays into over under bowl paint wall car wheel rope climbs rock snow ski board hair brush "
+         "lemon cuts table smiles talks begins continues finally picks puts down up out café naïve").split()
+
+
+def write_hellaswag(path, n, seed=0, ctx_words=(5, 40), ending_words=(1, 15)):
+    """n random examples in HellaSwag's real jsonl format (the val file's fields), endings of varied lengths."""
+    rng = np.random.default_rng(seed)
+    words = lambda lo, hi: " ".join(rng.choice(WORDS, rng.integers(lo, hi + 1)))
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            ctx_a, ctx_b = words(ctx_words[0], ctx_words[1] // 2), words(1, ctx_words[1] // 2)
+            f.write(json.dumps({
+                "ind": 24 + i, "activity_label": words(1, 3), "ctx_a": ctx_a, "ctx_b": ctx_b,
+                "ctx": f"{ctx_a} {ctx_b}", "split": "val", "split_type": ("indomain", "zeroshot")[i % 2],
+                "label": int(rng.integers(4)), "endings": [words(*ending_words) for _ in range(4)],
+                "source_id": f"activitynet~v_{i:05d}"}) + "\n")
+    return path

@@ -1,0 +1,86 @@
+"""--name=value overrides, the device-dependent choices, and the schedule."""
+import math
+import re
+
+import pytest
+import torch
+
+import train_gpt2 as tg
+from conftest import ROOT
+
+
+def test_overrides_are_typed():
+    cfg = tg.parse_args(["--B=8", "--max_lr=1e-3", "--compile=false", "--data_dir=x", "--resume=auto"])
+    assert cfg["B"] == 8 and cfg["max_lr"] == 1e-3 and cfg["compile"] is False
+    assert cfg["data_dir"] == "x" and cfg["resume"] == "auto"
+    assert tg.parse_args([]) == tg.SETTINGS
+    assert tg.parse_args(["--compile=1"])["compile"] is True
+
+
+@pytest.mark.parametrize("arg", ["--nope=1", "B=8", "--B", "-B=8"])
+def test_unknown_or_malformed_names_list_the_valid_ones(arg):
+    with pytest.raises(tg.UserError, match="use --name=value with a name from: data_dir, log_dir, total_batch_size"):
+        tg.parse_args([arg])
+
+
+def test_every_setting_is_in_the_readme_table():
+    readme = open(f"{ROOT}/README.md").read()
+    rows = dict(re.findall(r"^\| `(\w+)` \| `(.*?)` \|", readme, re.M))
+    assert set(rows) == set(tg.SETTINGS)
+    for name, default in rows.items():
+        assert eval(default) == tg.SETTINGS[name], name
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    cfg = dict(tg.SETTINGS)
+    assert tg.get_lr(0, cfg) == pytest.approx(6e-4 / 715)
+    assert tg.get_lr(714, cfg) == pytest.approx(6e-4)
+    mid = 715 + (19073 - 715) // 2
+    assert tg.get_lr(mid, cfg) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-3)
+    assert tg.get_lr(19072, cfg) == pytest.approx(6e-5, rel=1e-3)
+    assert tg.get_lr(19073, cfg) == tg.get_lr(30000, cfg) == 6e-5
+    assert all(tg.get_lr(i, cfg) >= tg.get_lr(i + 1, cfg) for i in range(715, 19073, 97))
+
+
+def test_device_choice(monkeypatch):
+    assert tg.pick_device("cpu") == "cpu" and tg.pick_device("cuda:3") == "cuda:3"
+    assert tg.pick_device("auto") == "cpu"  # this machine has neither CUDA nor MPS
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert tg.pick_device("auto") == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert tg.pick_device("auto", local_rank=5) == "cuda:5"
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_autocast_and_fused_adamw_follow_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    for device_type in ("cpu", "cuda"):
+        ctx = tg.autocast_context(device_type, "bfloat16")
+        assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16 and ctx.device == device_type
+        assert not isinstance(tg.autocast_context(device_type, "float32"), torch.autocast)
+    assert not isinstance(tg.autocast_context("mps", "bfloat16"), torch.autocast)
+    assert tg.use_fused_adamw("cuda") and tg.use_fused_adamw("cpu") and not tg.use_fused_adamw("mps")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a V100 or T4
+    assert not isinstance(tg.autocast_context("cuda", "bfloat16"), torch.autocast)
+    with tg.autocast_context("cpu", "bfloat16"):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
+
+
+def test_peak_flops_for_mfu(monkeypatch):
+    assert tg.device_peak_flops("cuda", setting=123e12) == 123e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    assert tg.device_peak_flops("cuda") == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA A100-SXM4-40GB")
+    assert tg.device_peak_flops("cuda") == 312e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA GeForce GTX 1080")
+    assert tg.device_peak_flops("cuda") is None
+    assert tg.device_peak_flops("mps") is None
+    monkeypatch.setattr(tg, "measure_matmul_flops", lambda: 1.5e12)
+    assert tg.device_peak_flops("cpu") == 1.5e12
+
+
+def test_flops_per_token_counts_weights_once_and_attention():
+    model = tg.GPT(tg.GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=100, block_size=16))
+    n = sum(p.numel() for p in model.parameters()) - 16 * 32  # tied wte counted once, wpe excluded
+    assert tg.flops_per_token(model, T=16) == 6 * n + 6 * 2 * 32 * 16
+    assert math.isclose(tg.flops_per_token(model, T=8), 6 * n + 6 * 2 * 32 * 8)

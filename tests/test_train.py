@@ -1,0 +1,82 @@
+"""End-to-end training runs: exact resume, DDP equivalence, the default compiled bf16 path, and errors."""
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run, train, train_losses
+
+
+def test_resume_continues_exactly(shards, tmp_path):
+    straight = str(tmp_path / "straight")
+    assert train(TINY + [f"--data_dir={shards}", f"--log_dir={straight}"]).returncode == 0
+    full = train_losses(straight)
+    assert sorted(full) == list(range(8))
+
+    # stop at step 4: all that survives of the run is its checkpoint
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copy(os.path.join(straight, "model_000004.pt"), resumed)
+    with open(os.path.join(straight, "log.txt")) as f, open(os.path.join(resumed, "log.txt"), "w") as g:
+        g.writelines(line for line in f if int(line.split()[0]) < 4)
+    out = train(TINY + [f"--data_dir={shards}", f"--log_dir={resumed}", "--resume=auto"])
+    assert out.returncode == 0, out.stderr
+    assert "resumed from" in out.stdout and "at step 4" in out.stdout
+    assert train_losses(resumed) == full  # bit-identical in float32
+    assert train_losses(resumed, "val") == train_losses(straight, "val")
+
+
+def test_ddp_matches_one_process_with_twice_the_accumulation(shards, tmp_path):
+    single = str(tmp_path / "single")
+    assert train(TINY + [f"--data_dir={shards}", f"--log_dir={single}"]).returncode == 0
+    ddp = str(tmp_path / "ddp")
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(ROOT, "train_gpt2.py"), *TINY, f"--data_dir={shards}", f"--log_dir={ddp}"])
+    assert out.returncode == 0, out.stderr
+    assert "world size 2, grad accum steps 1" in out.stdout
+    a, b = train_losses(single), train_losses(ddp)
+    assert sorted(a) == sorted(b) == list(range(8))
+    assert all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
+    va, vb = train_losses(single, "val"), train_losses(ddp, "val")
+    assert va.keys() == vb.keys() and all(abs(va[s] - vb[s]) <= 1e-5 for s in va)
+
+
+def test_default_path_compiles_in_bf16_and_still_evaluates_and_samples(shards, tmp_path):
+    """The defaults (compile on, bf16 autocast) with eval and sampling, on a tiny GPT-2-vocab model."""
+    log_dir = str(tmp_path / "log")
+    args = [a for a in TINY if not a.startswith(("--compile", "--dtype", "--sample_count", "--vocab_size"))]
+    out = train(args + [f"--data_dir={shards}", f"--log_dir={log_dir}", "--max_steps=4", "--sample_count=2"])
+    assert out.returncode == 0, out.stderr
+    assert "sample 1: \"Hello, I'm a language model," in out.stdout
+    losses = train_losses(log_dir)
+    assert len(losses) == 4 and losses[3] < losses[0]
+    assert set(train_losses(log_dir, "val")) == {0, 4}
+    state = torch.load(os.path.join(log_dir, "model_000004.pt"), weights_only=False)["model"]
+    assert "lm_head.weight" in state and not any("_orig_mod" in k for k in state)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data_dir=/nonexistent"], "no train shards (*_train_NNNNNN.npy or .bin) in '/nonexistent'; "
+                                  "run `python prepare_fineweb.py` first"),
+    (["--T=128"], "T=128 is longer than block_size=64"),
+    (["--total_batch_size=300"], "total_batch_size=300 is not a multiple of B*T*world_size = 4*32*1 = 128"),
+    (["--n_embd=48", "--resume=auto"], "model_000004.pt: checkpoint was trained with n_embd=32 (run has 48)"),
+    (["--resume=/nonexistent.pt"], "--resume=/nonexistent.pt: no such checkpoint file"),
+    (["--resume={shards}/tiny_val_000000.npy"], "not a train_gpt2.py checkpoint"),
+    (["--lr=3"], "unknown setting '--lr=3'; use --name=value with a name from: data_dir, log_dir,"),
+    (["--B=four"], "--B=four: expected a int (default 64)"),
+    (["--compile=maybe"], "--compile=maybe: expected a bool (default True)"),
+    (["--dtype=float16"], "--dtype=float16: expected bfloat16 or float32"),
+])
+def test_bad_input_is_one_clear_line(shards, tmp_path, args, message):
+    log_dir = str(tmp_path / "log")
+    if "--resume=auto" in args:
+        assert train(TINY + [f"--data_dir={shards}", f"--log_dir={log_dir}", "--max_steps=4"]).returncode == 0
+    before = sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []
+    out = train(TINY + [f"--data_dir={shards}", f"--log_dir={log_dir}"] + [a.format(shards=shards) for a in args])
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ") and message in out.stderr, out.stderr
+    after = sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []
+    assert before == after  # nothing written or removed
