@@ -65,9 +65,9 @@ SETTING_PRESETS = {
     "": {},
     # A few minutes on a laptop CPU: a 4-layer GPT on the ~139K tokens of Python's pydoc topics.
     "quickstart": dict(data_dir="pydoc_topics", log_dir="log_quickstart", total_batch_size=512, B=4, T=128,
-                       max_lr=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=100, eval_interval=50,
-                       val_tokens=2048, checkpoint_interval=100, sample_count=2, sample_tokens=48,
-                       compile=False, n_layer=4, n_head=4, n_embd=128, block_size=128),
+                       max_lr=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=80, eval_interval=40,
+                       val_tokens=2048, checkpoint_interval=80, sample_count=2, sample_tokens=48,
+                       compile=False, n_layer=4, n_head=4, n_embd=128, block_size=128, hella_data=""),
 }
 
 EOT = 50256  # <|endoftext|>, which starts every document in the shards
