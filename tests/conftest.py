@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -72,3 +73,16 @@ def write_hellaswag(path, n, seed=0, ctx_words=(5, 40), ending_words=(1, 15)):
                 "label": int(rng.integers(4)), "endings": [words(*ending_words) for _ in range(4)],
                 "source_id": f"activitynet~v_{i:05d}"}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny model trained 8 steps with GPT-2's padded vocabulary, so that every real token id exists;
+    .checkpoint is its final checkpoint, .stdout the run's output (with 2 in-training samples)."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    write_shards(str(root / "data"), [4000, 5000])
+    log_dir = root / "log"
+    result = train([*TINY, "--vocab_size=50304", "--sample_count=2", "--sample_tokens=16", "--hella_data=",
+                    f"--data_dir={root / 'data'}", f"--log_dir={log_dir}"])
+    assert result.returncode == 0, result.stderr
+    return types.SimpleNamespace(checkpoint=str(log_dir / "model_000008.pt"), stdout=result.stdout)

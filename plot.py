@@ -1,0 +1,125 @@
+"""Training curves from train_gpt2.py's log.txt, as a PNG, against GPT-2 and GPT-3 124M.
+
+    python plot.py log --out=curves.png
+    python plot.py log other_run/log.txt --labels=baseline,new --out=compare.png
+
+Panels: train loss (smoothed) and val loss against step, the same against tokens seen, and HellaSwag
+against step. Tokens per step: --tokens_per_step if given, else the run's newest checkpoint's
+total_batch_size, else 524288 (GPT-2 124M's).
+"""
+import argparse
+import glob
+import os
+import sys
+
+from train_gpt2 import SETTINGS, UserError
+
+GPT2_124M_VAL_LOSS = 3.2924  # FineWeb-Edu val loss of OpenAI's GPT-2 124M
+GPT2_124M_HELLASWAG = 0.2955
+GPT3_124M_HELLASWAG = 0.337  # from the GPT-3 paper's table
+FIGSIZE, DPI = (15, 4.5), 100  # inches and dots per inch: a 1500 x 450 pixel PNG
+
+
+def read_log(path):
+    """{"train": ([steps], [values]), "val": ..., "hella": ...} from log.txt lines `step kind value`."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "log.txt")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such log; pass a run's log_dir or its log.txt")
+    series = {"train": ([], []), "val": ([], []), "hella": ([], [])}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                step, kind, value = line.split()
+                series[kind][0].append(int(step))
+                series[kind][1].append(float(value))
+            except (ValueError, KeyError):
+                raise UserError(f"{path}:{n}: {line.strip()!r} is not `step train|val|hella value`") from None
+    return series
+
+
+def tokens_per_step(path):
+    """total_batch_size from the newest checkpoint beside the log, else the default's."""
+    run_dir = path if os.path.isdir(path) else os.path.dirname(path)
+    found = sorted(glob.glob(os.path.join(run_dir, "model_*.pt")))
+    if not found:
+        return SETTINGS["total_batch_size"]
+    import torch
+    ckpt = torch.load(found[-1], map_location="cpu", mmap=True, weights_only=False)  # mmap: reads only the config
+    return ckpt["config"]["total_batch_size"]
+
+
+def ema(values, smooth):
+    out, avg = [], values[0] if values else 0.0
+    for v in values:
+        avg = smooth * avg + (1 - smooth) * v
+        out.append(avg)
+    return out
+
+
+def plot(runs, out, smooth=0.9):
+    """runs: [(label, series, tokens_per_step)]. Writes the PNG and returns the figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
+
+    fig, (by_step, by_tokens, hella) = plt.subplots(1, 3, figsize=FIGSIZE, dpi=DPI)
+    for i, (label, series, tps) in enumerate(runs):
+        color = f"C{i}"
+        for ax, scale in ((by_step, 1), (by_tokens, tps)):
+            steps, losses = series["train"]
+            ax.plot([s * scale for s in steps], ema(losses, smooth), color=color, alpha=0.6, label=f"{label} train")
+            steps, losses = series["val"]
+            ax.plot([s * scale for s in steps], losses, color=color, marker=".", label=f"{label} val")
+        if series["hella"][0]:
+            hella.plot(*series["hella"], color=color, marker=".", label=label)
+    if not any(series["hella"][0] for _, series, _ in runs):
+        hella.text(0.5, 0.5, "no hella lines in the log yet\n(python hellaswag.py)", transform=hella.transAxes,
+                   ha="center", va="center", color="gray")
+    for ax in (by_step, by_tokens):
+        ax.axhline(GPT2_124M_VAL_LOSS, color="gray", linestyle="--", label="GPT-2 124M val")
+        ax.set_ylabel("loss")
+    by_step.set_xlabel("step")
+    by_tokens.set_xlabel("tokens")
+    by_tokens.xaxis.set_major_formatter(EngFormatter())
+    hella.axhline(GPT2_124M_HELLASWAG, color="gray", linestyle="--", label="GPT-2 124M")
+    hella.axhline(GPT3_124M_HELLASWAG, color="black", linestyle="--", label="GPT-3 124M")
+    hella.set_xlabel("step")
+    hella.set_ylabel("HellaSwag acc_norm")
+    for ax, title in ((by_step, f"loss (train EMA {smooth})"), (by_tokens, "loss vs tokens"), (hella, "HellaSwag")):
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)
+    return fig
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", help="log_dir or log.txt of each run to overlay")
+    p.add_argument("--out", default="curves.png", help="PNG to write")
+    p.add_argument("--labels", default="", help="comma-separated legend names (default: the paths)")
+    p.add_argument("--tokens_per_step", type=int, default=None, help="tokens per step of every run (default: "
+                   "from each run's newest checkpoint, else 524288)")
+    p.add_argument("--smooth", type=float, default=0.9, help="EMA factor for train loss (0: none)")
+    args = p.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401  (optional dependency: fail before any work)
+    except ImportError:
+        sys.exit("error: plot.py needs matplotlib; install it with: pip install matplotlib")
+    labels = args.labels.split(",") if args.labels else args.runs
+    try:
+        if len(labels) != len(args.runs):
+            raise UserError(f"--labels names {len(labels)} runs but {len(args.runs)} were given")
+        runs = [(label, read_log(path), args.tokens_per_step or tokens_per_step(path))
+                for label, path in zip(labels, args.runs)]
+        plot(runs, args.out, args.smooth)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Sample from a train_gpt2.py checkpoint, a Hugging Face directory or a hub name.
+
+    python sample.py --model=log/model_019073.pt --prompt="Hello, I'm a language model," --max_new_tokens=64
+    python sample.py --model=hf_out --num_samples=4 --temperature=0.8 --top_p=0.95 --seed=1
+    python sample.py --model=log/model_019073.pt --prompt=""    # unconditioned: starts at <|endoftext|>
+
+One sample streams token by token; several are printed in turn once all are done. Each stops at
+<|endoftext|> or after max_new_tokens.
+"""
+import argparse
+import codecs
+import sys
+
+from train_gpt2 import EOT, UserError, autocast_context, get_tokenizer, load_model, pick_device
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint file (model_NNNNNN.pt), HF directory or hub name")
+    p.add_argument("--prompt", default="Hello, I'm a language model,", help='text to continue ("" for none)')
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=50, help="0 keeps every token")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus: the fewest tokens holding this probability")
+    p.add_argument("--seed", type=int, default=None, help="makes the samples repeatable")
+    p.add_argument("--device", default="auto", help='auto picks cuda, then mps, then cpu; or name one')
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        model = load_model(args.model, device)
+        enc = get_tokenizer()
+        prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [EOT]
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        with autocast_context(device.split(":")[0], args.dtype):
+            if args.num_samples == 1:
+                stream(model, enc, prompt, args.max_new_tokens, sampling)
+            else:
+                samples = model.generate(prompt, args.max_new_tokens, num_samples=args.num_samples, **sampling)
+                for i, tokens in enumerate(samples):
+                    print(f"--- sample {i}\n{enc.decode(prompt + tokens)}")
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+def stream(model, enc, prompt, max_new_tokens, sampling):
+    """Prints each token as it comes; a character split across tokens waits for its last byte."""
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    print(enc.decode(prompt), end="", flush=True)
+    for token in model.generate_stream(prompt, max_new_tokens, **sampling):
+        if token.item() == EOT:
+            break
+        print(text.decode(enc.decode_single_token_bytes(token.item())), end="", flush=True)
+    print(text.decode(b"", final=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""export_hf.py: a trained checkpoint becomes a directory that transformers loads offline, giving our logits
+and our tokenization, and that train_gpt2 loads back unchanged."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run
+from export_hf import export_hf
+from train_gpt2 import GPT, GPTConfig, UserError, get_tokenizer, load_model
+
+SENTENCE = "Hello, I'm a language model: naïve café — 1,024 tokens cost $3.50!\n\n  <|endoftext|>Next."
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("export") / "hf")
+    result = run([sys.executable, f"{ROOT}/export_hf.py", f"--model={tiny_run.checkpoint}", f"--out={out}"],
+                 env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"wrote {out}\n"
+    return out
+
+
+def test_transformers_gives_our_logits(tiny_run, exported, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(exported).eval()
+    assert hf.config.vocab_size == 50257 and hf.config.n_positions == 64
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied, as ours
+    ours = load_model(tiny_run.checkpoint)
+    ids = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+    ids[0, :3] = torch.tensor([0, 50256, 50255])  # the vocabulary's ends
+    with torch.no_grad():
+        theirs, mine = hf(ids).logits, ours(ids)[0]
+    assert mine.shape[-1] == 50304
+    torch.testing.assert_close(theirs, mine[..., :50257], atol=1e-4, rtol=0)
+
+
+def test_tokenizer_matches_ours(exported, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import GPT2TokenizerFast
+    tok = GPT2TokenizerFast.from_pretrained(exported)
+    ids = get_tokenizer().encode(SENTENCE, allowed_special="all")
+    assert tok.encode(SENTENCE) == ids
+    assert tok.decode(ids) == SENTENCE
+    assert tok.eos_token_id == 50256
+
+
+def test_round_trips_through_from_pretrained(tiny_run, exported):
+    ours = load_model(tiny_run.checkpoint)
+    back = GPT.from_pretrained(exported, vocab_size=50304)
+    for name, value in ours.state_dict().items():
+        expected = value.clone()
+        if name in ("lm_head.weight", "transformer.wte.weight"):
+            expected[50257:] = 0  # the padding rows are dropped on export and come back as zeros
+        assert torch.equal(back.state_dict()[name], expected), name
+    assert sorted(os.listdir(exported)) == ["config.json", "merges.txt", "model.safetensors",
+                                            "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+    with open(os.path.join(exported, "config.json")) as f:
+        assert json.load(f)["activation_function"] == "gelu_new"
+
+
+def test_refuses_to_overwrite_or_to_export_a_vocab_smaller_than_gpt2s(tiny_run, tmp_path):
+    keep = tmp_path / "existing" / "notes.txt"
+    keep.parent.mkdir()
+    keep.write_text("mine")
+    result = run([sys.executable, f"{ROOT}/export_hf.py", f"--model={tiny_run.checkpoint}", f"--out={keep.parent}"])
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {keep.parent} exists and is not empty; name a new directory"
+    assert os.listdir(keep.parent) == ["notes.txt"] and keep.read_text() == "mine"
+
+    small = GPT(GPTConfig(block_size=16, vocab_size=512, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(UserError, match="vocab_size 512 is below GPT-2's 50257"):
+        export_hf(small, str(tmp_path / "small"))
+    assert not (tmp_path / "small").exists()

@@ -1,0 +1,145 @@
+"""GPT.generate: the KV cache changes no token, sampling is repeatable and honours its limits, and the
+in-training samples and sample.py use it."""
+import sys
+
+import pytest
+import torch
+
+import sample
+from conftest import ROOT, run
+from train_gpt2 import EOT, GPT, GPTConfig, UserError, get_tokenizer, load_model, sample_next
+
+
+torch.set_num_threads(1)  # these models are tiny: threads would only contend for the 2 cores
+
+
+def tiny_model(block_size=16, vocab_size=64, seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():  # a random init gives near-uniform logits; sharpen them so greedy paths vary
+        for p in model.parameters():
+            p.mul_(4)
+    return model
+
+
+def greedy_recompute(model, prompt, new_tokens, num_samples=1):
+    """The reference: every step runs the whole (cropped) window through the model, no cache."""
+    idx = torch.tensor([prompt] * num_samples)
+    for _ in range(new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx[:, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 3], list(range(40, 60))], ids=["short", "longer_than_block"])
+def test_cached_greedy_equals_full_recompute_across_the_crop(prompt):
+    model = tiny_model(block_size=16)
+    expected = greedy_recompute(model, prompt, 80, num_samples=2)
+    got = model.generate(prompt, 80, temperature=0, num_samples=2, stop=None)
+    assert got == expected
+    assert len(set(expected[0])) > 5  # the path really varies, so a stale cache would show
+    assert model.generate(prompt, 80, temperature=0, stop=None, use_cache=False) == expected[:1]
+
+
+def test_cache_takes_the_prompt_then_one_token_a_call(monkeypatch):
+    model = tiny_model(block_size=16)
+    calls = []
+    original = GPT.forward
+
+    def spy(self, idx, targets=None, cache=None):
+        calls.append((idx.size(1), cache[0].pos))
+        return original(self, idx, targets, cache)
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    model.generate([1, 2, 3, 4, 5], 14, temperature=0, stop=None)
+    # the prompt into an empty cache, one token a call until the window is full, then whole windows
+    assert calls == [(5, 0)] + [(1, 5 + i) for i in range(11)] + [(16, 0), (16, 0)]
+
+
+def test_seeded_sampling_repeats_and_seeds_differ():
+    model = tiny_model()
+    a = model.generate([5, 6], 64, num_samples=3, seed=123, stop=None)
+    assert a == model.generate([5, 6], 64, num_samples=3, seed=123, stop=None)
+    assert a == model.generate([5, 6], 64, num_samples=3, generator=torch.Generator().manual_seed(123), stop=None)
+    assert a != model.generate([5, 6], 64, num_samples=3, seed=124, stop=None)
+    assert a[0] != a[1]  # the samples of one call differ from each other
+
+
+def test_top_k_and_top_p_limit_the_candidates():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, top_k=0, generator=gen).tolist()) == {0, 1, 2, 3}
+    assert set(sample_next(logits, top_k=2, generator=gen).tolist()) == {0, 1}
+    assert set(sample_next(logits, top_k=0, top_p=0.8, generator=gen).tolist()) == {0, 1}
+    assert set(sample_next(logits, top_k=0, top_p=0.81, generator=gen).tolist()) == {0, 1, 2}
+    assert set(sample_next(logits, top_k=0, top_p=0.01, generator=gen).tolist()) == {0}
+    low = sample_next(logits, temperature=0.1, top_k=0, generator=gen)  # 0.5^10 vs 0.3^10: almost always 0
+    assert (low == 0).float().mean() > 0.95
+    assert sample_next(logits[:1], temperature=0).tolist() == [0]
+
+
+def test_never_samples_vocabulary_padding_and_stops_at_eot():
+    model = tiny_model(vocab_size=50304)
+    with torch.no_grad():
+        model.lm_head.weight[EOT + 1:] = model.lm_head.weight[7] * 100  # padding rows would win every draw
+    out = model.generate([1, 2], 30, temperature=0, stop=None) + model.generate([1, 2], 30, top_k=0, seed=0, stop=None)
+    assert all(t < EOT + 1 for row in out for t in row)
+
+    with torch.no_grad():
+        model.lm_head.weight[EOT] = model.lm_head.weight[7] * 50  # now <|endoftext|> wins
+    assert model.generate([1, 2], 30, temperature=0) == [[]]
+    assert len(list(model.generate_stream([1, 2], 30, temperature=0))) == 1
+
+
+def test_each_sample_stops_at_its_own_stop_token():
+    model = tiny_model()
+    full = model.generate([3], 40, num_samples=4, seed=1, stop=None)
+    stop = full[0][5]
+    cut = model.generate([3], 40, num_samples=4, seed=1, stop=stop)
+    assert cut == [row[:row.index(stop)] if stop in row else row for row in full]
+
+
+def test_generate_on_a_compiled_model_runs_uncompiled():
+    model = tiny_model()
+    compiled = torch.compile(model)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    got = compiled.generate([1, 2, 3], 20, seed=3, stop=None)
+    assert got == model.generate([1, 2, 3], 20, seed=3, stop=None)
+    assert not torch._dynamo.utils.counters["stats"]  # nothing was traced, so nothing recompiles per token
+
+
+def test_bad_prompts_are_refused():
+    model = tiny_model(vocab_size=64)
+    with pytest.raises(UserError, match="prompt is empty"):
+        model.generate([], 5)
+    with pytest.raises(UserError, match="outside the model's 64"):
+        model.generate([1, 64], 5)
+
+
+def test_training_prints_samples_from_generate(tiny_run):
+    lines = [l for l in tiny_run.stdout.splitlines() if l.startswith("sample ")]
+    assert [l[:8] for l in lines] == ["sample 0", "sample 1"] * 2  # at the evals of steps 4 and 8
+    model = load_model(tiny_run.checkpoint)
+    enc = get_tokenizer()
+    prompt = enc.encode("Hello, I'm a language model,")
+    expected = model.generate(prompt, 16 - len(prompt), num_samples=2, seed=42)
+    assert lines[2:] == [f"sample {i}: {enc.decode(prompt + t)!r}" for i, t in enumerate(expected)]
+
+
+def test_sample_cli_streams_one_sample_and_prints_several(tiny_run, capsys):
+    args = [f"--model={tiny_run.checkpoint}", "--prompt=The cat", "--max_new_tokens=12", "--seed=7",
+            "--dtype=float32", "--device=cpu"]
+    model, enc = load_model(tiny_run.checkpoint), get_tokenizer()
+    prompt = enc.encode("The cat")
+
+    one = run([sys.executable, f"{ROOT}/sample.py", *args])
+    assert one.returncode == 0, one.stderr
+    assert one.stdout == enc.decode(prompt + model.generate(prompt, 12, seed=7)[0]) + "\n"
+
+    sample.main(args + ["--num_samples=2"])
+    texts = [enc.decode(prompt + t) for t in model.generate(prompt, 12, num_samples=2, seed=7)]
+    assert capsys.readouterr().out == "".join(f"--- sample {i}\n{t}\n" for i, t in enumerate(texts))
+
+    sample.main(args[:1] + ["--prompt=", "--max_new_tokens=5", "--seed=1"])
+    assert capsys.readouterr().out.startswith("<|endoftext|>")

@@ -1,0 +1,74 @@
+"""plot.py: log.txt files become a PNG of the expected size, with every run and the reference lines drawn."""
+import struct
+import sys
+
+import pytest
+
+from conftest import ROOT, run
+
+pytest.importorskip("matplotlib")
+import plot  # noqa: E402
+
+LOG = "".join([f"{s} train {11 - s / 20:.4f}\n" for s in range(100)] +
+              [f"{s} val {10.9 - s / 20:.4f}\n" for s in range(0, 101, 25)] +
+              [f"{s} hella {0.25 + s / 2000:.4f}\n" for s in range(0, 101, 50)])
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_renders_a_png_of_the_expected_size(tmp_path):
+    (tmp_path / "log.txt").write_text(LOG)
+    out = tmp_path / "curves.png"
+    result = run([sys.executable, f"{ROOT}/plot.py", str(tmp_path), f"--out={out}"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"wrote {out}\n"
+    assert out.stat().st_size > 10_000
+    assert png_size(out) == (1500, 450)
+
+
+def test_overlays_runs_against_tokens_and_references(tmp_path, tiny_run):
+    (tmp_path / "log.txt").write_text(LOG)
+    ckpt_dir = tiny_run.checkpoint.rsplit("/", 1)[0]  # its checkpoints say 256 tokens per step
+    plot.main([str(tmp_path), ckpt_dir, "--labels=a,b", f"--out={tmp_path / 'two.png'}"])
+    fig = plot.plot([("a", plot.read_log(str(tmp_path)), 1000)], str(tmp_path / "one.png"), smooth=0.0)
+    by_step, by_tokens, hella = fig.axes
+    assert [l.get_label() for l in by_step.lines] == ["a train", "a val", "GPT-2 124M val"]
+    assert list(by_tokens.lines[1].get_xdata()) == [0, 25000, 50000, 75000, 100000]
+    assert list(by_step.lines[0].get_ydata()) == [11 - s / 20 for s in range(100)]  # smooth=0: the raw losses
+    assert {l.get_label(): l.get_ydata()[0] for l in hella.lines if l.get_linestyle() == "--"} == \
+        {"GPT-2 124M": 0.2955, "GPT-3 124M": 0.337}
+    assert png_size(tmp_path / "two.png") == (1500, 450)
+    assert plot.tokens_per_step(ckpt_dir) == 256
+    assert plot.tokens_per_step(str(tmp_path)) == 524288
+
+
+def test_smoothing_is_an_exponential_moving_average():
+    assert plot.ema([1.0, 3.0, 3.0], 0.5) == [1.0, 2.0, 2.5]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such log; pass a run's log_dir or its log.txt"),
+    ("0 train 10.9\n1 tarin 10.8\n", "log.txt:2: '1 tarin 10.8' is not `step train|val|hella value`"),
+], ids=["missing", "malformed"])
+def test_bad_logs_fail_with_one_line(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "log.txt").write_text(content)
+    with pytest.raises(SystemExit) as exit:  # sys.exit(message) prints it to stderr and exits 1
+        plot.main([str(tmp_path), f"--out={tmp_path / 'x.png'}"])
+    assert exit.value.code.startswith(f"error: {tmp_path}") and exit.value.code.endswith(message)
+    assert "\n" not in exit.value.code
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_without_matplotlib_says_how_to_install_it(tmp_path):
+    (tmp_path / "log.txt").write_text(LOG)
+    hide = ("import sys, runpy; sys.modules['matplotlib'] = None; "
+            f"sys.argv = ['plot.py', {str(tmp_path)!r}]; runpy.run_path('plot.py', run_name='__main__')")
+    result = run([sys.executable, "-c", hide])
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: plot.py needs matplotlib; install it with: pip install matplotlib"
