@@ -62,7 +62,7 @@ def parse_args(argv):
         args.dataset = args.dataset or "fineweb-edu"
     spec = DATASETS[args.dataset] if args.dataset else LOCAL
     if args.out is None:  # sample-10BT goes to edu_fineweb10B, where train_gpt2.py looks by default
-        size = args.name.removeprefix("sample-").removesuffix("T") if args.name.startswith("sample-") else args.name
+        size = args.name[len("sample-"):].removesuffix("T") if args.name.startswith("sample-") else "_" + args.name
         args.out = spec["out"].format(size=size)
     if args.shard_size is None:
         args.shard_size = PYDOC_SHARD_SIZE if args.dataset == "pydoc" else SHARD_SIZE

@@ -188,5 +188,6 @@ def test_dataset_and_data_files_together_are_refused(tmp_path):
 def test_default_output_directories_follow_the_dataset():
     assert prepare_fineweb.parse_args([]).out == "edu_fineweb10B"
     assert prepare_fineweb.parse_args(["--dataset=fineweb", "--name=sample-100BT"]).out == "fineweb100B"
+    assert prepare_fineweb.parse_args(["--name=CC-MAIN-2024-10"]).out == "edu_fineweb_CC-MAIN-2024-10"
     args = prepare_fineweb.parse_args(["--dataset=pydoc"])
     assert (args.out, args.shard_size, args.prefix) == ("pydoc_topics", prepare_fineweb.PYDOC_SHARD_SIZE, "pydoc")
