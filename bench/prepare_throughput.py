@@ -1,0 +1,96 @@
+"""Tokenising throughput of prepare_fineweb.py against raw single-thread tiktoken, in one run.
+
+    python bench/prepare_throughput.py                                  # corpus built from the pydoc topics
+    python bench/prepare_throughput.py --text=../shared/data/tinyshakespeare.txt --mb=40
+
+The text is repeated to --mb megabytes and cut at paragraph breaks into ~4 KB documents (FineWeb's
+typical size), written as jsonl, and prepared through the real path (load_dataset, pool, shards). The
+goal is --num_proc=2 at 1.6x or more of the raw single-thread encode_ordinary rate on the same documents.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def build_corpus(text, megabytes, path, doc_chars=4000):
+    """Writes text, repeated to the size asked, as jsonl documents; returns the documents."""
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    docs, doc, size, i = [], [], 0, 0
+    while size < megabytes * 2 ** 20:
+        doc.append(paragraphs[i % len(paragraphs)])
+        i += 1
+        if sum(map(len, doc)) >= doc_chars:
+            docs.append("\n\n".join(doc))
+            size += len(docs[-1].encode())
+            doc = []
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    return docs
+
+
+def spin(n):
+    while n:
+        n -= 1
+
+
+def free_parallelism(n=10 ** 7):
+    """How much faster two processes finish two equal pure-Python loops than one process does one: ~2 on
+    an idle 2-core machine, ~1 when other jobs already fill the cores and no tokenizer can scale."""
+    t0 = time.perf_counter()
+    spin(n)
+    one = time.perf_counter() - t0
+    with multiprocessing.Pool(2) as pool:
+        t0 = time.perf_counter()
+        pool.map(spin, [n, n])
+        return 2 * one / (time.perf_counter() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--text", help="a text file to repeat (default: the pydoc topics Python ships)")
+    p.add_argument("--mb", type=float, default=20, help="corpus size in megabytes")
+    p.add_argument("--repeat", type=int, default=3, help="rounds of all three measurements; the best of each counts")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["HF_DATASETS_CACHE"] = os.path.join(tmp, "hf")  # keep datasets' arrow copy out of ~/.cache
+        import prepare_fineweb
+        from train_gpt2 import get_tokenizer
+        if args.text:
+            with open(args.text) as f:
+                text = f.read()
+        else:
+            from pydoc_data.topics import topics
+            text = "\n\n".join(topics[k] for k in sorted(topics))
+        docs = build_corpus(text, args.mb, os.path.join(tmp, "corpus.jsonl"))
+        print(f"corpus: {len(docs):,} documents, {sum(len(d.encode()) for d in docs) / 2 ** 20:.1f} MB "
+              f"from {args.text or 'pydoc_data.topics'}")
+
+        enc = get_tokenizer()
+        raw, rates = 0.0, {1: 0.0, 2: 0.0}
+        for r in range(args.repeat):  # interleaved, so that load from other processes hits all three alike
+            t0 = time.perf_counter()
+            raw_tokens = sum(len(enc.encode_ordinary(d)) + 1 for d in docs)  # +1: the EOT prepare adds
+            raw = max(raw, raw_tokens / (time.perf_counter() - t0))
+            for n in rates:
+                stats = prepare_fineweb.prepare(prepare_fineweb.parse_args(
+                    [f"--data_files={tmp}/corpus.jsonl", f"--out={tmp}/out{r}_{n}", f"--num_proc={n}",
+                     "--shard_size=4194304"]))  # a val and a train shard, each written and fsynced
+                assert stats["tokens"] == raw_tokens, (stats["tokens"], raw_tokens)
+                rates[n] = max(rates[n], stats["tokens"] / stats["seconds"])
+        print(f"raw encode_ordinary, 1 thread: {raw:,.0f} tokens/s (best of {args.repeat})")
+        for n, rate in rates.items():
+            print(f"prepare --num_proc={n}: {rate:,.0f} tokens/s = {rate / raw:.2f}x raw single thread")
+        print(f"goal: --num_proc=2 >= 1.6x raw; {'met' if rates[2] >= 1.6 * raw else 'NOT met'} "
+              f"({rates[2] / raw:.2f}x) on {os.cpu_count()} CPUs, where two processes ran "
+              f"{free_parallelism():.2f}x as fast as one just now")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Tokenise a text corpus with GPT-2's BPE into the uint16 shards train_gpt2.py reads.
+
+    python prepare_fineweb.py                                        # FineWeb-Edu sample-10BT -> edu_fineweb10B/
+    python prepare_fineweb.py --dataset=fineweb --name=sample-100BT --streaming
+    python prepare_fineweb.py --data_files='corpus/*.parquet' --text_column=content --out=my_shards
+    python prepare_fineweb.py --dataset=pydoc                        # Python's own docs, offline (the quickstart)
+
+Shard 000000 is the val split, the rest are train. Each shard is written to a temp file and renamed when
+complete, and manifest.json records how many documents every shard consumed, so rerunning an interrupted
+command skips the finished shards and ends byte-identical to a run that was never interrupted.
+"""
+import argparse
+import contextlib
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from train_gpt2 import EOT, LLMC_HEADER_BYTES, LLMC_MAGIC, LLMC_VERSION, UserError, get_tokenizer
+
+DATASETS = {  # hub repository (none: built locally), shard file prefix, default output directory
+    "fineweb-edu": dict(repo="HuggingFaceFW/fineweb-edu", prefix="edufineweb", out="edu_fineweb{size}"),
+    "fineweb": dict(repo="HuggingFaceFW/fineweb", prefix="fineweb", out="fineweb{size}"),
+    "pydoc": dict(repo=None, prefix="pydoc", out="pydoc_topics"),
+}
+LOCAL = dict(prefix="local", out="local_shards")  # --data_files
+# datasets' own loaders; a .txt file is one document, as a corpus of one file per document expects
+BUILDERS = {".txt": ("text", {"sample_by": "document"}), ".jsonl": ("json", {}), ".json": ("json", {}),
+            ".parquet": ("parquet", {})}
+SHARD_SIZE = 10 ** 8           # tokens per shard
+PYDOC_SHARD_SIZE = 2 ** 14     # the pydoc corpus is ~139K tokens: a 16K-token val shard and 8 train shards
+EOT_ARRAY = np.array([EOT], dtype=np.uint32)
+BATCH_DOCS = 64                # documents per pool task: enough to amortise the pickling, few enough to balance
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", choices=DATASETS, help="fineweb-edu (default), fineweb, or pydoc "
+                   "(the Python docs this interpreter ships, for an offline run)")
+    p.add_argument("--name", default="sample-10BT", help="hub subset: sample-10BT, sample-100BT, sample-350BT, ...")
+    p.add_argument("--streaming", action="store_true", help="tokenise while downloading, keeping no local copy")
+    p.add_argument("--data_files", help="glob of local .txt, .jsonl or .parquet files instead of a hub dataset")
+    p.add_argument("--text_column", default="text", help="column holding each document's text")
+    p.add_argument("--out", help="output directory (default: from the dataset, e.g. edu_fineweb10B)")
+    p.add_argument("--shard_size", type=int, help=f"tokens per shard (default {SHARD_SIZE:,}; pydoc "
+                   f"{PYDOC_SHARD_SIZE:,})")
+    p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenising processes (default: all CPUs)")
+    p.add_argument("--format", choices=("npy", "bin"), default="npy", help="npy, or llm.c's .bin")
+    args = p.parse_args(argv)
+    if args.dataset and args.data_files:
+        raise UserError("give --dataset or --data_files, not both")
+    if not args.data_files:
+        args.dataset = args.dataset or "fineweb-edu"
+    spec = DATASETS[args.dataset] if args.dataset else LOCAL
+    if args.out is None:  # sample-10BT goes to edu_fineweb10B, where train_gpt2.py looks by default
+        size = args.name[len("sample-"):].removesuffix("T") if args.name.startswith("sample-") else "_" + args.name
+        args.out = spec["out"].format(size=size)
+    if args.shard_size is None:
+        args.shard_size = PYDOC_SHARD_SIZE if args.dataset == "pydoc" else SHARD_SIZE
+    if args.shard_size < 1 or args.num_proc < 1:
+        raise UserError("--shard_size and --num_proc must be positive")
+    args.prefix = spec["prefix"]
+    return args
+
+
+def write_pydoc_corpus(directory):
+    """The interpreter's pydoc topics (~465 KB of English) as a jsonl file, one topic a document."""
+    from pydoc_data.topics import topics
+    path = os.path.join(directory, "pydoc_topics.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics))
+    return path
+
+
+def resolve_source(args, scratch):
+    """(load_dataset path, its keyword arguments, the source as recorded in the manifest)."""
+    if args.dataset and DATASETS[args.dataset]["repo"]:
+        repo = DATASETS[args.dataset]["repo"]
+        return repo, {"name": args.name}, {"dataset": repo, "name": args.name}
+    if args.dataset == "pydoc":
+        files = [write_pydoc_corpus(scratch)]
+        source = {"dataset": "pydoc", "python": platform.python_version()}
+    else:
+        files = sorted(glob.glob(args.data_files, recursive=True))
+        if not files:
+            raise UserError(f"--data_files={args.data_files!r} matches no files")
+        source = {"data_files": {os.path.abspath(f): os.path.getsize(f) for f in files}}
+    kinds = {os.path.splitext(f)[1].lower() for f in files}
+    if len(kinds) > 1 or not kinds <= set(BUILDERS):
+        raise UserError(f"--data_files matches {', '.join(sorted(kinds))} files; "
+                        f"want all of one kind: {', '.join(BUILDERS)}")
+    files = [f for f in files if has_rows(f)]
+    if not files:
+        raise UserError(f"the dataset is empty: {args.data_files or 'pydoc'} holds no documents")
+    builder, options = BUILDERS[kinds.pop()]
+    return builder, {"data_files": files, **options}, source
+
+
+def has_rows(path):
+    """False for a file with nothing in it, which datasets would fail on (a parquet file of zero rows)."""
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+        try:
+            return pq.read_metadata(path).num_rows > 0
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable parquet file ({e})") from None
+    return os.path.getsize(path) > 0
+
+
+def tokenizer_hash(enc):
+    """sha256 of every token's bytes in id order: equal hashes mean the same ids for the same text."""
+    h = hashlib.sha256(enc.name.encode())
+    for i in range(enc.n_vocab):
+        b = enc.decode_single_token_bytes(i)
+        h.update(len(b).to_bytes(2, "little") + b)
+    return h.hexdigest()
+
+
+def init_worker():
+    """Leaves Ctrl-C to the main process, which stops the pool, and builds the worker's encoder."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    get_tokenizer()
+
+
+def tokenize(texts):
+    """EOT then the tokens of each document, as one uint16 array, and each document's length in it.
+    Runs in the pool's workers; each builds its own encoder on first use, so 'spawn' works too."""
+    enc = get_tokenizer()
+    # encode_to_numpy with no special tokens is encode_ordinary without building a Python list
+    docs = [enc.encode_to_numpy(text, disallowed_special=()) for text in texts]
+    tokens = np.concatenate([part for doc in docs for part in (EOT_ARRAY, doc)])
+    if tokens.max() >= 2 ** 16:
+        raise UserError(f"token id {tokens.max()} does not fit the uint16 shards")
+    return tokens.astype(np.uint16), [len(doc) + 1 for doc in docs]
+
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """A file that appears at path, complete, only when the block finishes; a crash leaves only path.tmp."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(path, tokens):
+    with atomic_open(path) as f:
+        if path.endswith(".bin"):
+            header = np.zeros(LLMC_HEADER_BYTES // 4, dtype="<i4")
+            header[:3] = LLMC_MAGIC, LLMC_VERSION, len(tokens)
+            f.write(header.tobytes())
+            f.write(tokens.astype("<u2").tobytes())
+        else:
+            np.save(f, tokens)
+
+
+def save_manifest(out, manifest):
+    with atomic_open(os.path.join(out, "manifest.json")) as f:
+        f.write(json.dumps(manifest, indent=1).encode())
+
+
+def open_manifest(out, settings):
+    """The manifest of earlier runs into out (with only the shards still on disk), or a fresh one.
+    Refuses a directory that holds shards of another source or settings, or shards of unknown origin."""
+    path = os.path.join(out, "manifest.json")
+    if not os.path.exists(path):
+        if glob.glob(os.path.join(out, "*_val_*.*")) + glob.glob(os.path.join(out, "*_train_*.*")):
+            raise UserError(f"{out} holds shards but no manifest.json, so their source is unknown; "
+                            f"use another --out or delete them")
+        return {**settings, "shards": [], "complete": False}
+    with open(path) as f:
+        manifest = json.load(f)
+    differ = [k for k in settings if manifest.get(k) != settings[k]]
+    if differ:
+        raise UserError(f"{out} holds shards from a different source (its manifest differs in "
+                        f"{', '.join(differ)}); use another --out, or delete {out} to start over")
+    kept = []
+    for shard in manifest["shards"]:  # a deleted shard is written again, and so is every one after it
+        if not os.path.exists(os.path.join(out, shard["file"])):
+            manifest["complete"] = False
+            break
+        kept.append(shard)
+    manifest["shards"] = kept
+    return manifest
+
+
+def prepare(args):
+    """Writes (or completes) the shards in args.out; returns this run's tokens, docs and seconds."""
+    enc = get_tokenizer()
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to --out={args.out} ({e.strerror}); choose a writable directory") from None
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path, options, source = resolve_source(args, scratch)
+        settings = {"source": source, "text_column": args.text_column, "shard_size": args.shard_size,
+                    "format": args.format, "tokenizer": tokenizer_hash(enc)}
+        manifest = open_manifest(args.out, settings)
+        if manifest["complete"]:
+            print(f"{args.out} is already complete; nothing to do")
+            return {"tokens": 0, "docs": 0, "seconds": 0.0}
+
+        import datasets
+        try:
+            ds = datasets.load_dataset(path, split="train", streaming=args.streaming, **options)
+            first = next(iter(ds), None)
+        except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+            cause = str(e.__cause__ or e)  # datasets wraps the reader's error, which says what is wrong
+            if "corresponds to no data" not in cause:  # datasets' words for a split of zero rows
+                raise UserError(f"cannot load {args.data_files or path}: {cause.splitlines()[0]}") from None
+            first = None
+        if first is None:
+            raise UserError(f"the dataset is empty: {args.data_files or path} has no rows")
+        if args.text_column not in first:
+            raise UserError(f"no column {args.text_column!r} in the dataset; its columns are "
+                            f"{', '.join(first)}; name the text column with --text_column")
+
+        shards = manifest["shards"]
+        docs_done = sum(s["docs"] for s in shards)
+        carry = shards[-1]["carry"] if shards else 0  # tokens of the last begun document not yet written
+        skip = docs_done - (1 if carry else 0)
+        texts = (batch[args.text_column] for batch in
+                 ds.select_columns([args.text_column]).skip(skip).iter(batch_size=BATCH_DOCS))
+
+        buf, fill = np.empty(args.shard_size, dtype=np.uint16), 0
+        tokens_run = docs_run = 0
+        t0 = time.perf_counter()
+        bar = tqdm(total=None if args.streaming else len(ds), initial=skip, unit="doc", unit_scale=True,
+                   desc=args.out)
+
+        def finish_shard(tokens, carry_out):
+            name = f"{args.prefix}_{'val' if not shards else 'train'}_{len(shards):06d}.{args.format}"
+            write_shard(os.path.join(args.out, name), tokens)
+            shards.append({"file": name, "tokens": len(tokens), "docs": int(np.count_nonzero(tokens == EOT)),
+                           "carry": carry_out})
+            save_manifest(args.out, manifest)
+
+        pool = multiprocessing.Pool(args.num_proc, initializer=init_worker) if args.num_proc > 1 else None
+        try:
+            for toks, lens in (pool.imap(tokenize, texts) if pool else map(tokenize, texts)):
+                if carry:  # the first document was cut by the last finished shard: only its tail is new
+                    toks, lens[0], carry = toks[lens[0] - carry:], carry, 0
+                ends = np.cumsum(lens)
+                pos = 0
+                while pos < len(toks):
+                    take = min(args.shard_size - fill, len(toks) - pos)
+                    buf[fill:fill + take] = toks[pos:pos + take]
+                    fill, pos = fill + take, pos + take
+                    if fill == args.shard_size:
+                        finish_shard(buf, int(ends[np.searchsorted(ends, pos)] - pos))
+                        fill = 0
+                tokens_run += len(toks)
+                docs_run += len(lens)
+                bar.update(len(lens))
+                bar.set_postfix_str(f"{tokens_run / (time.perf_counter() - t0):,.0f} tokens/s", refresh=False)
+        finally:
+            if pool:
+                pool.terminate()
+            bar.close()
+        if fill:
+            finish_shard(buf[:fill], 0)
+        manifest["complete"] = True
+        save_manifest(args.out, manifest)
+
+    seconds = time.perf_counter() - t0
+    total = sum(s["tokens"] for s in shards)
+    print(f"{args.out}: {len(shards)} shards (1 val, {len(shards) - 1} train), {total:,} tokens from "
+          f"{sum(s['docs'] for s in shards):,} documents; this run: {tokens_run:,} tokens in {seconds:.1f}s, "
+          f"{tokens_run / seconds:,.0f} tokens/s, {docs_run / seconds:,.0f} docs/s")
+    if len(shards) == 1:
+        print(f"note: only the val shard was written; lower --shard_size (now {args.shard_size:,}) to get train shards")
+    return {"tokens": tokens_run, "docs": docs_run, "seconds": seconds}
+
+
+def main(argv=None):
+    try:
+        prepare(parse_args(sys.argv[1:] if argv is None else argv))
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: finished shards are kept; run the same command again to resume")
+
+
+if __name__ == "__main__":
+    main()

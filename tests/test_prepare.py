@@ -1,0 +1,193 @@
+"""prepare_fineweb.py: exact tokens through the datasets path, interrupt-and-resume, and bad input."""
+import glob
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import prepare_fineweb
+from conftest import ROOT, run
+from train_gpt2 import EOT, get_tokenizer, load_shard
+
+DOCS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "",  # an empty document still gets its EOT
+    "Ünïcödé, emoji 🙂 and <|endoftext|> as plain text, which must not become the special token.",
+    "A long document that will not fit in one shard. " * 40,
+] + [f"Document number {i} says {'hello ' * (i % 7)}and goodbye." for i in range(40)]
+
+
+def expected_tokens(docs):
+    enc = get_tokenizer()
+    return np.array([t for d in docs for t in [EOT] + enc.encode_ordinary(d)], dtype=np.uint16)
+
+
+def write_corpus(path, docs, column="text"):
+    if path.endswith(".parquet"):
+        pq.write_table(pa.table({column: docs, "id": list(range(len(docs)))}), path)
+    else:
+        with open(path, "w") as f:
+            f.writelines(json.dumps({"id": i, column: d}) + "\n" for i, d in enumerate(docs))
+    return path
+
+
+def prepare(data_files, out, *extra):
+    return prepare_fineweb.prepare(prepare_fineweb.parse_args(
+        [f"--data_files={data_files}", f"--out={out}", "--shard_size=100", "--num_proc=1", *extra]))
+
+
+def shard_hashes(out):
+    return {os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest()
+            for p in sorted(glob.glob(os.path.join(out, "*")))}
+
+
+def read_manifest(out):
+    with open(os.path.join(out, "manifest.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+@pytest.mark.parametrize("fmt", ["npy", "bin"])
+def test_shards_hold_eot_plus_encoding_of_each_document_in_order(tmp_path, kind, fmt):
+    data = write_corpus(str(tmp_path / f"corpus.{kind}"), DOCS)
+    out = str(tmp_path / "out")
+    prepare(data, out, f"--format={fmt}", *(["--num_proc=2", "--streaming"] if kind == "jsonl" else []))
+    files = sorted(glob.glob(os.path.join(out, f"*.{fmt}")), key=lambda f: f[-10:])  # by shard number
+    names = [os.path.basename(f) for f in files]
+    assert names == [f"local_{'val' if i == 0 else 'train'}_{i:06d}.{fmt}" for i in range(len(files))]
+    shards = [np.asarray(load_shard(f)) for f in files]
+    assert all(len(s) == 100 for s in shards[:-1]) and 0 < len(shards[-1]) <= 100
+    np.testing.assert_array_equal(np.concatenate(shards), expected_tokens(DOCS))
+
+    manifest = read_manifest(out)
+    assert manifest["complete"] and manifest["format"] == fmt and manifest["shard_size"] == 100
+    assert [s["file"] for s in manifest["shards"]] == names
+    assert [s["tokens"] for s in manifest["shards"]] == [len(s) for s in shards]
+    assert [s["docs"] for s in manifest["shards"]] == [int((s == EOT).sum()) for s in shards]
+    assert sum(s["docs"] for s in manifest["shards"]) == len(DOCS)
+
+
+def test_a_txt_file_is_one_document(tmp_path):
+    (tmp_path / "a.txt").write_text("First line.\n\nSecond paragraph.\n")
+    (tmp_path / "b.txt").write_text("Another file.")
+    out = str(tmp_path / "out")
+    prepare(str(tmp_path / "*.txt"), out)
+    tokens = np.asarray(load_shard(os.path.join(out, "local_val_000000.npy")))
+    np.testing.assert_array_equal(tokens, expected_tokens(["First line.\n\nSecond paragraph.\n", "Another file."]))
+
+
+@pytest.mark.parametrize("k,num_proc", [(1, 1), (4, 2)])
+def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch, k, num_proc):
+    data = write_corpus(str(tmp_path / "corpus.jsonl"), DOCS)
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    prepare(data, whole)
+    reference = shard_hashes(whole)
+    assert len(reference) > k + 4  # shards + manifest: the interruption falls mid-corpus
+
+    real_write = prepare_fineweb.write_shard
+    written = []
+
+    def crash_on_shard_k(path, tokens):  # Ctrl-C in the middle of writing shard k: a partial temp file
+        if len(written) == k:
+            with open(path + ".tmp", "wb") as f:
+                f.write(b"partial")
+            raise KeyboardInterrupt
+        written.append(path)
+        real_write(path, tokens)
+
+    monkeypatch.setattr(prepare_fineweb, "write_shard", crash_on_shard_k)
+    with pytest.raises(SystemExit, match="interrupted"):
+        prepare_fineweb.main([f"--data_files={data}", f"--out={resumed}", "--shard_size=100", f"--num_proc={num_proc}"])
+    assert len(glob.glob(os.path.join(resumed, "*.npy"))) == k
+    assert not read_manifest(resumed)["complete"]
+    monkeypatch.setattr(prepare_fineweb, "write_shard", real_write)
+
+    stats = prepare(data, resumed, f"--num_proc={num_proc}")
+    assert stats["tokens"] == len(expected_tokens(DOCS)) - 100 * k  # the finished shards were not redone
+    assert shard_hashes(resumed) == reference  # shards and manifest alike; the .tmp was replaced
+    assert prepare(data, resumed)["tokens"] == 0  # a complete directory is left alone
+
+
+def test_spawned_workers_give_the_same_shards(tmp_path):
+    data = write_corpus(str(tmp_path / "corpus.jsonl"), DOCS)
+    prepare(data, str(tmp_path / "one"))
+    code = ("import multiprocessing, sys; multiprocessing.set_start_method('spawn'); import prepare_fineweb; "
+            "prepare_fineweb.main(sys.argv[1:])")
+    r = run([sys.executable, "-c", code, f"--data_files={data}", f"--out={tmp_path / 'two'}", "--shard_size=100",
+             "--num_proc=2"], env={"PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr
+    assert shard_hashes(str(tmp_path / "two")) == shard_hashes(str(tmp_path / "one"))
+
+
+def error_of(*argv):
+    with pytest.raises(SystemExit) as e:
+        prepare_fineweb.main(list(argv))
+    return e.value.code
+
+
+def test_no_matching_files_fails_in_one_line_with_exit_1(tmp_path):
+    r = run([sys.executable, os.path.join(ROOT, "prepare_fineweb.py"), f"--data_files={tmp_path}/none*.jsonl",
+             f"--out={tmp_path / 'out'}"])
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"error: --data_files='{tmp_path}/none*.jsonl' matches no files"
+
+
+def test_missing_text_column(tmp_path):
+    data = write_corpus(str(tmp_path / "c.parquet"), DOCS, column="body")
+    msg = error_of(f"--data_files={data}", f"--out={tmp_path / 'out'}")
+    assert msg.startswith("error: no column 'text'") and "body" in msg and "--text_column" in msg
+    prepare(data, str(tmp_path / "out"), "--text_column=body")  # and naming it works
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), str(tmp_path / "empty.parquet"))
+    for name in ("empty.jsonl", "blank.jsonl", "empty.parquet"):
+        msg = error_of(f"--data_files={tmp_path / name}", f"--out={tmp_path / 'out'}")
+        assert msg.startswith("error: the dataset is empty"), msg
+    assert not glob.glob(str(tmp_path / "out" / "*.npy"))
+
+
+def test_unwritable_out_dir(tmp_path):
+    data = write_corpus(str(tmp_path / "c.jsonl"), DOCS)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    for out in (blocker, blocker / "sub"):
+        msg = error_of(f"--data_files={data}", f"--out={out}")
+        assert msg.startswith(f"error: cannot write to --out={out}") and "writable directory" in msg
+    assert blocker.read_text() == "keep me"
+
+
+def test_out_dir_with_shards_of_another_source_is_refused_untouched(tmp_path):
+    out = str(tmp_path / "out")
+    first = write_corpus(str(tmp_path / "a.jsonl"), DOCS)
+    prepare(first, out)
+    before = shard_hashes(out)
+    other = write_corpus(str(tmp_path / "b.jsonl"), DOCS[::-1])
+    msg = error_of(f"--data_files={other}", f"--out={out}", "--shard_size=100")
+    assert msg.startswith(f"error: {out} holds shards from a different source (its manifest differs in source)")
+    assert "error" in error_of(f"--data_files={first}", f"--out={out}", "--shard_size=400")  # other settings too
+    assert shard_hashes(out) == before
+
+    os.remove(os.path.join(out, "manifest.json"))  # shards of unknown origin, e.g. another tool's
+    assert "no manifest.json" in error_of(f"--data_files={first}", f"--out={out}", "--shard_size=100")
+    assert len(shard_hashes(out)) == len(before) - 1
+
+
+def test_dataset_and_data_files_together_are_refused(tmp_path):
+    assert error_of("--dataset=fineweb", f"--data_files={tmp_path}/*.jsonl") == \
+        "error: give --dataset or --data_files, not both"
+
+
+def test_default_output_directories_follow_the_dataset():
+    assert prepare_fineweb.parse_args([]).out == "edu_fineweb10B"
+    assert prepare_fineweb.parse_args(["--dataset=fineweb", "--name=sample-100BT"]).out == "fineweb100B"
+    assert prepare_fineweb.parse_args(["--name=CC-MAIN-2024-10"]).out == "edu_fineweb_CC-MAIN-2024-10"
+    args = prepare_fineweb.parse_args(["--dataset=pydoc"])
+    assert (args.out, args.shard_size, args.prefix) == ("pydoc_topics", prepare_fineweb.PYDOC_SHARD_SIZE, "pydoc")
