@@ -7,7 +7,8 @@
 Each measurement runs in its own child process, so that its peak resident memory is its own.
 Ours: GPT + configure_optimizers (fused AdamW) + torch.compile + bf16 autocast, stepped by
 train_gpt2.train_step. HF: GPT2LMHeadModel with sdpa attention, bf16 autocast, torch.optim.AdamW,
-eager, stepped by the same train_step. Peak: a large bf16 matmul.
+eager, stepped by the same train_step. Peak: a large bf16 matmul. Every child imports train_gpt2, so all
+three run with its glibc allocator setting: the baseline and the peak get that fix too.
 """
 import argparse
 import multiprocessing as mp
