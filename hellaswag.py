@@ -45,7 +45,8 @@ def parse_args(argv):
     p.add_argument("--data", default="",
                    help=f"HellaSwag jsonl (default: {SETTINGS['hella_data']}, downloaded there if missing)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N examples (0: all)")
-    p.add_argument("--batch_tokens", type=int, default=8192, help="tokens per forward pass, padding included")
+    p.add_argument("--batch_tokens", type=int, default=0, help="tokens per forward pass, padding included "
+                   "(default 8192 on a GPU; 2048 on CPU, where bigger batches only move bigger logits)")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu; or name one")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="autocast dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (one shape, compiled once)")
@@ -77,7 +78,8 @@ def evaluate(args):
         raise UserError(f"--model={args.model}: vocab_size {model.config.vocab_size} cannot hold GPT-2's tokens")
     data = hellaswag_tokens(examples, model.config.block_size)
     t0 = time.perf_counter()
-    preds = hellaswag_predictions(torch.compile(model) if args.compile else model, data, args.batch_tokens,
+    batch_tokens = args.batch_tokens or (2048 if device == "cpu" else 8192)
+    preds = hellaswag_predictions(torch.compile(model) if args.compile else model, data, batch_tokens,
                                   autocast_context(device.split(":")[0], args.dtype), fixed_shape=args.compile)
     seconds = time.perf_counter() - t0
     correct = preds == torch.tensor([e["label"] for e in examples])[:, None]
