@@ -39,7 +39,7 @@ BUILDERS = {".txt": ("text", {"sample_by": "document"}), ".jsonl": ("json", {}),
 SHARD_SIZE = 10 ** 8           # tokens per shard
 PYDOC_SHARD_SIZE = 2 ** 14     # the pydoc corpus is ~139K tokens: a 16K-token val shard and 8 train shards
 EOT_ARRAY = np.array([EOT], dtype=np.uint32)
-BATCH_DOCS = 64                # documents per pool task: enough to amortise the pickling, few enough to balance
+BATCH_DOCS = 128               # documents per pool task: enough to amortise its cost, few enough to balance the last ones
 
 
 def parse_args(argv):
@@ -125,10 +125,17 @@ def tokenizer_hash(enc):
     return h.hexdigest()
 
 
-def init_worker():
-    """Leaves Ctrl-C to the main process, which stops the pool, and builds the worker's encoder."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    get_tokenizer()
+_rows = None  # the dataset's text column, memory-mapped Arrow, that tokenize_rows reads from
+
+
+def init_worker(rows):
+    """Keeps the text column for tokenize_rows; in a pool's worker also builds the encoder and leaves Ctrl-C
+    to the main process, which stops the pool."""
+    global _rows
+    _rows = rows
+    if multiprocessing.parent_process():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        get_tokenizer()
 
 
 def tokenize(texts):
@@ -141,6 +148,12 @@ def tokenize(texts):
     if tokens.max() >= 2 ** 16:
         raise UserError(f"token id {tokens.max()} does not fit the uint16 shards")
     return tokens.astype(np.uint16), [len(doc) + 1 for doc in docs]
+
+
+def tokenize_rows(rows):
+    """tokenize() of a range of the column's rows, read by the worker itself: a range costs the main process
+    nothing to send, where reading and pickling the texts kept it busy on a core the workers need."""
+    return tokenize(_rows[rows.start:rows.stop])
 
 
 @contextlib.contextmanager
@@ -233,8 +246,13 @@ def prepare(args):
         docs_done = sum(s["docs"] for s in shards)
         carry = shards[-1]["carry"] if shards else 0  # tokens of the last begun document not yet written
         skip = docs_done - (1 if carry else 0)
-        texts = (batch[args.text_column] for batch in
-                 ds.select_columns([args.text_column]).skip(skip).iter(batch_size=BATCH_DOCS))
+        if args.streaming:  # no local copy for workers to read: the main process reads and sends the texts
+            rows, task = None, tokenize
+            work = (batch[args.text_column] for batch in
+                    ds.select_columns([args.text_column]).skip(skip).iter(batch_size=BATCH_DOCS))
+        else:  # the column pickles as a reference to its memory-mapped Arrow files, so workers open it themselves
+            rows, task = ds[args.text_column], tokenize_rows
+            work = (range(i, min(i + BATCH_DOCS, len(ds))) for i in range(skip, len(ds), BATCH_DOCS))
 
         buf, fill = np.empty(args.shard_size, dtype=np.uint16), 0
         tokens_run = docs_run = 0
@@ -249,9 +267,11 @@ def prepare(args):
                            "carry": carry_out})
             save_manifest(args.out, manifest)
 
-        pool = multiprocessing.Pool(args.num_proc, initializer=init_worker) if args.num_proc > 1 else None
+        init_worker(rows)  # with --num_proc=1 the main process tokenises
+        pool = (multiprocessing.Pool(args.num_proc, initializer=init_worker, initargs=(rows,))
+                if args.num_proc > 1 else None)
         try:
-            for toks, lens in (pool.imap(tokenize, texts) if pool else map(tokenize, texts)):
+            for toks, lens in (pool.imap(task, work) if pool else map(task, work)):
                 if carry:  # the first document was cut by the last finished shard: only its tail is new
                     toks, lens[0], carry = toks[lens[0] - carry:], carry, 0
                 ends = np.cumsum(lens)
