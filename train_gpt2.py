@@ -929,8 +929,12 @@ def stop_requested(got):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(__doc__ + "\nsettings, with their defaults:\n" + "\n".join(f"  --{k}={v}" for k, v in SETTINGS.items()))
+        return
     try:
-        train(parse_args(sys.argv[1:] if argv is None else argv))
+        train(parse_args(argv))
     except UserError as e:
         sys.exit(f"error: {e}")
 
