@@ -69,11 +69,7 @@ def evaluate(args):
     if not examples:
         raise UserError(f"{path}: holds no examples")
     device = pick_device(args.device)
-    try:
-        model = load_model(args.model, device)
-    except OSError as e:  # what transformers raises for a hub name it cannot fetch
-        raise UserError(f"--model={args.model}: not a checkpoint file, a model directory, or a reachable hub name "
-                        f"({str(e).splitlines()[0]})") from None
+    model = load_model(args.model, device)
     if model.config.vocab_size <= EOT:
         raise UserError(f"--model={args.model}: vocab_size {model.config.vocab_size} cannot hold GPT-2's tokens")
     data = hellaswag_tokens(examples, model.config.block_size)

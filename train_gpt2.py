@@ -870,7 +870,11 @@ def load_model(spec, device="cpu"):
         model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
         model.load_state_dict(ckpt["model"])
     else:
-        model = GPT.from_pretrained(spec)
+        try:
+            model = GPT.from_pretrained(spec)
+        except OSError as e:  # what transformers raises for a hub name it cannot fetch
+            raise UserError(f"--model={spec}: not a checkpoint file, a model directory, or a reachable hub name "
+                            f"({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
 
 
@@ -929,8 +933,12 @@ def stop_requested(got):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(__doc__ + "\nsettings, with their defaults:\n" + "\n".join(f"  --{k}={v}" for k, v in SETTINGS.items()))
+        return
     try:
-        train(parse_args(sys.argv[1:] if argv is None else argv))
+        train(parse_args(argv))
     except UserError as e:
         sys.exit(f"error: {e}")
 

@@ -1,12 +1,13 @@
-"""--name=value overrides, the device-dependent choices, and the schedule."""
+"""--name=value overrides and --help, the device-dependent choices, and the schedule."""
 import math
 import re
+import sys
 
 import pytest
 import torch
 
 import train_gpt2 as tg
-from conftest import ROOT
+from conftest import ROOT, run
 
 
 def test_overrides_are_typed():
@@ -97,3 +98,10 @@ def test_flops_per_token_counts_weights_once_and_attention():
     n = sum(p.numel() for p in model.parameters()) - 16 * 32  # tied wte counted once, wpe excluded
     assert tg.flops_per_token(model, T=16) == 6 * n + 6 * 2 * 32 * 16
     assert math.isclose(tg.flops_per_token(model, T=8), 6 * n + 6 * 2 * 32 * 8)
+
+
+def test_help_lists_every_setting_with_its_default():
+    out = run([sys.executable, f"{ROOT}/train_gpt2.py", "--help"])
+    assert out.returncode == 0 and out.stderr == ""
+    assert "torchrun --standalone --nproc_per_node=8 train_gpt2.py" in out.stdout
+    assert all(f"  --{k}={v}\n" in out.stdout + "\n" for k, v in tg.SETTINGS.items())
