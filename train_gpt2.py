@@ -473,8 +473,8 @@ class DataLoaderLite:
         self.B, self.T, self.rank, self.world, self.split, self.seed = B, T, rank, world, split, seed
         self.vocab_size = vocab_size
         self.shards = list_shards(data_dir, split)
-        for path in self.shards:  # open them all now, so that a bad shard fails at start-up
-            n = len(load_shard(path))
+        self.sizes = [len(load_shard(path)) for path in self.shards]  # all opened now: a bad shard fails at start-up
+        for path, n in zip(self.shards, self.sizes):
             if n < B * T * world + 1:
                 raise UserError(f"{path}: shard holds {n} tokens, fewer than one step's "
                                 f"B*T*world+1 = {B * T * world + 1}; use a smaller B or T, or bigger shards")
@@ -515,7 +515,7 @@ class DataLoaderLite:
     def steps_per_epoch(self):
         """Group steps in one pass over all shards (how many val batches exist without repeating)."""
         step = self.B * self.T * self.world
-        return sum((len(load_shard(p)) - 1) // step for p in self.shards)
+        return sum((n - 1) // step for n in self.sizes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1022,6 +1022,12 @@ def train(cfg):
     stop_signals = catch_stop_signals()
     bad_steps = 0
 
+    def record(step, kind, value):
+        """One `{step} {kind} {value}` line of log.txt, which rank 0 alone writes."""
+        if master:
+            with open(log_file, "a") as f:
+                f.write(f"{step} {kind} {value:.6f}\n")
+
     for step in range(start_step, cfg["max_steps"] + 1):
         last = step == cfg["max_steps"]
         stop = stop_requested(stop_signals)
@@ -1029,24 +1035,20 @@ def train(cfg):
             model.eval()
             val_loss = evaluate_loss(model, val_loader, val_steps, autocast)
             log(f"step {step:5d} | val loss {val_loss:.4f}")
-            if master:
-                with open(log_file, "a") as f:
-                    f.write(f"{step} val {val_loss:.6f}\n")
-                if cfg["sample_count"] and step > 0:
-                    enc = get_tokenizer()
-                    prompt = enc.encode("Hello, I'm a language model,")
-                    with autocast:  # the uncompiled model, which shares the compiled one's weights
-                        samples = raw_model.generate(prompt, cfg["sample_tokens"] - len(prompt),
-                                                     num_samples=cfg["sample_count"], seed=42)
-                    for i, tokens in enumerate(samples):
-                        log(f"sample {i}: {enc.decode(prompt + tokens)!r}")
+            record(step, "val", val_loss)
+            if master and cfg["sample_count"] and step > 0:
+                enc = get_tokenizer()
+                prompt = enc.encode("Hello, I'm a language model,")
+                with autocast:  # the uncompiled model, which shares the compiled one's weights
+                    samples = raw_model.generate(prompt, cfg["sample_tokens"] - len(prompt),
+                                                 num_samples=cfg["sample_count"], seed=42)
+                for i, tokens in enumerate(samples):
+                    log(f"sample {i}: {enc.decode(prompt + tokens)!r}")
             if hella:  # scored by the compiled model, not DDP's wrapper, as ranks run different batch counts
                 acc_norm, count = evaluate_hellaswag(
                     model.module if ddp else model, *hella, cfg["B"] * cfg["T"], autocast)
                 log(f"step {step:5d} | hella acc_norm {acc_norm:.4f} ({count} examples)")
-                if master:
-                    with open(log_file, "a") as f:
-                        f.write(f"{step} hella {acc_norm:.6f}\n")
+                record(step, "hella", acc_norm)
             model.train()
         if step > start_step and (step % cfg["checkpoint_interval"] == 0 or last or stop):
             ckpt_file = checkpoint_path(cfg["log_dir"], step)
@@ -1074,9 +1076,7 @@ def train(cfg):
         log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
             f"dt {1000 * dt:.2f}ms | tok/sec {cfg['total_batch_size'] / dt:.0f} | mfu {mfu}"
             f"{'' if finite else ' | not finite: step skipped'}")
-        if master:
-            with open(log_file, "a") as f:
-                f.write(f"{step} train {loss:.6f}\n")
+        record(step, "train", loss)
         bad_steps += not finite
         if bad_steps > cfg["max_bad_steps"]:
             resume = f"--resume={ckpt_file}" if ckpt_file else "no --resume (there is no checkpoint yet)"
