@@ -8,11 +8,10 @@ against step. Tokens per step: --tokens_per_step if given, else the run's newest
 total_batch_size, else 524288 (GPT-2 124M's).
 """
 import argparse
-import glob
 import os
 import sys
 
-from train_gpt2 import SETTINGS, UserError
+from train_gpt2 import SETTINGS, UserError, list_checkpoints
 
 GPT2_124M_VAL_LOSS = 3.2924  # FineWeb-Edu val loss of OpenAI's GPT-2 124M
 GPT2_124M_HELLASWAG = 0.2955
@@ -41,11 +40,11 @@ def read_log(path):
 def tokens_per_step(path):
     """total_batch_size from the newest checkpoint beside the log, else the default's."""
     run_dir = path if os.path.isdir(path) else os.path.dirname(path)
-    found = sorted(glob.glob(os.path.join(run_dir, "model_*.pt")))
+    found = list_checkpoints(run_dir)
     if not found:
         return SETTINGS["total_batch_size"]
     import torch
-    ckpt = torch.load(found[-1], map_location="cpu", mmap=True, weights_only=False)  # mmap: reads only the config
+    ckpt = torch.load(found[-1][1], map_location="cpu", mmap=True, weights_only=False)  # mmap: reads only the config
     return ckpt["config"]["total_batch_size"]
 
 
