@@ -123,7 +123,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_SCALE = True
         self.n_head = config.n_head
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, mask=None):
         Bsz, Tlen, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(Bsz, Tlen, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -131,7 +131,8 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(k, v)
         # Flash attention where available. A lone new token may see every stored position, so needs no mask;
         # without a cache is_causal stays a constant, since a symbolic one would break torch.compile's graph.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or Tlen > 1)
+        causal = mask is None and (cache is None or Tlen > 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.c_proj(y.transpose(1, 2).contiguous().view(Bsz, Tlen, C))
 
 
@@ -155,8 +156,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -243,20 +244,26 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, pos=None, mask=None, hidden=False):
         """cache: a list of one KVCache per layer, for generation; idx then continues the cached positions
-        and only the last position's logits are computed."""
-        start = cache[0].pos if cache else 0
-        Tlen = start + idx.size(1)
-        if Tlen > self.config.block_size:
-            raise UserError(f"sequence length {Tlen} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, Tlen, dtype=torch.long, device=idx.device)
+        and only the last position's logits are computed. pos (B, T) and mask (B, 1, T, T), True where a
+        token may attend, replace positions 0..T-1 and the causal mask, so that one row can hold several
+        texts that share a start (HellaSwag's context and its 4 endings). hidden=True returns the final
+        hidden states in place of the logits, for callers that need only a few positions' logits."""
+        if pos is None:
+            start = cache[0].pos if cache else 0
+            Tlen = start + idx.size(1)
+            if Tlen > self.config.block_size:
+                raise UserError(f"sequence length {Tlen} exceeds block_size {self.config.block_size}")
+            pos = torch.arange(start, Tlen, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache[i] if cache else None)
+            x = block(x, cache[i] if cache else None, mask)
         if cache:
             x = x[:, -1:]
         x = self.transformer.ln_f(x)
+        if hidden:
+            return x, None
         if targets is None:
             return self.lm_head(x), None
         # With targets only the loss is returned (logits None): the fused loss never holds them all.
@@ -650,6 +657,7 @@ HELLA_FIELDS = {  # the fields scoring reads: check, what the check wants
     "label": (lambda v: str(v) in ("0", "1", "2", "3"), "0, 1, 2 or 3"),
     "split_type": (lambda v: isinstance(v, str), "a string"),
 }
+HELLA_LSE_ROWS = 16  # rows of logits a CPU turns to fp32 and normalizes at once (16 x 50304 fp32 = 3 MB, in cache)
 
 
 def read_hellaswag(path, limit=0):
@@ -693,47 +701,80 @@ def hellaswag_tokens(examples, block_size):
 
 
 def hellaswag_batches(data, batch_tokens, fixed_shape=False):
-    """(example indices, tokens, ending mask) batches of whole examples, 4 right-padded rows each, about
+    """Batches of whole examples, one right-padded row each: the context, then the 4 endings back to back.
+    Each ending takes the positions that follow the context and attends to the context and to itself only,
+    so the row scores as the 4 texts context + ending would, while the context is computed once. About
     batch_tokens tokens a batch. Longest examples go first, so that like lengths share a batch (little
-    padding) and memory peaks at once; fixed_shape pads every batch to one shape, so that a compiled
-    model compiles once and never again."""
-    sizes = [len(ctx) + max(map(len, ends)) for ctx, ends, _ in data]
+    padding) and memory peaks at once; fixed_shape pads every batch to one shape, so that a compiled model
+    compiles once and never again. Yields (example indices, (tokens, positions, attention mask), (hidden
+    states to project, and per ending token: which of them predicts it, its id, its ending 4 * j + k))."""
+    sizes = [len(ctx) + sum(map(len, ends)) for ctx, ends, _ in data]
     order = sorted(range(len(data)), key=lambda i: -sizes[i])
     longest = max(sizes, default=1)
     start = 0
     while start < len(order):
         length = longest if fixed_shape else sizes[order[start]]
-        count = max(1, batch_tokens // (4 * length))
+        count = max(1, batch_tokens // length)
         idx = order[start:start + count]
         start += count
-        rows = 4 * (count if fixed_shape else len(idx))
+        rows = count if fixed_shape else len(idx)
         tokens = torch.zeros(rows, length, dtype=torch.long)
-        mask = torch.zeros(rows, length, dtype=torch.bool)
+        pos = torch.zeros(rows, length, dtype=torch.long)
+        part = torch.full((rows, length), 5)  # 0: context, k + 1: ending k, 5: padding, which is never scored
+        states, pick, targets, ending = [], [], [], []
         for j, i in enumerate(idx):
             ctx, ends, _ = data[i]
+            c = len(ctx)
+            tokens[j, :c], pos[j, :c], part[j, :c] = torch.tensor(ctx), torch.arange(c), 0
+            shared = len(states)  # the last context token predicts every ending's first token: projected once
+            states.append(j * length + c - 1)
+            at = c
             for k, end in enumerate(ends):
-                row = ctx + end
-                tokens[4 * j + k, :len(row)] = torch.tensor(row)
-                mask[4 * j + k, len(ctx):len(row)] = True
-        yield idx, tokens, mask
+                n = len(end)
+                span = slice(at, at + n)
+                tokens[j, span], pos[j, span], part[j, span] = torch.tensor(end), torch.arange(c, c + n), k + 1
+                pick += [shared, *range(len(states), len(states) + n - 1)]
+                states += range(j * length + at, j * length + at + n - 1)  # token t predicts token t + 1
+                targets += end
+                ending += [4 * j + k] * n
+                at += n
+        # Padding sees the context and the padding before it: never an empty row, so never a NaN.
+        mask = (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])
+        mask &= torch.ones(length, length, dtype=torch.bool).tril()
+        yield idx, (tokens, pos, mask[:, None]), tuple(map(torch.tensor, (states, pick, targets, ending)))
 
 
 @torch.no_grad()
+def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False):
+    """Each example's 4 endings' losses summed over their tokens, as an (N, 4) float64 tensor. The model
+    runs without its lm_head, which projects only the hidden states that predict an ending token: the
+    logits of every position would cost most of the time with small models."""
+    device = next(model.parameters()).device
+    losses = torch.zeros(len(data), 4, dtype=torch.float64)
+    with autocast:  # one region for all batches, so that autocast casts each weight once, not once a forward
+        for idx, inputs, scored in hellaswag_batches(data, batch_tokens, fixed_shape):
+            tokens, pos, mask = (t.to(device) for t in inputs)
+            states, pick, targets, ending = (t.to(device) for t in scored)
+            hidden, _ = model(tokens, pos=pos, mask=mask, hidden=True)
+            logits = model.lm_head(hidden.flatten(0, 1)[states])
+            # Each row's log-sum-exp in fp32, read off log_softmax (x - log_softmax(x) is it, at any column):
+            # one fused pass over a row, where logsumexp makes four. A few rows at a time, which on CPU stay in
+            # cache: an fp32 copy of all the logits, and the passes over it, took longer than the matmul.
+            chunk = HELLA_LSE_ROWS if device.type == "cpu" else LOSS_CHUNK_ROWS
+            rows = (x.float() for x in logits.split(chunk))
+            lse = torch.cat([x[:, 0] - F.log_softmax(x, dim=1)[:, 0] for x in rows])
+            nll = lse[pick] - logits[pick, targets].float()
+            total = torch.zeros(4 * len(idx), device=device).index_add_(0, ending, nll)
+            losses[idx] = total.view(-1, 4).double().cpu()
+    return losses
+
+
 def hellaswag_predictions(model, data, batch_tokens, autocast, fixed_shape=False):
     """The ending (0-3) each example's model picks under each of HELLA_METRICS, as an (N, 3) tensor."""
-    device = next(model.parameters()).device
-    preds = torch.zeros(len(data), len(HELLA_METRICS), dtype=torch.long)
-    with autocast:  # one region for all batches, so that autocast casts each weight once, not once a forward
-        for idx, tokens, mask in hellaswag_batches(data, batch_tokens, fixed_shape):
-            tokens, target = tokens.to(device), mask[:, 1:].to(device)
-            logits, _ = model(tokens)
-            losses = torch.zeros(target.shape, device=device)  # only ending tokens' logits get a float copy
-            losses[target] = F.cross_entropy(logits[:, :-1][target].float(), tokens[:, 1:][target], reduction="none")
-            total = losses.sum(1).view(-1, 4)[:len(idx)].double().cpu()
-            per_token = total / target.sum(1).view(-1, 4)[:len(idx)].cpu()
-            per_char = total / torch.tensor([data[i][2] for i in idx], dtype=torch.float64).clamp(min=1)
-            preds[idx] = torch.stack([s.argmin(1) for s in (total, per_token, per_char)], dim=1)
-    return preds
+    total = hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape)
+    lengths = torch.tensor([list(map(len, ends)) for _, ends, _ in data], dtype=torch.float64).view(-1, 4)
+    chars = torch.tensor([chars for *_, chars in data], dtype=torch.float64).view(-1, 4).clamp(min=1)
+    return torch.stack([s.argmin(1) for s in (total, total / lengths, total / chars)], dim=1)
 
 
 def training_hellaswag(cfg, world, rank, log):

@@ -5,15 +5,14 @@ import math
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import hellaswag
 from conftest import run, write_hellaswag
-from train_gpt2 import (GPT, GPTConfig, UserError, get_tokenizer, hellaswag_predictions, hellaswag_tokens,
-                        read_hellaswag)
+from train_gpt2 import (GPT, GPTConfig, UserError, get_tokenizer, hellaswag_batches, hellaswag_losses,
+                        hellaswag_predictions, hellaswag_tokens, read_hellaswag)
 
 EXACT = contextlib.nullcontext()  # fp32, no autocast
 
@@ -29,22 +28,26 @@ def opinionated_model():
     return model
 
 
-def reference_predictions(model, examples):
-    """Each ending scored alone, one row per forward, straight from the definitions."""
+def reference_scores(model, examples):
+    """(N, 4, 3): each ending's summed loss, loss per token and loss per character, each ending scored
+    alone, one row per forward, from the full logits and plain cross-entropy."""
     enc = get_tokenizer()
-    preds = []
+    scores = []
     for example in examples:
         ctx = enc.encode(example["ctx"])
-        scores = []
+        scores.append([])
         for ending in example["endings"]:
             end = enc.encode(" " + ending)
             with torch.no_grad():
                 logits, _ = model(torch.tensor([ctx + end]))
-            logp = F.log_softmax(logits[0, len(ctx) - 1:-1].double(), dim=-1)  # the positions that predict the ending
-            loss = -logp.gather(1, torch.tensor(end)[:, None]).sum().item()
-            scores.append((loss, loss / len(end), loss / len(ending)))
-        preds.append(np.argmin(scores, axis=0).tolist())
-    return torch.tensor(preds)
+            # the positions that predict the ending
+            loss = F.cross_entropy(logits[0, len(ctx) - 1:-1].double(), torch.tensor(end), reduction="sum").item()
+            scores[-1].append((loss, loss / len(end), loss / len(ending)))
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def reference_predictions(model, examples):
+    return reference_scores(model, examples).argmin(dim=1)
 
 
 def test_batched_equals_one_at_a_time_and_reference(tmp_path, opinionated_model):
@@ -59,9 +62,28 @@ def test_batched_equals_one_at_a_time_and_reference(tmp_path, opinionated_model)
     assert (batched[:, 0] != batched[:, 1]).any() and (batched[:, 1] != batched[:, 2]).any()  # the metrics differ
 
 
+def test_packed_losses_equal_reference_losses(tmp_path):
+    """The context computed once, the endings back to back in one row, padding: each ending's loss is
+    still the one it has alone."""
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(block_size=96, vocab_size=50304, n_layer=2, n_head=4, n_embd=64)).eval()
+    examples = read_hellaswag(write_hellaswag(str(tmp_path / "h.jsonl"), 12, seed=5, ctx_words=(2, 14),
+                                              ending_words=(1, 10)))
+    data = hellaswag_tokens(examples, model.config.block_size)
+    assert all(len(set(map(len, ends))) > 1 for _, ends, _ in data[:4])  # endings of unequal lengths
+    sizes = [len(ctx) + sum(map(len, ends)) for ctx, ends, _ in data]
+    padded = [tokens.size(1) > min(sizes[i] for i in idx) for idx, (tokens, _, _), _ in hellaswag_batches(data, 160)]
+    assert len(padded) > 1 and any(padded)
+    expected = reference_scores(model, examples)[:, :, 0]
+    for batch_tokens, fixed_shape in ((1, False), (160, False), (160, True)):
+        losses = hellaswag_losses(model, data, batch_tokens, EXACT, fixed_shape)
+        torch.testing.assert_close(losses, expected, rtol=1e-4, atol=0)
+
+
 class FixedLossModel(torch.nn.Module):
     """Predicts one next-token distribution everywhere, in which token t has probability exp(-losses[t]):
-    every ending's loss is then known in advance."""
+    every ending's loss is then known in advance. Its hidden state is a constant 1, which its lm_head
+    projects to those log-probabilities."""
 
     def __init__(self, losses, vocab_size=50304):
         super().__init__()
@@ -69,10 +91,12 @@ class FixedLossModel(torch.nn.Module):
         p[list(losses)] = torch.tensor([math.exp(-loss) for loss in losses.values()], dtype=torch.float64)
         rest = p == 0
         p[rest] = (1 - p.sum()) / rest.sum()
-        self.log_p = torch.nn.Parameter(p.log().float(), requires_grad=False)
+        self.lm_head = torch.nn.Linear(1, vocab_size, bias=False).requires_grad_(False)
+        self.lm_head.weight.copy_(p.log()[:, None])
 
-    def forward(self, idx, targets=None):
-        return self.log_p.expand(*idx.shape, -1), None
+    def forward(self, idx, pos=None, mask=None, hidden=False):
+        assert hidden, "scoring asks for hidden states and projects only what it needs"
+        return torch.ones(*idx.shape, 1), None
 
 
 def test_each_metric_picks_its_ending():
