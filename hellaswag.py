@@ -46,7 +46,7 @@ def parse_args(argv):
                    help=f"HellaSwag jsonl (default: {SETTINGS['hella_data']}, downloaded there if missing)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N examples (0: all)")
     p.add_argument("--batch_tokens", type=int, default=0, help="tokens per forward pass, padding included "
-                   "(default 8192 on a GPU; 4096 on CPU, where more gains nothing)")
+                   "(default 8192 on a GPU; 2048 on CPU, where more gains nothing)")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu; or name one")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="autocast dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (one shape, compiled once)")
@@ -74,7 +74,7 @@ def evaluate(args):
         raise UserError(f"--model={args.model}: vocab_size {model.config.vocab_size} cannot hold GPT-2's tokens")
     data = hellaswag_tokens(examples, model.config.block_size)
     t0 = time.perf_counter()
-    batch_tokens = args.batch_tokens or (4096 if device == "cpu" else 8192)
+    batch_tokens = args.batch_tokens or (2048 if device == "cpu" else 8192)
     preds = hellaswag_predictions(torch.compile(model) if args.compile else model, data, batch_tokens,
                                   autocast_context(device.split(":")[0], args.dtype), fixed_shape=args.compile)
     seconds = time.perf_counter() - t0

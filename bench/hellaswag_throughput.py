@@ -2,7 +2,7 @@
 reference's way, in the same run, on the same small random GPT, on the same HellaSwag-shaped examples.
 Each is timed 3 times, in turns; the fastest run counts, since other load on the machine only slows runs.
 
-    python bench/hellaswag_throughput.py        # 4 layers x 256 wide, bf16, 128 examples, 4096 tokens a batch
+    python bench/hellaswag_throughput.py        # 4 layers x 256 wide, bf16, 128 examples, 2048 tokens a batch
     python bench/hellaswag_throughput.py --data=hellaswag/hellaswag_val.jsonl --n_layer=12 --n_head=12 --n_embd=768
 """
 import argparse
@@ -64,7 +64,7 @@ def main():
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_head", type=int, default=4)
     p.add_argument("--n_embd", type=int, default=256)
-    p.add_argument("--batch_tokens", type=int, default=4096, help="hellaswag.py's CPU default")
+    p.add_argument("--batch_tokens", type=int, default=2048, help="hellaswag.py's CPU default")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each; the fastest counts")
     args = p.parse_args()
