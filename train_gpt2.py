@@ -761,8 +761,8 @@ def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False):
             # one fused pass over a row, where logsumexp makes four. A few rows at a time, which on CPU stay in
             # cache: an fp32 copy of all the logits, and the passes over it, took longer than the matmul.
             chunk = HELLA_LSE_ROWS if device.type == "cpu" else LOSS_CHUNK_ROWS
-            rows = (x.float() for x in logits.split(chunk))
-            lse = torch.cat([x[:, 0] - F.log_softmax(x, dim=1)[:, 0] for x in rows])
+            chunks = (x.float() for x in logits.split(chunk))
+            lse = torch.cat([x[:, 0] - F.log_softmax(x, dim=1)[:, 0] for x in chunks])
             nll = lse[pick] - logits[pick, targets].float()
             total = torch.zeros(4 * len(idx), device=device).index_add_(0, ending, nll)
             losses[idx] = total.view(-1, 4).double().cpu()
