@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tiktoken
 
 import prepare_fineweb
 from conftest import ROOT, run
-from train_gpt2 import EOT, get_tokenizer, load_shard
+from train_gpt2 import EOT, UserError, get_tokenizer, load_shard
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -191,3 +192,14 @@ def test_default_output_directories_follow_the_dataset():
     assert prepare_fineweb.parse_args(["--name=CC-MAIN-2024-10"]).out == "edu_fineweb_CC-MAIN-2024-10"
     args = prepare_fineweb.parse_args(["--dataset=pydoc"])
     assert (args.out, args.shard_size, args.prefix) == ("pydoc_topics", prepare_fineweb.PYDOC_SHARD_SIZE, "pydoc")
+
+
+def test_a_tokenizer_with_ids_past_uint16_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    gpt2 = get_tokenizer()
+    wide = tiktoken.Encoding("wide", pat_str=gpt2._pat_str, mergeable_ranks=gpt2._mergeable_ranks,
+                             special_tokens={"<|endoftext|>": EOT, "<|wide|>": 2 ** 16})
+    monkeypatch.setattr(prepare_fineweb, "get_tokenizer", lambda: wide)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="ids reach 65536, which does not fit the uint16 shards"):
+        prepare(write_corpus(str(tmp_path / "c.jsonl"), DOCS), str(out))
+    assert not out.exists()
