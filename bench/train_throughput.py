@@ -97,6 +97,7 @@ def time_training(args, which):
     else:
         import train_gpt2
         train_gpt2.DEVICE = "cpu"
+        train_gpt2.LOSS_CHUNK_ROWS = args.loss_chunk_rows or train_gpt2.LOSS_CHUNK_ROWS
     raw, model, optimizer = build(args, which)
     model.train()
     loader = SyntheticLoader(args.B, args.T, args.vocab_size)
@@ -161,6 +162,7 @@ def main():
     p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true"), default=True)
     p.add_argument("--matmul_n", type=int, default=4096)
     p.add_argument("--matmul_repeats", type=int, default=3)
+    p.add_argument("--loss_chunk_rows", type=int, default=0, help="override train_gpt2.LOSS_CHUNK_ROWS")
     p.add_argument("--only", choices=tuple(RUNS), help="time only this run (no ratios)")
     p.add_argument("--profile", type=lambda s: s.lower() in ("1", "true"), default=False)
     p.add_argument("--profile_rows", type=int, default=25)

@@ -21,7 +21,10 @@ def loss_and_grads(fn, x, weight, targets, dtype, scale):
     return loss.detach(), x.grad, weight.grad
 
 
-@pytest.mark.parametrize("rows", [1, 255, 256, 700])  # fewer than, exactly, and not a multiple of a chunk
+CHUNK = train_gpt2.LOSS_CHUNK_ROWS
+
+
+@pytest.mark.parametrize("rows", [1, CHUNK - 1, CHUNK, 2 * CHUNK + 188])  # fewer than, exactly, not a multiple of a chunk
 def test_fp32_matches_plain_cross_entropy(rows):
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 48, generator=gen)
@@ -36,9 +39,9 @@ def test_fp32_matches_plain_cross_entropy(rows):
 
 def test_bf16_matches_plain_cross_entropy_and_gradients_stay_fp32():
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(600, 64, generator=gen)
+    x = torch.randn(2 * CHUNK + 88, 64, generator=gen)  # two whole chunks and a part
     weight = torch.randn(3000, 64, generator=gen) * 0.1
-    targets = torch.randint(0, 3000, (600,), generator=gen)
+    targets = torch.randint(0, 3000, (x.size(0),), generator=gen)
     # 0.5 as with 2 micro-steps: a power of two scales bf16 exactly, whether before or after rounding
     loss, gx, gw = loss_and_grads(LinearCrossEntropy.apply, x, weight, targets, torch.bfloat16, 0.5)
     ref_loss, ref_gx, ref_gw = loss_and_grads(reference, x, weight, targets, torch.bfloat16, 0.5)
