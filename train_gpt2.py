@@ -168,9 +168,10 @@ LOSS_CHUNK_ROWS = 2048
 
 class LinearCrossEntropy(torch.autograd.Function):
     """F.cross_entropy(x @ weight.T, targets) (mean over rows; targets must be real ids), computed a chunk
-    of rows at a time in `dtype` with fp32 softmax. The forward also works out both gradients, so the
-    B*T x vocab logits are never held whole (fp32 they are 400 MB at B=8, T=256) nor recomputed; the
-    backward only scales them. Same maths as the plain loss; the weight gradient is summed in fp32."""
+    of rows at a time in `dtype` with fp32 softmax. The forward also works out both gradients, so at most
+    LOSS_CHUNK_ROWS rows of logits are held (B*T x vocab in fp32 is 13 GB at B=64, T=1024) and none are
+    recomputed; the backward only scales them. Same maths as the plain loss; the weight gradient is summed
+    in fp32."""
     @staticmethod
     def forward(ctx, x, weight, targets, dtype):
         n, need_grad = x.size(0), any(ctx.needs_input_grad[:2])
