@@ -187,10 +187,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             top = logits.amax(dim=1, keepdim=True)
             exp = torch.exp(logits - top)
             total = exp.sum(dim=1, keepdim=True)
-            loss += (top + total.log() - logits.gather(1, tc[:, None])).sum()
-            if need_grad:  # d loss / d logits = (softmax - onehot) / n, one fusable pointwise pass
-                onehot = torch.arange(logits.size(1), device=x.device) == tc[:, None]
-                g = ((exp / total - onehot.float()) / n).to(dtype)
+            target = logits.gather(1, tc[:, None])
+            loss += (top + total.log() - target).sum()
+            if need_grad:  # d loss / d logits = (softmax - onehot) / n. The onehot goes in at the targets
+                # alone: compared at every logit inside the fused loop it took a third of that loop's time.
+                scale = 1.0 / (total * n)
+                g = (exp * scale).to(dtype)
+                rows = torch.arange(len(tc), device=x.device)
+                g[rows, tc] = (torch.exp(target - top) * scale - 1.0 / n).squeeze(1).to(dtype)
                 grad_x[i:i + LOSS_CHUNK_ROWS] = g @ wd
                 grad_w += (g.t() @ xc).float()
         if need_grad:
