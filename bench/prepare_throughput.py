@@ -52,7 +52,7 @@ def tokenizer_scaling():
     """How much faster two processes encode the corpus's two halves at once than one process encodes them
     one after the other: the ceiling for any 2-process tokeniser on this machine at this moment (2.0 on
     two idle, independent cores; less when the cores share caches or other jobs run)."""
-    with multiprocessing.Pool(2) as pool:
+    with multiprocessing.get_context("fork").Pool(2) as pool:  # 'spawn' would start workers without _docs
         pool.map(encode_seconds, [0, 1])  # build the encoders and warm them up
         one = pool.apply(encode_seconds, (0,)) + pool.apply(encode_seconds, (1,))
         t0 = time.perf_counter()
