@@ -125,14 +125,15 @@ def tokenizer_hash(enc):
     return h.hexdigest()
 
 
-_rows = None  # the dataset's text column, memory-mapped Arrow, that tokenize_rows reads from
+_rows = None  # the dataset's text column, memory-mapped Arrow, that tokenize_task reads from
+_handoff = None  # the scratch directory where pool workers leave their tokens
 
 
-def init_worker(rows):
-    """Keeps the text column for tokenize_rows; in a pool's worker also builds the encoder and leaves Ctrl-C
-    to the main process, which stops the pool."""
-    global _rows
-    _rows = rows
+def init_worker(rows, handoff=None):
+    """Keeps the text column for tokenize_task; in a pool's worker also keeps the handoff directory, builds
+    the encoder and leaves Ctrl-C to the main process, which stops the pool."""
+    global _rows, _handoff
+    _rows, _handoff = rows, handoff
     if multiprocessing.parent_process():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         get_tokenizer()
@@ -149,10 +150,29 @@ def tokenize(texts):
     return tokens, [len(doc) + 1 for doc in docs]
 
 
-def tokenize_rows(rows):
-    """tokenize() of a range of the column's rows, read by the worker itself: a range costs the main process
-    nothing to send, where reading and pickling the texts kept it busy on a core the workers need."""
-    return tokenize(_rows[rows.start:rows.stop])
+def tokenize_task(task):
+    """tokenize() of a task: a range of the column's rows, which the worker reads itself (a range costs the
+    main process nothing to send, where reading and pickling the texts kept it busy on a core the workers
+    need), or the texts themselves when streaming."""
+    return tokenize(_rows[task.start:task.stop] if isinstance(task, range) else task)
+
+
+def tokenize_to_file(task):
+    """tokenize_task() in a pool worker, which leaves the tokens in a file of the handoff directory and returns
+    its path. Returned through the pool's pipe, which holds 64 KB, the tokens kept the worker waiting until
+    the main process woke to drain them: ~3 ms a task with three processes on two cores, and all the while
+    the main process wrote a shard."""
+    tokens, lens = tokenize_task(task)
+    fd, path = tempfile.mkstemp(dir=_handoff)
+    with open(fd, "wb") as f:
+        tokens.tofile(f)
+    return path, lens
+
+
+def take_file(path):
+    tokens = np.fromfile(path, dtype=np.uint16)
+    os.remove(path)
+    return tokens
 
 
 @contextlib.contextmanager
@@ -248,11 +268,11 @@ def prepare(args):
         carry = shards[-1]["carry"] if shards else 0  # tokens of the last begun document not yet written
         skip = docs_done - (1 if carry else 0)
         if args.streaming:  # no local copy for workers to read: the main process reads and sends the texts
-            rows, task = None, tokenize
+            rows = None
             work = (batch[args.text_column] for batch in
                     ds.select_columns([args.text_column]).skip(skip).iter(batch_size=BATCH_DOCS))
         else:  # the column pickles as a reference to its memory-mapped Arrow files, so workers open it themselves
-            rows, task = ds[args.text_column], tokenize_rows
+            rows = ds[args.text_column]
             work = (range(i, min(i + BATCH_DOCS, len(ds))) for i in range(skip, len(ds), BATCH_DOCS))
 
         buf, fill = np.empty(args.shard_size, dtype=np.uint16), 0
@@ -269,10 +289,12 @@ def prepare(args):
             save_manifest(args.out, manifest)
 
         init_worker(rows)  # with --num_proc=1 the main process tokenises
-        pool = (multiprocessing.Pool(args.num_proc, initializer=init_worker, initargs=(rows,))
+        pool = (multiprocessing.Pool(args.num_proc, initializer=init_worker, initargs=(rows, scratch))
                 if args.num_proc > 1 else None)
+        results = (((take_file(path), lens) for path, lens in pool.imap(tokenize_to_file, work)) if pool
+                   else map(tokenize_task, work))
         try:
-            for toks, lens in (pool.imap(task, work) if pool else map(task, work)):
+            for toks, lens in results:
                 if carry:  # the first document was cut by the last finished shard: only its tail is new
                     toks, lens[0], carry = toks[lens[0] - carry:], carry, 0
                 ends = np.cumsum(lens)
