@@ -177,12 +177,18 @@ def take_file(path):
 
 @contextlib.contextmanager
 def atomic_open(path):
-    """A file that appears at path, complete, only when the block finishes; a crash leaves only path.tmp."""
+    """A file that appears at path, complete, only when the block finishes. An error removes the partial
+    path.tmp, which on a full disk holds the space the user needs back; a killed process leaves it behind."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -336,6 +342,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: finished shards are kept; run the same command again to resume")
+    except OSError as e:  # most often a full disk
+        sys.exit(f"error: {e}; finished shards are kept: fix that, then run the same command again to resume")
 
 
 if __name__ == "__main__":

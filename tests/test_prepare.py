@@ -1,4 +1,5 @@
 """prepare_fineweb.py: exact tokens through the datasets path, interrupt-and-resume, and bad input."""
+import errno
 import glob
 import hashlib
 import json
@@ -82,8 +83,8 @@ def test_a_txt_file_is_one_document(tmp_path):
     np.testing.assert_array_equal(tokens, expected_tokens(["First line.\n\nSecond paragraph.\n", "Another file."]))
 
 
-@pytest.mark.parametrize("k,num_proc", [(1, 1), (4, 2)])
-def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch, k, num_proc):
+@pytest.mark.parametrize("k,num_proc,failure", [(1, 1, "ctrl-c"), (4, 2, "ctrl-c"), (3, 2, "disk full")])
+def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch, k, num_proc, failure):
     data = write_corpus(str(tmp_path / "corpus.jsonl"), DOCS)
     whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
     prepare(data, whole)
@@ -93,17 +94,28 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch, k, n
     real_write = prepare_fineweb.write_shard
     written = []
 
-    def crash_on_shard_k(path, tokens):  # Ctrl-C in the middle of writing shard k: a partial temp file
+    def crash_on_shard_k(path, tokens):  # in the middle of writing shard k
         if len(written) == k:
-            with open(path + ".tmp", "wb") as f:
+            if failure == "ctrl-c":  # a partial temp file, as a killed process leaves
+                with open(path + ".tmp", "wb") as f:
+                    f.write(b"partial")
+                raise KeyboardInterrupt
+            with prepare_fineweb.atomic_open(path) as f:
                 f.write(b"partial")
-            raise KeyboardInterrupt
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + ".tmp")
         written.append(path)
         real_write(path, tokens)
 
     monkeypatch.setattr(prepare_fineweb, "write_shard", crash_on_shard_k)
-    with pytest.raises(SystemExit, match="interrupted"):
+    with pytest.raises(SystemExit) as e:
         prepare_fineweb.main([f"--data_files={data}", f"--out={resumed}", "--shard_size=100", f"--num_proc={num_proc}"])
+    if failure == "ctrl-c":
+        assert e.value.code.startswith("interrupted: finished shards are kept")
+    else:  # one line that says what and what to do, and the partial shard's space is given back
+        partial = os.path.join(resumed, f"local_train_{k:06d}.npy.tmp")
+        assert e.value.code == (f"error: [Errno {errno.ENOSPC}] No space left on device: '{partial}'; finished "
+                                f"shards are kept: fix that, then run the same command again to resume")
+        assert not glob.glob(os.path.join(resumed, "*.tmp"))
     assert len(glob.glob(os.path.join(resumed, "*.npy"))) == k
     assert not read_manifest(resumed)["complete"]
     monkeypatch.setattr(prepare_fineweb, "write_shard", real_write)
