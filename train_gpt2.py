@@ -56,7 +56,7 @@ val_tokens = 10485760            # tokens per val evaluation, whatever the world
 checkpoint_interval = 5000       # steps between checkpoints; one is always written at the end
 keep_checkpoints = 3             # newest checkpoints kept in log_dir; older ones go once a newer one is on disk (0: all)
 max_bad_steps = 0                # steps with a non-finite loss or grad norm to skip (not apply) before stopping
-sample_count = 4                 # completions of "Hello, I'm a language model," printed at each eval (0: none)
+sample_count = 4                 # completions of "Hello, I'm a language model," printed at each eval after step 0
 sample_tokens = 32               # length in tokens of each sample, prompt included
 hella_data = "hellaswag/hellaswag_val.jsonl"  # scored at each eval if present; `python hellaswag.py` downloads it here
 hella_examples = 0               # HellaSwag examples scored at each eval: the file's first N (0: all 10,042)
@@ -71,13 +71,18 @@ block_size = 1024                # maximum context length of the model
 vocab_size = 50304               # GPT-2's 50257 padded up to a multiple of 128 for faster matmuls
 peak_flops = 0.0                 # per-device peak FLOP/s for MFU; 0 looks the GPU up or measures the CPU
 resume = ""                      # "" starts fresh; "auto" continues from the newest checkpoint in log_dir; or a path
-preset = ""                      # "quickstart": SETTING_PRESETS' small CPU run on prepare_fineweb.py --dataset=pydoc
+preset = ""                      # a SETTING_PRESETS name: gpt2-medium, gpt2-large, gpt2-xl; quickstart (small CPU run)
 # ----------------------------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
 
 # What --preset=name changes; --name=value arguments still override it.
 SETTING_PRESETS = {
     "": {},
+    # GPT-2's four sizes (the defaults are gpt2); lower B if a GPU runs out of memory.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
     # A few minutes on a laptop CPU: a 4-layer GPT on the ~139K tokens of Python's pydoc topics.
     "quickstart": dict(data_dir="pydoc_topics", log_dir="log_quickstart", total_batch_size=512, B=4, T=128,
                        max_lr=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=80, eval_interval=40,
@@ -104,14 +109,6 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-
-
-PRESETS = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
-}
 
 
 class CausalSelfAttention(nn.Module):

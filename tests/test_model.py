@@ -70,12 +70,12 @@ def test_init_is_gpt2s_and_weights_are_tied():
 def test_gpt2_presets_have_the_published_sizes():
     sizes = {"gpt2": 124.4e6, "gpt2-medium": 354.8e6, "gpt2-large": 774.0e6, "gpt2-xl": 1557.6e6}
     for name, params in sizes.items():
-        c = tg.GPTConfig(vocab_size=50257, block_size=1024, **tg.PRESETS[name])
+        c = tg.GPTConfig(vocab_size=50257, block_size=1024, **tg.SETTING_PRESETS[name])
         # parameters of wte + wpe + blocks + ln_f, counted without instantiating the model
         d, L = c.n_embd, c.n_layer
         n = c.vocab_size * d + c.block_size * d + L * (12 * d * d + 13 * d) + 2 * d
         assert n == pytest.approx(params, rel=1e-3), name
-    small = tg.GPT(tg.GPTConfig(vocab_size=50257, block_size=1024, **tg.PRESETS["gpt2"]))
+    small = tg.GPT(tg.GPTConfig(vocab_size=50257, block_size=1024, **tg.SETTING_PRESETS["gpt2"]))
     assert sum(p.numel() for p in small.parameters()) == 124_439_808
 
 
