@@ -75,6 +75,10 @@ preset = ""                      # a SETTING_PRESETS name: gpt2-medium, gpt2-lar
 # ----------------------------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
 
+# Numeric settings that must be above 0; every other number must be at least 0.
+POSITIVE = ("total_batch_size", "B", "T", "max_lr", "grad_clip", "eval_interval", "checkpoint_interval", "n_layer",
+            "n_head", "n_embd", "block_size", "vocab_size", "sample_tokens")
+
 # What --preset=name changes; --name=value arguments still override it.
 SETTING_PRESETS = {
     "": {},
@@ -501,12 +505,17 @@ class DataLoaderLite:
         return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos}
 
     def load_state_dict(self, state):
-        self.epoch, self.shard, self.pos = state["epoch"], state["shard"], state["pos"]
+        epoch, shard, pos = state["epoch"], state["shard"], state["pos"]
         if self.split == "train":
-            self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         else:
-            self.order = np.arange(len(self.shards))
-        self.tokens = load_shard(self.shards[self.order[self.shard]])
+            order = np.arange(len(self.shards))
+        if shard >= len(order) or pos + self.B * self.T * self.world + 1 > self.sizes[order[shard]]:
+            raise UserError(f"the checkpoint's loader stands at token {pos} of shard {shard} of an epoch, which the "
+                            f"{len(order)} {self.split} shards in {os.path.dirname(self.shards[0])} do not have; "
+                            f"resume with the data_dir the run was trained on")
+        self.epoch, self.shard, self.pos, self.order = epoch, shard, pos, order
+        self.tokens = load_shard(self.shards[order[shard]])
 
     def next_batch(self):
         B, T = self.B, self.T
@@ -559,6 +568,12 @@ def parse_args(argv):
     if name not in SETTING_PRESETS:
         raise UserError(f"--preset={name}: unknown preset; choose from: {', '.join(map(repr, SETTING_PRESETS))}")
     cfg = {**SETTINGS, **SETTING_PRESETS[name], **given}
+    for k, v in cfg.items():
+        if type(v) in (int, float) and (v <= 0 if k in POSITIVE else v < 0):
+            raise UserError(f"--{k}={v}: must be {'positive' if k in POSITIVE else 'zero or more'}")
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise UserError(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would have "
+                        f"unequal widths; change --n_embd or --n_head")
     if cfg["dtype"] not in ("bfloat16", "float32"):
         raise UserError(f"--dtype={cfg['dtype']}: expected bfloat16 or float32")
     if cfg["T"] > cfg["block_size"]:
@@ -568,6 +583,12 @@ def parse_args(argv):
 
 def pick_device(requested, local_rank=0):
     if requested != "auto":
+        try:
+            kind = torch.device(requested).type
+        except RuntimeError:
+            raise UserError(f"--device={requested}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        if not {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(kind, True):
+            raise UserError(f"--device={requested}: this machine's PyTorch sees no {kind} device; use --device=auto")
         return requested
     if torch.cuda.is_available():
         return f"cuda:{local_rank}"
@@ -671,25 +692,29 @@ def read_hellaswag(path, limit=0):
     """The examples of a HellaSwag jsonl file (its first `limit` if > 0), checked so that a bad line
     fails here, by line number and field, and not as a wrong score."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit and len(examples) == limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(example, dict):
-                raise UserError(f"{path}, line {lineno}: expected a JSON object, got {type(example).__name__}")
-            for field, (ok, want) in HELLA_FIELDS.items():
-                if field not in example:
-                    raise UserError(f"{path}, line {lineno}: field {field!r} is missing")
-                if not ok(example[field]):
-                    raise UserError(f"{path}, line {lineno}: field {field!r} should be {want}, got {example[field]!r}")
-            example["label"] = int(example["label"])  # Hugging Face's copy stores it as a string
-            examples.append(example)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if limit and len(examples) == limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    example = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(example, dict):
+                    raise UserError(f"{path}, line {lineno}: expected a JSON object, got {type(example).__name__}")
+                for field, (ok, want) in HELLA_FIELDS.items():
+                    if field not in example:
+                        raise UserError(f"{path}, line {lineno}: field {field!r} is missing")
+                    if not ok(example[field]):
+                        raise UserError(f"{path}, line {lineno}: field {field!r} should be {want}, "
+                                        f"got {example[field]!r}")
+                example["label"] = int(example["label"])  # Hugging Face's copy stores it as a string
+                examples.append(example)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason}); HellaSwag's jsonl is UTF-8, uncompressed") from None
     return examples
 
 
@@ -917,6 +942,14 @@ def load_model(spec, device="cpu"):
         ckpt = read_checkpoint(spec)
         model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
         model.load_state_dict(ckpt["model"])
+    elif os.path.isdir(spec):
+        try:
+            model = GPT.from_pretrained(spec)
+        except Exception as e:  # a cut-short safetensors, a config.json missing a key, a pickle of another kind...
+            raise UserError(f"--model={spec}: not a readable Hugging Face model directory "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    elif spec.endswith(".pt") or spec.startswith((".", "/", "~")):  # a path, not a hub name: don't ask the hub
+        raise UserError(f"--model={spec}: no such file")
     else:
         try:
             model = GPT.from_pretrained(spec)
@@ -1034,6 +1067,7 @@ def train(cfg):
     raw_model = GPT(config).to(DEVICE)
     optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["max_lr"], device_type)
 
+    log_file = os.path.join(cfg["log_dir"], "log.txt")
     start_step = 0
     ckpt_file, ckpt = load_checkpoint(cfg["resume"], cfg, log) if cfg["resume"] else (None, None)
     if ckpt_file:
@@ -1047,21 +1081,33 @@ def train(cfg):
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         start_step = ckpt["step"]
+        if start_step > cfg["max_steps"]:
+            raise UserError(f"{ckpt_file} is at step {start_step}, past --max_steps={cfg['max_steps']}; "
+                            f"raise --max_steps to continue the run")
         log(f"resumed from {ckpt_file} at step {start_step}")
     elif cfg["resume"]:
         log(f"no checkpoint in {cfg['log_dir']} yet; starting fresh")
+    else:  # a fresh run would overwrite what is there
+        earlier = [os.path.basename(p) for _, p in list_checkpoints(cfg["log_dir"])]
+        earlier += ["log.txt"] if os.path.isfile(log_file) and os.path.getsize(log_file) else []
+        if earlier:
+            raise UserError(f"log_dir {cfg['log_dir']!r} already holds a run ({', '.join(earlier)}); continue it "
+                            f"with --resume=auto, or start afresh with another --log_dir")
 
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
-    log_file = os.path.join(cfg["log_dir"], "log.txt")
     try:
         os.makedirs(cfg["log_dir"], exist_ok=True)
-        if master:  # keep only what happened before the resumed step; later lines get written again
-            lines = open(log_file).readlines() if start_step and os.path.exists(log_file) else []
-            with open(log_file, "w") as f:
-                f.writelines(l for l in lines if int(l.split()[0]) < start_step)
+        if master:  # keep only what happened before the resumed step (and lines a person added without a step)
+            kept = []
+            if start_step and os.path.exists(log_file):
+                with open(log_file, errors="surrogateescape") as f:
+                    kept = [l for l in f if (m := re.match(r"\d+ ", l)) is None or int(m[0]) < start_step]
+            with open(log_file + ".tmp", "w", errors="surrogateescape") as f:
+                f.writelines(kept)
+            os.replace(log_file + ".tmp", log_file)
     except OSError as e:
         raise UserError(f"cannot write to log_dir {cfg['log_dir']!r} ({e}); point --log_dir at a writable directory")
     peak = device_peak_flops(device_type, cfg["peak_flops"])

@@ -45,7 +45,7 @@ def train_losses(log_dir, kind="train"):
     """{step: loss} of one kind of line in log_dir/log.txt."""
     with open(os.path.join(log_dir, "log.txt")) as f:
         rows = [line.split() for line in f]
-    return {int(s): float(v) for s, k, v in rows if k == kind}
+    return {int(r[0]): float(r[2]) for r in rows if r[1:2] == [kind]}
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ alone or under torchrun). The faults are set by environment variables:
 
 FAULT_AT=n          at the n-th moment of this process, send it FAULT_SIGNAL (default SIGKILL). Moments are
                     each batch read (train or val), each checkpoint half-written, just before and just after
-                    its rename, and just after each old checkpoint is deleted.
+                    each rename (a checkpoint's, and on rank 0 log.txt's rewrite at start-up), and just after
+                    each old checkpoint is deleted.
 FAULT_RANK=r        inject only on rank r, and only in the first attempt of a torchrun --max-restarts group.
 FAULT_NAN_STEPS=a,b the a-th, b-th, ... training steps of this process (counting from 1) get a NaN loss.
 """

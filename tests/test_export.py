@@ -76,3 +76,23 @@ def test_refuses_to_overwrite_or_to_export_a_vocab_smaller_than_gpt2s(tiny_run, 
     with pytest.raises(UserError, match="vocab_size 512 is below GPT-2's 50257"):
         export_hf(small, str(tmp_path / "small"))
     assert not (tmp_path / "small").exists()
+
+
+def test_a_broken_model_directory_or_a_missing_file_is_named_without_asking_the_hub(exported, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in os.listdir(exported):
+        data = open(os.path.join(exported, name), "rb").read()
+        (broken / name).write_bytes(data[:100] if name == "model.safetensors" else data)
+    with pytest.raises(UserError, match=f"--model={broken}: not a readable Hugging Face model directory "
+                                        r"\(SafetensorError: "):
+        load_model(str(broken))
+    (broken / "model.safetensors").write_bytes(open(os.path.join(exported, "model.safetensors"), "rb").read())
+    (broken / "config.json").write_text('{"n_layer": 4}')
+    with pytest.raises(UserError) as e:
+        load_model(str(broken))
+    assert str(e.value) == f"--model={broken}: not a readable Hugging Face model directory (KeyError: 'n_positions')"
+    for missing in (str(tmp_path / "log" / "model_000099.pt"), "./gpt2-repro"):
+        with pytest.raises(UserError) as e:
+            load_model(missing)
+        assert str(e.value) == f"--model={missing}: no such file"

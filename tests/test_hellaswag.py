@@ -172,6 +172,15 @@ def test_malformed_line_names_line_and_field(tmp_path, line, message):
         read_hellaswag(str(path))
 
 
+def test_a_file_that_is_not_utf8_says_so(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"ctx": "K\u00f6ln", "endings": ["a", "b", "c", "d"], "label": 0, "split_type": "s"}\n'
+                     .encode("latin-1"))
+    with pytest.raises(UserError) as e:
+        read_hellaswag(str(path))
+    assert str(e.value) == f"{path}: not UTF-8 text (invalid start byte); HellaSwag's jsonl is UTF-8, uncompressed"
+
+
 def test_reads_limit_and_string_labels(tmp_path):
     path = write_hellaswag(str(tmp_path / "h.jsonl"), 5)
     rows = [json.loads(line) for line in open(path)]

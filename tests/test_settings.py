@@ -20,7 +20,14 @@ def test_overrides_are_typed():
 
 @pytest.mark.parametrize("arg, message", [("--compile=maybe", "--compile=maybe: expected true or false (default True)"),
                                           ("--max_lr=fast", "--max_lr=fast: expected a number (default 0.0006)"),
-                                          ("--dtype=float16", "--dtype=float16: expected bfloat16 or float32")])
+                                          ("--dtype=float16", "--dtype=float16: expected bfloat16 or float32"),
+                                          ("--B=0", "--B=0: must be positive"),
+                                          ("--grad_clip=-1", "--grad_clip=-1.0: must be positive"),
+                                          ("--eval_interval=0", "--eval_interval=0: must be positive"),
+                                          ("--keep_checkpoints=-1", "--keep_checkpoints=-1: must be zero or more"),
+                                          ("--seed=-1", "--seed=-1: must be zero or more"),
+                                          ("--n_head=5", "n_embd=768 is not a multiple of n_head=5, so heads would "
+                                                         "have unequal widths; change --n_embd or --n_head")])
 def test_bad_values_say_what_is_expected(arg, message):
     with pytest.raises(tg.UserError) as err:
         tg.parse_args([arg])
@@ -53,12 +60,18 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
 
 
 def test_device_choice(monkeypatch):
-    assert tg.pick_device("cpu") == "cpu" and tg.pick_device("cuda:3") == "cuda:3"
+    assert tg.pick_device("cpu") == "cpu"
     assert tg.pick_device("auto") == "cpu"  # this machine has neither CUDA nor MPS
+    for name, message in [("cuda:3", "--device=cuda:3: this machine's PyTorch sees no cuda device; use --device=auto"),
+                          ("mps", "--device=mps: this machine's PyTorch sees no mps device; use --device=auto"),
+                          ("gpu", "--device=gpu: not a device; use auto, cpu, cuda, cuda:N or mps")]:
+        with pytest.raises(tg.UserError) as e:
+            tg.pick_device(name)
+        assert str(e.value) == message
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert tg.pick_device("auto") == "mps"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert tg.pick_device("auto", local_rank=5) == "cuda:5"
+    assert tg.pick_device("auto", local_rank=5) == "cuda:5" and tg.pick_device("cuda:3") == "cuda:3"
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from conftest import ROOT, TINY, run, train, train_losses
+from conftest import ROOT, TINY, run, train, train_losses, write_shards
 
 
 def test_resume_continues_exactly(shards, tmp_path):
@@ -14,17 +14,37 @@ def test_resume_continues_exactly(shards, tmp_path):
     full = train_losses(straight)
     assert sorted(full) == list(range(8))
 
-    # stop at step 4: all that survives of the run is its checkpoint
+    # stop at step 4: all that survives of the run is its checkpoint, and a note the user added to the log
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)
     shutil.copy(os.path.join(straight, "model_000004.pt"), resumed)
     with open(os.path.join(straight, "log.txt")) as f, open(os.path.join(resumed, "log.txt"), "w") as g:
-        g.writelines(line for line in f if int(line.split()[0]) < 4)
+        g.writelines(["# run A: the tiny config\n", "\n"] + [line for line in f if int(line.split()[0]) < 4])
     out = train(TINY + [f"--data_dir={shards}", f"--log_dir={resumed}", "--resume=auto"])
     assert out.returncode == 0, out.stderr
     assert "resumed from" in out.stdout and "at step 4" in out.stdout
     assert train_losses(resumed) == full  # bit-identical in float32
     assert train_losses(resumed, "val") == train_losses(straight, "val")
+    assert open(os.path.join(resumed, "log.txt")).read().startswith("# run A: the tiny config\n\n0 ")
+
+
+def test_a_finished_run_is_neither_overwritten_nor_cut(shards, tmp_path):
+    log_dir = str(tmp_path / "log")
+    assert train(TINY + [f"--data_dir={shards}", f"--log_dir={log_dir}", "--max_steps=2"]).returncode == 0
+    before = {n: open(os.path.join(log_dir, n), "rb").read() for n in os.listdir(log_dir)}
+    assert sorted(before) == ["log.txt", "model_000002.pt"]
+    write_shards(str(tmp_path / "small"), [600, 600])
+    for args, message in [
+        ([], f"error: log_dir '{log_dir}' already holds a run (model_000002.pt, log.txt); continue it with "
+             f"--resume=auto, or start afresh with another --log_dir"),
+        (["--resume=auto", "--max_steps=1"], f"error: {log_dir}/model_000002.pt is at step 2, past --max_steps=1; "
+                                             f"raise --max_steps to continue the run"),
+        (["--resume=auto", f"--data_dir={tmp_path}/small"],
+         f"error: the checkpoint's loader stands at token 512 of shard 0 of an epoch, which the 1 train shards in "
+         f"{tmp_path}/small do not have; resume with the data_dir the run was trained on")]:
+        r = train(TINY + [f"--data_dir={shards}", f"--log_dir={log_dir}", "--max_steps=2", *args])
+        assert r.returncode == 1 and r.stderr.strip() == message, r.stderr
+    assert {n: open(os.path.join(log_dir, n), "rb").read() for n in os.listdir(log_dir)} == before
 
 
 def test_ddp_matches_one_process_with_twice_the_accumulation(shards, tmp_path):
