@@ -9,9 +9,11 @@ One sample streams token by token; several are printed in turn once all are done
 """
 import argparse
 import codecs
+import math
+import os
 import sys
 
-from train_gpt2 import EOT, UserError, autocast_context, get_tokenizer, load_model, pick_device
+from train_gpt2 import EOT, UserError, autocast_context, get_tokenizer, list_checkpoints, load_model, pick_device
 
 
 def parse_args(argv):
@@ -26,7 +28,27 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=None, help="makes the samples repeatable")
     p.add_argument("--device", default="auto", help='auto picks cuda, then mps, then cpu; or name one')
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, ok, want in (("num_samples", args.num_samples >= 1, "1 or more"),
+                           ("max_new_tokens", args.max_new_tokens >= 1, "1 or more"),
+                           ("temperature", 0 <= args.temperature < math.inf, "0 (greedy) or more, e.g. 0.8"),
+                           ("top_k", args.top_k >= 0, "0 (every token) or more, e.g. 50"),
+                           ("top_p", 0 < args.top_p <= 1, "above 0 and at most 1, e.g. 0.95")):
+        if not ok:  # written so that nan fails too
+            sys.exit(f"error: --{name}={getattr(args, name)} is out of range; --{name} must be {want}")
+    args.model = local_model_path(args.model)
+    return args
+
+
+def local_model_path(spec):
+    """spec with ~ expanded; exits with one line when spec is plainly a local path that does not exist, which
+    load_model would otherwise try as a hub name, retrying the network for half a minute."""
+    path = os.path.expanduser(spec)
+    if os.path.exists(path) or not (spec.endswith(".pt") or spec.startswith(("./", "../", "/", "~"))):
+        return path
+    found = list_checkpoints(os.path.dirname(path) or ".")
+    hint = f"the newest checkpoint there is {found[-1][1]}" if found else "check the path"
+    sys.exit(f"error: --model={spec}: no such file or directory; {hint}")
 
 
 def main(argv=None):
