@@ -42,7 +42,8 @@ def parse_args(argv):
 
 def local_model_path(spec):
     """spec with ~ expanded; exits with one line when spec is plainly a local path that does not exist, which
-    load_model would otherwise try as a hub name, retrying the network for half a minute."""
+    load_model would otherwise try as a hub name, retrying the network for half a minute. hellaswag.py and
+    export_hf.py take --model the same way and use it too."""
     path = os.path.expanduser(spec)
     if os.path.exists(path) or not (spec.endswith(".pt") or spec.startswith(("./", "../", "/", "~"))):
         return path

@@ -69,10 +69,28 @@ def test_refuses_to_overwrite_or_to_export_a_vocab_smaller_than_gpt2s(tiny_run, 
     keep.write_text("mine")
     result = run([sys.executable, f"{ROOT}/export_hf.py", f"--model={tiny_run.checkpoint}", f"--out={keep.parent}"])
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: {keep.parent} exists and is not empty; name a new directory"
+    assert result.stderr.strip() == f"error: --out={keep.parent} exists and is not empty; name a new directory"
     assert os.listdir(keep.parent) == ["notes.txt"] and keep.read_text() == "mine"
 
     small = GPT(GPTConfig(block_size=16, vocab_size=512, n_layer=1, n_head=1, n_embd=8))
     with pytest.raises(UserError, match="vocab_size 512 is below GPT-2's 50257"):
         export_hf(small, str(tmp_path / "small"))
     assert not (tmp_path / "small").exists()
+
+
+@pytest.mark.parametrize("out, model, message", [
+    ("{tmp}/afile", "gpt2", "--out={tmp}/afile is a file; name a new directory"),
+    ("{tmp}/afile/sub", "gpt2", "--out={tmp}/afile/sub: {tmp}/afile is a file, so nothing can be created under "
+                                "it; name a new directory elsewhere"),
+    ("", "gpt2", "--out is empty; name a new directory to write"),
+    ("{tmp}/new", "{tmp}/log/model_000099.pt", "--model={tmp}/log/model_000099.pt: no such file or directory; "
+                                               "check the path"),
+], ids=["out is a file", "out under a file", "out empty", "model path missing"])
+def test_bad_arguments_are_refused_before_loading_the_model(tmp_path, monkeypatch, out, model, message):
+    import export_hf
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.setattr(export_hf, "load_model", lambda spec: pytest.fail("loaded before checking --out"))
+    with pytest.raises(SystemExit) as exit:  # sys.exit(message): the message on stderr, exit status 1
+        export_hf.main([f"--model={model.format(tmp=tmp_path)}", f"--out={out.format(tmp=tmp_path)}"])
+    assert exit.value.code == "error: " + message.format(tmp=tmp_path)
+    assert (tmp_path / "afile").read_text() == "mine" and os.listdir(tmp_path) == ["afile"]
