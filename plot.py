@@ -66,15 +66,14 @@ def ema(values, smooth):
     return out
 
 
-def image_path(out):
-    """The file savefig will write for --out: a name without an extension gets .png, as savefig gives it."""
-    from matplotlib.backend_bases import FigureCanvasBase
+def image_path(out, formats):
+    """The file savefig will write for --out, given the extensions it knows: a name without one gets .png,
+    as savefig gives it."""
     if not out:
         raise UserError("--out is empty; name the image to write, e.g. --out=curves.png")
     if os.path.isdir(out):
         raise UserError(f"--out={out} is a directory; name a file in it, e.g. --out={os.path.join(out, 'curves.png')}")
     ext = os.path.splitext(out)[1][1:].lower()
-    formats = FigureCanvasBase.get_supported_filetypes()
     if ext and ext not in formats:
         raise UserError(f"--out={out}: matplotlib cannot write .{ext} files; end the name with one of: "
                         + ", ".join(f".{f}" for f in sorted(formats)))
@@ -135,12 +134,12 @@ def main(argv=None):
     p.add_argument("--smooth", type=float, default=0.9, help="EMA factor for train loss, in [0, 1) (0: none)")
     args = p.parse_args(argv)
     try:
-        import matplotlib  # noqa: F401  (optional dependency: fail before any work)
+        from matplotlib.backend_bases import FigureCanvasBase  # optional dependency: fail before any work
     except ImportError:
         sys.exit("error: plot.py needs matplotlib; install it with: pip install matplotlib")
     labels = args.labels.split(",") if args.labels else args.runs
     try:
-        out = image_path(args.out)
+        out = image_path(args.out, FigureCanvasBase.get_supported_filetypes())
         if not 0 <= args.smooth < 1:  # written so that nan fails too
             raise UserError(f"--smooth={args.smooth} is out of range; --smooth must be at least 0 (no smoothing) "
                             f"and below 1")
