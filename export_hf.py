@@ -17,14 +17,29 @@ from train_gpt2 import EOT, HF_CONV1D, UserError, gpt2_bpe_files, load_model
 GPT2_VOCAB = EOT + 1  # 50257; our default 50304 pads it for faster matmuls
 
 
+def check_out_dir(out_dir):
+    """Refuses an --out that os.makedirs could not create, or whose files the export would overwrite."""
+    if not out_dir:
+        raise UserError("--out is empty; name a new directory to write")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out={out_dir} is a file; name a new directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise UserError(f"--out={out_dir} exists and is not empty; name a new directory")
+    parent = os.path.dirname(os.path.normpath(out_dir))
+    while parent and not os.path.exists(parent):  # missing ones are created
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise UserError(f"--out={out_dir}: {parent} is a file, so nothing can be created under it; "
+                        f"name a new directory elsewhere")
+
+
 def export_hf(model, out_dir):
     from safetensors.torch import save_file
     c = model.config
     if c.vocab_size < GPT2_VOCAB:
         raise UserError(f"the model's vocab_size {c.vocab_size} is below GPT-2's {GPT2_VOCAB}, "
                         f"so the GPT-2 tokenizer would produce ids it lacks; train with --vocab_size=50304")
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise UserError(f"{out_dir} exists and is not empty; name a new directory")
+    check_out_dir(out_dir)
     try:
         vocab_bpe, encoder_json = gpt2_bpe_files()
     except ImportError:
@@ -63,6 +78,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="new directory to write")
     args = p.parse_args(argv)
     try:
+        check_out_dir(args.out)  # now, rather than after loading the model
         export_hf(load_model(args.model), args.out)
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from train_gpt2 import (EOT, HELLA_METRICS, SETTINGS, UserError, autocast_context, hellaswag_predictions,
-                        hellaswag_tokens, load_model, pick_device, read_hellaswag)
+                        hellaswag_tokens, load_model, local_model_path, pick_device, read_hellaswag)
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -51,7 +51,21 @@ def parse_args(argv):
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="autocast dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (one shape, compiled once)")
     p.add_argument("--json", default="", help="also write the results to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("limit", "batch_tokens"):
+        if getattr(args, name) < 0:
+            sys.exit(f"error: --{name}={getattr(args, name)} is negative; pass 0 for the default or a positive number")
+    # checked now, as the results come only after the whole evaluation
+    parent = os.path.dirname(args.json) or "."
+    if args.json and (os.path.isdir(args.json) or not os.path.isdir(parent)):
+        problem = ("is a directory" if os.path.isdir(args.json) else f"{parent} is not a directory"
+                   if os.path.exists(parent) else f"no directory {parent}")
+        sys.exit(f"error: --json={args.json}: {problem}; name a file in an existing directory")
+    try:  # now, as a local path that does not exist would otherwise wait for the data and its download
+        local_model_path(args.model)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    return args
 
 
 def accuracies(correct):
@@ -100,8 +114,11 @@ def main(argv=None):
     for split, r in results["split_type"].items():
         print(f"  {split} ({r['examples']} examples): " + ", ".join(f"{name} {r[name]:.4f}" for name in HELLA_METRICS))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        except OSError as e:
+            sys.exit(f"error: cannot write --json={args.json} ({e}); the results are printed above")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@
     python plot.py log other_run/log.txt --labels=baseline,new --out=compare.png
 
 Panels: train loss (smoothed) and val loss against step, the same against tokens seen, and HellaSwag
-against step. Tokens per step: --tokens_per_step if given, else the run's newest checkpoint's
-total_batch_size, else 524288 (GPT-2 124M's).
+against step. Tokens per step: --tokens_per_step if given, else the run's newest readable checkpoint's
+total_batch_size, else 524288 (GPT-2 124M's). --out's extension picks the format (.pdf, .svg, ...).
 """
 import argparse
 import os
 import sys
+
+import torch
 
 from train_gpt2 import SETTINGS, UserError, list_checkpoints
 
@@ -26,26 +28,34 @@ def read_log(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such log; pass a run's log_dir or its log.txt")
     series = {"train": ([], []), "val": ([], []), "hella": ([], [])}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                step, kind, value = line.split()
-                series[kind][0].append(int(step))
-                series[kind][1].append(float(value))
-            except (ValueError, KeyError):
-                raise UserError(f"{path}:{n}: {line.strip()!r} is not `step train|val|hella value`") from None
+    with open(path, encoding="utf-8") as f:
+        try:
+            for n, line in enumerate(f, 1):
+                try:
+                    step, kind, value = line.split()
+                    series[kind][0].append(int(step))
+                    series[kind][1].append(float(value))
+                except (ValueError, KeyError):
+                    raise UserError(f"{path}:{n}: {line.strip()!r} is not `step train|val|hella value`") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a text log (it holds bytes that are not UTF-8); "
+                            f"pass a run's log_dir or its log.txt") from None
     return series
 
 
 def tokens_per_step(path):
-    """total_batch_size from the newest checkpoint beside the log, else the default's."""
+    """total_batch_size from the newest readable checkpoint beside the log, else the default's.
+    An unreadable one (cut short by an interrupted copy, say) is skipped with a warning rather than refused:
+    it only scales one panel's x axis, which an older checkpoint of the same run scales as well."""
     run_dir = path if os.path.isdir(path) else os.path.dirname(path)
-    found = list_checkpoints(run_dir)
-    if not found:
-        return SETTINGS["total_batch_size"]
-    import torch
-    ckpt = torch.load(found[-1][1], map_location="cpu", mmap=True, weights_only=False)  # mmap: reads only the config
-    return ckpt["config"]["total_batch_size"]
+    for _, ckpt_path in reversed(list_checkpoints(run_dir)):
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)  # mmap: reads the config
+            return ckpt["config"]["total_batch_size"]
+        except Exception as e:
+            print(f"warning: skipping {ckpt_path}, not a readable checkpoint ({type(e).__name__}); the tokens axis "
+                  f"uses an older one, else {SETTINGS['total_batch_size']}; --tokens_per_step sets it", file=sys.stderr)
+    return SETTINGS["total_batch_size"]
 
 
 def ema(values, smooth):
@@ -54,6 +64,24 @@ def ema(values, smooth):
         avg = smooth * avg + (1 - smooth) * v
         out.append(avg)
     return out
+
+
+def image_path(out, formats):
+    """The file savefig will write for --out, given the extensions it knows: a name without one gets .png,
+    as savefig gives it."""
+    if not out:
+        raise UserError("--out is empty; name the image to write, e.g. --out=curves.png")
+    if os.path.isdir(out):
+        raise UserError(f"--out={out} is a directory; name a file in it, e.g. --out={os.path.join(out, 'curves.png')}")
+    ext = os.path.splitext(out)[1][1:].lower()
+    if ext and ext not in formats:
+        raise UserError(f"--out={out}: matplotlib cannot write .{ext} files; end the name with one of: "
+                        + ", ".join(f".{f}" for f in sorted(formats)))
+    parent = os.path.dirname(out) or "."
+    if not os.path.isdir(parent):
+        raise UserError(f"--out={out}: " + (f"{parent} is not a directory" if os.path.exists(parent) else
+                                            f"no directory {parent}") + "; name a file in an existing directory")
+    return out if ext else out + ".png"
 
 
 def plot(runs, out, smooth=0.9):
@@ -98,26 +126,34 @@ def plot(runs, out, smooth=0.9):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="log_dir or log.txt of each run to overlay")
-    p.add_argument("--out", default="curves.png", help="PNG to write")
+    p.add_argument("--out", default="curves.png", help="image to write; its extension picks the format "
+                   "(.png, .pdf, .svg, ...; none: .png)")
     p.add_argument("--labels", default="", help="comma-separated legend names (default: the paths)")
     p.add_argument("--tokens_per_step", type=int, default=None, help="tokens per step of every run (default: "
                    "from each run's newest checkpoint, else 524288)")
-    p.add_argument("--smooth", type=float, default=0.9, help="EMA factor for train loss (0: none)")
+    p.add_argument("--smooth", type=float, default=0.9, help="EMA factor for train loss, in [0, 1) (0: none)")
     args = p.parse_args(argv)
     try:
-        import matplotlib  # noqa: F401  (optional dependency: fail before any work)
+        from matplotlib.backend_bases import FigureCanvasBase  # optional dependency: fail before any work
     except ImportError:
         sys.exit("error: plot.py needs matplotlib; install it with: pip install matplotlib")
     labels = args.labels.split(",") if args.labels else args.runs
     try:
+        out = image_path(args.out, FigureCanvasBase.get_supported_filetypes())
+        if not 0 <= args.smooth < 1:  # written so that nan fails too
+            raise UserError(f"--smooth={args.smooth} is out of range; --smooth must be at least 0 (no smoothing) "
+                            f"and below 1")
+        if args.tokens_per_step is not None and args.tokens_per_step < 1:
+            raise UserError(f"--tokens_per_step={args.tokens_per_step} is not positive; pass the run's "
+                            f"total_batch_size, or leave it out to read it from a checkpoint")
         if len(labels) != len(args.runs):
             raise UserError(f"--labels names {len(labels)} runs but {len(args.runs)} were given")
         runs = [(label, read_log(path), args.tokens_per_step or tokens_per_step(path))
                 for label, path in zip(labels, args.runs)]
-        plot(runs, args.out, args.smooth)
+        plot(runs, out, args.smooth)
     except UserError as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ One sample streams token by token; several are printed in turn once all are done
 """
 import argparse
 import codecs
+import math
 import sys
 
 from train_gpt2 import EOT, UserError, autocast_context, get_tokenizer, load_model, pick_device
@@ -26,7 +27,15 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=None, help="makes the samples repeatable")
     p.add_argument("--device", default="auto", help='auto picks cuda, then mps, then cpu; or name one')
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, ok, want in (("num_samples", args.num_samples >= 1, "1 or more"),
+                           ("max_new_tokens", args.max_new_tokens >= 1, "1 or more"),
+                           ("temperature", 0 <= args.temperature < math.inf, "0 (greedy) or more, e.g. 0.8"),
+                           ("top_k", args.top_k >= 0, "0 (every token) or more, e.g. 50"),
+                           ("top_p", 0 < args.top_p <= 1, "above 0 and at most 1, e.g. 0.95")):
+        if not ok:  # written so that nan fails too
+            sys.exit(f"error: --{name}={getattr(args, name)} is out of range; --{name} must be {want}")
+    return args
 
 
 def main(argv=None):

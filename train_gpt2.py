@@ -935,9 +935,21 @@ def load_checkpoint(resume, cfg, warn=print):
     return path, ckpt
 
 
+def local_model_path(spec):
+    """spec with ~ expanded. A spec that is plainly a local path (a .pt file, or starting with ./ ../ / ~) and
+    does not exist is refused here, where load_model would try it as a hub name for half a minute."""
+    path = os.path.expanduser(spec)
+    if os.path.exists(path) or not (spec.endswith(".pt") or spec.startswith(("./", "../", "/", "~"))):
+        return path
+    found = list_checkpoints(os.path.dirname(path) or ".")
+    hint = f"the newest checkpoint there is {found[-1][1]}" if found else "check the path"
+    raise UserError(f"--model={spec}: no such file or directory; {hint}")
+
+
 def load_model(spec, device="cpu"):
     """A GPT in eval mode from a train_gpt2.py checkpoint file, a local Hugging Face directory, or a
     hub name such as "gpt2-xl": the one way scripts get a model, so all of them share one forward path."""
+    spec = local_model_path(spec)
     if os.path.isfile(spec):
         ckpt = read_checkpoint(spec)
         model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
@@ -948,8 +960,6 @@ def load_model(spec, device="cpu"):
         except Exception as e:  # a cut-short safetensors, a config.json missing a key, a pickle of another kind...
             raise UserError(f"--model={spec}: not a readable Hugging Face model directory "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    elif spec.endswith(".pt") or spec.startswith((".", "/", "~")):  # a path, not a hub name: don't ask the hub
-        raise UserError(f"--model={spec}: no such file")
     else:
         try:
             model = GPT.from_pretrained(spec)

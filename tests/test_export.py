@@ -69,7 +69,7 @@ def test_refuses_to_overwrite_or_to_export_a_vocab_smaller_than_gpt2s(tiny_run, 
     keep.write_text("mine")
     result = run([sys.executable, f"{ROOT}/export_hf.py", f"--model={tiny_run.checkpoint}", f"--out={keep.parent}"])
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: {keep.parent} exists and is not empty; name a new directory"
+    assert result.stderr.strip() == f"error: --out={keep.parent} exists and is not empty; name a new directory"
     assert os.listdir(keep.parent) == ["notes.txt"] and keep.read_text() == "mine"
 
     small = GPT(GPTConfig(block_size=16, vocab_size=512, n_layer=1, n_head=1, n_embd=8))
@@ -78,7 +78,7 @@ def test_refuses_to_overwrite_or_to_export_a_vocab_smaller_than_gpt2s(tiny_run, 
     assert not (tmp_path / "small").exists()
 
 
-def test_a_broken_model_directory_or_a_missing_file_is_named_without_asking_the_hub(exported, tmp_path):
+def test_a_broken_model_directory_is_named(exported, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in os.listdir(exported):
@@ -92,7 +92,19 @@ def test_a_broken_model_directory_or_a_missing_file_is_named_without_asking_the_
     with pytest.raises(UserError) as e:
         load_model(str(broken))
     assert str(e.value) == f"--model={broken}: not a readable Hugging Face model directory (KeyError: 'n_positions')"
-    for missing in (str(tmp_path / "log" / "model_000099.pt"), "./gpt2-repro"):
-        with pytest.raises(UserError) as e:
-            load_model(missing)
-        assert str(e.value) == f"--model={missing}: no such file"
+
+
+@pytest.mark.parametrize("out, model, message", [
+    ("{tmp}/afile", "gpt2", "--out={tmp}/afile is a file; name a new directory"),
+    ("{tmp}/afile/sub", "gpt2", "--out={tmp}/afile/sub: {tmp}/afile is a file, so nothing can be created under "
+                                "it; name a new directory elsewhere"),
+    ("", "gpt2", "--out is empty; name a new directory to write"),
+], ids=["out is a file", "out under a file", "out empty"])
+def test_bad_arguments_are_refused_before_loading_the_model(tmp_path, monkeypatch, out, model, message):
+    import export_hf
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.setattr(export_hf, "load_model", lambda spec: pytest.fail("loaded before checking --out"))
+    with pytest.raises(SystemExit) as exit:  # sys.exit(message): the message on stderr, exit status 1
+        export_hf.main([f"--model={model.format(tmp=tmp_path)}", f"--out={out.format(tmp=tmp_path)}"])
+    assert exit.value.code == "error: " + message.format(tmp=tmp_path)
+    assert (tmp_path / "afile").read_text() == "mine" and os.listdir(tmp_path) == ["afile"]

@@ -1,5 +1,6 @@
 """GPT.generate: the KV cache changes no token, sampling is repeatable and honours its limits, and the
 in-training samples and sample.py use it."""
+import os
 import sys
 
 import pytest
@@ -143,3 +144,30 @@ def test_sample_cli_streams_one_sample_and_prints_several(tiny_run, capsys):
 
     sample.main(args[:1] + ["--prompt=", "--max_new_tokens=5", "--seed=1"])
     assert capsys.readouterr().out.startswith("<|endoftext|>")
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--num_samples=0", "--num_samples=0 is out of range; --num_samples must be 1 or more"),
+    ("--num_samples=-1", "--num_samples=-1 is out of range; --num_samples must be 1 or more"),
+    ("--max_new_tokens=-5", "--max_new_tokens=-5 is out of range; --max_new_tokens must be 1 or more"),
+    ("--temperature=-1", "--temperature=-1.0 is out of range; --temperature must be 0 (greedy) or more, e.g. 0.8"),
+    ("--temperature=nan", "--temperature=nan is out of range; --temperature must be 0 (greedy) or more, e.g. 0.8"),
+    ("--top_k=-3", "--top_k=-3 is out of range; --top_k must be 0 (every token) or more, e.g. 50"),
+    ("--top_p=0", "--top_p=0.0 is out of range; --top_p must be above 0 and at most 1, e.g. 0.95"),
+    ("--top_p=1.5", "--top_p=1.5 is out of range; --top_p must be above 0 and at most 1, e.g. 0.95"),
+])
+def test_sample_cli_refuses_settings_out_of_range(tiny_run, capsys, arg, message):
+    with pytest.raises(SystemExit) as exit:  # sys.exit(message): the message on stderr, exit status 1
+        sample.main([f"--model={tiny_run.checkpoint}", "--max_new_tokens=2", "--device=cpu", arg])
+    assert exit.value.code == f"error: {message}"
+    assert capsys.readouterr().out == ""  # refused before sampling anything
+
+
+def test_sample_cli_says_a_mistyped_checkpoint_path_does_not_exist(tiny_run, tmp_path):
+    log_dir = os.path.dirname(tiny_run.checkpoint)
+    for spec, hint in ((f"{log_dir}/model_000099.pt", f"the newest checkpoint there is {tiny_run.checkpoint}"),
+                       (f"{tmp_path}/nowhere/model.pt", "check the path"), ("./no_such_hf_dir", "check the path")):
+        # offline, so that without the check the hub lookup fails at once instead of retrying for 30 s
+        result = run([sys.executable, f"{ROOT}/sample.py", f"--model={spec}"], env={"HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 1
+        assert result.stderr == f"error: --model={spec}: no such file or directory; {hint}\n"

@@ -223,3 +223,33 @@ def test_unknown_model_is_one_line(tmp_path):
                env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1 and proc.stderr.startswith("error: --model=no/such-model: not a checkpoint file")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--json={tmp}/afile/out.json", "--json={tmp}/afile/out.json: {tmp}/afile is not a directory; "
+                                    "name a file in an existing directory"),
+    ("--json={tmp}", "--json={tmp}: is a directory; name a file in an existing directory"),
+    ("--json={tmp}/nowhere/out.json", "--json={tmp}/nowhere/out.json: no directory {tmp}/nowhere; "
+                                      "name a file in an existing directory"),
+    ("--limit=-1", "--limit=-1 is negative; pass 0 for the default or a positive number"),
+    ("--batch_tokens=-5", "--batch_tokens=-5 is negative; pass 0 for the default or a positive number"),
+    ("--model={tmp}/log/model_000099.pt", "--model={tmp}/log/model_000099.pt: no such file or directory; "
+                                          "check the path"),
+], ids=["json under a file", "json is a directory", "json in no directory", "limit", "batch_tokens", "model"])
+def test_bad_arguments_are_refused_before_evaluating(tmp_path, monkeypatch, arg, message):
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.setattr(hellaswag, "evaluate", lambda args: pytest.fail("evaluated before checking the arguments"))
+    with pytest.raises(SystemExit) as exit:  # sys.exit(message): the message on stderr, exit status 1
+        hellaswag.main(["--model=gpt2", "--data=h.jsonl", arg.format(tmp=tmp_path)])
+    assert exit.value.code == "error: " + message.format(tmp=tmp_path)
+    assert (tmp_path / "afile").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_failed_json_write_is_one_line_after_the_printed_results(tiny_run, tmp_path, capsys):
+    data = write_hellaswag(str(tmp_path / "h.jsonl"), 4)
+    with pytest.raises(SystemExit) as exit:
+        hellaswag.main([f"--model={tiny_run.checkpoint}", f"--data={data}", "--device=cpu", "--json=/dev/full"])
+    assert exit.value.code == "error: cannot write --json=/dev/full ([Errno 28] No space left on device); " \
+                              "the results are printed above"
+    assert capsys.readouterr().out.startswith(f"HellaSwag: 4 examples of {data}")

@@ -1,4 +1,6 @@
 """plot.py: log.txt files become a PNG of the expected size, with every run and the reference lines drawn."""
+import os
+import shutil
 import struct
 import sys
 
@@ -54,10 +56,13 @@ def test_smoothing_is_an_exponential_moving_average():
 @pytest.mark.parametrize("content, message", [
     (None, "no such log; pass a run's log_dir or its log.txt"),
     ("0 train 10.9\n1 tarin 10.8\n", "log.txt:2: '1 tarin 10.8' is not `step train|val|hella value`"),
-], ids=["missing", "malformed"])
+    (b"0 train 10.9\n\xff\xd8\x00\x10garbled", "log.txt: not a text log (it holds bytes that are not UTF-8); "
+                                           "pass a run's log_dir or its log.txt"),
+], ids=["missing", "malformed", "binary"])
 def test_bad_logs_fail_with_one_line(tmp_path, content, message):
     if content is not None:
-        (tmp_path / "log.txt").write_text(content)
+        log = tmp_path / "log.txt"
+        log.write_bytes(content) if isinstance(content, bytes) else log.write_text(content)
     with pytest.raises(SystemExit) as exit:  # sys.exit(message) prints it to stderr and exits 1
         plot.main([str(tmp_path), f"--out={tmp_path / 'x.png'}"])
     assert exit.value.code.startswith(f"error: {tmp_path}") and exit.value.code.endswith(message)
@@ -72,3 +77,51 @@ def test_without_matplotlib_says_how_to_install_it(tmp_path):
     result = run([sys.executable, "-c", hide])
     assert result.returncode == 1
     assert result.stderr.strip() == "error: plot.py needs matplotlib; install it with: pip install matplotlib"
+
+
+def test_an_unreadable_checkpoint_is_skipped_with_a_warning(tmp_path, tiny_run, capsys):
+    (tmp_path / "log.txt").write_text(LOG)
+    cut = tmp_path / "model_000009.pt"  # the newest, cut short as an interrupted copy leaves it
+    cut.write_bytes(open(tiny_run.checkpoint, "rb").read(1 << 20))
+    warning = (f"warning: skipping {cut}, not a readable checkpoint (RuntimeError); the tokens axis uses an older "
+               f"one, else 524288; --tokens_per_step sets it\n")
+    assert plot.tokens_per_step(str(tmp_path)) == 524288  # no other checkpoint: the default
+    assert capsys.readouterr().err == warning
+    shutil.copy(tiny_run.checkpoint.replace("08.pt", "04.pt"), tmp_path / "model_000004.pt")
+    plot.main([str(tmp_path / "log.txt"), f"--out={tmp_path / 'c.png'}"])
+    assert capsys.readouterr() == (f"wrote {tmp_path / 'c.png'}\n", warning)
+    assert plot.tokens_per_step(str(tmp_path)) == 256  # the older checkpoint's
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--out={tmp}/afile/x.png", "--out={tmp}/afile/x.png: {tmp}/afile is not a directory; "
+                                "name a file in an existing directory"),
+    ("--out={tmp}/nowhere/x.png", "--out={tmp}/nowhere/x.png: no directory {tmp}/nowhere; "
+                                  "name a file in an existing directory"),
+    ("--out={tmp}/p.xyz", "--out={tmp}/p.xyz: matplotlib cannot write .xyz files; end the name with one of: "),
+    ("--out={tmp}", "--out={tmp} is a directory; name a file in it, e.g. --out={tmp}/curves.png"),
+    ("--out=", "--out is empty; name the image to write, e.g. --out=curves.png"),
+    ("--smooth=1.5", "--smooth=1.5 is out of range; --smooth must be at least 0 (no smoothing) and below 1"),
+    ("--smooth=-0.1", "--smooth=-0.1 is out of range; --smooth must be at least 0 (no smoothing) and below 1"),
+    ("--tokens_per_step=0", "--tokens_per_step=0 is not positive; pass the run's total_batch_size, or leave it "
+                            "out to read it from a checkpoint"),
+], ids=["out under a file", "out in no directory", "out of unknown format", "out is a directory", "out empty",
+        "smooth above 1", "smooth negative", "tokens_per_step"])
+def test_bad_arguments_are_refused_and_nothing_is_written(tmp_path, monkeypatch, arg, message):
+    from matplotlib.backend_bases import FigureCanvasBase
+    (tmp_path / "log.txt").write_text(LOG)
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.chdir(tmp_path)  # where an empty --out would have written
+    if "matplotlib cannot write" in message:
+        message += ", ".join(f".{f}" for f in sorted(FigureCanvasBase.get_supported_filetypes()))
+    with pytest.raises(SystemExit) as exit:  # sys.exit(message): the message on stderr, exit status 1
+        plot.main([str(tmp_path), arg.format(tmp=tmp_path)])
+    assert exit.value.code == "error: " + message.format(tmp=tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["afile", "log.txt"] and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_name_without_extension_becomes_a_png_and_says_so(tmp_path, capsys):
+    (tmp_path / "log.txt").write_text(LOG)
+    plot.main([str(tmp_path), f"--out={tmp_path / 'curves'}", "--tokens_per_step=256"])
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'curves.png'}\n"
+    assert png_size(tmp_path / "curves.png") == (1500, 450)
