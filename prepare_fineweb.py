@@ -90,9 +90,12 @@ def resolve_source(args, scratch):
         files = [write_pydoc_corpus(scratch)]
         source = {"dataset": "pydoc", "python": platform.python_version()}
     else:
-        files = sorted(glob.glob(args.data_files, recursive=True))
+        matched = sorted(glob.glob(args.data_files, recursive=True))
+        files = [f for f in matched if os.path.isfile(f)]
         if not files:
-            raise UserError(f"--data_files={args.data_files!r} matches no files")
+            raise UserError(f"--data_files={args.data_files!r} matches no files" + (
+                f", only directories; name the files in them, e.g. --data_files='{matched[0]}/*.parquet'"
+                if matched else ""))
         source = {"data_files": {os.path.abspath(f): os.path.getsize(f) for f in files}}
     kinds = {os.path.splitext(f)[1].lower() for f in files}
     if len(kinds) > 1 or not kinds <= set(BUILDERS):
@@ -144,7 +147,12 @@ def tokenize(texts):
     Runs in the pool's workers; each builds its own encoder on first use, so 'spawn' works too."""
     enc = get_tokenizer()
     # encode_to_numpy with no special tokens is encode_ordinary without building a Python list
-    docs = [enc.encode_to_numpy(text, disallowed_special=()) for text in texts]
+    try:
+        docs = [enc.encode_to_numpy(text, disallowed_special=()) for text in texts]
+    except TypeError:
+        bad = next(text for text in texts if not isinstance(text, str))
+        raise UserError(f"a document's text is {bad!r}, not a string; name the column of documents with "
+                        f"--text_column, or drop the rows without text") from None
     # one pass from the uint32 pieces into uint16: prepare() checked that every id of the encoder fits
     tokens = np.concatenate([part for doc in docs for part in (EOT_ARRAY, doc)], dtype=np.uint16, casting="unsafe")
     return tokens, [len(doc) + 1 for doc in docs]
@@ -217,8 +225,12 @@ def open_manifest(out, settings):
             raise UserError(f"{out} holds shards but no manifest.json, so their source is unknown; "
                             f"use another --out or delete them")
         return {**settings, "shards": [], "complete": False}
-    with open(path) as f:
-        manifest = json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable manifest ({e}); use another --out, or delete {out} to start "
+                        f"over") from None
     differ = [k for k in settings if manifest.get(k) != settings[k]]
     if differ:
         raise UserError(f"{out} holds shards from a different source (its manifest differs in "

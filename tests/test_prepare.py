@@ -150,6 +150,32 @@ def test_no_matching_files_fails_in_one_line_with_exit_1(tmp_path):
     assert r.stderr.strip() == f"error: --data_files='{tmp_path}/none*.jsonl' matches no files"
 
 
+def test_a_directory_for_data_files_says_to_name_the_files_in_it(tmp_path):
+    assert error_of(f"--data_files={tmp_path}", f"--out={tmp_path / 'out'}") == (
+        f"error: --data_files='{tmp_path}' matches no files, only directories; name the files in them, e.g. "
+        f"--data_files='{tmp_path}/*.parquet'")
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_document_without_text_is_one_line(tmp_path, num_proc):
+    pq.write_table(pa.table({"text": ["hello world", None, "bye"]}), str(tmp_path / "nulls.parquet"))
+    assert error_of(f"--data_files={tmp_path / 'nulls.parquet'}", f"--out={tmp_path / 'out'}",
+                    f"--num_proc={num_proc}") == ("error: a document's text is None, not a string; name the column "
+                                                  "of documents with --text_column, or drop the rows without text")
+    assert not glob.glob(str(tmp_path / "out" / "*.npy"))
+
+
+def test_an_unreadable_manifest_is_one_line_and_left_alone(tmp_path):
+    data = write_corpus(str(tmp_path / "c.jsonl"), DOCS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"source": ')
+    assert error_of(f"--data_files={data}", f"--out={out}") == (
+        f"error: {out}/manifest.json is not a readable manifest (Expecting value: line 1 column 12 (char 11)); "
+        f"use another --out, or delete {out} to start over")
+    assert (out / "manifest.json").read_text() == '{"source": '
+
+
 def test_missing_text_column(tmp_path):
     data = write_corpus(str(tmp_path / "c.parquet"), DOCS, column="body")
     msg = error_of(f"--data_files={data}", f"--out={tmp_path / 'out'}")
