@@ -9,6 +9,7 @@ total_batch_size, else 524288 (GPT-2 124M's). --out's extension picks the format
 """
 import argparse
 import os
+import re
 import sys
 
 import torch
@@ -31,6 +32,8 @@ def read_log(path):
     with open(path, encoding="utf-8") as f:
         try:
             for n, line in enumerate(f, 1):
+                if not re.match(r"\d+ ", line):  # a note a person added, which train_gpt2.py's resume keeps
+                    continue
                 try:
                     step, kind, value = line.split()
                     series[kind][0].append(int(step))

@@ -34,7 +34,7 @@ def test_renders_a_png_of_the_expected_size(tmp_path):
 
 
 def test_overlays_runs_against_tokens_and_references(tmp_path, tiny_run):
-    (tmp_path / "log.txt").write_text(LOG)
+    (tmp_path / "log.txt").write_text("# run a: a note, as resume keeps it\n\n" + LOG)
     ckpt_dir = tiny_run.checkpoint.rsplit("/", 1)[0]  # its checkpoints say 256 tokens per step
     plot.main([str(tmp_path), ckpt_dir, "--labels=a,b", f"--out={tmp_path / 'two.png'}"])
     fig = plot.plot([("a", plot.read_log(str(tmp_path)), 1000)], str(tmp_path / "one.png"), smooth=0.0)
