@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from train_gpt2 import (EOT, HELLA_METRICS, SETTINGS, UserError, autocast_context, hellaswag_predictions,
-                        hellaswag_tokens, load_model, local_model_path, pick_device, read_hellaswag)
+                        hellaswag_tokens, load_model, local_model_path, missing_parent, pick_device,
+                        read_hellaswag)
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -56,10 +57,8 @@ def parse_args(argv):
         if getattr(args, name) < 0:
             sys.exit(f"error: --{name}={getattr(args, name)} is negative; pass 0 for the default or a positive number")
     # checked now, as the results come only after the whole evaluation
-    parent = os.path.dirname(args.json) or "."
-    if args.json and (os.path.isdir(args.json) or not os.path.isdir(parent)):
-        problem = ("is a directory" if os.path.isdir(args.json) else f"{parent} is not a directory"
-                   if os.path.exists(parent) else f"no directory {parent}")
+    problem = args.json and ("is a directory" if os.path.isdir(args.json) else missing_parent(args.json))
+    if problem:
         sys.exit(f"error: --json={args.json}: {problem}; name a file in an existing directory")
     try:  # now, as a local path that does not exist would otherwise wait for the data and its download
         local_model_path(args.model)

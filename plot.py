@@ -9,12 +9,11 @@ total_batch_size, else 524288 (GPT-2 124M's). --out's extension picks the format
 """
 import argparse
 import os
-import re
 import sys
 
 import torch
 
-from train_gpt2 import SETTINGS, UserError, list_checkpoints
+from train_gpt2 import LOGGED_STEP, SETTINGS, UserError, list_checkpoints, missing_parent
 
 GPT2_124M_VAL_LOSS = 3.2924  # FineWeb-Edu val loss of OpenAI's GPT-2 124M
 GPT2_124M_HELLASWAG = 0.2955
@@ -32,7 +31,7 @@ def read_log(path):
     with open(path, encoding="utf-8") as f:
         try:
             for n, line in enumerate(f, 1):
-                if not re.match(r"\d+ ", line):  # a note a person added, which train_gpt2.py's resume keeps
+                if not LOGGED_STEP.match(line):  # a note a person added, which train_gpt2.py's resume keeps
                     continue
                 try:
                     step, kind, value = line.split()
@@ -80,10 +79,8 @@ def image_path(out, formats):
     if ext and ext not in formats:
         raise UserError(f"--out={out}: matplotlib cannot write .{ext} files; end the name with one of: "
                         + ", ".join(f".{f}" for f in sorted(formats)))
-    parent = os.path.dirname(out) or "."
-    if not os.path.isdir(parent):
-        raise UserError(f"--out={out}: " + (f"{parent} is not a directory" if os.path.exists(parent) else
-                                            f"no directory {parent}") + "; name a file in an existing directory")
+    if missing_parent(out):
+        raise UserError(f"--out={out}: {missing_parent(out)}; name a file in an existing directory")
     return out if ext else out + ".png"
 
 

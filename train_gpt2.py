@@ -95,6 +95,7 @@ SETTING_PRESETS = {
 }
 
 EOT = 50256  # <|endoftext|>, which starts every document in the shards
+LOGGED_STEP = re.compile(r"\d+ ")  # how a step's line in log.txt starts; other lines are notes a person added
 EXIT_PREEMPTED = 75  # exit code after SIGTERM/SIGUSR1 and a checkpoint: sysexits' EX_TEMPFAIL, "try again later"
 
 
@@ -935,6 +936,15 @@ def load_checkpoint(resume, cfg, warn=print):
     return path, ckpt
 
 
+def missing_parent(path):
+    """Why no file can be created at path because of its directory ("" if it can): scripts check an output
+    path before their long work rather than fail at the end."""
+    parent = os.path.dirname(path) or "."
+    if os.path.isdir(parent):
+        return ""
+    return f"{parent} is not a directory" if os.path.exists(parent) else f"no directory {parent}"
+
+
 def local_model_path(spec):
     """spec with ~ expanded. A spec that is plainly a local path (a .pt file, or starting with ./ ../ / ~) and
     does not exist is refused here, where load_model would try it as a hub name for half a minute."""
@@ -957,6 +967,8 @@ def load_model(spec, device="cpu"):
     elif os.path.isdir(spec):
         try:
             model = GPT.from_pretrained(spec)
+        except UserError:  # from_pretrained's own checks already say what is wrong
+            raise
         except Exception as e:  # a cut-short safetensors, a config.json missing a key, a pickle of another kind...
             raise UserError(f"--model={spec}: not a readable Hugging Face model directory "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -1114,7 +1126,7 @@ def train(cfg):
             kept = []
             if start_step and os.path.exists(log_file):
                 with open(log_file, errors="surrogateescape") as f:
-                    kept = [l for l in f if (m := re.match(r"\d+ ", l)) is None or int(m[0]) < start_step]
+                    kept = [l for l in f if (m := LOGGED_STEP.match(l)) is None or int(m[0]) < start_step]
             with open(log_file + ".tmp", "w", errors="surrogateescape") as f:
                 f.writelines(kept)
             os.replace(log_file + ".tmp", log_file)

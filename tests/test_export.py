@@ -92,6 +92,10 @@ def test_a_broken_model_directory_is_named(exported, tmp_path):
     with pytest.raises(UserError) as e:
         load_model(str(broken))
     assert str(e.value) == f"--model={broken}: not a readable Hugging Face model directory (KeyError: 'n_positions')"
+    (broken / "model.safetensors").unlink()  # from_pretrained's own message comes through as it is
+    with pytest.raises(UserError) as e:
+        load_model(str(broken))
+    assert str(e.value) == f"{broken} holds neither model.safetensors nor pytorch_model.bin"
 
 
 @pytest.mark.parametrize("out, model, message", [
