@@ -7,6 +7,8 @@
 """
 import contextlib
 import ctypes
+import dataclasses
+import fcntl
 import functools
 import glob
 import importlib.util
@@ -14,13 +16,14 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
 import signal
+import socket
 import sys
 import time
 import zipfile
-from dataclasses import dataclass
 
 # PyTorch frees and re-allocates the same large CPU buffers every step. By default glibc hands each back to
 # the kernel, and the next step page-faults through fresh zeroed pages: up to half of a CPU training step went
@@ -71,9 +74,12 @@ block_size = 1024                # maximum context length of the model
 vocab_size = 50304               # GPT-2's 50257 padded up to a multiple of 128 for faster matmuls
 peak_flops = 0.0                 # per-device peak FLOP/s for MFU; 0 looks the GPU up or measures the CPU
 resume = ""                      # "" starts fresh; "auto" continues from the newest checkpoint in log_dir; or a path
+allow_changes = ""               # resume despite these data-order changes: total_batch_size, seed, shards (comma-separated)
 preset = ""                      # a SETTING_PRESETS name: gpt2-medium, gpt2-large, gpt2-xl; quickstart (small CPU run)
 # ----------------------------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
+# A run's settings as attributes (cfg.B), defaulting to the constants above.
+Settings = dataclasses.make_dataclass("Settings", [(k, type(v), v) for k, v in SETTINGS.items()], frozen=True)
 
 # Numeric settings that must be above 0; every other number must be at least 0.
 POSITIVE = ("total_batch_size", "B", "T", "max_lr", "grad_clip", "eval_interval", "checkpoint_interval", "n_layer",
@@ -107,7 +113,7 @@ class UserError(Exception):
 # Model
 
 
-@dataclass
+@dataclasses.dataclass
 class GPTConfig:
     block_size: int = 1024
     vocab_size: int = 50257
@@ -482,22 +488,33 @@ def list_shards(data_dir, split):
 
 
 class DataLoaderLite:
-    """Yields (x, y) micro-batches of shape (B, T). All ranks walk the same shard order in lockstep;
-    each group step takes B*T*world tokens and rank r reads the r-th B*T+1 slice of it, so ranks never
-    overlap and every token of a shard is used but the final partial group step's worth.
-    Training shards are re-permuted every epoch by seed; validation keeps file order.
+    """Yields (x, y) micro-batches of shape (B, T) from one split's token stream: its shards end to end,
+    epoch after epoch, with the train shards re-permuted every epoch by seed (val keeps file order). No
+    token is skipped at a shard's end: a batch may span two shards, or two epochs.
+
+    Each group step takes the stream's next B*T*world tokens, and rank r reads the r-th B*T of them (and one
+    more, the last target). An optimizer step of total_batch_size tokens is a whole number of group steps,
+    so it reads the same tokens in the same order whatever B and the world size are: only which rank and
+    micro-step computes each row changes, and the loss is their mean either way.
+    The state is where the next group step starts: (epoch, shard index in that epoch's order, token).
     A token >= vocab_size stops the run naming its shard, rather than indexing past the embedding."""
 
     def __init__(self, B, T, rank, world, split, data_dir, seed=0, vocab_size=2 ** 16):
         self.B, self.T, self.rank, self.world, self.split, self.seed = B, T, rank, world, split, seed
         self.vocab_size = vocab_size
         self.shards = list_shards(data_dir, split)
-        self.sizes = [len(load_shard(path)) for path in self.shards]  # all opened now: a bad shard fails at start-up
-        for path, n in zip(self.shards, self.sizes):
-            if n < B * T * world + 1:
-                raise UserError(f"{path}: shard holds {n} tokens, fewer than one step's "
-                                f"B*T*world+1 = {B * T * world + 1}; use a smaller B or T, or bigger shards")
+        self.maps = [load_shard(path) for path in self.shards]  # all opened now: a bad shard fails at start-up
+        self.sizes = [len(m) for m in self.maps]
         self.reset()
+
+    def manifest(self):
+        """[(file name, tokens)] of the shards: what a checkpoint records of the data it was trained on."""
+        return [(os.path.basename(path), n) for path, n in zip(self.shards, self.sizes)]
+
+    def order(self, epoch):
+        if self.split == "train":
+            return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        return np.arange(len(self.shards))
 
     def reset(self):
         self.load_state_dict({"epoch": 0, "shard": 0, "pos": 0})
@@ -507,39 +524,61 @@ class DataLoaderLite:
 
     def load_state_dict(self, state):
         epoch, shard, pos = state["epoch"], state["shard"], state["pos"]
-        if self.split == "train":
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        else:
-            order = np.arange(len(self.shards))
-        if shard >= len(order) or pos + self.B * self.T * self.world + 1 > self.sizes[order[shard]]:
+        if shard >= len(self.shards) or pos >= self.sizes[self.order(epoch)[shard]]:
             raise UserError(f"the checkpoint's loader stands at token {pos} of shard {shard} of an epoch, which the "
-                            f"{len(order)} {self.split} shards in {os.path.dirname(self.shards[0])} do not have; "
-                            f"resume with the data_dir the run was trained on")
-        self.epoch, self.shard, self.pos, self.order = epoch, shard, pos, order
-        self.tokens = load_shard(self.shards[order[shard]])
+                            f"{len(self.shards)} {self.split} shards in {os.path.dirname(self.shards[0])} do not "
+                            f"have; resume with the data_dir the run was trained on")
+        self.epoch, self.shard, self.pos = epoch, shard, pos
+
+    @property
+    def tokens(self):
+        """The memmap of the shard the next batch starts in."""
+        return self.maps[self.order(self.epoch)[self.shard]]
+
+    def walk(self, skip, n):
+        """The stream's position `skip` tokens past the current one, and the (shard, start, count) pieces of
+        the n tokens that follow it; the position is given as (epoch, shard index, token)."""
+        epoch, shard, pos = self.epoch, self.shard, self.pos + skip
+        order = self.order(epoch)
+        pieces, where = [], None
+        while True:
+            size = self.sizes[order[shard]]
+            if pos >= size:  # past this shard: on to the next one, or to the next epoch's first
+                pos, shard = pos - size, shard + 1
+                if shard == len(order):
+                    epoch, shard = epoch + 1, 0
+                    order = self.order(epoch)
+                continue
+            where = where or (epoch, shard, pos)
+            if not n:
+                return where, pieces
+            take = min(n, size - pos)
+            pieces.append((order[shard], pos, take))
+            pos, n = pos + take, n - take
+
+    def read(self, skip, n):
+        """n tokens of the stream as int64, starting `skip` tokens past the current position."""
+        chunks = []
+        for i, start, count in self.walk(skip, n)[1]:
+            # Read, not sliced from the memmap: mapped pages would stay resident, up to the whole shard.
+            m = self.maps[i]
+            chunk = np.fromfile(m.filename, dtype="<u2", count=count, offset=m.offset + 2 * start)
+            if chunk.max() >= self.vocab_size:  # ~5us for 64K tokens: a whole shard's max would read it all at once
+                bad = int(np.argmax(chunk >= self.vocab_size))
+                raise UserError(f"{self.shards[i]}: token {chunk[bad]} at position {start + bad} is >= vocab_size "
+                                f"{self.vocab_size}; the shard is corrupt or from another tokenizer")
+            chunks.append(chunk)
+        return torch.from_numpy(np.concatenate(chunks).astype(np.int64))
 
     def next_batch(self):
         B, T = self.B, self.T
-        start = self.pos + self.rank * B * T
-        # Read, not sliced from the memmap: mapped pages would stay resident, up to the whole shard.
-        chunk = np.fromfile(self.tokens.filename, dtype="<u2", count=B * T + 1, offset=self.tokens.offset + 2 * start)
-        if chunk.max() >= self.vocab_size:  # ~5us for B=64, T=1024: a whole shard's max would read it all at once
-            bad = int(np.argmax(chunk >= self.vocab_size))
-            raise UserError(f"{self.shards[self.order[self.shard]]}: token {chunk[bad]} at position {start + bad} is "
-                            f">= vocab_size {self.vocab_size}; the shard is corrupt or from another tokenizer")
-        buf = torch.from_numpy(chunk.astype(np.int64))
-        self.pos += B * T * self.world
-        if self.pos + B * T * self.world + 1 > len(self.tokens):  # the next group step would not fit
-            self.pos, self.shard = 0, self.shard + 1
-            if self.shard == len(self.shards):
-                self.shard, self.epoch = 0, self.epoch + 1
-            self.load_state_dict(self.state_dict())
+        buf = self.read(self.rank * B * T, B * T + 1)
+        self.epoch, self.shard, self.pos = self.walk(B * T * self.world, 0)[0]
         return buf[:-1].view(B, T), buf[1:].view(B, T)
 
-    def steps_per_epoch(self):
-        """Group steps in one pass over all shards (how many val batches exist without repeating)."""
-        step = self.B * self.T * self.world
-        return sum((n - 1) // step for n in self.sizes)
+
+# ----------------------------------------------------------------------------------------------
+# Settings, devices and the pieces of a training step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,14 +611,14 @@ def parse_args(argv):
     for k, v in cfg.items():
         if type(v) in (int, float) and (v <= 0 if k in POSITIVE else v < 0):
             raise UserError(f"--{k}={v}: must be {'positive' if k in POSITIVE else 'zero or more'}")
-    if cfg["n_embd"] % cfg["n_head"]:
+    if cfg['n_embd'] % cfg['n_head']:
         raise UserError(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would have "
                         f"unequal widths; change --n_embd or --n_head")
-    if cfg["dtype"] not in ("bfloat16", "float32"):
+    if cfg['dtype'] not in ("bfloat16", "float32"):
         raise UserError(f"--dtype={cfg['dtype']}: expected bfloat16 or float32")
-    if cfg["T"] > cfg["block_size"]:
+    if cfg['T'] > cfg['block_size']:
         raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
-    return cfg
+    return Settings(**cfg)
 
 
 def pick_device(requested, local_rank=0):
@@ -610,12 +649,12 @@ def autocast_context(device_type, dtype):
 
 def get_lr(it, cfg):
     """Linear warmup to max_lr, then cosine decay to min_lr at max_steps."""
-    if it < cfg["warmup_steps"]:
-        return cfg["max_lr"] * (it + 1) / cfg["warmup_steps"]
-    if it >= cfg["max_steps"]:
-        return cfg["min_lr"]
-    ratio = (it - cfg["warmup_steps"]) / max(1, cfg["max_steps"] - cfg["warmup_steps"])
-    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["max_lr"] - cfg["min_lr"])
+    if it < cfg.warmup_steps:
+        return cfg.max_lr * (it + 1) / cfg.warmup_steps
+    if it >= cfg.max_steps:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - cfg.min_lr)
 
 
 # Dense bf16 datasheet peaks, per device; the first name found in torch.cuda.get_device_name() wins,
@@ -652,22 +691,6 @@ def flops_per_token(model, T):
     c = model.config
     n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
     return 6 * n + 6 * c.n_layer * c.n_embd * T
-
-
-@torch.no_grad()
-def evaluate_loss(model, loader, steps, autocast):
-    """Mean loss over the first `steps` group steps of the loader, averaged over all ranks."""
-    loader.reset()
-    total = torch.zeros((), dtype=torch.float32)
-    for _ in range(steps):
-        x, y = loader.next_batch()
-        with autocast:
-            _, loss = model(x.to(DEVICE), y.to(DEVICE))
-        total += loss.float().cpu()
-    total = total.to(DEVICE)
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return total.item() / (steps * (dist.get_world_size() if dist.is_initialized() else 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -813,24 +836,25 @@ def hellaswag_predictions(model, data, batch_tokens, autocast, fixed_shape=False
 def training_hellaswag(cfg, world, rank, log):
     """This rank's share of the HellaSwag examples, tokenized once, and their labels; or None, after one
     warning, when there is nothing to score: a missing eval must never stop a training run."""
-    path = cfg["hella_data"]
+    path = cfg.hella_data
     if not path:
         return None
     if not os.path.isfile(path):
         log(f"warning: no HellaSwag file at {path}, so no HellaSwag evals; run `python hellaswag.py` once "
             f"to download it there, or pass --hella_data=path.jsonl")
         return None
-    if cfg["vocab_size"] <= EOT:
-        log(f"warning: no HellaSwag evals, since vocab_size={cfg['vocab_size']} cannot hold GPT-2's tokens")
+    if cfg.vocab_size <= EOT:
+        log(f"warning: no HellaSwag evals, since vocab_size={cfg.vocab_size} cannot hold GPT-2's tokens")
         return None
-    examples = read_hellaswag(path, cfg["hella_examples"])[rank::world]
-    return hellaswag_tokens(examples, cfg["block_size"]), torch.tensor([e["label"] for e in examples])
+    examples = read_hellaswag(path, cfg.hella_examples)[rank::world]
+    return hellaswag_tokens(examples, cfg.block_size), torch.tensor([e["label"] for e in examples])
 
 
 def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
     """acc_norm over all ranks' examples, and how many examples that was."""
     preds = hellaswag_predictions(model, data, batch_tokens, autocast, fixed_shape=True)
-    counts = torch.tensor([len(labels), (preds[:, 1] == labels).sum().item()], device=DEVICE)  # column 1: acc_norm
+    counts = torch.tensor([len(labels), (preds[:, 1] == labels).sum().item()],
+                          device=next(model.parameters()).device)  # column 1: acc_norm
     if dist.is_initialized():
         dist.all_reduce(counts)
     n, correct = counts.tolist()
@@ -840,6 +864,10 @@ def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: written to a temp file, fsynced and renamed, so that a kill at any moment leaves every
 # model_NNNNNN.pt complete; older ones are deleted only once a newer one is safely on disk.
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+DATA_ORDER_KEYS = ("total_batch_size", "seed")  # with the train shards, these fix which tokens each step reads
+SCHEDULE_KEYS = ("max_lr", "min_lr", "warmup_steps", "max_steps")
 
 
 def checkpoint_path(log_dir, step):
@@ -853,18 +881,49 @@ def list_checkpoints(log_dir):
     return sorted((int(m[1]), os.path.join(log_dir, m[0])) for m in found if m)
 
 
-def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader):
+def temp_path(path):
+    """A temp file for path that no other writer uses: named for this host and process, so that a run can
+    tell its own and a live process's temp files from those a killed process left."""
+    return f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+
+
+def remove_stale_temp_files(log_dir):
+    """Deletes the temp files of log_dir whose writer is gone: a process of this host that no longer runs, or
+    a name without a writer, which only versions before writer-named temp files left."""
+    for path in glob.glob(os.path.join(log_dir, "*.tmp")):
+        m = re.fullmatch(r".*?\.pt(?:\.(.+)\.(\d+))?\.tmp|log\.txt(?:\.(.+)\.(\d+))?\.tmp", os.path.basename(path))
+        if not m:
+            continue
+        host, pid = (m[1], m[2]) if m[1] or not m[3] else (m[3], m[4])
+        if host is None or (host == socket.gethostname() and not process_alive(int(pid))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader, world=1):
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "val_loss": val_loss,
-        "config": cfg,
+        "config": dataclasses.asdict(cfg),
+        "world": world,
+        "shards": loader.manifest(),
         "loader": loader.state_dict(),
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
-    log_dir, tmp = os.path.dirname(path) or ".", path + ".tmp"
+    log_dir, tmp = os.path.dirname(path) or ".", temp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -883,14 +942,10 @@ def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader):
         previous = [p for s, p in list_checkpoints(log_dir) if s < step]
         raise UserError(f"cannot write checkpoint {path} ({reason}); free disk space or fix log_dir, then resume; "
                         f"{previous[-1] if previous else 'no earlier checkpoint'} is untouched") from None
-    keep = cfg["keep_checkpoints"]
+    keep = cfg.keep_checkpoints
     for _, old in ([c for c in list_checkpoints(log_dir) if c[0] <= step][:-keep] if keep else []):
         os.remove(old)  # newer ones than this run's step are another run's, not ours to judge
-    for stale in glob.glob(os.path.join(log_dir, "model_*.pt.tmp")):  # left by a run killed mid-write
-        os.remove(stale)
-
-
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+    remove_stale_temp_files(log_dir)
 
 
 def read_checkpoint(path):
@@ -900,10 +955,12 @@ def read_checkpoint(path):
         if bad:
             raise ValueError(f"record {bad} fails its CRC check")
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        ckpt["config"] = {**SETTINGS, **ckpt["config"]}  # settings added since it was written take defaults
+        # settings added since it was written take their defaults; ones since removed are dropped
+        ckpt["config"] = {**SETTINGS, **{k: v for k, v in ckpt["config"].items() if k in SETTINGS}}
         GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS})
         return ckpt
-    except Exception as e:
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, AttributeError,
+            zipfile.BadZipFile, pickle.UnpicklingError) as e:
         raise UserError(f"{path}: not a readable train_gpt2.py checkpoint, it is truncated, corrupt or another kind "
                         f"of file ({type(e).__name__}: {e})") from None
 
@@ -913,7 +970,7 @@ def load_checkpoint(resume, cfg, warn=print):
     log_dir, skipping unreadable ones with a warning; (None, None) when log_dir has none yet.
     A checkpoint whose model shape differs from the run's settings is refused."""
     if resume == "auto":
-        found = [p for _, p in reversed(list_checkpoints(cfg["log_dir"]))]
+        found = [p for _, p in reversed(list_checkpoints(cfg.log_dir))]
         for path in found:
             try:
                 ckpt = read_checkpoint(path)
@@ -922,18 +979,125 @@ def load_checkpoint(resume, cfg, warn=print):
                 warn(f"warning: skipping {e}")
         else:
             if found:
-                raise UserError(f"no checkpoint in {cfg['log_dir']} can be read ({len(found)} tried, see the warnings "
+                raise UserError(f"no checkpoint in {cfg.log_dir} can be read ({len(found)} tried, see the warnings "
                                 f"above); move them away to start afresh")
             return None, None
     else:
         if not os.path.isfile(resume):
             raise UserError(f"--resume={resume}: no such checkpoint file")
         path, ckpt = resume, read_checkpoint(resume)
-    saved, ours = ({k: c[k] for k in MODEL_KEYS} for c in (ckpt["config"], cfg))
-    if saved != ours:
-        diff = ", ".join(f"{k}={saved[k]} (run has {ours[k]})" for k in MODEL_KEYS if saved[k] != ours[k])
+    saved = ckpt["config"]
+    diff = ", ".join(f"{k}={saved[k]} (run has {getattr(cfg, k)})" for k in MODEL_KEYS if saved[k] != getattr(cfg, k))
+    if diff:
         raise UserError(f"{path}: checkpoint was trained with {diff}; pass matching settings or a fresh log_dir")
     return path, ckpt
+
+
+def describe_shards(manifest):
+    return f"{len(manifest)} train shards of {sum(n for _, n in manifest)} tokens"
+
+
+def check_resume(path, ckpt, cfg, world, loader, log):
+    """Says what the settings that differ from the checkpoint's do to the run. Those that change which tokens
+    a step reads (DATA_ORDER_KEYS and the train shards) are refused unless named in --allow_changes; the world
+    size and B change nothing; a new schedule is accepted, saying what happens to the learning rate."""
+    old, step = Settings(**ckpt["config"]), ckpt["step"]
+    if step > cfg.max_steps:
+        raise UserError(f"{path} is at step {step}, past --max_steps={cfg.max_steps}; "
+                        f"raise --max_steps to continue the run")
+    allowed = {name.strip() for name in cfg.allow_changes.split(",") if name.strip()}
+    changes = [(k, f"{k}={getattr(old, k)}", f"{k}={getattr(cfg, k)}", f"--{k}={getattr(old, k)}")
+               for k in DATA_ORDER_KEYS if getattr(old, k) != getattr(cfg, k)]
+    if "shards" not in ckpt:  # written before the world-independent stream: its position means the same in it
+        log(f"note: {path} predates the recorded data order; from its loader position on, every step reads the "
+            f"same tokens on any world size and B")
+    elif [tuple(s) for s in ckpt["shards"]] != loader.manifest():
+        changes.append(("shards", describe_shards(ckpt["shards"]), describe_shards(loader.manifest()),
+                        "--data_dir holding the run's shards"))
+    for name, was, now, keep in changes:
+        if name not in allowed:
+            raise UserError(f"{path} was trained with {was}, this run has {now}, which changes the tokens every "
+                            f"later step reads; continue the run with {keep}, or change it on purpose with "
+                            f"--allow_changes={name}")
+        log(f"note: {was} -> {now}, as --allow_changes={cfg.allow_changes} lets it: the data order differs "
+            f"from step {step} on")
+    shape = [f"{k} {a} -> {b}" for k, a, b in (("world size", ckpt.get("world", world), world), ("B", old.B, cfg.B))
+             if a != b]
+    if shape:
+        log(f"note: {', '.join(shape)}: every step still reads the same tokens in the same order")
+    new_schedule = [f"{k} {getattr(old, k)} -> {getattr(cfg, k)}" for k in SCHEDULE_KEYS
+                    if getattr(old, k) != getattr(cfg, k)]
+    if new_schedule:
+        log(f"note: schedule changed ({', '.join(new_schedule)}): the learning rate at step {step} goes from "
+            f"{get_lr(step, old):.4e} to {get_lr(step, cfg):.4e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per log_dir
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def log_dir_lock(log_dir, rank=0, world=1):
+    """Holds an exclusive lock on log_dir for as long as the run uses it, so that a second launch into the
+    same log_dir exits before it reads or writes anything there. Rank 0 takes it (flock on log_dir/.lock,
+    which the kernel drops if the process dies) and tells the other ranks whether it got it."""
+    fd, refusal = None, ""
+    if rank == 0:
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+            fd = take_lock(os.path.join(log_dir, LOCK_NAME))
+        except UserError as e:
+            refusal = str(e)
+        except OSError as e:
+            refusal = f"cannot write to log_dir {log_dir!r} ({e}); point --log_dir at a writable directory"
+    if world > 1:
+        answer = [refusal]
+        dist.broadcast_object_list(answer, src=0)
+        refusal = answer[0]
+    if refusal:
+        if rank:
+            raise SystemExit(1)  # rank 0 says why, once
+        raise UserError(refusal)
+    try:
+        yield
+    finally:
+        if fd is not None:  # removed while still held, so that the next run finds the log_dir as it was
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(log_dir, LOCK_NAME))
+            os.close(fd)
+
+
+def take_lock(path):
+    """The fd of path, exclusively flock-ed and holding who holds it; UserError naming the holder if another
+    process has it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"log_dir {os.path.dirname(path)!r} is in use by {holder}; wait for that run to end "
+                            f"or stop it, then continue it with --resume=auto") from None
+        except OSError as e:  # a filesystem without locks (some FUSE or Lustre mounts): the run goes on unguarded
+            os.close(fd)
+            print(f"warning: cannot lock {path} ({e}); make sure no other run uses this log_dir")
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        os.close(fd)  # the run that held it removed the file as it ended: lock the one there now
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+             .encode())
+    return fd
+
+
+# ----------------------------------------------------------------------------------------------
+# What the other scripts import: a model from any source, and output-path checks
 
 
 def missing_parent(path):
@@ -982,22 +1146,158 @@ def load_model(spec, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
-
-DEVICE = "cpu"  # set by main(); the helpers above move batches here
+# Training phases, in the order train() runs them
 
 
-def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast):
+@contextlib.contextmanager
+def distributed(cfg):
+    """(rank, world, device) of this process. Under torchrun the process group lives until the run ends,
+    and on a finish or a preemption it comes down only once every rank is past its last collective and
+    rank 0 has written its checkpoint: a rank that tore it down earlier could abort (`terminate called
+    without an active exception`), and torchrun would report the finished run as failed."""
+    ddp = "RANK" in os.environ  # set by torchrun
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = pick_device(cfg.device, local_rank)
+    if not ddp:
+        yield rank, world, device
+        return
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    clean = False
+    try:
+        yield rank, world, device
+        clean = True
+    except SystemExit as e:
+        clean = e.code == EXIT_PREEMPTED  # every rank stops at the same step, so all meet at the barrier
+        raise
+    finally:
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def batch_arithmetic(cfg, world, log):
+    """Micro-steps per optimizer step on each rank."""
+    micro_tokens = cfg.B * cfg.T * world
+    if cfg.total_batch_size % micro_tokens:
+        raise UserError(f"total_batch_size={cfg.total_batch_size} is not a multiple of B*T*world_size = "
+                        f"{cfg.B}*{cfg.T}*{world} = {micro_tokens}; change --total_batch_size or --B")
+    grad_accum_steps = cfg.total_batch_size // micro_tokens
+    log(f"world size {world}, grad accum steps {grad_accum_steps}, {cfg.total_batch_size} tokens per step")
+    return grad_accum_steps
+
+
+def open_data(cfg, rank, world, log):
+    """The train and val loaders, how many val rows each eval scores, and this rank's HellaSwag examples."""
+    train_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "train", cfg.data_dir, cfg.seed, cfg.vocab_size)
+    if sum(train_loader.sizes) < cfg.total_batch_size + 1:
+        raise UserError(f"the train shards in {cfg.data_dir!r} hold {sum(train_loader.sizes)} tokens, fewer than "
+                        f"one step's total_batch_size+1 = {cfg.total_batch_size + 1}; lower --total_batch_size")
+    val_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "val", cfg.data_dir, vocab_size=cfg.vocab_size)
+    val_rows = min(cfg.val_tokens // cfg.T, (sum(val_loader.sizes) - 1) // cfg.T)
+    if val_rows == 0:
+        raise UserError(f"the val shards in {cfg.data_dir!r} hold fewer than T+1 = {cfg.T + 1} tokens")
+    log(f"val loss over {val_rows * cfg.T} tokens (val_tokens={cfg.val_tokens} in whole rows of T, capped at the val "
+        f"split's size)")
+    return train_loader, val_loader, val_rows, training_hellaswag(cfg, world, rank, log)
+
+
+def build_model(cfg, train_loader, world, device, log):
+    """The model and optimizer, fresh or resumed; the step to start at and the checkpoint resumed from."""
+    torch.manual_seed(cfg.seed)
+    raw_model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})).to(device)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device.split(":")[0])
+    ckpt_file, ckpt = load_checkpoint(cfg.resume, cfg, log) if cfg.resume else (None, None)
+    if not ckpt_file:
+        if cfg.resume:
+            log(f"no checkpoint in {cfg.log_dir} yet; starting fresh")
+        else:  # a fresh run would overwrite what is there
+            earlier = [os.path.basename(p) for _, p in list_checkpoints(cfg.log_dir)]
+            log_file = os.path.join(cfg.log_dir, "log.txt")
+            earlier += ["log.txt"] if os.path.isfile(log_file) and os.path.getsize(log_file) else []
+            if earlier:
+                raise UserError(f"log_dir {cfg.log_dir!r} already holds a run ({', '.join(earlier)}); continue it "
+                                f"with --resume=auto, or start afresh with another --log_dir")
+        return raw_model, optimizer, 0, None
+    check_resume(ckpt_file, ckpt, cfg, world, train_loader, log)
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    train_loader.load_state_dict(ckpt["loader"])
+    rng = ckpt["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    log(f"resumed from {ckpt_file} at step {ckpt['step']}")
+    return raw_model, optimizer, ckpt["step"], ckpt_file
+
+
+def open_log(cfg, start_step):
+    """Rewrites log.txt, keeping only what happened before the resumed step and the lines a person added; returns
+    the function that appends a step's line to it."""
+    log_file = os.path.join(cfg.log_dir, "log.txt")
+    try:
+        kept = []
+        if start_step and os.path.exists(log_file):
+            with open(log_file, errors="surrogateescape") as f:
+                kept = [line for line in f if (m := LOGGED_STEP.match(line)) is None or int(m[0]) < start_step]
+        tmp = temp_path(log_file)
+        with open(tmp, "w", errors="surrogateescape") as f:
+            f.writelines(kept)
+        os.replace(tmp, log_file)
+        remove_stale_temp_files(cfg.log_dir)
+    except OSError as e:
+        raise UserError(f"cannot write to log_dir {cfg.log_dir!r} ({e}); point --log_dir at a writable directory")
+
+    def record(step, kind, value):
+        """One `{step} {kind} {value}` line of log.txt."""
+        with open(log_file, "a") as f:
+            f.write(f"{step} {kind} {value:.6f}\n")
+    return record
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, rows, autocast):
+    """Mean loss over the first `rows` rows of T tokens of the loader's stream, over all ranks. Batches of
+    B rows go to the ranks in turn and the last may be short, so the same tokens are scored, and the same
+    number comes out, on any world size and B."""
+    B, T, device = loader.B, loader.T, next(model.parameters()).device
+    loader.reset()
+    total = torch.zeros(2, dtype=torch.float64)  # summed loss, tokens
+    for first in range(loader.rank * B, rows, loader.world * B):
+        n = min(B, rows - first)
+        buf = loader.read(first * T, n * T + 1)
+        with autocast:
+            _, loss = model(buf[:-1].view(n, T).to(device), buf[1:].view(n, T).to(device))
+        total += torch.tensor([loss.item() * n * T, n * T], dtype=torch.float64)
+    if dist.is_initialized():
+        total = total.to(device)
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def print_samples(model, cfg, autocast, log):
+    enc = get_tokenizer()
+    prompt = enc.encode("Hello, I'm a language model,")
+    with autocast:
+        samples = model.generate(prompt, cfg.sample_tokens - len(prompt), num_samples=cfg.sample_count, seed=42)
+    for i, tokens in enumerate(samples):
+        log(f"sample {i}: {enc.decode(prompt + tokens)!r}")
+
+
+def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast, device):
     """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as floats.
     When either is not finite the update is skipped, so a bad batch never reaches the weights; all ranks
     agree on that, as the loss is all-reduced and the norm is taken from all-reduced gradients.
     model may be compiled and/or wrapped in DDP."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     optimizer.zero_grad(set_to_none=True)
-    loss_accum = torch.zeros((), device=DEVICE)
+    loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
         x, y = loader.next_batch()
-        x, y = x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         sync = not ddp or micro_step == grad_accum_steps - 1  # all-reduce gradients once per step
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
             _, loss = model(x, y)
@@ -1026,11 +1326,11 @@ def catch_stop_signals():
     return got
 
 
-def stop_requested(got):
+def stop_requested(got, device):
     """Whether any rank has been signalled to stop; a collective, so that all ranks stop at the same step."""
     if not dist.is_initialized():
         return bool(got)
-    flag = torch.tensor(float(bool(got)), device=DEVICE)
+    flag = torch.tensor(float(bool(got)), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() > 0
 
@@ -1047,162 +1347,80 @@ def main(argv=None):
 
 
 def train(cfg):
-    global DEVICE
-    ddp = "RANK" in os.environ  # set by torchrun
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    DEVICE = pick_device(cfg["device"], local_rank)
-    device_type = DEVICE.split(":")[0]
-    if ddp:
+    with distributed(cfg) as (rank, world, device):
+        master, device_type = rank == 0, device.split(":")[0]
+        log = print if master else (lambda *a, **k: None)
+        warn_shared_store(log)
+        log(f"device {device}")
+        grad_accum_steps = batch_arithmetic(cfg, world, log)
         if device_type == "cuda":
-            torch.cuda.set_device(DEVICE)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":
+            torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in fp32
+        autocast = autocast_context(device_type, cfg.dtype)
+        train_loader, val_loader, val_rows, hella = open_data(cfg, rank, world, log)
+        with log_dir_lock(cfg.log_dir, rank, world):
+            raw_model, optimizer, start_step, ckpt_file = build_model(cfg, train_loader, world, device, log)
+            model = torch.compile(raw_model) if cfg.compile else raw_model
+            evaluated = model  # evals skip DDP's wrapper: ranks run different batch counts, with no collective
+            if dist.is_initialized():
+                model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
+            record = open_log(cfg, start_step) if master else (lambda *a: None)
+            peak = device_peak_flops(device_type, cfg.peak_flops)
+            flops_step = flops_per_token(raw_model, cfg.T) * cfg.total_batch_size
+            stop_signals, bad_steps, val_loss = catch_stop_signals(), 0, None
+            for step in range(start_step, cfg.max_steps + 1):
+                last = step == cfg.max_steps
+                stop = stop_requested(stop_signals, device)
+                if (step % cfg.eval_interval == 0 or last) and not stop:
+                    model.eval()
+                    val_loss = evaluate_loss(evaluated, val_loader, val_rows, autocast)
+                    log(f"step {step:5d} | val loss {val_loss:.4f}")
+                    record(step, "val", val_loss)
+                    if master and cfg.sample_count and step > 0:  # the uncompiled model, sharing the weights
+                        print_samples(raw_model, cfg, autocast, log)
+                    if hella:
+                        acc_norm, count = evaluate_hellaswag(evaluated, *hella, cfg.B * cfg.T, autocast)
+                        log(f"step {step:5d} | hella acc_norm {acc_norm:.4f} ({count} examples)")
+                        record(step, "hella", acc_norm)
+                    model.train()
+                if step > start_step and (step % cfg.checkpoint_interval == 0 or last or stop):
+                    ckpt_file = checkpoint_path(cfg.log_dir, step)
+                    if master:
+                        save_checkpoint(ckpt_file, raw_model, optimizer, step, val_loss, cfg, train_loader, world)
+                        log(f"wrote {ckpt_file}")
+                if stop:
+                    by = stop_signals[0] if stop_signals else "a signal to another rank"
+                    log(f"stopped by {by} at step {step}: " + (f"{ckpt_file} holds the run; continue it with "
+                        f"--resume=auto" if ckpt_file else "no step was taken, nothing to save"))
+                    raise SystemExit(EXIT_PREEMPTED)
+                if last:
+                    break
+                t0 = time.perf_counter()
+                lr = get_lr(step, cfg)
+                loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, cfg.grad_clip,
+                                        autocast, device)
+                if device_type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                mfu = f"{100 * flops_step / dt / (peak * world):.1f}%" if peak else "n/a"
+                finite = math.isfinite(loss) and math.isfinite(norm)
+                log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms | "
+                    f"tok/sec {cfg.total_batch_size / dt:.0f} | mfu {mfu}{'' if finite else ' | not finite: step skipped'}")
+                record(step, "train", loss)
+                bad_steps += not finite
+                if bad_steps > cfg.max_bad_steps:
+                    resume = f"--resume={ckpt_file}" if ckpt_file else "no --resume (there is no checkpoint yet)"
+                    raise UserError(f"step {step}: loss {loss} or grad norm {norm} is not finite; the step was not "
+                                    f"applied and no checkpoint was written. Restart from the last good one with a "
+                                    f"lower learning rate: {resume} --max_lr={cfg.max_lr / 2:g} "
+                                    f"--min_lr={cfg.min_lr / 2:g} (or allow skipping with --max_bad_steps)")
+
+
+def warn_shared_store(log):
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"):
         log("warning: torchrun shares its store with the workers, so a restarted group can read the previous "
             "attempt's addresses and fail to connect (pytorch/pytorch#135712); launch with "
             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
-
-    micro_tokens = cfg["B"] * cfg["T"] * world
-    if cfg["total_batch_size"] % micro_tokens:
-        raise UserError(f"total_batch_size={cfg['total_batch_size']} is not a multiple of B*T*world_size = "
-                        f"{cfg['B']}*{cfg['T']}*{world} = {micro_tokens}; change --total_batch_size or --B")
-    grad_accum_steps = cfg["total_batch_size"] // micro_tokens
-    log(f"device {DEVICE}, world size {world}, grad accum steps {grad_accum_steps}, "
-        f"{cfg['total_batch_size']} tokens per step")
-
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.set_float32_matmul_precision("high")
-    autocast = autocast_context(device_type, cfg["dtype"])
-
-    train_loader = DataLoaderLite(cfg["B"], cfg["T"], rank, world, "train", cfg["data_dir"], cfg["seed"],
-                                  cfg["vocab_size"])
-    val_loader = DataLoaderLite(cfg["B"], cfg["T"], rank, world, "val", cfg["data_dir"], vocab_size=cfg["vocab_size"])
-    val_steps = max(1, min(cfg["val_tokens"] // micro_tokens, val_loader.steps_per_epoch()))
-    log(f"val loss over {val_steps * micro_tokens} tokens (val_tokens={cfg['val_tokens']}, rounded to whole steps "
-        f"and capped at the val split's size)")
-    hella = training_hellaswag(cfg, world, rank, log)
-
-    torch.manual_seed(cfg["seed"])
-    config = GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
-    raw_model = GPT(config).to(DEVICE)
-    optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["max_lr"], device_type)
-
-    log_file = os.path.join(cfg["log_dir"], "log.txt")
-    start_step = 0
-    ckpt_file, ckpt = load_checkpoint(cfg["resume"], cfg, log) if cfg["resume"] else (None, None)
-    if ckpt_file:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        train_loader.load_state_dict(ckpt["loader"])
-        rng = ckpt["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        start_step = ckpt["step"]
-        if start_step > cfg["max_steps"]:
-            raise UserError(f"{ckpt_file} is at step {start_step}, past --max_steps={cfg['max_steps']}; "
-                            f"raise --max_steps to continue the run")
-        log(f"resumed from {ckpt_file} at step {start_step}")
-    elif cfg["resume"]:
-        log(f"no checkpoint in {cfg['log_dir']} yet; starting fresh")
-    else:  # a fresh run would overwrite what is there
-        earlier = [os.path.basename(p) for _, p in list_checkpoints(cfg["log_dir"])]
-        earlier += ["log.txt"] if os.path.isfile(log_file) and os.path.getsize(log_file) else []
-        if earlier:
-            raise UserError(f"log_dir {cfg['log_dir']!r} already holds a run ({', '.join(earlier)}); continue it "
-                            f"with --resume=auto, or start afresh with another --log_dir")
-
-    model = torch.compile(raw_model) if cfg["compile"] else raw_model
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
-
-    try:
-        os.makedirs(cfg["log_dir"], exist_ok=True)
-        if master:  # keep only what happened before the resumed step (and lines a person added without a step)
-            kept = []
-            if start_step and os.path.exists(log_file):
-                with open(log_file, errors="surrogateescape") as f:
-                    kept = [l for l in f if (m := LOGGED_STEP.match(l)) is None or int(m[0]) < start_step]
-            with open(log_file + ".tmp", "w", errors="surrogateescape") as f:
-                f.writelines(kept)
-            os.replace(log_file + ".tmp", log_file)
-    except OSError as e:
-        raise UserError(f"cannot write to log_dir {cfg['log_dir']!r} ({e}); point --log_dir at a writable directory")
-    peak = device_peak_flops(device_type, cfg["peak_flops"])
-    flops_step = flops_per_token(raw_model, cfg["T"]) * cfg["total_batch_size"]
-    val_loss = None
-    stop_signals = catch_stop_signals()
-    bad_steps = 0
-
-    def record(step, kind, value):
-        """One `{step} {kind} {value}` line of log.txt, which rank 0 alone writes."""
-        if master:
-            with open(log_file, "a") as f:
-                f.write(f"{step} {kind} {value:.6f}\n")
-
-    for step in range(start_step, cfg["max_steps"] + 1):
-        last = step == cfg["max_steps"]
-        stop = stop_requested(stop_signals)
-        if (step % cfg["eval_interval"] == 0 or last) and not stop:
-            model.eval()
-            val_loss = evaluate_loss(model, val_loader, val_steps, autocast)
-            log(f"step {step:5d} | val loss {val_loss:.4f}")
-            record(step, "val", val_loss)
-            if master and cfg["sample_count"] and step > 0:
-                enc = get_tokenizer()
-                prompt = enc.encode("Hello, I'm a language model,")
-                with autocast:  # the uncompiled model, which shares the compiled one's weights
-                    samples = raw_model.generate(prompt, cfg["sample_tokens"] - len(prompt),
-                                                 num_samples=cfg["sample_count"], seed=42)
-                for i, tokens in enumerate(samples):
-                    log(f"sample {i}: {enc.decode(prompt + tokens)!r}")
-            if hella:  # scored by the compiled model, not DDP's wrapper, as ranks run different batch counts
-                acc_norm, count = evaluate_hellaswag(
-                    model.module if ddp else model, *hella, cfg["B"] * cfg["T"], autocast)
-                log(f"step {step:5d} | hella acc_norm {acc_norm:.4f} ({count} examples)")
-                record(step, "hella", acc_norm)
-            model.train()
-        if step > start_step and (step % cfg["checkpoint_interval"] == 0 or last or stop):
-            ckpt_file = checkpoint_path(cfg["log_dir"], step)
-            if master:
-                save_checkpoint(ckpt_file, raw_model, optimizer, step, val_loss, cfg, train_loader)
-                log(f"wrote {ckpt_file}")
-        if stop:
-            if ddp:
-                dist.barrier()  # torchrun would kill rank 0 mid-write if the others exited first
-            by = stop_signals[0] if stop_signals else "a signal to another rank"
-            log(f"stopped by {by} at step {step}: " + (f"{ckpt_file} holds the run; continue it with --resume=auto"
-                                                       if ckpt_file else "no step was taken, nothing to save"))
-            sys.exit(EXIT_PREEMPTED)
-        if last:
-            break
-
-        t0 = time.perf_counter()
-        lr = get_lr(step, cfg)
-        loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, cfg["grad_clip"], autocast)
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        mfu = f"{100 * flops_step / dt / (peak * world):.1f}%" if peak else "n/a"
-        finite = math.isfinite(loss) and math.isfinite(norm)
-        log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-            f"dt {1000 * dt:.2f}ms | tok/sec {cfg['total_batch_size'] / dt:.0f} | mfu {mfu}"
-            f"{'' if finite else ' | not finite: step skipped'}")
-        record(step, "train", loss)
-        bad_steps += not finite
-        if bad_steps > cfg["max_bad_steps"]:
-            resume = f"--resume={ckpt_file}" if ckpt_file else "no --resume (there is no checkpoint yet)"
-            raise UserError(f"step {step}: loss {loss} or grad norm {norm} is not finite; the step was not applied and "
-                            f"no checkpoint was written. Restart from the last good one with a lower learning rate: "
-                            f"{resume} --max_lr={cfg['max_lr'] / 2:g} --min_lr={cfg['min_lr'] / 2:g} "
-                            f"(or allow skipping with --max_bad_steps)")
-
-    if ddp:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -97,7 +97,6 @@ def time_training(args, which):
         assert "train_gpt2" not in sys.modules, "the usual-HF process must keep glibc's default allocator"
     else:
         import train_gpt2
-        train_gpt2.DEVICE = "cpu"
         train_gpt2.LOSS_CHUNK_ROWS = args.loss_chunk_rows or train_gpt2.LOSS_CHUNK_ROWS
     raw, model, optimizer = build(args, which)
     model.train()
@@ -107,7 +106,7 @@ def time_training(args, which):
     def step():
         t0 = time.perf_counter()
         if which == "ours":
-            train_gpt2.train_step(model, optimizer, loader, args.grad_accum, 6e-4, 1.0, autocast)
+            train_gpt2.train_step(model, optimizer, loader, args.grad_accum, 6e-4, 1.0, autocast, "cpu")
         else:
             usual_step(model, optimizer, loader, args.grad_accum, 1.0, autocast)
         return time.perf_counter() - t0

@@ -1,13 +1,15 @@
-"""train_gpt2.py with faults injected at exact moments, for the fault tests (used as the script to run,
+"""train_gpt2.py with faults injected at named points, for the fault tests (used as the script to run,
 alone or under torchrun). The faults are set by environment variables:
 
-FAULT_AT=n          at the n-th moment of this process, send it FAULT_SIGNAL (default SIGKILL). Moments are
-                    each batch read (train or val), each checkpoint half-written, just before and just after
-                    each rename (a checkpoint's, and on rank 0 log.txt's rewrite at start-up), and just after
-                    each old checkpoint is deleted.
+FAULT_AT=point@n    at the n-th time this process reaches `point`, send it FAULT_SIGNAL (default SIGKILL).
+                    The points: train-batch and val-batch (a micro-batch read), checkpoint-half-written,
+                    checkpoint-rename and checkpoint-renamed (just before and just after a checkpoint's rename),
+                    log-rename (log.txt's rewrite at start-up, before its rename) and checkpoint-deleted (just
+                    after an old checkpoint is deleted).
 FAULT_RANK=r        inject only on rank r, and only in the first attempt of a torchrun --max-restarts group.
 FAULT_NAN_STEPS=a,b the a-th, b-th, ... training steps of this process (counting from 1) get a NaN loss.
 """
+import collections
 import io
 import os
 import signal
@@ -20,31 +22,32 @@ import train_gpt2 as tg  # noqa: E402
 
 active = (os.environ.get("RANK", "0") == os.environ.get("FAULT_RANK", "0")
           and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0")
-fault_at = int(os.environ.get("FAULT_AT", 0)) if active else 0
+fault_point, _, fault_count = (os.environ.get("FAULT_AT", "") if active else "").partition("@")
 fault_signal = signal.Signals[os.environ.get("FAULT_SIGNAL", "SIGKILL")]
 nan_steps = {int(s) for s in os.environ.get("FAULT_NAN_STEPS", "").split(",") if s} if active else set()
-moments = 0
+reached = collections.Counter()
 
 
-def moment(what):
-    global moments
-    moments += 1
-    if moments == fault_at:
-        print(f"fault: {fault_signal.name} at moment {moments}, {what}", file=sys.stderr, flush=True)
+def point(name):
+    if not name:
+        return
+    reached[name] += 1
+    if name == fault_point and reached[name] == int(fault_count):
+        print(f"fault: {fault_signal.name} at {name}@{fault_count}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), fault_signal)
 
 
-def wrap(owner, name, before=None, after=None):
-    real = getattr(owner, name)
+def wrap(owner, attr, before=None, after=None):
+    real = getattr(owner, attr)
 
     def wrapped(*args, **kwargs):
         if before:
-            moment(before(*args))
+            point(before(*args))
         result = real(*args, **kwargs)
         if after:
-            moment(after(*args))
+            point(after(*args))
         return result
-    setattr(owner, name, wrapped)
+    setattr(owner, attr, wrapped)
 
 
 def save_in_two_halves(obj, f):
@@ -53,16 +56,20 @@ def save_in_two_halves(obj, f):
     data = buf.getvalue()
     f.write(data[:len(data) // 2])
     f.flush()
-    moment("checkpoint half-written")
+    point("checkpoint-half-written")
     f.write(data[len(data) // 2:])
+
+
+def renamed(dst):
+    return "checkpoint" if dst.endswith(".pt") else "log" if dst.endswith("log.txt") else ""
 
 
 real_save = torch.save
 torch.save = save_in_two_halves
-wrap(tg.DataLoaderLite, "next_batch", before=lambda loader: f"{loader.split} batch")
-wrap(os, "replace", before=lambda src, dst: f"before renaming to {dst}",
-     after=lambda src, dst: f"after renaming to {dst}")
-wrap(os, "remove", after=lambda path: f"after deleting {path}")
+wrap(tg.DataLoaderLite, "read", before=lambda loader, *_: f"{loader.split}-batch")
+wrap(os, "replace", before=lambda src, dst: renamed(dst) and f"{renamed(dst)}-rename",
+     after=lambda src, dst: renamed(dst) == "checkpoint" and "checkpoint-renamed")
+wrap(os, "remove", after=lambda path: path.endswith(".pt") and "checkpoint-deleted")
 
 train_steps = 0
 real_train_step, real_forward = tg.train_step, tg.GPT.forward

@@ -45,8 +45,10 @@ CASES = [
     ("shard of int32, not uint16", {TRAIN1: npy(np.arange(5000, dtype=np.int32))}, [],
      "error: {dir}/" + TRAIN1 + ": shard holds int32 of shape (5000,), want 1-D uint16 tokens"),
     ("empty shard", {TRAIN1: npy(np.zeros(0, np.uint16))}, [], "error: {dir}/" + TRAIN1 + ": shard is empty"),
-    ("shard shorter than one step", {TRAIN1: npy(np.zeros(100, np.uint16))}, [],
-     "error: {dir}/" + TRAIN1 + ": shard holds 100 tokens, fewer than one step's B*T*world+1 = 129"),
+    ("train split shorter than one step", {f"data/tiny_train_00000{i}.npy": npy(np.zeros(80, np.uint16))
+                                           for i in (1, 2, 3)}, [],
+     "error: the train shards in '{dir}/data' hold 240 tokens, fewer than one step's total_batch_size+1 = 257; "
+     "lower --total_batch_size"),
     (".bin shard with a wrong header", {"data/tiny_train_000009.bin": bytes(2048)}, [],
      "error: {dir}/data/tiny_train_000009.bin: not an llm.c shard (want magic 20240520 version 1)"),
     ("truncated .bin shard", {"data/tiny_train_000009.bin": llmc_bin(range(3000), 5000)}, [],
@@ -93,8 +95,8 @@ def outcomes(tmp_path_factory):
     other = str(base / "other.pt")  # a good checkpoint of a 1-layer model
     cfg = tg.parse_args(TINY + ["--n_layer=1", f"--log_dir={base}"])
     write_shards(str(base / "data"), [4000, 5000, 3000, 4100])
-    model = tg.GPT(tg.GPTConfig(**{k: cfg[k] for k in tg.MODEL_KEYS}))
-    loader = tg.DataLoaderLite(cfg["B"], cfg["T"], 0, 1, "train", str(base / "data"))
+    model = tg.GPT(tg.GPTConfig(**{k: getattr(cfg, k) for k in tg.MODEL_KEYS}))
+    loader = tg.DataLoaderLite(cfg.B, cfg.T, 0, 1, "train", str(base / "data"))
     tg.save_checkpoint(other, model, model.configure_optimizers(0.1, 1e-3, "cpu"), 4, None, cfg, loader)
     cut = open(other, "rb").read()[:5000]
 

@@ -46,17 +46,16 @@ def assert_same_losses(log_dir, baseline, tol=0.0):
     assert all(abs(got[s] - want[s]) <= tol for s in want), (got, want)
 
 
-def test_sigkill_at_five_random_moments_then_resume_matches(data, baseline, tmp_path):
+def test_sigkill_at_five_points_then_resume_matches(data, baseline, tmp_path):
     args = ARGS + [f"--data_dir={data}", f"--log_dir={tmp_path}", "--resume=auto"]
-    rng = np.random.default_rng(5)  # its draws hit a batch, a half-written checkpoint and renames
-    faults = []
-    for at in rng.integers(1, 16, size=5):
+    # a batch, a half-written checkpoint, both sides of a checkpoint's rename and log.txt's rewrite at start-up,
+    # each reached by a run that resumes from the checkpoints the kills before it left
+    for at in ("train-batch@3", "checkpoint-half-written@1", "checkpoint-rename@1", "log-rename@1",
+               "checkpoint-renamed@2", "checkpoint-deleted@1"):
         r = faulty(args, FAULT_AT=at)
-        assert r.returncode == -signal.SIGKILL, r.stderr
-        faults.append(r.stderr.splitlines()[-1])
+        assert r.returncode == -signal.SIGKILL, (at, r.stderr)
+        assert r.stderr.splitlines()[-1] == f"fault: SIGKILL at {at}"
         assert "warning: skipping" not in r.stdout  # no checkpoint was ever broken
-    kinds = " ".join(faults)
-    assert "batch" in kinds and "checkpoint half-written" in kinds and "renaming" in kinds, faults
     r = train(args)
     assert r.returncode == 0, r.stderr
     assert_same_losses(str(tmp_path), baseline)
@@ -65,11 +64,10 @@ def test_sigkill_at_five_random_moments_then_resume_matches(data, baseline, tmp_
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
 def test_preemption_signal_checkpoints_exits_and_resumes(data, baseline, tmp_path, sig):
-    # Moment 11 is the first micro-batch of step 2 (after log.txt's rewrite, before and after its rename, 4 val
-    # batches and 2 steps of 2): step 2 is finished, then a checkpoint off the every-4-steps schedule is written
-    # at step 3.
+    # The signal comes at step 2's first micro-batch (2 a step): step 2 is finished, then a checkpoint off the
+    # every-4-steps schedule is written at step 3.
     args = ARGS + [f"--data_dir={data}", f"--log_dir={tmp_path}", "--checkpoint_interval=4"]
-    r = faulty(args, FAULT_AT=11, FAULT_SIGNAL=sig)
+    r = faulty(args, FAULT_AT="train-batch@5", FAULT_SIGNAL=sig)
     assert r.returncode == 75, r.stderr
     ckpt = os.path.join(tmp_path, "model_000003.pt")
     assert f"stopped by {sig} at step 3: {ckpt} holds the run; continue it with --resume=auto" in r.stdout
@@ -152,12 +150,12 @@ def torchrun(args, **env):
 
 
 def test_torchrun_rank_death_restarts_and_matches(data, baseline, tmp_path):
-    # Rank 1 reads 2 val batches at step 0 and one train batch a step, then 2 more val batches at step 4:
-    # moment 10 is inside step 5, after the checkpoint at step 4. The restarted group resumes from it.
-    r = torchrun(ARGS + [f"--data_dir={data}", f"--log_dir={tmp_path}", "--resume=auto"], FAULT_AT="10",
+    # Rank 1 reads one train batch a step: its 6th is inside step 5, after the checkpoint at step 4. The
+    # restarted group resumes from it.
+    r = torchrun(ARGS + [f"--data_dir={data}", f"--log_dir={tmp_path}", "--resume=auto"], FAULT_AT="train-batch@6",
                  FAULT_RANK="1")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "fault: SIGKILL at moment 10, train batch" in r.stderr
+    assert "fault: SIGKILL at train-batch@6" in r.stderr
     assert f"resumed from {os.path.join(tmp_path, 'model_000004.pt')} at step 4" in r.stdout
     assert_same_losses(str(tmp_path), baseline, tol=1e-5)  # 2 ranks vs 2 accumulation steps: summation order
 
@@ -165,7 +163,7 @@ def test_torchrun_rank_death_restarts_and_matches(data, baseline, tmp_path):
 def test_torchrun_preemption_of_one_rank_stops_all(data, baseline, tmp_path):
     # SIGTERM reaches rank 1 alone before its step-2 batch: both ranks finish step 2, rank 0 writes the
     # checkpoint of step 3 and both exit 75, which torchrun answers with a restart that resumes from it.
-    r = torchrun(ARGS + [f"--data_dir={data}", f"--log_dir={tmp_path}", "--resume=auto"], FAULT_AT="5",
+    r = torchrun(ARGS + [f"--data_dir={data}", f"--log_dir={tmp_path}", "--resume=auto"], FAULT_AT="train-batch@3",
                  FAULT_RANK="1", FAULT_SIGNAL="SIGTERM")
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = os.path.join(tmp_path, "model_000003.pt")

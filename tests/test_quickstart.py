@@ -36,10 +36,10 @@ def test_readme_quickstart_trains_on_pydoc_offline_and_ends_with_a_sample(tmp_pa
 def test_preset_sets_defaults_that_name_value_arguments_still_override():
     for argv in (["--preset=quickstart", "--max_steps=7"], ["--max_steps=7", "--preset=quickstart"]):
         cfg = parse_args(argv)
-        assert cfg["max_steps"] == 7 and cfg["n_layer"] == 4 and cfg["data_dir"] == "pydoc_topics"
-    assert parse_args([]) == SETTINGS
+        assert cfg.max_steps == 7 and cfg.n_layer == 4 and cfg.data_dir == "pydoc_topics"
+    assert vars(parse_args([])) == SETTINGS
     xl = parse_args(["--preset=gpt2-xl", "--B=8"])
-    assert (xl["n_layer"], xl["n_head"], xl["n_embd"], xl["B"], xl["max_lr"]) == (48, 25, 1600, 8, 6e-4)
+    assert (xl.n_layer, xl.n_head, xl.n_embd, xl.B, xl.max_lr) == (48, 25, 1600, 8, 6e-4)
     with pytest.raises(UserError, match="--preset=tiny: unknown preset"):
         parse_args(["--preset=tiny"])
 

@@ -12,10 +12,10 @@ from conftest import ROOT, run
 
 def test_overrides_are_typed():
     cfg = tg.parse_args(["--B=8", "--max_lr=1e-3", "--compile=false", "--data_dir=x", "--resume=auto"])
-    assert cfg["B"] == 8 and cfg["max_lr"] == 1e-3 and cfg["compile"] is False
-    assert cfg["data_dir"] == "x" and cfg["resume"] == "auto"
-    assert tg.parse_args([]) == tg.SETTINGS
-    assert tg.parse_args(["--compile=1"])["compile"] is True
+    assert cfg.B == 8 and cfg.max_lr == 1e-3 and cfg.compile is False
+    assert cfg.data_dir == "x" and cfg.resume == "auto"
+    assert tg.dataclasses.asdict(tg.parse_args([])) == tg.SETTINGS
+    assert tg.parse_args(["--compile=1"]).compile is True
 
 
 @pytest.mark.parametrize("arg, message", [("--compile=maybe", "--compile=maybe: expected true or false (default True)"),
@@ -49,7 +49,7 @@ def test_every_setting_is_in_the_readme_table():
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
-    cfg = dict(tg.SETTINGS)
+    cfg = tg.Settings()
     assert tg.get_lr(0, cfg) == pytest.approx(6e-4 / 715)
     assert tg.get_lr(714, cfg) == pytest.approx(6e-4)
     mid = 715 + (19073 - 715) // 2

@@ -33,13 +33,21 @@ def test_a_finished_run_is_neither_overwritten_nor_cut(shards, tmp_path):
     assert train(TINY + [f"--data_dir={shards}", f"--log_dir={log_dir}", "--max_steps=2"]).returncode == 0
     before = {n: open(os.path.join(log_dir, n), "rb").read() for n in os.listdir(log_dir)}
     assert sorted(before) == ["log.txt", "model_000002.pt"]
-    write_shards(str(tmp_path / "small"), [600, 600])
+    write_shards(str(tmp_path / "small"), [600, 300])
     for args, message in [
         ([], f"error: log_dir '{log_dir}' already holds a run (model_000002.pt, log.txt); continue it with "
              f"--resume=auto, or start afresh with another --log_dir"),
         (["--resume=auto", "--max_steps=1"], f"error: {log_dir}/model_000002.pt is at step 2, past --max_steps=1; "
                                              f"raise --max_steps to continue the run"),
         (["--resume=auto", f"--data_dir={tmp_path}/small"],
+         f"error: {log_dir}/model_000002.pt was trained with 3 train shards of 12100 tokens, this run has 1 train "
+         f"shards of 300 tokens, which changes the tokens every later step reads; continue the run with --data_dir "
+         f"holding the run's shards, or change it on purpose with --allow_changes=shards"),
+        (["--resume=auto", f"--data_dir={tmp_path}/small", "--allow_changes=shards", "--total_batch_size=128"],
+         f"error: {log_dir}/model_000002.pt was trained with total_batch_size=256, this run has total_batch_size=128, "
+         f"which changes the tokens every later step reads; continue the run with --total_batch_size=256, or change "
+         f"it on purpose with --allow_changes=total_batch_size"),
+        (["--resume=auto", f"--data_dir={tmp_path}/small", "--allow_changes=shards"],
          f"error: the checkpoint's loader stands at token 512 of shard 0 of an epoch, which the 1 train shards in "
          f"{tmp_path}/small do not have; resume with the data_dir the run was trained on")]:
         r = train(TINY + [f"--data_dir={shards}", f"--log_dir={log_dir}", "--max_steps=2", *args])
