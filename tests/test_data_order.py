@@ -1,7 +1,6 @@
 """The data order is the run's, not the hardware's: 1, 2 and 3 ranks, and any B, read the same tokens in the
 same order, across shard ends, so the per-step losses agree and a run resumes on another world size or B."""
 import os
-import shutil
 import sys
 
 import pytest

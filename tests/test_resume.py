@@ -41,7 +41,7 @@ def test_a_longer_schedule_says_how_the_learning_rate_jumps(finished, tmp_path):
     old, new = 6e-5, cosine(8, 6e-4, 6e-5, 2, 12)  # the old schedule had reached min_lr at its last step
     assert (f"note: schedule changed (max_steps 8 -> 12): the learning rate at step 8 goes from {old:.4e} to "
             f"{new:.4e}") in r.stdout
-    assert f"step     8 | loss" in r.stdout and f"lr {new:.4e}" in r.stdout
+    assert "step     8 | loss" in r.stdout and f"lr {new:.4e}" in r.stdout
     assert sorted(train_losses(str(tmp_path / "log"))) == list(range(12))
 
 
