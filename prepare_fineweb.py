@@ -5,7 +5,8 @@
     python prepare_fineweb.py --data_files='corpus/*.parquet' --text_column=content --out=my_shards
     python prepare_fineweb.py --dataset=pydoc                        # Python's own docs, offline (the quickstart)
 
-Shard 000000 is the val split, the rest are train. Each shard is written to a temp file and renamed when
+Shard 000000 is the val split (--val_tokens long, else one shard; a corpus that fits in one shard has its
+first tenth held out), the rest are train. Each shard is written to a temp file and renamed when
 complete, and manifest.json records how many documents every shard consumed, so rerunning an interrupted
 command skips the finished shards and ends byte-identical to a run that was never interrupted.
 """
@@ -39,7 +40,7 @@ BUILDERS = {".txt": ("text", {"sample_by": "document"}), ".jsonl": ("json", {}),
 SHARD_SIZE = 10 ** 8           # tokens per shard
 PYDOC_SHARD_SIZE = 2 ** 14     # the pydoc corpus is ~139K tokens: a 16K-token val shard and 8 train shards
 EOT_ARRAY = np.array([EOT], dtype=np.uint32)
-BATCH_DOCS = 128               # documents per pool task: enough to amortise its cost, few enough to balance the last ones
+BATCH_DOCS = 128               # documents per pool task: enough to amortise its cost, few enough to balance the end
 
 
 def parse_args(argv):
@@ -55,6 +56,8 @@ def parse_args(argv):
                    f"{PYDOC_SHARD_SIZE:,})")
     p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenising processes (default: all CPUs)")
     p.add_argument("--format", choices=("npy", "bin"), default="npy", help="npy, or llm.c's .bin")
+    p.add_argument("--val_tokens", type=int, help="tokens of the val split, shard 000000 (default: one shard; "
+                   "a tenth of a corpus that fits in one shard)")
     args = p.parse_args(argv)
     if args.dataset and args.data_files:
         raise UserError("give --dataset or --data_files, not both")
@@ -68,6 +71,9 @@ def parse_args(argv):
         args.shard_size = PYDOC_SHARD_SIZE if args.dataset == "pydoc" else SHARD_SIZE
     if args.shard_size < 1 or args.num_proc < 1:
         raise UserError("--shard_size and --num_proc must be positive")
+    if args.val_tokens is not None and args.val_tokens < 1:
+        raise UserError(f"--val_tokens={args.val_tokens} is not positive; the val split needs at least one token "
+                        f"(leave it out for the default)")
     args.prefix = spec["prefix"]
     return args
 
@@ -231,7 +237,8 @@ def open_manifest(out, settings):
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a readable manifest ({e}); use another --out, or delete {out} to start "
                         f"over") from None
-    differ = [k for k in settings if manifest.get(k) != settings[k]]
+    differ = sorted(k for k in settings.keys() | manifest.keys() - {"shards", "complete"}
+                    if manifest.get(k) != settings.get(k))
     if differ:
         raise UserError(f"{out} holds shards from a different source (its manifest differs in "
                         f"{', '.join(differ)}); use another --out, or delete {out} to start over")
@@ -261,6 +268,8 @@ def prepare(args):
         path, options, source = resolve_source(args, scratch)
         settings = {"source": source, "text_column": args.text_column, "shard_size": args.shard_size,
                     "format": args.format, "tokenizer": tokenizer_hash(enc)}
+        if args.val_tokens is not None:  # only when given, so that the default's manifest is the same as before
+            settings["val_tokens"] = args.val_tokens
         manifest = open_manifest(args.out, settings)
         if manifest["complete"]:
             print(f"{args.out} is already complete; nothing to do")
@@ -293,11 +302,16 @@ def prepare(args):
             rows = ds[args.text_column]
             work = (range(i, min(i + BATCH_DOCS, len(ds))) for i in range(skip, len(ds), BATCH_DOCS))
 
-        buf, fill = np.empty(args.shard_size, dtype=np.uint16), 0
+        val_size = args.val_tokens or args.shard_size
+        buf, fill = np.empty(max(val_size, args.shard_size), dtype=np.uint16), 0
+        full_carry = 0  # carry_out of the full buffer: it is written once more tokens show it is not the last shard
         tokens_run = docs_run = 0
         t0 = time.perf_counter()
         bar = tqdm(total=None if args.streaming else len(ds), initial=skip, unit="doc", unit_scale=True,
                    desc=args.out)
+
+        def size():
+            return args.shard_size if shards else val_size
 
         def finish_shard(tokens, carry_out):
             name = f"{args.prefix}_{'val' if not shards else 'train'}_{len(shards):06d}.{args.format}"
@@ -318,12 +332,14 @@ def prepare(args):
                 ends = np.cumsum(lens)
                 pos = 0
                 while pos < len(toks):
-                    take = min(args.shard_size - fill, len(toks) - pos)
+                    if fill == size():
+                        finish_shard(buf[:fill], full_carry)
+                        fill = 0
+                    take = min(size() - fill, len(toks) - pos)
                     buf[fill:fill + take] = toks[pos:pos + take]
                     fill, pos = fill + take, pos + take
-                    if fill == args.shard_size:
-                        finish_shard(buf, int(ends[np.searchsorted(ends, pos)] - pos))
-                        fill = 0
+                    if fill == size():
+                        full_carry = int(ends[np.searchsorted(ends, pos)] - pos)
                 tokens_run += len(toks)
                 docs_run += len(lens)
                 bar.update(len(lens))
@@ -332,6 +348,16 @@ def prepare(args):
             if pool:
                 pool.terminate()
             bar.close()
+        if not shards:  # the whole corpus is in buf, so the val split can be cut from it now
+            if args.val_tokens is not None:
+                raise UserError(f"--val_tokens={args.val_tokens} leaves no train tokens: the corpus is {fill:,} "
+                                f"tokens; give fewer, or leave it out to hold out a tenth")
+            val = max(1, fill // 10)  # a whole shard of val would leave train nothing
+            print(f"note: the corpus ({fill:,} tokens) fits in one shard, so its first {val:,} tokens (10%) are the "
+                  f"val split and the rest train; --val_tokens=N sets the val split's size")
+            later = np.flatnonzero(buf[val:fill] == EOT)  # the document cut at val ends where the next begins
+            finish_shard(buf[:val], int(later[0]) if len(later) else fill - val)
+            buf, fill = buf[val:fill], fill - val
         if fill:
             finish_shard(buf[:fill], 0)
         manifest["complete"] = True
@@ -342,8 +368,6 @@ def prepare(args):
     print(f"{args.out}: {len(shards)} shards (1 val, {len(shards) - 1} train), {total:,} tokens from "
           f"{sum(s['docs'] for s in shards):,} documents; this run: {tokens_run:,} tokens in {seconds:.1f}s, "
           f"{tokens_run / seconds:,.0f} tokens/s, {docs_run / seconds:,.0f} docs/s")
-    if len(shards) == 1:
-        print(f"note: only the val shard was written; lower --shard_size (now {args.shard_size:,}) to get train shards")
     return {"tokens": tokens_run, "docs": docs_run, "seconds": seconds}
 
 

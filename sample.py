@@ -3,6 +3,7 @@
     python sample.py --model=log/model_019073.pt --prompt="Hello, I'm a language model," --max_new_tokens=64
     python sample.py --model=hf_out --num_samples=4 --temperature=0.8 --top_p=0.95 --seed=1
     python sample.py --model=log/model_019073.pt --prompt=""    # unconditioned: starts at <|endoftext|>
+    python sample.py --model=log/model_019073.pt --prompt=FILE:prompt.txt   # the prompt is the file's text
 
 One sample streams token by token; several are printed in turn once all are done. Each stops at
 <|endoftext|> or after max_new_tokens.
@@ -18,7 +19,8 @@ from train_gpt2 import EOT, UserError, autocast_context, get_tokenizer, load_mod
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="checkpoint file (model_NNNNNN.pt), HF directory or hub name")
-    p.add_argument("--prompt", default="Hello, I'm a language model,", help='text to continue ("" for none)')
+    p.add_argument("--prompt", default="Hello, I'm a language model,",
+                   help='text to continue ("" for none; FILE:path reads it from a file)')
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
@@ -35,6 +37,15 @@ def parse_args(argv):
                            ("top_p", 0 < args.top_p <= 1, "above 0 and at most 1, e.g. 0.95")):
         if not ok:  # written so that nan fails too
             sys.exit(f"error: --{name}={getattr(args, name)} is out of range; --{name} must be {want}")
+    if args.prompt.startswith("FILE:"):  # nanoGPT's convention, for prompts too long or odd for a shell
+        path = args.prompt[len("FILE:"):]
+        try:
+            with open(path, encoding="utf-8") as f:
+                args.prompt = f.read()
+        except OSError as e:
+            sys.exit(f"error: --prompt=FILE:{path}: cannot read the prompt file ({e.strerror})")
+        except UnicodeDecodeError:
+            sys.exit(f"error: --prompt=FILE:{path}: not UTF-8 text; save the prompt as UTF-8")
     return args
 
 

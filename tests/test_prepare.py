@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
+from conftest import ROOT, WORDS, run
 
 import prepare_fineweb
-from conftest import ROOT, run
 from train_gpt2 import EOT, UserError, get_tokenizer, load_shard
 
 DOCS = [
@@ -79,7 +79,8 @@ def test_a_txt_file_is_one_document(tmp_path):
     (tmp_path / "b.txt").write_text("Another file.")
     out = str(tmp_path / "out")
     prepare(str(tmp_path / "*.txt"), out)
-    tokens = np.asarray(load_shard(os.path.join(out, "local_val_000000.npy")))
+    tokens = np.concatenate([load_shard(os.path.join(out, f))  # the corpus is small, so a tenth went to val
+                             for f in ("local_val_000000.npy", "local_train_000001.npy")])
     np.testing.assert_array_equal(tokens, expected_tokens(["First line.\n\nSecond paragraph.\n", "Another file."]))
 
 
@@ -241,3 +242,107 @@ def test_a_tokenizer_with_ids_past_uint16_is_refused_before_anything_is_written(
     with pytest.raises(UserError, match="ids reach 65536, which does not fit the uint16 shards"):
         prepare(write_corpus(str(tmp_path / "c.jsonl"), DOCS), str(out))
     assert not out.exists()
+
+
+def write_text(path, n_words=18_000, seed=0):
+    """One .txt file, so one document: about 20k tokens of text, as a small fine-tuning corpus is."""
+    rng = np.random.default_rng(seed)
+    words = [w.capitalize() + "." if i % 9 == 8 else w for i, w in enumerate(rng.choice(WORDS, n_words))]
+    path.write_text(" ".join(words) + "\n", encoding="utf-8")
+    return path
+
+
+def split_of(out, fmt="npy"):
+    """The tokens of the val shard and of each train shard, from the files on disk."""
+    files = sorted(glob.glob(os.path.join(out, f"*.{fmt}")), key=lambda f: f[-10:])
+    assert os.path.basename(files[0]) == f"local_val_000000.{fmt}"
+    assert [os.path.basename(f) for f in files[1:]] == [f"local_train_{i:06d}.{fmt}" for i in range(1, len(files))]
+    return [np.asarray(load_shard(f)) for f in files]
+
+
+def independent_tokens(path):
+    enc = get_tokenizer()
+    return np.array([EOT] + enc.encode_ordinary(path.read_text(encoding="utf-8")), dtype=np.uint16)
+
+
+def test_a_text_within_one_shard_holds_out_a_tenth_for_val_and_says_so(tmp_path, capsys):
+    text = write_text(tmp_path / "input.txt")
+    out = str(tmp_path / "out")
+    prepare_fineweb.main([f"--data_files={text}", f"--out={out}", "--num_proc=1"])
+    expected = independent_tokens(text)
+    assert 15_000 < len(expected) < 30_000
+    val, *train = split_of(out)
+    assert len(val) == len(expected) // 10 and len(train) == 1
+    assert np.concatenate([val, *train]).tobytes() == expected.tobytes()
+    note = (f"note: the corpus ({len(expected):,} tokens) fits in one shard, so its first {len(val):,} tokens (10%) "
+            f"are the val split and the rest train; --val_tokens=N sets the val split's size\n")
+    assert note in capsys.readouterr().out
+    manifest = read_manifest(out)
+    assert "val_tokens" not in manifest  # the default's manifest has the keys it had before
+    assert [s["tokens"] for s in manifest["shards"]] == [len(val), len(expected) - len(val)]
+    # the one document goes on into train: that is the carry a resume would trim
+    assert [(s["docs"], s["carry"]) for s in manifest["shards"]] == [(1, len(expected) - len(val)), (0, 0)]
+
+
+@pytest.mark.parametrize("shard_size", [None, 5000])
+def test_val_tokens_gives_exactly_that_many_val_tokens(tmp_path, shard_size):
+    text = write_text(tmp_path / "input.txt")
+    out = str(tmp_path / "out")
+    prepare_fineweb.main([f"--data_files={text}", f"--out={out}", "--num_proc=1", "--val_tokens=1234",
+                          *([f"--shard_size={shard_size}"] if shard_size else [])])
+    expected = independent_tokens(text)
+    val, *train = split_of(out)
+    assert len(val) == 1234
+    assert [len(t) for t in train[:-1]] == [shard_size] * (len(train) - 1) and len(train) == (
+        1 if shard_size is None else -(-(len(expected) - 1234) // shard_size))
+    assert np.concatenate([val, *train]).tobytes() == expected.tobytes()
+    assert read_manifest(out)["val_tokens"] == 1234
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_val_tokens_resumes_to_identical_shards_and_is_kept_to(tmp_path, monkeypatch, k):
+    data = write_corpus(str(tmp_path / "corpus.jsonl"), DOCS)
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    prepare(data, whole, "--val_tokens=250")
+    reference = shard_hashes(whole)
+    assert len(load_shard(os.path.join(whole, "local_val_000000.npy"))) == 250
+
+    real_write = prepare_fineweb.write_shard
+    written = []
+
+    def interrupt_on_shard_k(path, tokens):
+        if len(written) == k:
+            raise KeyboardInterrupt
+        written.append(path)
+        real_write(path, tokens)
+
+    monkeypatch.setattr(prepare_fineweb, "write_shard", interrupt_on_shard_k)
+    assert error_of(f"--data_files={data}", f"--out={resumed}", "--shard_size=100", "--num_proc=1",
+                    "--val_tokens=250").startswith("interrupted")
+    monkeypatch.setattr(prepare_fineweb, "write_shard", real_write)
+    assert error_of(f"--data_files={data}", f"--out={resumed}", "--shard_size=100", "--num_proc=1").startswith(
+        f"error: {resumed} holds shards from a different source (its manifest differs in val_tokens)")
+    stats = prepare(data, resumed, "--val_tokens=250")
+    assert stats["tokens"] == len(expected_tokens(DOCS)) - 250 - 100 * (k - 1)
+    assert shard_hashes(resumed) == reference
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "--val_tokens=0 is not positive; the val split needs at least one token (leave it out for the default)"),
+    ("-5", "--val_tokens=-5 is not positive; the val split needs at least one token (leave it out for the default)"),
+    ("ALL", "--val_tokens={n} leaves no train tokens: the corpus is {n:,} tokens; give fewer, or leave it out to "
+            "hold out a tenth"),
+    ("MORE", "--val_tokens={m} leaves no train tokens: the corpus is {n:,} tokens; give fewer, or leave it out to "
+             "hold out a tenth"),
+])
+def test_val_tokens_that_leave_no_val_or_no_train_are_refused_in_one_line_writing_nothing(tmp_path, value, message):
+    text = write_text(tmp_path / "input.txt", n_words=300)
+    n = len(independent_tokens(text))
+    value = {"ALL": str(n), "MORE": str(n + 1)}.get(value, value)
+    out = tmp_path / "out"
+    r = run([sys.executable, os.path.join(ROOT, "prepare_fineweb.py"), f"--data_files={text}", f"--out={out}",
+             "--num_proc=1", f"--val_tokens={value}"])
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-1] == "error: " + message.format(n=n, m=n + 1)  # after the progress bar
+    assert not r.stderr.splitlines()[-1].startswith("Traceback") and "error" not in r.stdout
+    assert not out.exists() or os.listdir(out) == []
