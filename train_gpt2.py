@@ -581,10 +581,6 @@ class DataLoaderLite:
 # Settings, devices and the pieces of a training step
 
 
-# ----------------------------------------------------------------------------------------------
-# Settings, devices and the pieces of a training step
-
-
 def parse_args(argv):
     """SETTINGS, then the --preset's changes, then the other --name=value arguments, each parsed as its
     constant's type."""
@@ -611,12 +607,12 @@ def parse_args(argv):
     for k, v in cfg.items():
         if type(v) in (int, float) and (v <= 0 if k in POSITIVE else v < 0):
             raise UserError(f"--{k}={v}: must be {'positive' if k in POSITIVE else 'zero or more'}")
-    if cfg['n_embd'] % cfg['n_head']:
+    if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would have "
                         f"unequal widths; change --n_embd or --n_head")
-    if cfg['dtype'] not in ("bfloat16", "float32"):
+    if cfg["dtype"] not in ("bfloat16", "float32"):
         raise UserError(f"--dtype={cfg['dtype']}: expected bfloat16 or float32")
-    if cfg['T'] > cfg['block_size']:
+    if cfg["T"] > cfg["block_size"]:
         raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
     return Settings(**cfg)
 
@@ -891,11 +887,8 @@ def remove_stale_temp_files(log_dir):
     """Deletes the temp files of log_dir whose writer is gone: a process of this host that no longer runs, or
     a name without a writer, which only versions before writer-named temp files left."""
     for path in glob.glob(os.path.join(log_dir, "*.tmp")):
-        m = re.fullmatch(r".*?\.pt(?:\.(.+)\.(\d+))?\.tmp|log\.txt(?:\.(.+)\.(\d+))?\.tmp", os.path.basename(path))
-        if not m:
-            continue
-        host, pid = (m[1], m[2]) if m[1] or not m[3] else (m[3], m[4])
-        if host is None or (host == socket.gethostname() and not process_alive(int(pid))):
+        m = re.fullmatch(r"(?:.+?\.pt|log\.txt)(?:\.(.+)\.(\d+))?\.tmp", os.path.basename(path))
+        if m and (m[1] is None or (m[1] == socket.gethostname() and not process_alive(int(m[2])))):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
 
@@ -906,7 +899,7 @@ def process_alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 
@@ -1039,6 +1032,10 @@ def check_resume(path, ckpt, cfg, world, loader, log):
 LOCK_NAME = ".lock"
 
 
+def unwritable_log_dir(log_dir, error):
+    return UserError(f"cannot write to log_dir {log_dir!r} ({error}); point --log_dir at a writable directory")
+
+
 @contextlib.contextmanager
 def log_dir_lock(log_dir, rank=0, world=1):
     """Holds an exclusive lock on log_dir for as long as the run uses it, so that a second launch into the
@@ -1052,7 +1049,7 @@ def log_dir_lock(log_dir, rank=0, world=1):
         except UserError as e:
             refusal = str(e)
         except OSError as e:
-            refusal = f"cannot write to log_dir {log_dir!r} ({e}); point --log_dir at a writable directory"
+            refusal = str(unwritable_log_dir(log_dir, e))
     if world > 1:
         answer = [refusal]
         dist.broadcast_object_list(answer, src=0)
@@ -1249,7 +1246,7 @@ def open_log(cfg, start_step):
         os.replace(tmp, log_file)
         remove_stale_temp_files(cfg.log_dir)
     except OSError as e:
-        raise UserError(f"cannot write to log_dir {cfg.log_dir!r} ({e}); point --log_dir at a writable directory")
+        raise unwritable_log_dir(cfg.log_dir, e) from None
 
     def record(step, kind, value):
         """One `{step} {kind} {value}` line of log.txt."""

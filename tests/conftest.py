@@ -41,6 +41,14 @@ def train(args, **kw):
     return run([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *args], **kw)
 
 
+def finished_run(tmp_path_factory, name, args):
+    """The log_dir of a train_gpt2.py run with args, made in a fresh temp directory, that must finish."""
+    log_dir = str(tmp_path_factory.mktemp(name))
+    r = train([*args, f"--log_dir={log_dir}"])
+    assert r.returncode == 0, r.stderr
+    return log_dir
+
+
 def train_losses(log_dir, kind="train"):
     """{step: loss} of one kind of line in log_dir/log.txt."""
     with open(os.path.join(log_dir, "log.txt")) as f:

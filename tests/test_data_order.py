@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY, run, train, train_losses, write_shards
+from conftest import ROOT, TINY, finished_run, run, train, train_losses, write_shards
 
 # 384 tokens a step: 6 micro-batches of 2x32, split over 1, 2 or 3 ranks. Shards of ~1000 tokens put a shard
 # end in every third step, and val rows that 2 or 3 ranks cannot share evenly.
@@ -27,10 +27,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(data, tmp_path_factory):
-    log_dir = str(tmp_path_factory.mktemp("single"))
-    r = train(ARGS + [f"--data_dir={data}", f"--log_dir={log_dir}"])
-    assert r.returncode == 0, r.stderr
-    return log_dir
+    return finished_run(tmp_path_factory, "single", ARGS + [f"--data_dir={data}"])
 
 
 def assert_close(a, b, tol=1e-5):

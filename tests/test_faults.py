@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run, train, train_losses, write_shards
+from conftest import ROOT, TINY, finished_run, run, train, train_losses, write_shards
 
 FAULTY = os.path.join(ROOT, "tests", "faulty_run.py")
 # Checkpoints every 2 steps, of which 2 are kept, so that a run has many writes, renames and deletions to kill.
@@ -32,9 +32,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def baseline(data, tmp_path_factory):
     """Per-step train losses of an uninterrupted run, and its log_dir."""
-    log_dir = str(tmp_path_factory.mktemp("baseline"))
-    r = train(ARGS + [f"--data_dir={data}", f"--log_dir={log_dir}"])
-    assert r.returncode == 0, r.stderr
+    log_dir = finished_run(tmp_path_factory, "baseline", ARGS + [f"--data_dir={data}"])
     losses = train_losses(log_dir)
     assert sorted(losses) == list(range(8))
     return losses, log_dir

@@ -6,13 +6,12 @@ import os
 import pytest
 import torch
 
-from conftest import TINY, train, train_losses
+from conftest import TINY, train, train_losses, write_shards
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished 8-step run's data and log_dir, which the tests copy."""
-    from conftest import write_shards
     root = tmp_path_factory.mktemp("finished")
     write_shards(str(root / "data"), [4000, 5000, 3000, 4100])
     r = train(TINY + [f"--data_dir={root / 'data'}", f"--log_dir={root / 'log'}", "--hella_data="])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt2 as tg
-from conftest import ROOT, TINY, run, write_shards
+from conftest import ROOT, TINY, finished_run, run, write_shards
 
 # long enough (a few seconds of steps) that a launch 2 s later finds the first one still running
 ARGS = TINY + ["--max_steps=400", "--eval_interval=200", "--checkpoint_interval=200", "--resume=auto",
@@ -27,10 +27,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def baseline(data, tmp_path_factory):
-    log_dir = str(tmp_path_factory.mktemp("alone"))
-    r = run([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *ARGS, f"--data_dir={data}", f"--log_dir={log_dir}"])
-    assert r.returncode == 0, r.stderr
-    return log_dir
+    return finished_run(tmp_path_factory, "alone", ARGS + [f"--data_dir={data}"])
 
 
 def launch(data, log_dir):
