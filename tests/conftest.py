@@ -15,7 +15,7 @@ sys.path.insert(0, ROOT)
 TINY = ["--B=4", "--T=32", "--total_batch_size=256", "--n_layer=2", "--n_head=2", "--n_embd=32",
         "--vocab_size=512", "--block_size=64", "--warmup_steps=2", "--max_steps=8", "--eval_interval=4",
         "--checkpoint_interval=4", "--val_tokens=512", "--compile=False", "--dtype=float32",
-        "--sample_count=0", "--device=cpu"]
+        "--sample_count=0", "--device=cpu", "--hella_data="]  # hermetic: no HellaSwag file a user downloaded
 
 
 def write_shards(data_dir, sizes, vocab=500, seed=0, prefix="tiny"):
@@ -49,11 +49,18 @@ def finished_run(tmp_path_factory, name, args):
     return log_dir
 
 
+def read_log(log_dir):
+    """(the run record as a dict, the step lines) of log_dir/log.txt: the one place tests parse a log."""
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        lines = f.readlines()
+    assert lines[0].startswith("# train_gpt2.py run {"), lines[0]
+    return json.loads(lines[0].split(" run ", 1)[1]), [line for line in lines if line[:1].isdigit()]
+
+
 def train_losses(log_dir, kind="train"):
     """{step: loss} of one kind of line in log_dir/log.txt."""
-    with open(os.path.join(log_dir, "log.txt")) as f:
-        rows = [line.split() for line in f]
-    return {int(r[0]): float(r[2]) for r in rows if r[1:2] == [kind]}
+    rows = [line.split() for line in read_log(log_dir)[1]]
+    return {int(r[0]): float(r[2]) for r in rows if r[1] == kind}
 
 
 @pytest.fixture

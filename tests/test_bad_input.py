@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import ROOT, TINY, train, write_shards
 
 import train_gpt2 as tg
-from conftest import ROOT, TINY, train, write_shards
 
 
 def llmc_bin(tokens, claimed):

@@ -4,7 +4,6 @@ import os
 import sys
 
 import pytest
-
 from conftest import ROOT, TINY, finished_run, run, train, train_losses, write_shards
 
 # 384 tokens a step: 6 micro-batches of 2x32, split over 1, 2 or 3 ranks. Shards of ~1000 tokens put a shard

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, run
+
 from export_hf import export_hf
 from train_gpt2 import GPT, GPTConfig, UserError, get_tokenizer, load_model
 

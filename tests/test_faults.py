@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, TINY, finished_run, run, train, train_losses, write_shards
 
 FAULTY = os.path.join(ROOT, "tests", "faulty_run.py")

@@ -24,7 +24,8 @@ def loss_and_grads(fn, x, weight, targets, dtype, scale):
 CHUNK = train_gpt2.LOSS_CHUNK_ROWS
 
 
-@pytest.mark.parametrize("rows", [1, CHUNK - 1, CHUNK, 2 * CHUNK + 188])  # fewer than, exactly, not a multiple of a chunk
+# fewer rows than, exactly, and not a multiple of a chunk
+@pytest.mark.parametrize("rows", [1, CHUNK - 1, CHUNK, 2 * CHUNK + 188])
 def test_fp32_matches_plain_cross_entropy(rows):
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 48, generator=gen)

@@ -5,11 +5,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, run
 
 import sample
-from conftest import ROOT, run
 from train_gpt2 import EOT, GPT, GPTConfig, UserError, get_tokenizer, load_model, sample_next
-
 
 torch.set_num_threads(1)  # these models are tiny: threads would only contend for the 2 cores
 
@@ -119,8 +118,8 @@ def test_bad_prompts_are_refused():
 
 
 def test_training_prints_samples_from_generate(tiny_run):
-    lines = [l for l in tiny_run.stdout.splitlines() if l.startswith("sample ")]
-    assert [l[:8] for l in lines] == ["sample 0", "sample 1"] * 2  # at the evals of steps 4 and 8
+    lines = [line for line in tiny_run.stdout.splitlines() if line.startswith("sample ")]
+    assert [line[:8] for line in lines] == ["sample 0", "sample 1"] * 2  # at the evals of steps 4 and 8
     model = load_model(tiny_run.checkpoint)
     enc = get_tokenizer()
     prompt = enc.encode("Hello, I'm a language model,")

@@ -8,11 +8,20 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run, write_hellaswag
 
 import hellaswag
-from conftest import run, write_hellaswag
-from train_gpt2 import (GPT, GPTConfig, UserError, get_tokenizer, hellaswag_batches, hellaswag_losses,
-                        hellaswag_predictions, hellaswag_tokens, read_hellaswag)
+from hellaswag import hellaswag_predictions
+from train_gpt2 import (
+    GPT,
+    GPTConfig,
+    UserError,
+    get_tokenizer,
+    hellaswag_batches,
+    hellaswag_losses,
+    hellaswag_tokens,
+    read_hellaswag,
+)
 
 EXACT = contextlib.nullcontext()  # fp32, no autocast
 

@@ -64,7 +64,8 @@ def test_init_is_gpt2s_and_weights_are_tied():
     residual_std = 0.02 / math.sqrt(2 * n_layer)
     for w in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
         assert w.std().item() == pytest.approx(residual_std, rel=0.03)
-    assert all(m.bias.abs().max() == 0 for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+    assert all(b.abs().max() == 0 for b in biases)
 
 
 def test_gpt2_presets_have_the_published_sizes():

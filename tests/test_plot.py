@@ -5,7 +5,6 @@ import struct
 import sys
 
 import pytest
-
 from conftest import ROOT, run
 
 pytest.importorskip("matplotlib")
@@ -39,10 +38,10 @@ def test_overlays_runs_against_tokens_and_references(tmp_path, tiny_run):
     plot.main([str(tmp_path), ckpt_dir, "--labels=a,b", f"--out={tmp_path / 'two.png'}"])
     fig = plot.plot([("a", plot.read_log(str(tmp_path)), 1000)], str(tmp_path / "one.png"), smooth=0.0)
     by_step, by_tokens, hella = fig.axes
-    assert [l.get_label() for l in by_step.lines] == ["a train", "a val", "GPT-2 124M val"]
+    assert [line.get_label() for line in by_step.lines] == ["a train", "a val", "GPT-2 124M val"]
     assert list(by_tokens.lines[1].get_xdata()) == [0, 25000, 50000, 75000, 100000]
     assert list(by_step.lines[0].get_ydata()) == [11 - s / 20 for s in range(100)]  # smooth=0: the raw losses
-    assert {l.get_label(): l.get_ydata()[0] for l in hella.lines if l.get_linestyle() == "--"} == \
+    assert {line.get_label(): line.get_ydata()[0] for line in hella.lines if line.get_linestyle() == "--"} == \
         {"GPT-2 124M": 0.2955, "GPT-3 124M": 0.337}
     assert png_size(tmp_path / "two.png") == (1500, 450)
     assert plot.tokens_per_step(ckpt_dir) == 256

@@ -4,8 +4,8 @@ import shlex
 import sys
 
 import pytest
-
 from conftest import ROOT, run, train_losses
+
 from train_gpt2 import SETTING_PRESETS, SETTINGS, UserError, parse_args
 
 

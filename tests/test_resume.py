@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import TINY, train, train_losses, write_shards
 
 

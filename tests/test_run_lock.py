@@ -9,9 +9,9 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, TINY, finished_run, read_log, run, write_shards
 
 import train_gpt2 as tg
-from conftest import ROOT, TINY, finished_run, run, write_shards
 
 # long enough (a few seconds of steps) that a launch 2 s later finds the first one still running
 ARGS = TINY + ["--max_steps=400", "--eval_interval=200", "--checkpoint_interval=200", "--resume=auto",
@@ -56,7 +56,10 @@ def test_two_launches_into_one_log_dir_run_once(data, baseline, tmp_path, apart)
     # the run that ran is the uninterrupted one, byte for byte in its log and tensor for tensor in its checkpoints
     assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(baseline)) == ["log.txt", "model_000200.pt",
                                                                             "model_000400.pt"]
-    assert open(tmp_path / "log.txt").read() == open(os.path.join(baseline, "log.txt")).read()
+    (record, steps), (baseline_record, baseline_steps) = read_log(tmp_path), read_log(baseline)
+    assert steps == baseline_steps
+    assert record["settings"].pop("log_dir") == str(tmp_path) and baseline_record["settings"].pop("log_dir") == baseline
+    assert record == baseline_record
     for name in ("model_000200.pt", "model_000400.pt"):
         a, b = (torch.load(os.path.join(d, name), weights_only=False) for d in (tmp_path, baseline))
         assert a["step"] == b["step"] and a.keys() == b.keys()

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, run
 
 import train_gpt2 as tg
-from conftest import ROOT, run
 
 
 def test_overrides_are_typed():
@@ -82,7 +82,7 @@ def test_autocast_and_fused_adamw_follow_the_device(monkeypatch):
         assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16 and ctx.device == device_type
         assert not isinstance(tg.autocast_context(device_type, "float32"), torch.autocast)
     assert not isinstance(tg.autocast_context("mps", "bfloat16"), torch.autocast)
-    assert tg.use_fused_adamw("cuda") and tg.use_fused_adamw("cpu") and not tg.use_fused_adamw("mps")
+    assert all(tg.use_fused_adamw(d) for d in ("cuda", "cpu", "mps")) and not tg.use_fused_adamw("xpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a V100 or T4
     assert not isinstance(tg.autocast_context("cuda", "bfloat16"), torch.autocast)
     with tg.autocast_context("cpu", "bfloat16"):

@@ -4,8 +4,7 @@ import shutil
 import sys
 
 import torch
-
-from conftest import ROOT, TINY, run, train, train_losses, write_shards
+from conftest import ROOT, TINY, read_log, run, train, train_losses, write_shards
 
 
 def test_resume_continues_exactly(shards, tmp_path):
@@ -18,14 +17,17 @@ def test_resume_continues_exactly(shards, tmp_path):
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)
     shutil.copy(os.path.join(straight, "model_000004.pt"), resumed)
-    with open(os.path.join(straight, "log.txt")) as f, open(os.path.join(resumed, "log.txt"), "w") as g:
-        g.writelines(["# run A: the tiny config\n", "\n"] + [line for line in f if int(line.split()[0]) < 4])
+    record, steps = read_log(straight)
+    first = open(os.path.join(straight, "log.txt")).readline()
+    with open(os.path.join(resumed, "log.txt"), "w") as g:
+        g.writelines([first, "# run A: the tiny config\n", "\n"] + [line for line in steps if int(line.split()[0]) < 4])
     out = train(TINY + [f"--data_dir={shards}", f"--log_dir={resumed}", "--resume=auto"])
     assert out.returncode == 0, out.stderr
     assert "resumed from" in out.stdout and "at step 4" in out.stdout
     assert train_losses(resumed) == full  # bit-identical in float32
     assert train_losses(resumed, "val") == train_losses(straight, "val")
-    assert open(os.path.join(resumed, "log.txt")).read().startswith("# run A: the tiny config\n\n0 ")
+    assert open(os.path.join(resumed, "log.txt")).read().startswith(first + "# run A: the tiny config\n\n0 ")
+    assert read_log(resumed)[0] == record  # the record of the run as it started
 
 
 def test_a_finished_run_is_neither_overwritten_nor_cut(shards, tmp_path):
