@@ -1,6 +1,7 @@
 """Sample from a train_gpt2.py checkpoint, a Hugging Face directory or a hub name.
 
     python sample.py --model=log/model_019073.pt --prompt="Hello, I'm a language model," --max_new_tokens=64
+    python sample.py --model=log_finetune --num_samples=2    # a run directory: its newest checkpoint
     python sample.py --model=hf_out --num_samples=4 --temperature=0.8 --top_p=0.95 --seed=1
     python sample.py --model=log/model_019073.pt --prompt=""    # unconditioned: starts at <|endoftext|>
     python sample.py --model=log/model_019073.pt --prompt=FILE:prompt.txt   # the prompt is the file's text
@@ -18,7 +19,9 @@ from train_gpt2 import EOT, UserError, autocast_context, get_tokenizer, load_mod
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint file (model_NNNNNN.pt), HF directory or hub name")
+    p.add_argument("--model", required=True,
+                   help="checkpoint file (model_NNNNNN.pt), run directory (its newest checkpoint), HF directory or "
+                        "hub name")
     p.add_argument("--prompt", default="Hello, I'm a language model,",
                    help='text to continue ("" for none; FILE:path reads it from a file)')
     p.add_argument("--num_samples", type=int, default=1)
