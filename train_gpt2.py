@@ -174,6 +174,8 @@ def parse_args(argv):
     for k, v in cfg.items():
         if type(v) in (int, float) and (v <= 0 if k in POSITIVE else v < 0):
             raise UserError(f"--{k}={v}: must be {'positive' if k in POSITIVE else 'zero or more'}")
+    if cfg["init_from"]:
+        cfg.update(pretrained_shape(cfg, {*SETTING_PRESETS[name], *given} - {"init_from"}))
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would have "
                         f"unequal widths; change --n_embd or --n_head")
@@ -181,8 +183,6 @@ def parse_args(argv):
         raise UserError(f"--dtype={cfg['dtype']}: expected bfloat16 or float32")
     if not 0 <= cfg["dropout"] < 1:
         raise UserError(f"--dropout={cfg['dropout']}: must be in [0, 1)")
-    if cfg["init_from"]:
-        cfg.update(pretrained_shape(cfg, {*SETTING_PRESETS[name], *given} - {"init_from"}))
     if cfg["T"] > cfg["block_size"]:
         raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
     return Settings(**cfg)
@@ -746,8 +746,8 @@ def device_peak_flops(device_type, setting=0.0):
 
 
 def measure_matmul_flops(n=2048, seconds=0.5):
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)  # not the global one: a resumed run's dropout must follow the saved state
+    a, b = (torch.randn(n, n, dtype=torch.bfloat16, generator=gen) for _ in range(2))
     a @ b  # warm up the kernels
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
