@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY, read_log, train, train_losses, write_hellaswag, write_shards
+from conftest import TINY, hf_gpt2, read_log, train, train_losses, write_hellaswag, write_shards
 
 import train_gpt2
 from train_gpt2 import GPT, GPTConfig, UserError, parse_args
@@ -18,16 +18,14 @@ def strongly_negative_gpt2(path, n_positions=96):
     """A random GPT-2 of an odd shape (5 heads of 8) saved as a Hugging Face directory, its logits averaging about
     -10 as real GPT-2's sit far below 0: every embedding row shares a direction m, and ln_f's bias points against it.
     A padded id with logit 0 would then take most of the probability."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=n_positions, n_embd=40, n_layer=2, n_head=5))
+    hf = hf_gpt2(path, n_positions=n_positions)
     with torch.no_grad():
         m = torch.randn(40)
         m /= m.norm()
         hf.transformer.wte.weight += 0.5 * m
         hf.transformer.ln_f.bias.copy_(-20 * m)
     hf.save_pretrained(path)
-    return hf.eval()  # built in training mode, with GPT-2's dropout
+    return hf
 
 
 @pytest.fixture(scope="module")
