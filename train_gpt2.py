@@ -301,6 +301,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (grad_x * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None
 
 
+def token_rows(lm_weight):
+    """The output layer's rows of real tokens. Ids past GPT-2's 50257 only pad the vocabulary for faster matmuls:
+    with logit 0 they would take much of the probability from a pretrained model, whose logits sit far below 0."""
+    return lm_weight[:EOT + 1] if len(lm_weight) > EOT + 1 else lm_weight
+
+
 class KVCache:
     """One layer's keys and values for every position generated so far, in buffers sized for block_size,
     so that each new token's forward computes only its own row and attends to the stored ones."""
@@ -373,12 +379,8 @@ class GPT(nn.Module):
             return self.lm_head(x), None  # (B, T, vocab_size)
         # With targets only the loss is returned (logits None): the fused loss never holds them all.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.token_weight(), targets.flatten(), dtype)
-
-    def token_weight(self):
-        """lm_head's rows of real tokens. Ids past GPT-2's 50257 only pad the vocabulary for faster matmuls: with
-        logit 0 they would take much of the probability from a pretrained model, whose logits sit far below 0."""
-        return self.lm_head.weight[:EOT + 1 if self.config.vocab_size > EOT + 1 else None]
+        weight = token_rows(self.lm_head.weight)
+        return None, LinearCrossEntropy.apply(x.flatten(0, 1), weight, targets.flatten(), dtype)
 
     @torch.no_grad()
     def generate_stream(self, tokens, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0, num_samples=1,
@@ -916,7 +918,7 @@ def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False):
             tokens, pos, mask = (t.to(device) for t in inputs)
             states, pick, targets, ending = (t.to(device) for t in scored)
             hidden, _ = model(tokens, pos=pos, mask=mask, hidden=True)
-            logits = F.linear(hidden.flatten(0, 1)[states], model.token_weight())
+            logits = F.linear(hidden.flatten(0, 1)[states], token_rows(model.lm_head.weight))
             # Each row's log-sum-exp in fp32, read off log_softmax (x - log_softmax(x) is it, at any column):
             # one fused pass over a row, where logsumexp makes four. A few rows at a time, which on CPU stay in
             # cache: an fp32 copy of all the logits, and the passes over it, took longer than the matmul.
