@@ -1374,11 +1374,12 @@ def batch_arithmetic(cfg, world, log):
 
 def open_data(cfg, rank, world, log):
     """The train and val loaders, how many val rows each eval scores, and this rank's HellaSwag examples."""
-    train_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "train", cfg.data_dir, cfg.seed, cfg.vocab_size)
+    tokens = min(cfg.vocab_size, EOT + 1)  # padded ids are no tokens: a shard holding one is refused
+    train_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "train", cfg.data_dir, cfg.seed, tokens)
     if sum(train_loader.sizes) < cfg.total_batch_size + 1:
         raise UserError(f"the train shards in {cfg.data_dir!r} hold {sum(train_loader.sizes)} tokens, fewer than "
                         f"one step's total_batch_size+1 = {cfg.total_batch_size + 1}; lower --total_batch_size")
-    val_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "val", cfg.data_dir, vocab_size=cfg.vocab_size)
+    val_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "val", cfg.data_dir, vocab_size=tokens)
     val_rows = min(cfg.val_tokens // cfg.T, (sum(val_loader.sizes) - 1) // cfg.T)
     if val_rows == 0:
         raise UserError(f"the val shards in {cfg.data_dir!r} hold fewer than T+1 = {cfg.T + 1} tokens")

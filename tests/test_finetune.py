@@ -3,6 +3,7 @@ dropout, bias, and --max_steps=0 as an eval of the initial model."""
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, hf_gpt2, read_log, train, train_losses, write_hellaswag, write_shards
@@ -167,3 +168,14 @@ def test_dropout():
     with torch.no_grad():
         assert torch.equal(model(idx, idx)[1], model(idx, idx)[1])
         assert torch.equal(model(idx, idx)[1], tiny_gpt(0.0)(idx, idx)[1])
+
+
+def test_a_padded_id_in_a_shard_is_refused(tmp_path):
+    paths = write_shards(str(tmp_path / "data"), [4000, 5000], vocab=500)
+    tokens = np.load(paths[1])
+    tokens[7] = 50300  # below vocab_size 50304, but padding, not a token
+    np.save(paths[1], tokens)
+    r = train([*TINY, "--vocab_size=50304", f"--data_dir={tmp_path / 'data'}", f"--log_dir={tmp_path / 'log'}"])
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: {paths[1]}: token 50300 at position 7 is >= vocab_size 50257; the shard is corrupt or from "
+        f"another tokenizer")
