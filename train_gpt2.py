@@ -236,11 +236,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     of rows at a time in `dtype` with fp32 softmax. The forward also works out both gradients, so at most
     LOSS_CHUNK_ROWS rows of logits are held (B*T x vocab in fp32 is 13 GB at B=64, T=1024) and none are
     recomputed; the backward only scales them. Same maths as the plain loss; the weight gradient is summed
-    in fp32."""
+    in fp32. The gradients are kept as sums over rows, softmax - onehot with entries of order 1, and divided by
+    the row count n only in fp32: at GPT-2's 65,536 rows a micro-batch, (softmax - onehot) / n lies below
+    float16's smallest normal number, and most of it would round to zero before a gradient scaler's factor
+    (which arrives only in the backward) could lift it."""
     @staticmethod
     def forward(ctx, x, weight, targets, dtype):
         n, need_grad = x.size(0), any(ctx.needs_input_grad[:2])
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.n = x.dtype, n
         xd, wd = x.to(dtype), weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(xd) if need_grad else None
@@ -254,12 +257,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             total = exp.sum(dim=1, keepdim=True)
             target = logits.gather(1, tc[:, None])
             loss += (top + total.log() - target).sum()
-            if need_grad:  # d loss / d logits = (softmax - onehot) / n. The onehot goes in at the targets
+            if need_grad:  # n * d loss / d logits = softmax - onehot. The onehot goes in at the targets
                 # alone: compared at every logit inside the fused loop it took a third of that loop's time.
-                scale = 1.0 / (total * n)
+                scale = 1.0 / total
                 g = (exp * scale).to(dtype)
                 rows = torch.arange(len(tc), device=x.device)
-                g[rows, tc] = (torch.exp(target - top) * scale - 1.0 / n).squeeze(1).to(dtype)
+                g[rows, tc] = (torch.exp(target - top) * scale - 1.0).squeeze(1).to(dtype)
                 grad_x[i:i + LOSS_CHUNK_ROWS] = g @ wd
                 grad_w += (g.t() @ xc).float()
         if need_grad:
@@ -269,7 +272,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return (grad_x * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None
+        grad_loss = grad_loss / ctx.n  # in fp32, with the scaler's factor in it
+        return (grad_x.float() * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None
 
 
 class KVCache:
