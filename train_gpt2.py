@@ -82,9 +82,10 @@ sample_tokens = 32               # length in tokens of each sample, prompt inclu
 hella_data = "hellaswag/hellaswag_val.jsonl"  # scored at each eval if present; `python hellaswag.py` downloads it here
 hella_examples = 0               # HellaSwag examples scored at each eval: the file's first N (0: all 10,042)
 seed = 1337                      # model init and shard order
-compile = True                   # torch.compile the model
+compile = True                   # torch.compile the model (not on mps); a compile that fails warns and runs eagerly
 device = "auto"                  # auto picks cuda, then mps, then cpu; or name one ("cuda:1", "cpu")
-dtype = "bfloat16"               # autocast dtype for matmuls; "float32" for exact, reproducible CPU runs
+dtype = "auto"                   # autocast dtype: auto (bf16 where native, else fp16 on a GPU, else fp32), bfloat16,
+                                 # float16 (with a gradient scaler) or float32 (exact, reproducible CPU runs)
 n_layer = 12                     # transformer blocks (gpt2: 12, medium: 24, large: 36, xl: 48)
 n_head = 12                      # attention heads (12, 16, 20, 25)
 n_embd = 768                     # embedding width (768, 1024, 1280, 1600)
@@ -118,6 +119,7 @@ SETTING_PRESETS = {
                        compile=False, n_layer=4, n_head=4, n_embd=128, block_size=128, hella_data=""),
 }
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 EOT = 50256  # <|endoftext|>, which starts every document in the shards
 LOGGED_STEP = re.compile(r"\d+ ")  # how a step's line in log.txt starts; other lines are notes a person added
 RUN_RECORD = "# train_gpt2.py run "  # how log.txt's first line starts, followed by the run's record as JSON
@@ -157,8 +159,8 @@ def parse_args(argv):
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would have "
                         f"unequal widths; change --n_embd or --n_head")
-    if cfg["dtype"] not in ("bfloat16", "float32"):
-        raise UserError(f"--dtype={cfg['dtype']}: expected bfloat16 or float32")
+    if cfg["dtype"] not in DTYPES:
+        raise UserError(f"--dtype={cfg['dtype']}: expected {', '.join(DTYPES)}")
     if cfg["T"] > cfg["block_size"]:
         raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
     return Settings(**cfg)
@@ -653,14 +655,57 @@ def pick_device(requested, local_rank=0):
     return "cpu"
 
 
+def native_bf16(device_type):
+    """Whether the device runs bf16 matmuls in hardware. Not torch.cuda.is_bf16_supported() as it is by default:
+    that counts emulation, so it says yes on a T4 or V100, where bf16 runs slower than fp32 (pytorch#148322)."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_capability() >= (8, 0)  # Ampere and later
+    if device_type == "mps":
+        return torch.backends.mps.is_macos_or_newer(14, 0)  # Metal has bf16 from macOS 14
+    if device_type == "cpu":  # AVX512-BF16 or AMX on x86, BF16 on Arm; torch reports neither, Linux's flags do
+        return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
+
+
+def cpu_flags():
+    """The CPU's feature flags as Linux lists them (an empty set elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith(("flags", "Features")) for flag in line.split(":")[1].split()}
+    except OSError:
+        return set()
+
+
+def choose_dtype(device_type, bf16):
+    """What dtype="auto" trains in: bf16 where the device runs it natively (bf16 says whether it does), float16
+    with a gradient scaler on a GPU without it, float32 on a CPU without it (emulated half precision is slower
+    there than fp32)."""
+    if bf16:
+        return "bfloat16"
+    return "float16" if device_type in ("cuda", "mps") else "float32"
+
+
+def resolve_dtype(setting, device_type, log=print):
+    """The dtype the run trains in, said once."""
+    dtype = choose_dtype(device_type, native_bf16(device_type)) if setting == "auto" else setting
+    how = f"auto: {'native' if dtype == 'bfloat16' else 'no native'} bf16 on this {device_type}" \
+        if setting == "auto" else "as set"
+    log(f"dtype {dtype} ({how})")
+    return dtype
+
+
 def autocast_context(device_type, dtype, log=print):
-    """bf16 autocast for the matmuls (AMX on CPU, tensor cores on CUDA); a no-op for float32."""
-    if device_type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        log("this GPU has no bf16 (pre-Ampere); training in float32")
+    """Autocast in dtype for the matmuls (tensor cores on CUDA, AMX on CPU, Metal on mps); a no-op for float32."""
+    if dtype == "float32":
         return contextlib.nullcontext()
-    if dtype == "bfloat16" and device_type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+def grad_scaler(device_type, dtype):
+    """float16's gradient scaler: float16 holds nothing below 6e-8, so the loss is scaled up before backward
+    and the gradients down again before clipping, the scale found by halving on inf gradients (a step then
+    skipped) and doubling after 2000 clean ones. Disabled, it passes everything through, for the other dtypes."""
+    return torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 
 
 def use_fused_adamw(device_type):
@@ -678,27 +723,44 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - cfg.min_lr)
 
 
-# Dense bf16 datasheet peaks, per device; the first name found in torch.cuda.get_device_name() wins,
-# so the PCIe H100 (fewer SMs, lower clocks) comes before the SXM one.
-GPU_BF16_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
+# Dense datasheet peaks in FLOP/s, (bf16, fp16, fp32) per GPU, fp16 and bf16 with fp32 accumulation (what PyTorch
+# uses; GeForce cards run that at half their fp16-accumulate figure). fp32 is TF32 where the GPU has it, since
+# CUDA runs set the fp32 matmuls to TF32; None: the GPU has no such dtype. The first name found as a word in
+# torch.cuda.get_device_name() wins, so H100 PCIe and NVL (fewer SMs, lower clocks) come before the SXM one.
+GPU_PEAK_FLOPS = {
+    "H200": (989e12, 989e12, 495e12),
+    "H100 PCIe": (756e12, 756e12, 378e12),
+    "H100 NVL": (835e12, 835e12, 418e12),
+    "H100": (989e12, 989e12, 495e12),             # SXM
+    "A100": (312e12, 312e12, 156e12),
+    "A10G": (125e12, 125e12, 62.5e12),            # AWS's; NVIDIA publishes no datasheet, so taken as the A10's
+    "A10": (125e12, 125e12, 62.5e12),
+    "L4": (121e12, 121e12, 60e12),
+    "RTX 4090": (165.2e12, 165.2e12, 82.6e12),
+    "RTX 3090": (71e12, 71e12, 35.6e12),
+    "V100-PCIE": (None, 112e12, 14e12),           # Volta and Turing: fp16 tensor cores only, no TF32
+    "V100": (None, 125e12, 15.7e12),              # SXM2
+    "T4": (None, 65e12, 8.1e12),
+}
 
 
-def device_peak_flops(device_type, setting=0.0):
-    """The peak that MFU is measured against: the setting if given, a known GPU's datasheet figure,
-    a quick bf16 matmul measurement on CPU, else None (MFU not shown)."""
+def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
+    """The peak that MFU is measured against: the setting if given, a known GPU's datasheet figure for dtype,
+    a quick matmul measurement in dtype on CPU, else None (MFU not shown)."""
     if setting > 0:
         return setting
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
-        return next((v for k, v in GPU_BF16_PEAK_FLOPS.items() if k in name), None)
+        peaks = next((v for k, v in GPU_PEAK_FLOPS.items() if re.search(rf"\b{re.escape(k)}\b", name)), None)
+        return peaks and peaks[("bfloat16", "float16", "float32").index(dtype)]
     if device_type == "cpu":
-        return measure_matmul_flops()
+        return measure_matmul_flops(dtype=getattr(torch, dtype))
     return None
 
 
-def measure_matmul_flops(n=2048, seconds=0.5):
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
+def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
     a @ b  # warm up the kernels
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -709,7 +771,7 @@ def measure_matmul_flops(n=2048, seconds=0.5):
 
 def step_time_at_peak(model, cfg, world, device):
     """Seconds an optimizer step would take at every rank's peak FLOP/s, what MFU divides; None if unknown."""
-    peak = device_peak_flops(device.split(":")[0], cfg.peak_flops)
+    peak = device_peak_flops(device.split(":")[0], cfg.peak_flops, cfg.dtype)
     return flops_per_token(model, cfg.T) * cfg.total_batch_size / (peak * world) if peak else None
 
 
@@ -960,10 +1022,11 @@ def process_alive(pid):
     return True
 
 
-def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader, world=1):
+def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader, world=1, scaler=None):
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler else {},  # empty unless float16
         "step": step,
         "val_loss": val_loss,
         "config": dataclasses.asdict(cfg),
@@ -971,7 +1034,8 @@ def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader, world=1
         "shards": loader.manifest(),
         "loader": loader.state_dict(),
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None},
     }
     log_dir, tmp = os.path.dirname(path) or ".", temp_path(path)
     try:
@@ -1288,7 +1352,7 @@ def open_data(cfg, rank, world, log):
     return train_loader, val_loader, val_rows, training_hellaswag(cfg, world, rank, log)
 
 
-def build_model(cfg, train_loader, world, device, log):
+def build_model(cfg, train_loader, world, device, scaler, log):
     """The model and optimizer, fresh or resumed; the step to start at and the checkpoint resumed from."""
     torch.manual_seed(cfg.seed)
     raw_model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})).to(device)
@@ -1309,6 +1373,8 @@ def build_model(cfg, train_loader, world, device, log):
     check_resume(ckpt_file, ckpt, cfg, world, train_loader, log)
     raw_model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt.get("scaler"):  # a run that turns float16 on later starts from a fresh scale
+        scaler.load_state_dict(ckpt["scaler"])
     train_loader.load_state_dict(ckpt["loader"])
     rng = ckpt["rng"]
     random.setstate(rng["python"])
@@ -1316,17 +1382,50 @@ def build_model(cfg, train_loader, world, device, log):
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
     log(f"resumed from {ckpt_file} at step {ckpt['step']}")
     return raw_model, optimizer, ckpt["step"], ckpt_file
 
 
-def wrap_model(raw_model, cfg, device):
+def wrap_model(raw_model, cfg, device, log):
     """(the model the step trains, the model the evals run): compiled if asked, and the step's in DDP under
-    torchrun. Evals skip DDP's wrapper: ranks run different batch counts there, with no collective."""
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    torchrun. Evals skip DDP's wrapper: ranks run different batch counts there, with no collective. No compile
+    on mps: inductor's Metal backend is a prototype in torch 2.x, slower than eager for this model where it
+    works, and it fails on some of its ops."""
+    model = CompiledOrEager(raw_model, log) if cfg.compile and not device.startswith("mps") else raw_model
     if not dist.is_initialized():
         return model, model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None), model
+
+
+class CompiledOrEager(nn.Module):
+    """torch.compile(model), until a compiled call raises (no C++ compiler, no Triton, Windows): then one
+    warning, and the model runs eagerly from that call on, with the same maths. Other attributes are model's."""
+
+    def __init__(self, model, log):
+        super().__init__()
+        self.compiled, self.log, self.failed = torch.compile(model), log, False
+
+    def forward(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except (UserError, torch.OutOfMemoryError):  # the eager model would fail alike
+                raise
+            except Exception as e:
+                self.failed = True
+                reason = getattr(e, "inner_exception", None) or e  # a BackendCompilerFailed holds the cause
+                line = next((s for s in str(reason).splitlines() if s.strip()), "")
+                self.log(f"warning: torch.compile failed ({type(reason).__name__}: {line}); running without it, "
+                         f"the same maths, slower. --compile=False skips the attempt")
+        return self.compiled._orig_mod(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.compiled._orig_mod, name)
 
 
 def run_record(cfg, model, world, device):
@@ -1394,20 +1493,21 @@ def run_evals(step, models, val, hella, cfg, autocast, log, record):
     return val_loss
 
 
-def write_checkpoint(step, raw_model, optimizer, val_loss, cfg, train_loader, world, log):
-    """Rank 0 saves the run at step; every rank returns the checkpoint's path."""
+def write_checkpoint(step, raw_model, optimizers, val_loss, cfg, train_loader, world, log):
+    """Rank 0 saves the run at step; every rank returns the checkpoint's path. optimizers: (optimizer, scaler)."""
     path = checkpoint_path(cfg.log_dir, step)
     if is_master():
-        save_checkpoint(path, raw_model, optimizer, step, val_loss, cfg, train_loader, world)
+        save_checkpoint(path, raw_model, optimizers[0], step, val_loss, cfg, train_loader, world, optimizers[1])
         log(f"wrote {path}")
     return path
 
 
-def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast, device):
+def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast, device, scaler):
     """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as floats.
     When either is not finite the update is skipped, so a bad batch never reaches the weights; all ranks
-    agree on that, as the loss is all-reduced and the norm is taken from all-reduced gradients.
-    model may be compiled and/or wrapped in DDP."""
+    agree on that, as the loss is all-reduced and the norm is taken from all-reduced gradients. In float16 the
+    scaler (see grad_scaler) multiplies the loss before backward and divides the gradients before the norm is
+    taken and clipped; on inf gradients it lowers its scale. model may be compiled and/or wrapped in DDP."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=device)
@@ -1419,34 +1519,42 @@ def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autoca
             _, loss = model(x, y)
         loss = loss / grad_accum_steps
         loss_accum += loss.detach()
-        loss.backward()
+        scaler.scale(loss).backward()
     if ddp:
         dist.all_reduce(loss_accum)  # gloo has no AVG, so sum and divide
         loss_accum /= dist.get_world_size()
+    scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     loss, norm = loss_accum.item(), norm.item()
     if math.isfinite(loss) and math.isfinite(norm):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        optimizer.step()
+        scaler.step(optimizer)
+    scaler.update()  # after unscale_, which noted any inf gradient, so the scale falls even on a skipped step
     if device.startswith("cuda"):
         torch.cuda.synchronize()  # so that the caller's clock times the step, not its launch
     return loss, norm
 
 
-def log_step(step, loss, norm, lr, dt, ideal_dt, cfg, log, record):
+def log_step(step, loss, norm, lr, dt, ideal_dt, cfg, log, record, scaler):
     """The step's console line and log.txt line; ideal_dt is the step's time at 100% MFU (None: not known)."""
     mfu = f"{100 * ideal_dt / dt:.1f}%" if ideal_dt else "n/a"
-    skipped = "" if math.isfinite(loss) and math.isfinite(norm) else " | not finite: step skipped"
+    skipped = ""
+    if not math.isfinite(loss):
+        skipped = " | loss not finite: step skipped"
+    elif not math.isfinite(norm):
+        skipped = (f" | inf gradients: step skipped, gradient scale now {scaler.get_scale():g}" if scaler.is_enabled()
+                   else " | grad norm not finite: step skipped")
     log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms | "
         f"tok/sec {cfg.total_batch_size / dt:.0f} | mfu {mfu}{skipped}")
     record(step, "train", loss)
 
 
-def bad_step(step, loss, norm, bad_steps, ckpt_file, cfg):
+def bad_step(step, loss, norm, bad_steps, ckpt_file, cfg, scaled=False):
     """How many steps have been skipped for a non-finite loss or norm, counting this one; stops the run with
-    advice once there are more than max_bad_steps."""
-    bad_steps += not (math.isfinite(loss) and math.isfinite(norm))
+    advice once there are more than max_bad_steps. With a gradient scaler (scaled) inf gradients are not bad:
+    the scaler skips such steps as it searches for its scale; a non-finite loss still is."""
+    bad_steps += not math.isfinite(loss) or not (scaled or math.isfinite(norm))
     if bad_steps > cfg.max_bad_steps:
         resume = f"--resume={ckpt_file}" if ckpt_file else "no --resume (there is no checkpoint yet)"
         raise UserError(f"step {step}: loss {loss} or grad norm {norm} is not finite; the step was not applied and "
@@ -1491,11 +1599,13 @@ def train(cfg):
     with distributed(cfg) as (rank, world, device):
         log = print if rank == 0 else (lambda *a, **k: None)
         grad_accum_steps = batch_arithmetic(cfg, world, log)
-        autocast = autocast_context(device.split(":")[0], cfg.dtype, log)
+        device_type = device.split(":")[0]
+        cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device_type, log))  # as run, in the record
+        autocast, scaler = autocast_context(device_type, cfg.dtype), grad_scaler(device_type, cfg.dtype)
         train_loader, val_loader, val_rows, hella = open_data(cfg, rank, world, log)
         with log_dir_lock(cfg.log_dir, rank, world):
-            raw_model, optimizer, start_step, ckpt_file = build_model(cfg, train_loader, world, device, log)
-            model, evaluated = wrap_model(raw_model, cfg, device)
+            raw_model, optimizer, start_step, ckpt_file = build_model(cfg, train_loader, world, device, scaler, log)
+            model, evaluated = wrap_model(raw_model, cfg, device, log)
             record = open_log(cfg, start_step, run_record(cfg, raw_model, world, device))
             ideal_dt = step_time_at_peak(raw_model, cfg, world, device)
             stop_signals, bad_steps, val_loss = catch_stop_signals(), 0, None
@@ -1506,7 +1616,8 @@ def train(cfg):
                     val_loss = run_evals(step, (model, evaluated, raw_model), (val_loader, val_rows), hella, cfg,
                                          autocast, log, record)
                 if step > start_step and (step % cfg.checkpoint_interval == 0 or last or stop):
-                    ckpt_file = write_checkpoint(step, raw_model, optimizer, val_loss, cfg, train_loader, world, log)
+                    ckpt_file = write_checkpoint(step, raw_model, (optimizer, scaler), val_loss, cfg, train_loader,
+                                                 world, log)
                 if stop:
                     raise preempted(stop_signals, step, ckpt_file, log)
                 if last:
@@ -1514,9 +1625,9 @@ def train(cfg):
                 t0 = time.perf_counter()
                 lr = get_lr(step, cfg)
                 loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, cfg.grad_clip,
-                                        autocast, device)
-                log_step(step, loss, norm, lr, time.perf_counter() - t0, ideal_dt, cfg, log, record)
-                bad_steps = bad_step(step, loss, norm, bad_steps, ckpt_file, cfg)
+                                        autocast, device, scaler)
+                log_step(step, loss, norm, lr, time.perf_counter() - t0, ideal_dt, cfg, log, record, scaler)
+                bad_steps = bad_step(step, loss, norm, bad_steps, ckpt_file, cfg, scaler.is_enabled())
 
 
 def main(argv=None):
