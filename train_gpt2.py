@@ -759,14 +759,21 @@ def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
 
 
 def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b  # warm up the kernels
+    """FLOP/s of square matmuls in dtype, up to n wide: from 256, wider while one takes under a 20th of the time,
+    as a dtype the CPU only emulates (float16 on most) can run at under 1 GFLOP/s."""
+    size = 256
+    while True:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        t0 = time.perf_counter()
+        a @ b  # also warms up the kernels
+        if size >= n or time.perf_counter() - t0 > seconds / 20:
+            break
+        size *= 2
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         count += 1
-    return 2 * n ** 3 * count / (time.perf_counter() - t0)
+    return 2 * size ** 3 * count / (time.perf_counter() - t0)
 
 
 def step_time_at_peak(model, cfg, world, device):
