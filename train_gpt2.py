@@ -19,6 +19,7 @@ The file, top to bottom:
     train() and main()
 """
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import fcntl
@@ -353,8 +354,16 @@ class GPT(nn.Module):
         seed or generator makes the sampling repeatable; temperature 0 is greedy. Call it on the
         uncompiled model: a compiled one would recompile as the sequence grows (torch.compile's wrapper
         forwards this method to the module it wraps, so compiled.generate_stream() is fine too)."""
-        bs = self.config.block_size
         device = self.lm_head.weight.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        if dtype not in (None, self.lm_head.weight.dtype):
+            # Autocast would cast all the weights again for every token: three times the memory traffic of a
+            # decoder that reads them once, already cast. So decode with a copy held in autocast's dtype.
+            held = copy.deepcopy(self).to(dtype)
+            yield from held.generate_stream(tokens, max_new_tokens, temperature, top_k, top_p, num_samples, seed,
+                                            generator, stop, use_cache)
+            return
+        bs = self.config.block_size
         idx = torch.as_tensor(tokens, dtype=torch.long, device=device).view(1, -1).repeat(num_samples, 1)
         if idx.size(1) == 0:
             raise UserError("the prompt is empty; start it with <|endoftext|> for an unconditioned sample")
@@ -1011,22 +1020,28 @@ def read_checkpoint(path):
                         f"of file ({type(e).__name__}: {e})") from None
 
 
+def newest_checkpoint(log_dir, warn=print):
+    """(path, checkpoint) of the newest readable checkpoint in log_dir, skipping unreadable ones with a warning;
+    (None, None) when log_dir has none."""
+    found = [p for _, p in reversed(list_checkpoints(log_dir))]
+    for path in found:
+        try:
+            return path, read_checkpoint(path)
+        except UserError as e:
+            warn(f"warning: skipping {e}")
+    if found:
+        raise UserError(f"no checkpoint in {log_dir} can be read ({len(found)} tried, see the warnings above); "
+                        f"move them away to start afresh")
+    return None, None
+
+
 def load_checkpoint(resume, cfg, warn=print):
     """(path, checkpoint) for --resume: the file it names, or for "auto" the newest readable checkpoint in
     log_dir, skipping unreadable ones with a warning; (None, None) when log_dir has none yet.
     A checkpoint whose model shape differs from the run's settings is refused."""
     if resume == "auto":
-        found = [p for _, p in reversed(list_checkpoints(cfg.log_dir))]
-        for path in found:
-            try:
-                ckpt = read_checkpoint(path)
-                break
-            except UserError as e:
-                warn(f"warning: skipping {e}")
-        else:
-            if found:
-                raise UserError(f"no checkpoint in {cfg.log_dir} can be read ({len(found)} tried, see the warnings "
-                                f"above); move them away to start afresh")
+        path, ckpt = newest_checkpoint(cfg.log_dir, warn)
+        if path is None:
             return None, None
     else:
         if not os.path.isfile(resume):
@@ -1182,11 +1197,16 @@ def local_model_path(spec):
     raise UserError(f"--model={spec}: no such file or directory; {hint}")
 
 
-def load_model(spec, device="cpu"):
-    """A GPT in eval mode from a train_gpt2.py checkpoint file, a local Hugging Face directory, or a
-    hub name such as "gpt2-xl": the one way scripts get a model, so all of them share one forward path."""
+def load_model(spec, device="cpu", dtype="float32"):
+    """A GPT in eval mode, its weights in dtype, from a train_gpt2.py checkpoint file, a run directory (its
+    newest readable checkpoint), a local Hugging Face directory, or a hub name such as "gpt2-xl": the one way
+    scripts get a model, so all of them share one forward path."""
     spec = local_model_path(spec)
-    if os.path.isfile(spec):
+    if os.path.isdir(spec) and list_checkpoints(spec):
+        spec, ckpt = newest_checkpoint(spec, warn=functools.partial(print, file=sys.stderr))
+        model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
+        model.load_state_dict(ckpt["model"])
+    elif os.path.isfile(spec):
         ckpt = read_checkpoint(spec)
         model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
         model.load_state_dict(ckpt["model"])
@@ -1204,7 +1224,7 @@ def load_model(spec, device="cpu"):
         except OSError as e:  # what transformers raises for a hub name it cannot fetch
             raise UserError(f"--model={spec}: not a checkpoint file, a model directory, or a reachable hub name "
                             f"({str(e).splitlines()[0]})") from None
-    return model.to(device).eval()
+    return model.to(device, getattr(torch, dtype)).eval()
 
 
 # ----------------------------------------------------------------------------------------------
