@@ -77,9 +77,9 @@ def parse_request(body):
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client does not keep the process alive at Ctrl-C
 
-    def __init__(self, address, model, name, queue):
+    def __init__(self, address, queue):
         super().__init__(address, Handler)
-        self.model, self.name, self.enc = model, name, get_tokenizer()
+        self.model, self.name, self.enc = None, None, get_tokenizer()  # the model is loaded once the port is ours
         self.lock = threading.Lock()  # one generation at a time: they share the model (and its one CPU or GPU)
         self.count_lock = threading.Lock()
         self.queue, self.waiting, self.running = queue, 0, 0
@@ -270,15 +270,17 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        device = pick_device(args.device)
-        model = load_model(args.model, device, args.dtype)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    try:
-        server = Server((args.host, args.port), model, os.path.basename(os.path.normpath(args.model)), args.queue)
+    try:  # the port first: a taken one fails at once, not after a long model load
+        server = Server((args.host, args.port), args.queue)
     except OSError as e:
         sys.exit(f"error: cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port")
+    try:
+        device = pick_device(args.device)
+        server.model = load_model(args.model, device, args.dtype)
+    except UserError as e:
+        server.server_close()
+        sys.exit(f"error: {e}")
+    server.name = os.path.basename(os.path.normpath(args.model))
     host, port = server.server_address[:2]
     print(f"serving {args.model} on http://{host}:{port} ({device}, {args.dtype})", flush=True)
     with server:

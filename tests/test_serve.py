@@ -4,6 +4,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ import types
 import openai
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run
 
 from train_gpt2 import get_tokenizer, load_model
 
@@ -167,3 +168,18 @@ def test_a_full_queue_gets_503_and_the_waiting_request_runs_next(server):
     stream.close()
     thread.join(timeout=30)
     assert waiting["r"].choices[0].text == expected_text(server, "Hi", 5, temperature=0)
+
+
+def test_a_bad_model_or_a_taken_port_is_one_line(serve_run, tmp_path):
+    result = run([sys.executable, f"{ROOT}/serve.py", f"--model={tmp_path}/nowhere.pt"])
+    assert (result.returncode, result.stderr) == (1, f"error: --model={tmp_path}/nowhere.pt: no such file or "
+                                                     f"directory; check the path\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run([sys.executable, f"{ROOT}/serve.py", f"--model={serve_run.dir}", f"--port={port}",
+                      "--device=cpu"])
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+                                              f"pick another --port")
