@@ -65,7 +65,6 @@ def main():
                                     n_head=config.n_head, vocab_size=config.vocab_size)).to(device).eval()
     prompt = torch.randint(0, 50257, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     ids = torch.tensor([prompt], device=device)
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype)
 
     def transformers_generate(model, n, context):
         with torch.no_grad(), context:
@@ -84,6 +83,7 @@ def main():
     variants = {f"ours, {args.dtype} weights ({type(held.lm_head).__name__})": lambda n: ours_generate(held, n, plain),
                 f"transformers generate, {args.dtype} weights": lambda n: transformers_generate(hf_held, n, plain)}
     if dtype != torch.float32:  # the mixed precision of training: fp32 weights under autocast
+        autocast = torch.autocast(device.split(":")[0], dtype=dtype)
         variants = {f"transformers generate, {args.dtype} autocast": lambda n: transformers_generate(hf, n, autocast),
                     f"ours, {args.dtype} autocast (a held copy per call)": lambda n: ours_generate(ours, n, autocast),
                     **variants}
