@@ -152,6 +152,9 @@ class Handler(BaseHTTPRequestHandler):
         except APIError as e:
             self.send_json(e.status, {"error": {"message": e.message, "type": e.kind, "param": e.param,
                                                 "code": None}}, retry=e.status == 503)
+        except UserError as e:  # what the model refuses, e.g. a token id outside a smaller vocabulary
+            self.send_json(400, {"error": {"message": str(e), "type": "invalid_request_error", "param": "prompt",
+                                           "code": None}})
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client left; nobody is there to tell
         except Exception as e:  # a bug of ours: say so, log it, and keep serving
