@@ -7,7 +7,8 @@
 
 The file, top to bottom:
     Settings             the run's whole configuration as constants; presets; parse_args
-    Model                GPTConfig, CausalSelfAttention, MLP, Block, GPT; the fused loss; KV cache and sampling
+    Model                GPTConfig, CausalSelfAttention, MLP, Block, GPT; the fused loss; KV cache, weights held
+                         for inference (PackedLinear), sampling
     Tokenizer            GPT-2's BPE, built offline
     Data                 uint16 shards and DataLoaderLite, one token stream whatever the world size
     Devices and schedule device, autocast, fused AdamW, learning rate, MFU
