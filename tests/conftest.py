@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random shards and a tiny, exact (fp32, uncompiled) training configuration."""
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -121,3 +122,14 @@ def serve_run(tmp_path_factory):
                run_dir / "model_000001.pt")
     (run_dir / "model_000002.pt").write_bytes((run_dir / "model_000001.pt").read_bytes()[:1000])
     return types.SimpleNamespace(dir=str(run_dir), checkpoint=str(run_dir / "model_000001.pt"))
+
+
+def start_server(model, log_path, *args):
+    """serve.py on a free port of 127.0.0.1, started as a user would; (the process, its base URL)."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, f"{ROOT}/serve.py", f"--model={model}", "--port=0", "--device=cpu",
+                             "--dtype=float32", *args], stdout=subprocess.PIPE, stderr=log, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = proc.stdout.readline()
+    assert line.startswith("serving "), open(log_path).read()
+    return proc, re.search(r"http://127\.0\.0\.1:\d+", line)[0]

@@ -3,9 +3,7 @@ are OpenAI's JSON and it keeps serving; a client that hangs up frees the model; 
 import http.client
 import json
 import os
-import re
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -14,22 +12,11 @@ import types
 import openai
 import pytest
 import torch
-from conftest import ROOT, run
+from conftest import ROOT, run, start_server
 
 from train_gpt2 import get_tokenizer, load_model
 
 torch.set_num_threads(1)
-
-
-def start_server(model, log_path, *args):
-    """serve.py on a free port of 127.0.0.1, started as a user would; (the process, its base URL)."""
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, f"{ROOT}/serve.py", f"--model={model}", "--port=0", "--device=cpu",
-                             "--dtype=float32", *args], stdout=subprocess.PIPE, stderr=log, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    line = proc.stdout.readline()
-    assert line.startswith("serving "), open(log_path).read()
-    return proc, re.search(r"http://127\.0\.0\.1:\d+", line)[0]
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ import shutil
 import urllib.request
 
 import pytest
-from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
+from conftest import start_server
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from test_serve import start_server
 
 from train_gpt2 import get_tokenizer, load_model
 
