@@ -1236,12 +1236,10 @@ def load_model(spec, device="cpu", dtype="float32"):
     newest readable checkpoint), a local Hugging Face directory, or a hub name such as "gpt2-xl": the one way
     scripts get a model, so all of them share one forward path."""
     spec = local_model_path(spec)
-    if os.path.isdir(spec) and list_checkpoints(spec):
-        spec, ckpt = newest_checkpoint(spec, warn=functools.partial(print, file=sys.stderr))
-        model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
-        model.load_state_dict(ckpt["model"])
-    elif os.path.isfile(spec):
-        ckpt = read_checkpoint(spec)
+    run_dir = os.path.isdir(spec) and list_checkpoints(spec)
+    if run_dir or os.path.isfile(spec):
+        warn = functools.partial(print, file=sys.stderr)  # stdout is the sample's
+        ckpt = newest_checkpoint(spec, warn)[1] if run_dir else read_checkpoint(spec)
         model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
         model.load_state_dict(ckpt["model"])
     elif os.path.isdir(spec):
