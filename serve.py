@@ -27,6 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from train_gpt2 import EOT, UserError, get_tokenizer, load_model, pick_device
 
 MAX_BODY = 1 << 20  # bytes; a prompt is at most block_size tokens, so a larger body is a mistake or an abuse
+UNSUPPORTED = {"echo": False, "logprobs": None, "suffix": None, "best_of": 1, "frequency_penalty": 0,
+               "presence_penalty": 0, "logit_bias": {}}  # OpenAI's fields this server does not implement: defaults
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 
 
@@ -62,6 +64,9 @@ def parse_request(body):
         raise APIError(400, f"stop={json.dumps(req['stop'])} is invalid; stop must be a non-empty string or a "
                             f"list of up to 4 of them", "stop")
     field("n", int, 1, lambda v: v == 1, "1 (one completion per request)")
+    for name, default in UNSUPPORTED.items():  # refused rather than silently ignored
+        if req.get(name) not in (None, default):
+            raise APIError(400, f"{name}={json.dumps(req[name])} is not supported by this server; leave it out", name)
     return dict(
         prompt=field("prompt", str, "", want="a string"),  # OpenAI's default too: text after <|endoftext|>
         max_tokens=field("max_tokens", int, 16, lambda v: v >= 1, "an integer of 1 or more"),

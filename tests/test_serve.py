@@ -103,7 +103,7 @@ def test_malformed_json_gets_a_400_json_error_and_the_server_keeps_serving(serve
     assert status == 400
     assert body["error"]["type"] == "invalid_request_error" and "not valid JSON" in body["error"]["message"]
     for field, value in (("temperature", -1), ("top_p", 0), ("max_tokens", 0), ("stop", 5), ("top_k", -2),
-                         ("prompt", ["a", "b"])):
+                         ("prompt", ["a", "b"]), ("logprobs", 5), ("echo", True)):
         with pytest.raises(openai.BadRequestError) as e:
             server.client.completions.create(model="tiny", prompt="Hi", max_tokens=4, extra_body={field: value})
         assert e.value.param == field and f"{field}=" in e.value.message
