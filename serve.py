@@ -3,7 +3,7 @@
     python serve.py --model=log/model_019073.pt        # then open http://127.0.0.1:8000
     python serve.py --model=log --port=8080             # a run directory: its newest readable checkpoint
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
-         -d '{"prompt": "Hello, I'm a language model,", "max_tokens": 32, "temperature": 0.8}'
+         -d '{"prompt": "Hello, my name is", "max_tokens": 32, "temperature": 0.8}'
 
 Endpoints: GET / (the page), POST /v1/completions (prompt, max_tokens, temperature, top_p, seed, stop, stream,
 and top_k as an extension), GET /v1/models, GET /health. Requests share one model and run one at a time, under
