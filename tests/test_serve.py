@@ -158,7 +158,7 @@ def test_a_full_queue_gets_503_and_the_waiting_request_runs_next(server):
 
 
 def test_a_bad_model_or_a_taken_port_is_one_line(serve_run, tmp_path):
-    result = run([sys.executable, f"{ROOT}/serve.py", f"--model={tmp_path}/nowhere.pt"])
+    result = run([sys.executable, f"{ROOT}/serve.py", f"--model={tmp_path}/nowhere.pt", "--port=0"])
     assert (result.returncode, result.stderr) == (1, f"error: --model={tmp_path}/nowhere.pt: no such file or "
                                                      f"directory; check the path\n")
     with socket.socket() as taken:
