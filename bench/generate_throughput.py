@@ -90,22 +90,22 @@ def main():
 
     n_params = sum(p.numel() for p in held.parameters())  # the tied embedding counted once, as it is read once
     weight_bytes = n_params * torch.finfo(dtype).bits // 8
-    bandwidth = copy_bandwidth(device)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"{n_params / 1e6:.0f}M parameters, {device} ({cpu}), {torch.get_num_threads()} threads, batch 1, "
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, best of {args.rounds} rounds")
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {weight_bytes / 1e6:.0f} MB of {args.dtype} weights a token: "
-          f"limit {bandwidth / weight_bytes:.0f} tokens/s")
-    best = dict.fromkeys(variants, 0.0)
+    best, bandwidth = dict.fromkeys(variants, 0.0), 0.0
     for fn in variants.values():
         fn(4)  # warm up
     for _ in range(args.rounds):
+        bandwidth = max(bandwidth, copy_bandwidth(device))  # like the rates, the least disturbed of the rounds
         for name, fn in variants.items():
             sync(device)
             t0 = time.perf_counter()
             fn(args.new_tokens)
             sync(device)
             best[name] = max(best[name], args.new_tokens / (time.perf_counter() - t0))
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {weight_bytes / 1e6:.0f} MB of {args.dtype} weights a token: "
+          f"limit {bandwidth / weight_bytes:.0f} tokens/s")
     baseline = next(iter(best.values()))
     for name, rate in best.items():
         share = rate * weight_bytes / bandwidth
