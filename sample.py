@@ -2,6 +2,7 @@
 
     python sample.py --model=log/model_019073.pt --prompt="Hello, I'm a language model," --max_new_tokens=64
     python sample.py --model=hf_out --num_samples=4 --temperature=0.8 --top_p=0.95 --seed=1
+    python sample.py --model=log                                # a run directory: its newest readable checkpoint
     python sample.py --model=log/model_019073.pt --prompt=""    # unconditioned: starts at <|endoftext|>
     python sample.py --model=log/model_019073.pt --prompt=FILE:prompt.txt   # the prompt is the file's text
 
