@@ -1452,6 +1452,8 @@ def wrap_model(raw_model, cfg, device, log):
     torchrun. Evals skip DDP's wrapper: ranks run different batch counts there, with no collective. No compile
     on mps: inductor's Metal backend is a prototype in torch 2.x, slower than eager for this model where it
     works, and it fails on some of its ops."""
+    if cfg.compile and device.startswith("mps"):
+        log("note: no torch.compile on mps; the model runs eagerly")
     model = CompiledOrEager(raw_model, log) if cfg.compile and not device.startswith("mps") else raw_model
     if not dist.is_initialized():
         return model, model
