@@ -737,7 +737,7 @@ def resolve_dtype(setting, device_type, log=print):
     return dtype
 
 
-def autocast_context(device_type, dtype, log=print):
+def autocast_context(device_type, dtype):
     """Autocast in dtype for the matmuls (tensor cores on CUDA, AMX on CPU, Metal on mps); a no-op for float32."""
     if dtype == "float32":
         return contextlib.nullcontext()
