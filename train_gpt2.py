@@ -72,6 +72,12 @@ min_lr = 6e-5                    # floor of the cosine decay (0.1 * max_lr; over
 warmup_steps = 715               # linear warmup steps (375M tokens, as GPT-3)
 max_steps = 19073                # 19073 * 524288 = 10B tokens, one epoch of FineWeb-Edu sample-10BT
 weight_decay = 0.1               # applied to 2D+ parameters only
+lr_schedule = "cosine"           # cosine: decay to min_lr over the steps after warmup; wsd: max_lr, then linear decay
+decay_frac = 0.2                 # wsd: the share of max_steps decaying to min_lr (a 20% cooldown matches cosine)
+optimizer = "adamw"              # adamw; or muon: Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest
+muon_lr = 6e-4                   # Muon's peak lr, scaled by the schedule as max_lr is; in AdamW's units (see MuonAdamW)
+muon_momentum = 0.95             # Muon's Nesterov momentum
+muon_weight_decay = 0.1          # Muon's decoupled weight decay, in AdamW's units: p -= lr * wd * p
 grad_clip = 1.0                  # global gradient-norm clip
 eval_interval = 250              # steps between val-loss evaluations (and samples); also at the last step
 val_tokens = 10485760            # tokens per val evaluation, whatever the world size and B (20 * 2**19)
@@ -102,8 +108,8 @@ SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type
 Settings = dataclasses.make_dataclass("Settings", [(k, type(v), v) for k, v in SETTINGS.items()], frozen=True)
 
 # Numeric settings that must be above 0; every other number must be at least 0.
-POSITIVE = ("total_batch_size", "B", "T", "max_lr", "grad_clip", "eval_interval", "checkpoint_interval", "n_layer",
-            "n_head", "n_embd", "block_size", "vocab_size", "sample_tokens")
+POSITIVE = ("total_batch_size", "B", "T", "max_lr", "muon_lr", "grad_clip", "eval_interval", "checkpoint_interval",
+            "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "sample_tokens")
 
 # What --preset=name changes; --name=value arguments still override it.
 SETTING_PRESETS = {
@@ -160,8 +166,17 @@ def parse_args(argv):
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would have "
                         f"unequal widths; change --n_embd or --n_head")
-    if cfg["dtype"] not in DTYPES:
-        raise UserError(f"--dtype={cfg['dtype']}: expected {', '.join(DTYPES)}")
+    for name, choices in (("dtype", DTYPES), ("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
+        if cfg[name] not in choices:
+            raise UserError(f"--{name}={cfg[name]}: expected one of {', '.join(choices)}")
+    if cfg["decay_frac"] > 1:
+        raise UserError(f"--decay_frac={cfg['decay_frac']}: must be at most 1 (the share of max_steps that decays)")
+    if cfg["muon_momentum"] >= 1:
+        raise UserError(f"--muon_momentum={cfg['muon_momentum']}: must be below 1")
+    # FSDP2 shards each matrix over the ranks, and Muon orthogonalizes whole matrices: a rank's shard alone
+    # would get a different update.
+    if cfg.get("fsdp") and cfg["optimizer"] == "muon":
+        raise UserError("--optimizer=muon does not work with --fsdp=True; use DDP (--fsdp=False) or --optimizer=adamw")
     if cfg["T"] > cfg["block_size"]:
         raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
     return Settings(**cfg)
@@ -485,13 +500,59 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self.config.vocab_size = vocab_size
 
-    def configure_optimizers(self, weight_decay, learning_rate, device_type):
-        params = [p for p in self.parameters() if p.requires_grad]
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, muon=None):
+        """AdamW over every parameter; or, given muon=(lr, momentum, weight_decay), Muon over the blocks' 2-D
+        weights and AdamW over the rest: the tied wte/lm_head, wpe, biases and LayerNorm gains."""
+        matrices = [p for p in self.transformer.h.parameters() if p.requires_grad and p.dim() == 2] if muon else []
+        params = [p for p in self.parameters() if p.requires_grad and all(p is not m for m in matrices)]
         decay = [p for p in params if p.dim() >= 2]  # matmul weights and embeddings
         no_decay = [p for p in params if p.dim() < 2]  # biases and LayerNorm gains
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                 fused=use_fused_adamw(device_type))
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                  fused=use_fused_adamw(device_type))
+        if not muon:
+            return adamw
+        lr, momentum, muon_weight_decay = muon
+        return MuonAdamW(torch.optim.Muon([{"params": matrices, "lr_scale": lr / learning_rate}], lr=lr,
+                                          momentum=momentum, weight_decay=muon_weight_decay,
+                                          adjust_lr_fn="match_rms_adamw"), adamw)
+
+
+class MuonAdamW:
+    """Muon and AdamW stepped as one optimizer, so that train_step and checkpoints handle it as they do AdamW:
+    param_groups lists both's groups (Muon's carries lr_scale, its peak lr over max_lr, which train_step
+    multiplies the scheduled lr by), and state_dict holds both states.
+    adjust_lr_fn="match_rms_adamw" scales each matrix's orthogonalized update to the RMS of a typical AdamW
+    update (0.2 * sqrt(max(rows, cols))), so Muon's lr and weight decay mean what AdamW's do and AdamW's tuned
+    values carry over (Moonshot's "Muon is Scalable for LLM Training"). Keller Jordan's "original" scaling wants
+    an lr of its own (0.02-0.05 in modded-nanogpt, against AdamW's ~1e-3), and a weight decay retuned to match."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self):
+        return self.adamw.param_groups + self.muon.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.adamw.zero_grad(set_to_none)
+        self.muon.zero_grad(set_to_none)
+
+    def step(self):
+        self.adamw.step()
+        self.muon.step()
+
+    def state_dict(self):
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state):
+        """Both optimizers' states; the hyperparameters stay this run's settings (torch would take the
+        checkpoint's), so that a resume with a new --muon_lr, momentum or weight decay uses them."""
+        for name, optimizer in (("adamw", self.adamw), ("muon", self.muon)):
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            optimizer.load_state_dict(state[name])
+            for group, kept in zip(optimizer.param_groups, settings):
+                group.update(kept)
 
 
 def sample_next(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None):
@@ -757,11 +818,18 @@ def use_fused_adamw(device_type):
 
 
 def get_lr(it, cfg):
-    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps; or, for wsd, max_lr until the last
+    decay_frac of max_steps, which decay linearly to min_lr. A wsd run can be made longer while it holds max_lr:
+    the decay then starts later, and no step's lr changes before it. Linear, as modded-nanogpt's cooldown; Hägele
+    et al. (2024) found a 20% linear cooldown matches cosine at equal tokens, and (1 - sqrt) only slightly better."""
     if it < cfg.warmup_steps:
         return cfg.max_lr * (it + 1) / cfg.warmup_steps
     if it >= cfg.max_steps:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_start = max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_frac * cfg.max_steps))
+        ratio = max(0, it - decay_start) / max(1, cfg.max_steps - decay_start)
+        return cfg.max_lr + ratio * (cfg.min_lr - cfg.max_lr)
     ratio = (it - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - cfg.min_lr)
 
@@ -1032,7 +1100,7 @@ def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 DATA_ORDER_KEYS = ("total_batch_size", "seed")  # with the train shards, these fix which tokens each step reads
-SCHEDULE_KEYS = ("max_lr", "min_lr", "warmup_steps", "max_steps")
+SCHEDULE_KEYS = ("max_lr", "min_lr", "warmup_steps", "max_steps", "lr_schedule", "decay_frac", "muon_lr")
 
 
 def checkpoint_path(log_dir, step):
@@ -1172,6 +1240,10 @@ def check_resume(path, ckpt, cfg, world, loader, log):
     a step reads (DATA_ORDER_KEYS and the train shards) are refused unless named in --allow_changes; the world
     size and B change nothing; a new schedule is accepted, saying what happens to the learning rate."""
     old, step = Settings(**ckpt["config"]), ckpt["step"]
+    if old.optimizer != cfg.optimizer:
+        raise UserError(f"{path} was trained with --optimizer={old.optimizer}, this run has "
+                        f"--optimizer={cfg.optimizer}, whose state it does not hold; continue with "
+                        f"--optimizer={old.optimizer}, or start afresh with another --log_dir")
     if step > cfg.max_steps:
         raise UserError(f"{path} is at step {step}, past --max_steps={cfg.max_steps}; "
                         f"raise --max_steps to continue the run")
@@ -1198,8 +1270,15 @@ def check_resume(path, ckpt, cfg, world, loader, log):
     new_schedule = [f"{k} {getattr(old, k)} -> {getattr(cfg, k)}" for k in SCHEDULE_KEYS
                     if getattr(old, k) != getattr(cfg, k)]
     if new_schedule:
-        log(f"note: schedule changed ({', '.join(new_schedule)}): the learning rate at step {step} goes from "
-            f"{get_lr(step, old):.4e} to {get_lr(step, cfg):.4e}")
+        was, now = scheduled_lr(step, old), scheduled_lr(step, cfg)
+        log(f"note: schedule changed ({', '.join(new_schedule)}): the learning rate at step {step} " +
+            (f"stays at {now}" if was == now else f"goes from {was} to {now}"))
+
+
+def scheduled_lr(step, cfg):
+    """The learning rate at step as a note shows it; Muon's too, when it has one."""
+    lr = get_lr(step, cfg)
+    return f"{lr:.4e}" + (f" (Muon {lr * cfg.muon_lr / cfg.max_lr:.4e})" if cfg.optimizer == "muon" else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1416,7 +1495,8 @@ def build_model(cfg, train_loader, world, device, scaler, log):
     torch.manual_seed(cfg.seed)
     raw_model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})).to(device)
     log(f"number of parameters: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M")
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device.split(":")[0])
+    muon = (cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay) if cfg.optimizer == "muon" else None
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device.split(":")[0], muon)
     ckpt_file, ckpt = load_checkpoint(cfg.resume, cfg, log) if cfg.resume else (None, None)
     if not ckpt_file:
         if cfg.resume:
@@ -1589,7 +1669,7 @@ def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autoca
     loss, norm = loss_accum.item(), norm.item()
     if math.isfinite(loss) and math.isfinite(norm):
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         scaler.step(optimizer)
     scaler.update()  # after unscale_, which noted any inf gradient, so the scale falls even on a skipped step
     if device.startswith("cuda"):
