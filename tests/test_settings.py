@@ -20,7 +20,8 @@ def test_overrides_are_typed():
 
 @pytest.mark.parametrize("arg, message", [("--compile=maybe", "--compile=maybe: expected true or false (default True)"),
                                           ("--max_lr=fast", "--max_lr=fast: expected a number (default 0.0006)"),
-                                          ("--dtype=fp8", "--dtype=fp8: expected one of auto, bfloat16, float16, float32"),
+                                          ("--dtype=fp8",
+                                           "--dtype=fp8: expected one of auto, bfloat16, float16, float32"),
                                           ("--B=0", "--B=0: must be positive"),
                                           ("--grad_clip=-1", "--grad_clip=-1.0: must be positive"),
                                           ("--eval_interval=0", "--eval_interval=0: must be positive"),
