@@ -60,7 +60,8 @@ def test_the_schedule_scales_both_learning_rates(data):
                                            (cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay))
     before = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
     lr = tg.get_lr(5, cfg)
-    tg.train_step(model, optimizer, loader, 2, lr, cfg.grad_clip, torch.autocast("cpu", enabled=False), "cpu")
+    tg.train_step(model, optimizer, loader, 2, lr, cfg.grad_clip, torch.autocast("cpu", enabled=False), "cpu",
+                  tg.grad_scaler("cpu", "float32"))
     assert [g["lr"] for g in optimizer.adamw.param_groups] == [lr, lr]
     assert optimizer.muon.param_groups[0]["lr"] == pytest.approx(2e-2 * lr / 1e-2, rel=1e-12)
     assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, before)
