@@ -1,8 +1,8 @@
 """Sample from a train_gpt2.py checkpoint, a Hugging Face directory or a hub name.
 
     python sample.py --model=log/model_019073.pt --prompt="Hello, I'm a language model," --max_new_tokens=64
-    python sample.py --model=log_finetune --num_samples=2    # a run directory: its newest checkpoint
     python sample.py --model=hf_out --num_samples=4 --temperature=0.8 --top_p=0.95 --seed=1
+    python sample.py --model=log                                # a run directory: its newest readable checkpoint
     python sample.py --model=log/model_019073.pt --prompt=""    # unconditioned: starts at <|endoftext|>
     python sample.py --model=log/model_019073.pt --prompt=FILE:prompt.txt   # the prompt is the file's text
 
@@ -14,14 +14,13 @@ import codecs
 import math
 import sys
 
-from train_gpt2 import EOT, UserError, autocast_context, get_tokenizer, load_model, pick_device
+from train_gpt2 import EOT, UserError, get_tokenizer, load_model, pick_device
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True,
-                   help="checkpoint file (model_NNNNNN.pt), run directory (its newest checkpoint), HF directory or "
-                        "hub name")
+                   help="checkpoint file (model_NNNNNN.pt), run directory (its newest), HF directory or hub name")
     p.add_argument("--prompt", default="Hello, I'm a language model,",
                    help='text to continue ("" for none; FILE:path reads it from a file)')
     p.add_argument("--num_samples", type=int, default=1)
@@ -31,7 +30,7 @@ def parse_args(argv):
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus: the fewest tokens holding this probability")
     p.add_argument("--seed", type=int, default=None, help="makes the samples repeatable")
     p.add_argument("--device", default="auto", help='auto picks cuda, then mps, then cpu; or name one')
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the weights' dtype")
     args = p.parse_args(argv)
     for name, ok, want in (("num_samples", args.num_samples >= 1, "1 or more"),
                            ("max_new_tokens", args.max_new_tokens >= 1, "1 or more"),
@@ -56,17 +55,16 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
-        model = load_model(args.model, device)
+        model = load_model(args.model, device, args.dtype)
         enc = get_tokenizer()
         prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [EOT]
         sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        with autocast_context(device.split(":")[0], args.dtype):
-            if args.num_samples == 1:
-                stream(model, enc, prompt, args.max_new_tokens, sampling)
-            else:
-                samples = model.generate(prompt, args.max_new_tokens, num_samples=args.num_samples, **sampling)
-                for i, tokens in enumerate(samples):
-                    print(f"--- sample {i}\n{enc.decode(prompt + tokens)}")
+        if args.num_samples == 1:
+            stream(model, enc, prompt, args.max_new_tokens, sampling)
+        else:
+            samples = model.generate(prompt, args.max_new_tokens, num_samples=args.num_samples, **sampling)
+            for i, tokens in enumerate(samples):
+                print(f"--- sample {i}\n{enc.decode(prompt + tokens)}")
     except UserError as e:
         sys.exit(f"error: {e}")
 

@@ -7,7 +7,8 @@
 
 The file, top to bottom:
     Settings             the run's whole configuration as constants; presets; parse_args
-    Model                GPTConfig, CausalSelfAttention, MLP, Block, GPT; the fused loss; KV cache and sampling
+    Model                GPTConfig, CausalSelfAttention, MLP, Block, GPT; the fused loss; KV cache, weights held
+                         for inference (PackedLinear), sampling
     Tokenizer            GPT-2's BPE, built offline
     Data                 uint16 shards and DataLoaderLite, one token stream whatever the world size
     Devices and schedule device, autocast, fused AdamW, learning rate, MFU
@@ -71,6 +72,12 @@ min_lr = 6e-5                    # floor of the cosine decay (0.1 * max_lr; over
 warmup_steps = 715               # linear warmup steps (375M tokens, as GPT-3)
 max_steps = 19073                # 19073 * 524288 = 10B tokens, one epoch of FineWeb-Edu sample-10BT
 weight_decay = 0.1               # applied to 2D+ parameters only
+lr_schedule = "cosine"           # cosine: decay to min_lr over the steps after warmup; wsd: max_lr, then linear decay
+decay_frac = 0.2                 # wsd: the share of max_steps decaying to min_lr (a 20% cooldown matches cosine)
+optimizer = "adamw"              # adamw; or muon: Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest
+muon_lr = 6e-4                   # Muon's peak lr, scaled by the schedule as max_lr is; in AdamW's units (see MuonAdamW)
+muon_momentum = 0.95             # Muon's Nesterov momentum
+muon_weight_decay = 0.1          # Muon's decoupled weight decay, in AdamW's units: p -= lr * wd * p
 grad_clip = 1.0                  # global gradient-norm clip
 eval_interval = 250              # steps between val-loss evaluations (and samples); also at the last step
 val_tokens = 10485760            # tokens per val evaluation, whatever the world size and B (20 * 2**19)
@@ -83,9 +90,10 @@ sample_tokens = 32               # length in tokens of each sample, prompt inclu
 hella_data = "hellaswag/hellaswag_val.jsonl"  # scored at each eval if present; `python hellaswag.py` downloads it here
 hella_examples = 0               # HellaSwag examples scored at each eval: the file's first N (0: all 10,042)
 seed = 1337                      # model init and shard order
-compile = True                   # torch.compile the model
+compile = True                   # torch.compile the model (not on mps); a compile that fails warns and runs eagerly
 device = "auto"                  # auto picks cuda, then mps, then cpu; or name one ("cuda:1", "cpu")
-dtype = "bfloat16"               # autocast dtype for matmuls; "float32" for exact, reproducible CPU runs
+dtype = "auto"                   # autocast dtype: auto (bf16 where native, else fp16 on a GPU, else fp32), bfloat16,
+                                 # float16 (with a gradient scaler) or float32 (exact, reproducible CPU runs)
 n_layer = 12                     # transformer blocks (gpt2: 12, medium: 24, large: 36, xl: 48)
 n_head = 12                      # attention heads (12, 16, 20, 25)
 n_embd = 768                     # embedding width (768, 1024, 1280, 1600)
@@ -107,8 +115,8 @@ SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type
 Settings = dataclasses.make_dataclass("Settings", [(k, type(v), v) for k, v in SETTINGS.items()], frozen=True)
 
 # Numeric settings that must be above 0; every other number must be at least 0.
-POSITIVE = ("total_batch_size", "B", "T", "max_lr", "grad_clip", "eval_interval", "checkpoint_interval", "n_layer",
-            "n_head", "n_embd", "block_size", "vocab_size", "sample_tokens")
+POSITIVE = ("total_batch_size", "B", "T", "max_lr", "muon_lr", "grad_clip", "eval_interval", "checkpoint_interval",
+            "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "sample_tokens")
 
 # What --preset=name changes; --name=value arguments still override it.
 SETTING_PRESETS = {
@@ -138,6 +146,7 @@ SETTING_PRESETS = {
         hella_data=""),             # HellaSwag measures GPT-2's general English, not your text
 }
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 EOT = 50256  # <|endoftext|>, which starts every document in the shards
 LOGGED_STEP = re.compile(r"\d+ ")  # how a step's line in log.txt starts; other lines are notes a person added
 RUN_RECORD = "# train_gpt2.py run "  # how log.txt's first line starts, followed by the run's record as JSON
@@ -179,8 +188,17 @@ def parse_args(argv):
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would have "
                         f"unequal widths; change --n_embd or --n_head")
-    if cfg["dtype"] not in ("bfloat16", "float32"):
-        raise UserError(f"--dtype={cfg['dtype']}: expected bfloat16 or float32")
+    for name, choices in (("dtype", DTYPES), ("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
+        if cfg[name] not in choices:
+            raise UserError(f"--{name}={cfg[name]}: expected one of {', '.join(choices)}")
+    if cfg["decay_frac"] > 1:
+        raise UserError(f"--decay_frac={cfg['decay_frac']}: must be at most 1 (the share of max_steps that decays)")
+    if cfg["muon_momentum"] >= 1:
+        raise UserError(f"--muon_momentum={cfg['muon_momentum']}: must be below 1")
+    # FSDP2 shards each matrix over the ranks, and Muon orthogonalizes whole matrices: a rank's shard alone
+    # would get a different update.
+    if cfg.get("fsdp") and cfg["optimizer"] == "muon":
+        raise UserError("--optimizer=muon does not work with --fsdp=True; use DDP (--fsdp=False) or --optimizer=adamw")
     if not 0 <= cfg["dropout"] < 1:
         raise UserError(f"--dropout={cfg['dropout']}: must be in [0, 1)")
     if cfg["T"] > cfg["block_size"]:
@@ -265,11 +283,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     of rows at a time in `dtype` with fp32 softmax. The forward also works out both gradients, so at most
     LOSS_CHUNK_ROWS rows of logits are held (B*T x vocab in fp32 is 13 GB at B=64, T=1024) and none are
     recomputed; the backward only scales them. Same maths as the plain loss; the weight gradient is summed
-    in fp32."""
+    in fp32. The gradients are kept as sums over rows, softmax - onehot with entries of order 1, and divided by
+    the row count n only in fp32: at GPT-2's 65,536 rows a micro-batch, (softmax - onehot) / n lies below
+    float16's smallest normal number, and most of it would round to zero before a gradient scaler's factor
+    (which arrives only in the backward) could lift it."""
     @staticmethod
     def forward(ctx, x, weight, targets, dtype):
         n, need_grad = x.size(0), any(ctx.needs_input_grad[:2])
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.n = x.dtype, n
         xd, wd = x.to(dtype), weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(xd) if need_grad else None
@@ -283,12 +304,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             total = exp.sum(dim=1, keepdim=True)
             target = logits.gather(1, tc[:, None])
             loss += (top + total.log() - target).sum()
-            if need_grad:  # d loss / d logits = (softmax - onehot) / n. The onehot goes in at the targets
+            if need_grad:  # n * d loss / d logits = softmax - onehot. The onehot goes in at the targets
                 # alone: compared at every logit inside the fused loop it took a third of that loop's time.
-                scale = 1.0 / (total * n)
+                scale = 1.0 / total
                 g = (exp * scale).to(dtype)
                 rows = torch.arange(len(tc), device=x.device)
-                g[rows, tc] = (torch.exp(target - top) * scale - 1.0 / n).squeeze(1).to(dtype)
+                g[rows, tc] = (torch.exp(target - top) * scale - 1.0).squeeze(1).to(dtype)
                 grad_x[i:i + LOSS_CHUNK_ROWS] = g @ wd
                 grad_w += (g.t() @ xc).float()
         if need_grad:
@@ -298,7 +319,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return (grad_x * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None
+        grad_loss = grad_loss / ctx.n  # in fp32, with the scaler's factor in it
+        return (grad_x.float() * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None
 
 
 def token_rows(lm_weight):
@@ -323,6 +345,35 @@ class KVCache:
         start, self.pos = self.pos, self.pos + k.size(2)
         self.k[:, :, start:self.pos], self.v[:, :, start:self.pos] = k, v
         return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
+
+
+class PackedLinear(nn.Module):
+    """A Linear for inference on CPU in bf16, its weight also held reordered into oneDNN's blocked layout. A
+    one-token step is a matrix-vector product per weight, bound by memory bandwidth; at the 124M shape plain bf16
+    F.linear reads the weights at about half the speed of this op, which is the one torch.compile's freezing pass
+    emits for CPU, and gives the same numbers bit for bit. weight stays a parameter, so that state_dict, weight
+    tying and the parameter count are unchanged."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # laid out for batch 1
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def hold_for_inference(model, dtype):
+    """model, in place, with its weights in dtype, in eval mode; on a CPU with oneDNN's bf16 kernels, its
+    Linears become PackedLinears. For generation and scoring only: the packed weights do not train."""
+    model.to(dtype).eval()
+    if (model.lm_head.weight.device.type == "cpu" and dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        for module in list(model.modules()):
+            for name, child in module.named_children():
+                if type(child) is nn.Linear:
+                    setattr(module, name, PackedLinear(child))
+    return model
 
 
 # Hugging Face's GPT-2 keeps these in Conv1D layers, which store the weight as (in, out), transposed from ours.
@@ -390,8 +441,21 @@ class GPT(nn.Module):
         seed or generator makes the sampling repeatable; temperature 0 is greedy. Call it on the
         uncompiled model: a compiled one would recompile as the sequence grows (torch.compile's wrapper
         forwards this method to the module it wraps, so compiled.generate_stream() is fine too)."""
-        bs = self.config.block_size
         device = self.lm_head.weight.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        if dtype not in (None, self.lm_head.weight.dtype):
+            # Autocast would cast all the weights again for every token: three times the memory traffic of a
+            # decoder that reads them once, already cast. So decode with a copy held in autocast's dtype, built
+            # on the meta device so that no second full-precision copy is ever allocated.
+            with torch.device("meta"):
+                held = GPT(self.config)
+            held.load_state_dict({k: v.to(dtype) for k, v in self.state_dict().items()}, assign=True)
+            held.transformer.wte.weight = held.lm_head.weight
+            hold_for_inference(held, dtype)
+            yield from held.generate_stream(tokens, max_new_tokens, temperature, top_k, top_p, num_samples, seed,
+                                            generator, stop, use_cache)
+            return
+        bs = self.config.block_size
         idx = torch.as_tensor(tokens, dtype=torch.long, device=device).view(1, -1).repeat(num_samples, 1)
         if idx.size(1) == 0:
             raise UserError("the prompt is empty; start it with <|endoftext|> for an unconditioned sample")
@@ -472,13 +536,59 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self.config.vocab_size = vocab_size
 
-    def configure_optimizers(self, weight_decay, learning_rate, device_type):
-        params = [p for p in self.parameters() if p.requires_grad]
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, muon=None):
+        """AdamW over every parameter; or, given muon=(lr, momentum, weight_decay), Muon over the blocks' 2-D
+        weights and AdamW over the rest: the tied wte/lm_head, wpe, biases and LayerNorm gains."""
+        matrices = [p for p in self.transformer.h.parameters() if p.requires_grad and p.dim() == 2] if muon else []
+        params = [p for p in self.parameters() if p.requires_grad and all(p is not m for m in matrices)]
         decay = [p for p in params if p.dim() >= 2]  # matmul weights and embeddings
         no_decay = [p for p in params if p.dim() < 2]  # biases and LayerNorm gains
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                 fused=use_fused_adamw(device_type))
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                  fused=use_fused_adamw(device_type))
+        if not muon:
+            return adamw
+        lr, momentum, muon_weight_decay = muon
+        return MuonAdamW(torch.optim.Muon([{"params": matrices, "lr_scale": lr / learning_rate}], lr=lr,
+                                          momentum=momentum, weight_decay=muon_weight_decay,
+                                          adjust_lr_fn="match_rms_adamw"), adamw)
+
+
+class MuonAdamW:
+    """Muon and AdamW stepped as one optimizer, so that train_step and checkpoints handle it as they do AdamW:
+    param_groups lists both's groups (Muon's carries lr_scale, its peak lr over max_lr, which train_step
+    multiplies the scheduled lr by), and state_dict holds both states.
+    adjust_lr_fn="match_rms_adamw" scales each matrix's orthogonalized update to the RMS of a typical AdamW
+    update (0.2 * sqrt(max(rows, cols))), so Muon's lr and weight decay mean what AdamW's do and AdamW's tuned
+    values carry over (Moonshot's "Muon is Scalable for LLM Training"). Keller Jordan's "original" scaling wants
+    an lr of its own (0.02-0.05 in modded-nanogpt, against AdamW's ~1e-3), and a weight decay retuned to match."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self):
+        return self.adamw.param_groups + self.muon.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.adamw.zero_grad(set_to_none)
+        self.muon.zero_grad(set_to_none)
+
+    def step(self):
+        self.adamw.step()
+        self.muon.step()
+
+    def state_dict(self):
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state):
+        """Both optimizers' states; the hyperparameters stay this run's settings (torch would take the
+        checkpoint's), so that a resume with a new --muon_lr, momentum or weight decay uses them."""
+        for name, optimizer in (("adamw", self.adamw), ("muon", self.muon)):
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            optimizer.load_state_dict(state[name])
+            for group, kept in zip(optimizer.param_groups, settings):
+                group.update(kept)
 
 
 def hf_config(name_or_path):
@@ -704,14 +814,57 @@ def pick_device(requested, local_rank=0):
     return "cpu"
 
 
-def autocast_context(device_type, dtype, log=print):
-    """bf16 autocast for the matmuls (AMX on CPU, tensor cores on CUDA); a no-op for float32."""
-    if device_type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        log("this GPU has no bf16 (pre-Ampere); training in float32")
+def native_bf16(device_type):
+    """Whether the device runs bf16 matmuls in hardware. Not torch.cuda.is_bf16_supported() as it is by default:
+    that counts emulation, so it says yes on a T4 or V100, where bf16 runs slower than fp32 (pytorch#148322)."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_capability() >= (8, 0)  # Ampere and later
+    if device_type == "mps":
+        return torch.backends.mps.is_macos_or_newer(14, 0)  # Metal has bf16 from macOS 14
+    if device_type == "cpu":  # AVX512-BF16 or AMX on x86, BF16 on Arm; torch reports neither, Linux's flags do
+        return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
+
+
+def cpu_flags():
+    """The CPU's feature flags as Linux lists them (an empty set elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith(("flags", "Features")) for flag in line.split(":")[1].split()}
+    except OSError:
+        return set()
+
+
+def choose_dtype(device_type, bf16):
+    """What dtype="auto" trains in: bf16 where the device runs it natively (bf16 says whether it does), float16
+    with a gradient scaler on a GPU without it, float32 on a CPU without it (emulated half precision is slower
+    there than fp32)."""
+    if bf16:
+        return "bfloat16"
+    return "float16" if device_type in ("cuda", "mps") else "float32"
+
+
+def resolve_dtype(setting, device_type, log=print):
+    """The dtype the run trains in, said once."""
+    dtype = choose_dtype(device_type, native_bf16(device_type)) if setting == "auto" else setting
+    how = f"auto: {'native' if dtype == 'bfloat16' else 'no native'} bf16 on this {device_type}" \
+        if setting == "auto" else "as set"
+    log(f"dtype {dtype} ({how})")
+    return dtype
+
+
+def autocast_context(device_type, dtype):
+    """Autocast in dtype for the matmuls (tensor cores on CUDA, AMX on CPU, Metal on mps); a no-op for float32."""
+    if dtype == "float32":
         return contextlib.nullcontext()
-    if dtype == "bfloat16" and device_type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+def grad_scaler(device_type, dtype):
+    """float16's gradient scaler: float16 holds nothing below 6e-8, so the loss is scaled up before backward
+    and the gradients down again before clipping, the scale found by halving on inf gradients (a step then
+    skipped) and doubling after 2000 clean ones. Disabled, it passes everything through, for the other dtypes."""
+    return torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 
 
 def use_fused_adamw(device_type):
@@ -720,47 +873,79 @@ def use_fused_adamw(device_type):
 
 
 def get_lr(it, cfg):
-    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps; or, for wsd, max_lr until the last
+    decay_frac of max_steps, which decay linearly to min_lr. A wsd run can be made longer while it holds max_lr:
+    the decay then starts later, and no step's lr changes before it. Linear, as modded-nanogpt's cooldown; Hägele
+    et al. (2024) found a 20% linear cooldown matches cosine at equal tokens, and (1 - sqrt) only slightly better."""
     if it < cfg.warmup_steps:
         return cfg.max_lr * (it + 1) / cfg.warmup_steps
     if it >= cfg.max_steps:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_start = max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_frac * cfg.max_steps))
+        ratio = max(0, it - decay_start) / max(1, cfg.max_steps - decay_start)
+        return cfg.max_lr + ratio * (cfg.min_lr - cfg.max_lr)
     ratio = (it - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - cfg.min_lr)
 
 
-# Dense bf16 datasheet peaks, per device; the first name found in torch.cuda.get_device_name() wins,
-# so the PCIe H100 (fewer SMs, lower clocks) comes before the SXM one.
-GPU_BF16_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
+# Dense datasheet peaks in FLOP/s, (bf16, fp16, fp32) per GPU, fp16 and bf16 with fp32 accumulation (what PyTorch
+# uses; GeForce cards run that at half their fp16-accumulate figure). fp32 is TF32 where the GPU has it, since
+# CUDA runs set the fp32 matmuls to TF32; None: the GPU has no such dtype. The first name found as a word in
+# torch.cuda.get_device_name() wins, so H100 PCIe and NVL (fewer SMs, lower clocks) come before the SXM one.
+GPU_PEAK_FLOPS = {
+    "H200": (989e12, 989e12, 495e12),
+    "H100 PCIe": (756e12, 756e12, 378e12),
+    "H100 NVL": (835e12, 835e12, 418e12),
+    "H100": (989e12, 989e12, 495e12),             # SXM
+    "A100": (312e12, 312e12, 156e12),
+    "A10G": (125e12, 125e12, 62.5e12),            # AWS's; NVIDIA publishes no datasheet, so taken as the A10's
+    "A10": (125e12, 125e12, 62.5e12),
+    "L4": (121e12, 121e12, 60e12),
+    "RTX 4090": (165.2e12, 165.2e12, 82.6e12),
+    "RTX 3090": (71e12, 71e12, 35.6e12),
+    "V100-PCIE": (None, 112e12, 14e12),           # Volta and Turing: fp16 tensor cores only, no TF32
+    "V100": (None, 125e12, 15.7e12),              # SXM2
+    "T4": (None, 65e12, 8.1e12),
+}
 
 
-def device_peak_flops(device_type, setting=0.0):
-    """The peak that MFU is measured against: the setting if given, a known GPU's datasheet figure,
-    a quick bf16 matmul measurement on CPU, else None (MFU not shown)."""
+def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
+    """The peak that MFU is measured against: the setting if given, a known GPU's datasheet figure for dtype,
+    a quick matmul measurement in dtype on CPU, else None (MFU not shown)."""
     if setting > 0:
         return setting
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
-        return next((v for k, v in GPU_BF16_PEAK_FLOPS.items() if k in name), None)
+        peaks = next((v for k, v in GPU_PEAK_FLOPS.items() if re.search(rf"\b{re.escape(k)}\b", name)), None)
+        return peaks and peaks[("bfloat16", "float16", "float32").index(dtype)]
     if device_type == "cpu":
-        return measure_matmul_flops()
+        return measure_matmul_flops(dtype=getattr(torch, dtype))
     return None
 
 
-def measure_matmul_flops(n=2048, seconds=0.5):
+def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
+    """FLOP/s of square matmuls in dtype, up to n wide: from 256, wider while one takes under a 20th of the time,
+    as a dtype the CPU only emulates (float16 on most) can run at under 1 GFLOP/s."""
+    size = 256
     gen = torch.Generator().manual_seed(0)  # not the global one: a resumed run's dropout must follow the saved state
-    a, b = (torch.randn(n, n, dtype=torch.bfloat16, generator=gen) for _ in range(2))
-    a @ b  # warm up the kernels
+    while True:
+        a, b = (torch.randn(size, size, dtype=dtype, generator=gen) for _ in range(2))
+        t0 = time.perf_counter()
+        a @ b  # also warms up the kernels
+        if size >= n or time.perf_counter() - t0 > seconds / 20:
+            break
+        size *= 2
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         count += 1
-    return 2 * n ** 3 * count / (time.perf_counter() - t0)
+    return 2 * size ** 3 * count / (time.perf_counter() - t0)
 
 
 def step_time_at_peak(model, cfg, world, device):
     """Seconds an optimizer step would take at every rank's peak FLOP/s, what MFU divides; None if unknown."""
-    peak = device_peak_flops(device.split(":")[0], cfg.peak_flops)
+    peak = device_peak_flops(device.split(":")[0], cfg.peak_flops, cfg.dtype)
     return flops_per_token(model, cfg.T) * cfg.total_batch_size / (peak * world) if peak else None
 
 
@@ -971,7 +1156,7 @@ def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 DATA_ORDER_KEYS = ("total_batch_size", "seed")  # with the train shards, these fix which tokens each step reads
-SCHEDULE_KEYS = ("max_lr", "min_lr", "warmup_steps", "max_steps")
+SCHEDULE_KEYS = ("max_lr", "min_lr", "warmup_steps", "max_steps", "lr_schedule", "decay_frac", "muon_lr")
 
 
 def checkpoint_path(log_dir, step):
@@ -1011,10 +1196,11 @@ def process_alive(pid):
     return True
 
 
-def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader, world=1):
+def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader, world=1, scaler=None):
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler else {},  # empty unless float16
         "step": step,
         "val_loss": val_loss,
         "config": dataclasses.asdict(cfg),
@@ -1022,7 +1208,8 @@ def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader, world=1
         "shards": loader.manifest(),
         "loader": loader.state_dict(),
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None},
     }
     log_dir, tmp = os.path.dirname(path) or ".", temp_path(path)
     try:
@@ -1076,8 +1263,8 @@ def newest_checkpoint(log_dir, warn=print):
         except UserError as e:
             warn(f"warning: skipping {e}")
     if found:
-        raise UserError(f"no checkpoint in {log_dir} can be read ({len(found)} tried, see the warnings "
-                        f"above); move them away to start afresh")
+        raise UserError(f"no checkpoint in {log_dir} can be read ({len(found)} tried, see the warnings above); "
+                        f"move them away to start afresh")
     return None, None
 
 
@@ -1087,7 +1274,7 @@ def load_checkpoint(resume, cfg, warn=print):
     A checkpoint whose model shape differs from the run's settings is refused."""
     if resume == "auto":
         path, ckpt = newest_checkpoint(cfg.log_dir, warn)
-        if not path:
+        if path is None:
             return None, None
     else:
         if not os.path.isfile(resume):
@@ -1109,6 +1296,10 @@ def check_resume(path, ckpt, cfg, world, loader, log):
     a step reads (DATA_ORDER_KEYS and the train shards) are refused unless named in --allow_changes; the world
     size and B change nothing; a new schedule is accepted, saying what happens to the learning rate."""
     old, step = Settings(**ckpt["config"]), ckpt["step"]
+    if old.optimizer != cfg.optimizer:
+        raise UserError(f"{path} was trained with --optimizer={old.optimizer}, this run has "
+                        f"--optimizer={cfg.optimizer}, whose state it does not hold; continue with "
+                        f"--optimizer={old.optimizer}, or start afresh with another --log_dir")
     if step > cfg.max_steps:
         raise UserError(f"{path} is at step {step}, past --max_steps={cfg.max_steps}; "
                         f"raise --max_steps to continue the run")
@@ -1135,8 +1326,15 @@ def check_resume(path, ckpt, cfg, world, loader, log):
     new_schedule = [f"{k} {getattr(old, k)} -> {getattr(cfg, k)}" for k in SCHEDULE_KEYS
                     if getattr(old, k) != getattr(cfg, k)]
     if new_schedule:
-        log(f"note: schedule changed ({', '.join(new_schedule)}): the learning rate at step {step} goes from "
-            f"{get_lr(step, old):.4e} to {get_lr(step, cfg):.4e}")
+        was, now = scheduled_lr(step, old), scheduled_lr(step, cfg)
+        log(f"note: schedule changed ({', '.join(new_schedule)}): the learning rate at step {step} " +
+            (f"stays at {now}" if was == now else f"goes from {was} to {now}"))
+
+
+def scheduled_lr(step, cfg):
+    """The learning rate at step as a note shows it; Muon's too, when it has one."""
+    lr = get_lr(step, cfg)
+    return f"{lr:.4e}" + (f" (Muon {lr * cfg.muon_lr / cfg.max_lr:.4e})" if cfg.optimizer == "muon" else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1243,14 +1441,15 @@ def local_model_path(spec):
     raise UserError(f"--model={spec}: no such file or directory; {hint}")
 
 
-def load_model(spec, device="cpu"):
-    """A GPT in eval mode from a train_gpt2.py checkpoint file, a run's log_dir (its newest readable checkpoint),
-    a local Hugging Face directory, or a hub name such as "gpt2-xl": the one way scripts get a model, so all of
-    them share one forward path."""
+def load_model(spec, device="cpu", dtype="float32"):
+    """A GPT in eval mode, its weights in dtype, from a train_gpt2.py checkpoint file, a run directory (its
+    newest readable checkpoint), a local Hugging Face directory, or a hub name such as "gpt2-xl": the one way
+    scripts get a model, so all of them share one forward path."""
     spec = local_model_path(spec)
-    run_dir = os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json"))
-    if os.path.isfile(spec) or (run_dir and list_checkpoints(spec)):
-        ckpt = read_checkpoint(spec) if os.path.isfile(spec) else newest_checkpoint(spec)[1]
+    run_dir = os.path.isdir(spec) and list_checkpoints(spec)
+    if run_dir or os.path.isfile(spec):
+        warn = functools.partial(print, file=sys.stderr)  # stdout is the sample's
+        ckpt = newest_checkpoint(spec, warn)[1] if run_dir else read_checkpoint(spec)
         model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
         model.load_state_dict(ckpt["model"])
     elif os.path.isdir(spec):
@@ -1267,7 +1466,7 @@ def load_model(spec, device="cpu"):
         except OSError as e:  # what transformers raises for a hub name it cannot fetch
             raise UserError(f"--model={spec}: not a checkpoint file, a model directory, or a reachable hub name "
                             f"({str(e).splitlines()[0]})") from None
-    return model.to(device).eval()
+    return hold_for_inference(model.to(device), getattr(torch, dtype))
 
 
 def pretrained_shape(cfg, explicit):
@@ -1388,12 +1587,13 @@ def open_data(cfg, rank, world, log):
     return train_loader, val_loader, val_rows, training_hellaswag(cfg, world, rank, log)
 
 
-def build_model(cfg, train_loader, world, device, log):
+def build_model(cfg, train_loader, world, device, scaler, log):
     """The model and optimizer, fresh or resumed; the step to start at and the checkpoint resumed from."""
     torch.manual_seed(cfg.seed)
     raw_model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}, dropout=cfg.dropout)).to(device)
     log(f"number of parameters: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M")
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device.split(":")[0])
+    muon = (cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay) if cfg.optimizer == "muon" else None
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device.split(":")[0], muon)
     ckpt_file, ckpt = load_checkpoint(cfg.resume, cfg, log) if cfg.resume else (None, None)
     if not ckpt_file:
         if cfg.resume:
@@ -1413,6 +1613,8 @@ def build_model(cfg, train_loader, world, device, log):
     check_resume(ckpt_file, ckpt, cfg, world, train_loader, log)
     raw_model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt.get("scaler"):  # a run that turns float16 on later starts from a fresh scale
+        scaler.load_state_dict(ckpt["scaler"])
     train_loader.load_state_dict(ckpt["loader"])
     rng = ckpt["rng"]
     random.setstate(rng["python"])
@@ -1420,17 +1622,52 @@ def build_model(cfg, train_loader, world, device, log):
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
     log(f"resumed from {ckpt_file} at step {ckpt['step']}")
     return raw_model, optimizer, ckpt["step"], ckpt_file
 
 
-def wrap_model(raw_model, cfg, device):
+def wrap_model(raw_model, cfg, device, log):
     """(the model the step trains, the model the evals run): compiled if asked, and the step's in DDP under
-    torchrun. Evals skip DDP's wrapper: ranks run different batch counts there, with no collective."""
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    torchrun. Evals skip DDP's wrapper: ranks run different batch counts there, with no collective. No compile
+    on mps: inductor's Metal backend is a prototype in torch 2.x, slower than eager for this model where it
+    works, and it fails on some of its ops."""
+    if cfg.compile and device.startswith("mps"):
+        log("note: no torch.compile on mps; the model runs eagerly")
+    model = CompiledOrEager(raw_model, log) if cfg.compile and not device.startswith("mps") else raw_model
     if not dist.is_initialized():
         return model, model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None), model
+
+
+class CompiledOrEager(nn.Module):
+    """torch.compile(model), until a compiled call raises (no C++ compiler, no Triton, Windows): then one
+    warning, and the model runs eagerly from that call on, with the same maths. Other attributes are model's."""
+
+    def __init__(self, model, log):
+        super().__init__()
+        self.compiled, self.log, self.failed = torch.compile(model), log, False
+
+    def forward(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except (UserError, torch.OutOfMemoryError):  # the eager model would fail alike
+                raise
+            except Exception as e:
+                self.failed = True
+                reason = getattr(e, "inner_exception", None) or e  # a BackendCompilerFailed holds the cause
+                line = next((s for s in str(reason).splitlines() if s.strip()), "")
+                self.log(f"warning: torch.compile failed ({type(reason).__name__}: {line}); running without it, "
+                         f"the same maths, slower. --compile=False skips the attempt")
+        return self.compiled._orig_mod(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.compiled._orig_mod, name)
 
 
 def run_record(cfg, model, world, device):
@@ -1498,20 +1735,21 @@ def run_evals(step, models, val, hella, cfg, autocast, log, record):
     return val_loss
 
 
-def write_checkpoint(step, raw_model, optimizer, val_loss, cfg, train_loader, world, log):
-    """Rank 0 saves the run at step; every rank returns the checkpoint's path."""
+def write_checkpoint(step, raw_model, optimizers, val_loss, cfg, train_loader, world, log):
+    """Rank 0 saves the run at step; every rank returns the checkpoint's path. optimizers: (optimizer, scaler)."""
     path = checkpoint_path(cfg.log_dir, step)
     if is_master():
-        save_checkpoint(path, raw_model, optimizer, step, val_loss, cfg, train_loader, world)
+        save_checkpoint(path, raw_model, optimizers[0], step, val_loss, cfg, train_loader, world, optimizers[1])
         log(f"wrote {path}")
     return path
 
 
-def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast, device):
+def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast, device, scaler):
     """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as floats.
     When either is not finite the update is skipped, so a bad batch never reaches the weights; all ranks
-    agree on that, as the loss is all-reduced and the norm is taken from all-reduced gradients.
-    model may be compiled and/or wrapped in DDP."""
+    agree on that, as the loss is all-reduced and the norm is taken from all-reduced gradients. In float16 the
+    scaler (see grad_scaler) multiplies the loss before backward and divides the gradients before the norm is
+    taken and clipped; on inf gradients it lowers its scale. model may be compiled and/or wrapped in DDP."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=device)
@@ -1523,34 +1761,42 @@ def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autoca
             _, loss = model(x, y)
         loss = loss / grad_accum_steps
         loss_accum += loss.detach()
-        loss.backward()
+        scaler.scale(loss).backward()
     if ddp:
         dist.all_reduce(loss_accum)  # gloo has no AVG, so sum and divide
         loss_accum /= dist.get_world_size()
+    scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     loss, norm = loss_accum.item(), norm.item()
     if math.isfinite(loss) and math.isfinite(norm):
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        scaler.step(optimizer)
+    scaler.update()  # after unscale_, which noted any inf gradient, so the scale falls even on a skipped step
     if device.startswith("cuda"):
         torch.cuda.synchronize()  # so that the caller's clock times the step, not its launch
     return loss, norm
 
 
-def log_step(step, loss, norm, lr, dt, ideal_dt, cfg, log, record):
+def log_step(step, loss, norm, lr, dt, ideal_dt, cfg, log, record, scaler):
     """The step's console line and log.txt line; ideal_dt is the step's time at 100% MFU (None: not known)."""
     mfu = f"{100 * ideal_dt / dt:.1f}%" if ideal_dt else "n/a"
-    skipped = "" if math.isfinite(loss) and math.isfinite(norm) else " | not finite: step skipped"
+    skipped = ""
+    if not math.isfinite(loss):
+        skipped = " | loss not finite: step skipped"
+    elif not math.isfinite(norm):
+        skipped = (f" | inf gradients: step skipped, gradient scale now {scaler.get_scale():g}" if scaler.is_enabled()
+                   else " | grad norm not finite: step skipped")
     log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms | "
         f"tok/sec {cfg.total_batch_size / dt:.0f} | mfu {mfu}{skipped}")
     record(step, "train", loss)
 
 
-def bad_step(step, loss, norm, bad_steps, ckpt_file, cfg):
+def bad_step(step, loss, norm, bad_steps, ckpt_file, cfg, scaled=False):
     """How many steps have been skipped for a non-finite loss or norm, counting this one; stops the run with
-    advice once there are more than max_bad_steps."""
-    bad_steps += not (math.isfinite(loss) and math.isfinite(norm))
+    advice once there are more than max_bad_steps. With a gradient scaler (scaled) inf gradients are not bad:
+    the scaler skips such steps as it searches for its scale; a non-finite loss still is."""
+    bad_steps += not math.isfinite(loss) or not (scaled or math.isfinite(norm))
     if bad_steps > cfg.max_bad_steps:
         resume = f"--resume={ckpt_file}" if ckpt_file else "no --resume (there is no checkpoint yet)"
         raise UserError(f"step {step}: loss {loss} or grad norm {norm} is not finite; the step was not applied and "
@@ -1595,11 +1841,13 @@ def train(cfg):
     with distributed(cfg) as (rank, world, device):
         log = print if rank == 0 else (lambda *a, **k: None)
         grad_accum_steps = batch_arithmetic(cfg, world, log)
-        autocast = autocast_context(device.split(":")[0], cfg.dtype, log)
+        device_type = device.split(":")[0]
+        cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device_type, log))  # as run, in the record
+        autocast, scaler = autocast_context(device_type, cfg.dtype), grad_scaler(device_type, cfg.dtype)
         train_loader, val_loader, val_rows, hella = open_data(cfg, rank, world, log)
         with log_dir_lock(cfg.log_dir, rank, world):
-            raw_model, optimizer, start_step, ckpt_file = build_model(cfg, train_loader, world, device, log)
-            model, evaluated = wrap_model(raw_model, cfg, device)
+            raw_model, optimizer, start_step, ckpt_file = build_model(cfg, train_loader, world, device, scaler, log)
+            model, evaluated = wrap_model(raw_model, cfg, device, log)
             record = open_log(cfg, start_step, run_record(cfg, raw_model, world, device))
             ideal_dt = step_time_at_peak(raw_model, cfg, world, device)
             stop_signals, bad_steps, val_loss = catch_stop_signals(), 0, None
@@ -1610,7 +1858,8 @@ def train(cfg):
                     val_loss = run_evals(step, (model, evaluated, raw_model), (val_loader, val_rows), hella, cfg,
                                          autocast, log, record)
                 if step > start_step and (step % cfg.checkpoint_interval == 0 or last or stop):
-                    ckpt_file = write_checkpoint(step, raw_model, optimizer, val_loss, cfg, train_loader, world, log)
+                    ckpt_file = write_checkpoint(step, raw_model, (optimizer, scaler), val_loss, cfg, train_loader,
+                                                 world, log)
                 if stop:
                     raise preempted(stop_signals, step, ckpt_file, log)
                 if last:
@@ -1618,9 +1867,9 @@ def train(cfg):
                 t0 = time.perf_counter()
                 lr = get_lr(step, cfg)
                 loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, cfg.grad_clip,
-                                        autocast, device)
-                log_step(step, loss, norm, lr, time.perf_counter() - t0, ideal_dt, cfg, log, record)
-                bad_steps = bad_step(step, loss, norm, bad_steps, ckpt_file, cfg)
+                                        autocast, device, scaler)
+                log_step(step, loss, norm, lr, time.perf_counter() - t0, ideal_dt, cfg, log, record, scaler)
+                bad_steps = bad_step(step, loss, norm, bad_steps, ckpt_file, cfg, scaler.is_enabled())
 
 
 def main(argv=None):

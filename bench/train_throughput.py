@@ -106,7 +106,8 @@ def time_training(args, which):
     def step():
         t0 = time.perf_counter()
         if which == "ours":
-            train_gpt2.train_step(model, optimizer, loader, args.grad_accum, 6e-4, 1.0, autocast, "cpu")
+            train_gpt2.train_step(model, optimizer, loader, args.grad_accum, 6e-4, 1.0, autocast, "cpu",
+                                  train_gpt2.grad_scaler("cpu", "bfloat16"))
         else:
             usual_step(model, optimizer, loader, args.grad_accum, 1.0, autocast)
         return time.perf_counter() - t0

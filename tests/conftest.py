@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random shards and a tiny, exact (fp32, uncompiled) training configuration."""
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -113,3 +114,34 @@ def hf_gpt2(path, n_positions=96, n_embd=40, n_layer=2, n_head=5, seed=0):
                                     n_head=n_head))
     hf.save_pretrained(path)
     return hf.eval()  # built in training mode, with GPT-2's dropout
+
+
+@pytest.fixture(scope="session")
+def serve_run(tmp_path_factory):
+    """A run directory as serve.py takes it: a tiny random GPT (GPT-2's padded vocabulary, block_size 64,
+    weights sharpened so that greedy text varies) saved as its checkpoint model_000001.pt, and a newer
+    model_000002.pt cut short, which loading skips with a warning."""
+    import torch
+
+    from train_gpt2 import GPT, MODEL_KEYS, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    run_dir = tmp_path_factory.mktemp("serve_run")
+    torch.save({"model": model.state_dict(), "config": {k: getattr(model.config, k) for k in MODEL_KEYS}},
+               run_dir / "model_000001.pt")
+    (run_dir / "model_000002.pt").write_bytes((run_dir / "model_000001.pt").read_bytes()[:1000])
+    return types.SimpleNamespace(dir=str(run_dir), checkpoint=str(run_dir / "model_000001.pt"))
+
+
+def start_server(model, log_path, *args):
+    """serve.py on a free port of 127.0.0.1, started as a user would; (the process, its base URL)."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, f"{ROOT}/serve.py", f"--model={model}", "--port=0", "--device=cpu",
+                             "--dtype=float32", *args], stdout=subprocess.PIPE, stderr=log, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = proc.stdout.readline()
+    assert line.startswith("serving "), open(log_path).read()
+    return proc, re.search(r"http://127\.0\.0\.1:\d+", line)[0]

@@ -1,5 +1,6 @@
-"""GPT.generate: the KV cache changes no token, sampling is repeatable and honours its limits, and the
-in-training samples and sample.py use it."""
+"""GPT.generate: the KV cache and bf16 weights held for inference change no token, sampling is repeatable and
+honours its limits, and the in-training samples and sample.py use it."""
+import copy
 import os
 import sys
 
@@ -8,7 +9,17 @@ import torch
 from conftest import ROOT, run
 
 import sample
-from train_gpt2 import EOT, GPT, GPTConfig, UserError, get_tokenizer, load_model, sample_next
+from train_gpt2 import (
+    EOT,
+    GPT,
+    GPTConfig,
+    PackedLinear,
+    UserError,
+    get_tokenizer,
+    hold_for_inference,
+    load_model,
+    sample_next,
+)
 
 torch.set_num_threads(1)  # these models are tiny: threads would only contend for the 2 cores
 
@@ -170,3 +181,31 @@ def test_sample_cli_says_a_mistyped_checkpoint_path_does_not_exist(tiny_run, tmp
         result = run([sys.executable, f"{ROOT}/sample.py", f"--model={spec}"], env={"HF_HUB_OFFLINE": "1"})
         assert result.returncode == 1
         assert result.stderr == f"error: --model={spec}: no such file or directory; {hint}\n"
+
+
+def test_bf16_inference_holds_packed_weights_that_change_no_number():
+    model = tiny_model(vocab_size=50304)
+    plain = copy.deepcopy(model).to(torch.bfloat16)
+    held = hold_for_inference(copy.deepcopy(model), torch.bfloat16)
+    assert isinstance(held.lm_head, PackedLinear) and isinstance(held.transformer.h[0].mlp.c_fc, PackedLinear)
+    assert held.lm_head.weight is held.transformer.wte.weight  # still tied, still in state_dict
+    assert held.state_dict().keys() == model.state_dict().keys()
+    idx = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(held(idx)[0], plain(idx)[0])  # oneDNN's packed layout, the same bf16 arithmetic
+    greedy = plain.generate([1, 2, 3], 30, temperature=0, stop=None)
+    assert held.generate([1, 2, 3], 30, temperature=0, stop=None) == greedy
+    # under autocast, fp32 weights decode from such a copy, made per call; the model itself is untouched
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.generate([1, 2, 3], 30, temperature=0, stop=None) == greedy
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
+
+
+def test_load_model_takes_a_run_directory_and_a_dtype(serve_run, capsys):
+    newest = load_model(serve_run.dir)  # model_000002.pt is cut short: skipped, with a warning on stderr
+    assert "warning: skipping" in capsys.readouterr().err
+    expected = load_model(serve_run.checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(newest.state_dict().values(), expected.state_dict().values()))
+    held = load_model(serve_run.dir, dtype="bfloat16")
+    assert held.lm_head.weight.dtype == torch.bfloat16 and isinstance(held.lm_head, PackedLinear)
+    assert held.generate([1, 2], 10, temperature=0) == hold_for_inference(expected, torch.bfloat16).generate(
+        [1, 2], 10, temperature=0)

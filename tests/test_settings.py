@@ -20,7 +20,8 @@ def test_overrides_are_typed():
 
 @pytest.mark.parametrize("arg, message", [("--compile=maybe", "--compile=maybe: expected true or false (default True)"),
                                           ("--max_lr=fast", "--max_lr=fast: expected a number (default 0.0006)"),
-                                          ("--dtype=float16", "--dtype=float16: expected bfloat16 or float32"),
+                                          ("--dtype=fp8",
+                                           "--dtype=fp8: expected one of auto, bfloat16, float16, float32"),
                                           ("--B=0", "--B=0: must be positive"),
                                           ("--grad_clip=-1", "--grad_clip=-1.0: must be positive"),
                                           ("--eval_interval=0", "--eval_interval=0: must be positive"),
@@ -74,36 +75,39 @@ def test_device_choice(monkeypatch):
     assert tg.pick_device("auto", local_rank=5) == "cuda:5" and tg.pick_device("cuda:3") == "cuda:3"
 
 
-@pytest.mark.filterwarnings("ignore:CUDA is not available")
-def test_autocast_and_fused_adamw_follow_the_device(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    for device_type in ("cpu", "cuda"):
-        ctx = tg.autocast_context(device_type, "bfloat16")
-        assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16 and ctx.device == device_type
+@pytest.mark.filterwarnings("ignore:CUDA is not available", "ignore:.*MPS.*")
+def test_autocast_and_fused_adamw_follow_the_device():
+    for device_type in ("cpu", "cuda", "mps"):
+        for dtype in ("bfloat16", "float16"):
+            ctx = tg.autocast_context(device_type, dtype)
+            assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == getattr(torch, dtype)
+            assert ctx.device == device_type
         assert not isinstance(tg.autocast_context(device_type, "float32"), torch.autocast)
-    assert not isinstance(tg.autocast_context("mps", "bfloat16"), torch.autocast)
     assert all(tg.use_fused_adamw(d) for d in ("cuda", "cpu", "mps")) and not tg.use_fused_adamw("xpu")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a V100 or T4
-    assert not isinstance(tg.autocast_context("cuda", "bfloat16"), torch.autocast)
     with tg.autocast_context("cpu", "bfloat16"):
         assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
 
 
-def test_peak_flops_for_mfu(monkeypatch):
-    assert tg.device_peak_flops("cuda", setting=123e12) == 123e12
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
-    assert tg.device_peak_flops("cuda") == 989e12
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 PCIe")
-    assert tg.device_peak_flops("cuda") == 756e12
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H200")
-    assert tg.device_peak_flops("cuda") == 989e12
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA A100-SXM4-40GB")
-    assert tg.device_peak_flops("cuda") == 312e12
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA GeForce GTX 1080")
-    assert tg.device_peak_flops("cuda") is None
+@pytest.mark.parametrize("name, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12), ("NVIDIA H100 PCIe", "float16", 756e12),
+    ("NVIDIA H100 NVL", "bfloat16", 835e12), ("NVIDIA H200", "float32", 495e12),
+    ("NVIDIA A100-SXM4-40GB", "bfloat16", 312e12), ("NVIDIA A100-SXM4-40GB", "float32", 156e12),
+    ("NVIDIA A10G", "float16", 125e12), ("NVIDIA A10", "bfloat16", 125e12), ("NVIDIA L4", "bfloat16", 121e12),
+    ("NVIDIA L40S", "bfloat16", None),  # not an L4: names match as whole words
+    ("NVIDIA GeForce RTX 4090", "float16", 165.2e12), ("NVIDIA GeForce RTX 3090", "bfloat16", 71e12),
+    ("Tesla V100-SXM2-16GB", "float16", 125e12), ("Tesla V100-PCIE-32GB", "float16", 112e12),
+    ("Tesla T4", "float16", 65e12), ("Tesla T4", "float32", 8.1e12), ("Tesla T4", "bfloat16", None),
+    ("NVIDIA GeForce GTX 1080", "float16", None)])
+def test_peak_flops_for_mfu_by_gpu_and_dtype(monkeypatch, name, dtype, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: name)
+    assert tg.device_peak_flops("cuda", 0.0, dtype) == peak
+    assert tg.device_peak_flops("cuda", 123e12, dtype) == 123e12
+
+
+def test_peak_flops_elsewhere(monkeypatch):
     assert tg.device_peak_flops("mps") is None
-    monkeypatch.setattr(tg, "measure_matmul_flops", lambda: 1.5e12)
-    assert tg.device_peak_flops("cpu") == 1.5e12
+    monkeypatch.setattr(tg, "measure_matmul_flops", lambda dtype: {torch.float16: 1.5e12}[dtype])
+    assert tg.device_peak_flops("cpu", 0.0, "float16") == 1.5e12
 
 
 def test_flops_per_token_counts_weights_once_and_attention():

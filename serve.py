@@ -1,0 +1,300 @@
+"""Serve a model over HTTP: a web page to type into, and the OpenAI completions API for every other client.
+
+    python serve.py --model=log/model_019073.pt        # then open http://127.0.0.1:8000
+    python serve.py --model=log --port=8080             # a run directory: its newest readable checkpoint
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"prompt": "Hello, my name is", "max_tokens": 32, "temperature": 0.8}'
+
+Endpoints: GET / (the page), POST /v1/completions (prompt, max_tokens, temperature, top_p, seed, stop, stream,
+and top_k as an extension), GET /v1/models, GET /health. Requests share one model and run one at a time, under
+a lock; up to --queue more wait their turn and any beyond get 503. A client that hangs up stops its generation
+at the next token.
+"""
+import argparse
+import codecs
+import contextlib
+import json
+import os
+import select
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from train_gpt2 import EOT, UserError, get_tokenizer, load_model, pick_device
+
+MAX_BODY = 1 << 20  # bytes; a prompt is at most block_size tokens, so a larger body is a mistake or an abuse
+UNSUPPORTED = {"echo": False, "logprobs": None, "suffix": None, "best_of": 1, "frequency_penalty": 0,
+               "presence_penalty": 0, "logit_bias": {}}  # OpenAI's fields this server does not implement: defaults
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
+
+
+class APIError(Exception):
+    """An OpenAI-style error: the HTTP status, the message, and the request field it is about (or None)."""
+
+    def __init__(self, status, message, param=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def parse_request(body):
+    """The sampling settings of a /v1/completions body, with OpenAI's defaults; APIError (400) if one is wrong."""
+    try:
+        req = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(req, dict):
+        raise APIError(400, "the body must be a JSON object")
+
+    def field(name, kinds, default, ok=lambda v: True, want=""):
+        value = req.get(name)
+        if value is None:
+            return default
+        # bool is an int to Python, never to a JSON client
+        if not isinstance(value, kinds) or isinstance(value, bool) != (kinds is bool) or not ok(value):
+            raise APIError(400, f"{name}={json.dumps(value)} is invalid; {name} must be {want}", name)
+        return value
+
+    stop = req.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, f"stop={json.dumps(req['stop'])} is invalid; stop must be a non-empty string or a "
+                            f"list of up to 4 of them", "stop")
+    field("n", int, 1, lambda v: v == 1, "1 (one completion per request)")
+    for name, default in UNSUPPORTED.items():  # refused rather than silently ignored
+        if req.get(name) not in (None, default):
+            raise APIError(400, f"{name}={json.dumps(req[name])} is not supported by this server; leave it out", name)
+    return dict(
+        prompt=field("prompt", str, "", want="a string"),  # OpenAI's default too: text after <|endoftext|>
+        max_tokens=field("max_tokens", int, 16, lambda v: v >= 1, "an integer of 1 or more"),
+        temperature=field("temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "from 0 (greedy) to 2"),
+        top_p=field("top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "above 0 and at most 1"),
+        top_k=field("top_k", int, 0, lambda v: v >= 0, "0 (every token) or more"),
+        seed=field("seed", int, None, want="an integer"),
+        stop=stop,
+        stream=field("stream", bool, False, want="true or false"),
+    )
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck client does not keep the process alive at Ctrl-C
+
+    def __init__(self, address, queue):
+        super().__init__(address, Handler)
+        self.model, self.name, self.enc = None, None, get_tokenizer()  # the model is loaded once the port is ours
+        self.lock = threading.Lock()  # one generation at a time: they share the model (and its one CPU or GPU)
+        self.count_lock = threading.Lock()
+        self.queue, self.waiting, self.running = queue, 0, 0
+
+    @contextlib.contextmanager
+    def turn(self):
+        """Waits for the model; 503 at once if --queue requests are already waiting."""
+        with self.count_lock:
+            if self.waiting >= self.queue:
+                raise APIError(503, f"the server is busy: {self.waiting} requests are already waiting; "
+                                    f"retry shortly", kind="server_error")
+            self.waiting += 1
+        with self.lock:
+            with self.count_lock:
+                self.waiting -= 1
+                self.running += 1
+            try:
+                yield
+            finally:
+                with self.count_lock:
+                    self.running -= 1
+
+    def complete(self, req, gone):
+        """Yields (text, finish_reason, usage): text pieces as they are made safe to send (never part of a
+        stop string), and last a ("", reason, usage) with finish_reason "stop" or "length"."""
+        tokens = self.enc.encode(req["prompt"], allowed_special={"<|endoftext|>"}) or [EOT]
+        block_size = self.model.config.block_size
+        cropped, tokens = max(0, len(tokens) - block_size), tokens[-block_size:]
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text, sent, made, reason = "", 0, 0, "length"
+        hold = max((len(s) for s in req["stop"]), default=1) - 1  # a stop string may still be completing
+        stream = self.model.generate_stream(tokens, req["max_tokens"], temperature=req["temperature"],
+                                            top_k=req["top_k"], top_p=req["top_p"], seed=req["seed"])
+        with contextlib.closing(stream):
+            for token in stream:
+                if gone():
+                    return
+                token, made = token.item(), made + 1
+                if token == EOT:
+                    reason = "stop"
+                    break
+                text += decoder.decode(self.enc.decode_single_token_bytes(token))
+                hits = [i for i in (text.find(s, max(0, sent - hold)) for s in req["stop"]) if i >= 0]
+                if hits:
+                    text, reason = text[:min(hits)], "stop"
+                    break
+                if len(text) - hold > sent:
+                    yield text[sent:len(text) - hold], None, None
+                    sent = len(text) - hold
+        if reason == "length":
+            text += decoder.decode(b"", final=True)
+        usage = dict(prompt_tokens=len(tokens), completion_tokens=made, total_tokens=len(tokens) + made,
+                     prompt_tokens_cropped=cropped)  # dropped from the left to fit block_size
+        yield text[sent:], None, None
+        yield "", reason, usage
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "train_gpt2-serve"
+
+    def do_GET(self):
+        self.respond(self.get)
+
+    def do_POST(self):
+        self.respond(self.post)
+
+    def respond(self, handle):
+        try:
+            handle()
+        except APIError as e:
+            self.send_json(e.status, {"error": {"message": e.message, "type": e.kind, "param": e.param,
+                                                "code": None}}, retry=e.status == 503)
+        except UserError as e:  # what the model refuses, e.g. a token id outside a smaller vocabulary
+            self.send_json(400, {"error": {"message": str(e), "type": "invalid_request_error", "param": "prompt",
+                                           "code": None}})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client left; nobody is there to tell
+        except Exception as e:  # a bug of ours: say so, log it, and keep serving
+            self.log_error("%s", traceback.format_exc())
+            if not self.answered:
+                self.send_json(500, {"error": {"message": f"internal error: {type(e).__name__}: {e}",
+                                               "type": "server_error", "param": None, "code": None}})
+
+    def send_response(self, *args):
+        self.answered = True
+        super().send_response(*args)
+
+    def get(self):
+        if self.path == "/":
+            with open(PAGE, "rb") as f:
+                self.send_body(200, f.read(), "text/html; charset=utf-8")
+        elif self.path == "/health":
+            s = self.server
+            self.send_json(200, {"status": "ok", "model": s.name, "running": s.running, "waiting": s.waiting})
+        elif self.path == "/v1/models":
+            self.send_json(200, {"object": "list", "data": [
+                {"id": self.server.name, "object": "model", "created": 0, "owned_by": "train_gpt2"}]})
+        else:
+            raise APIError(404, f"no such endpoint: GET {self.path}", kind="not_found_error")
+
+    def post(self):
+        if self.path != "/v1/completions":
+            raise APIError(404, f"no such endpoint: POST {self.path}; completions are POST /v1/completions",
+                           kind="not_found_error")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise APIError(411, "send the body with a Content-Length header")
+        length = int(length)
+        if length > MAX_BODY:
+            self.discard(length)
+            raise APIError(413, f"the body is {length} bytes; the limit is {MAX_BODY} (1 MB)")
+        req = parse_request(self.rfile.read(length))
+        with self.server.turn():
+            pieces = self.server.complete(req, self.client_gone)
+            if req["stream"]:
+                self.stream(pieces)
+            else:
+                text = ""
+                for piece, reason, usage in pieces:
+                    text += piece
+                    if reason:  # else the client left before the end
+                        self.send_json(200, self.completion(text, reason, usage))
+
+    def stream(self, pieces):
+        """Server-sent events: a chunk per piece of text, the last with finish_reason and usage, then [DONE]."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for text, reason, usage in pieces:
+            if text or reason:
+                self.event(json.dumps(self.completion(text, reason, usage)))
+            if reason:  # else the client left before the end
+                self.event("[DONE]")
+
+    def event(self, data):
+        self.wfile.write(f"data: {data}\n\n".encode())
+        self.wfile.flush()
+
+    def completion(self, text, reason, usage):
+        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.server.name,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
+        return {**body, "usage": usage} if usage else body
+
+    def setup(self):
+        super().setup()
+        self.id, self.created, self.answered = f"cmpl-{uuid.uuid4().hex}", int(time.time()), False
+
+    def client_gone(self):
+        """Whether the client has closed its end: the socket then reads as end-of-file."""
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            if select.select([self.connection], [], [], 0)[0]:
+                return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return False
+
+    def discard(self, length):
+        """Reads an oversized body away, so that the client is not reset mid-send and can read our answer."""
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 16))
+            if not chunk:
+                break
+            length -= len(chunk)
+
+    def send_json(self, status, obj, retry=False):
+        self.send_body(status, json.dumps(obj).encode(), "application/json", {"Retry-After": "1"} if retry else {})
+
+    def send_body(self, status, body, content_type, headers={}):
+        self.send_response(status)
+        for name, value in {"Content-Type": content_type, "Content-Length": str(len(body)), **headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint file, run directory, HF directory or hub name")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens it to the network")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu; or name one")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="inference dtype")
+    p.add_argument("--queue", type=int, default=8, help="requests that may wait for the model; more get 503")
+    args = p.parse_args(argv)
+    if not 0 <= args.port < 65536:
+        sys.exit(f"error: --port={args.port} is out of range; --port must be 0 (any free port) to 65535")
+    if args.queue < 0:
+        sys.exit(f"error: --queue={args.queue} is out of range; --queue must be 0 or more")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:  # the port first: a taken one fails at once, not after a long model load
+        server = Server((args.host, args.port), args.queue)
+    except OSError as e:
+        sys.exit(f"error: cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port")
+    try:
+        device = pick_device(args.device)
+        server.model = load_model(args.model, device, args.dtype)
+    except UserError as e:
+        server.server_close()
+        sys.exit(f"error: {e}")
+    server.name = os.path.basename(os.path.normpath(args.model))
+    host, port = server.server_address[:2]
+    print(f"serving {args.model} on http://{host}:{port} ({device}, {args.dtype})", flush=True)
+    with server:
+        with contextlib.suppress(KeyboardInterrupt):
+            server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""serve.py through the real openai client: its completions are GPT.generate's, streamed or not; its errors
+are OpenAI's JSON and it keeps serving; a client that hangs up frees the model; a full queue gets 503."""
+import http.client
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import types
+
+import openai
+import pytest
+import torch
+from conftest import ROOT, run, start_server
+
+from train_gpt2 import get_tokenizer, load_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def server(serve_run, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "log"
+    proc, url = start_server(serve_run.dir, log, "--queue=1")  # a run directory: its newest readable checkpoint
+    assert "warning: skipping" in log.read_text() and "model_000002.pt" in log.read_text()
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    yield types.SimpleNamespace(url=url, client=client, run_dir=serve_run.dir, model=load_model(serve_run.checkpoint),
+                                enc=get_tokenizer())
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def request(url, method, path, body=None, headers=None):
+    """(status, parsed JSON body) of one raw HTTP request, for what the openai client would never send."""
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    status, data = response.status, json.loads(response.read())
+    conn.close()
+    return status, data
+
+
+def health(server):
+    return request(server.url, "GET", "/health")[1]
+
+
+def expected_text(server, prompt, max_tokens, **sampling):
+    tokens = server.enc.encode(prompt)
+    return server.enc.decode(server.model.generate(tokens, max_tokens, **sampling)[0])
+
+
+def test_greedy_text_equals_generate_and_streamed_chunks_join_to_it(server):
+    prompt = "The cat sat on the"
+    r = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+    text = expected_text(server, prompt, 24, temperature=0)
+    assert len(set(text.split())) > 3  # a varied text, so that a wrong token would show
+    assert r.choices[0].text == text and r.choices[0].finish_reason == "length"
+    n = len(server.enc.encode(prompt))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n, 24, n + 24)
+
+    chunks = list(server.client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0,
+                                                   stream=True))
+    assert len(chunks) > 5  # streamed as it was made, not in one piece
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert chunks[-1].usage.completion_tokens == 24
+
+
+def test_the_same_seed_repeats_and_samples_as_generate(server):
+    sampling = dict(temperature=0.9, top_p=0.9, seed=11)
+    texts = [server.client.completions.create(model="tiny", prompt="Once upon", max_tokens=20, **sampling,
+                                              extra_body={"top_k": 40}).choices[0].text for _ in range(2)]
+    assert texts[0] == texts[1] == expected_text(server, "Once upon", 20, top_k=40, **sampling)
+    other = server.client.completions.create(model="tiny", prompt="Once upon", max_tokens=20, temperature=0.9,
+                                             top_p=0.9, seed=12, extra_body={"top_k": 40})
+    assert other.choices[0].text != texts[0]
+
+
+def test_a_stop_string_ends_the_text_before_it_streamed_or_not(server):
+    full = expected_text(server, "The cat sat on the", 24, temperature=0)
+    stop = full[9:13]
+    cut = full[:full.index(stop)]
+    r = server.client.completions.create(model="tiny", prompt="The cat sat on the", max_tokens=24, temperature=0,
+                                         stop=["never appears", stop])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
+    chunks = server.client.completions.create(model="tiny", prompt="The cat sat on the", max_tokens=24,
+                                              temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == cut
+
+
+def test_a_prompt_longer_than_block_size_is_cropped_from_the_left_and_usage_says_so(server):
+    prompt = " ".join(f"w{i}" for i in range(80))
+    tokens = server.enc.encode(prompt)
+    r = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+    assert (r.usage.prompt_tokens, r.usage.prompt_tokens_cropped) == (64, len(tokens) - 64)
+    assert r.choices[0].text == server.enc.decode(server.model.generate(tokens[-64:], 8, temperature=0)[0])
+
+
+def test_malformed_json_gets_a_400_json_error_and_the_server_keeps_serving(server):
+    status, body = request(server.url, "POST", "/v1/completions", b'{"prompt": "Hi", "max_tokens": 4',
+                           {"Content-Type": "application/json"})
+    assert status == 400
+    assert body["error"]["type"] == "invalid_request_error" and "not valid JSON" in body["error"]["message"]
+    for field, value in (("temperature", -1), ("top_p", 0), ("max_tokens", 0), ("stop", 5), ("top_k", -2),
+                         ("prompt", ["a", "b"]), ("logprobs", 5), ("echo", True)):
+        with pytest.raises(openai.BadRequestError) as e:
+            server.client.completions.create(model="tiny", prompt="Hi", max_tokens=4, extra_body={field: value})
+        assert e.value.param == field and f"{field}=" in e.value.message
+    assert server.client.completions.create(model="tiny", prompt="Hi", max_tokens=4).usage.completion_tokens == 4
+
+
+def test_unknown_paths_get_404_and_oversized_bodies_413(server):
+    with pytest.raises(openai.NotFoundError) as e:
+        server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}])
+    assert "no such endpoint: POST /v1/chat/completions" in e.value.message
+    assert request(server.url, "GET", "/v2/nothing")[0] == 404
+    with pytest.raises(openai.APIStatusError) as e:
+        server.client.completions.create(model="tiny", prompt="x" * (1 << 20), max_tokens=4)
+    assert e.value.status_code == 413 and "the limit is 1048576" in e.value.message
+    name = os.path.basename(server.run_dir)
+    assert [m.id for m in server.client.models.list()] == [name]
+    assert health(server) == {"status": "ok", "model": name, "running": 0, "waiting": 0}
+
+
+def wait_for(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_the_model(server):
+    stream = server.client.completions.create(model="tiny", prompt="Hi", max_tokens=1_000_000, stream=True)
+    for _, chunk in zip(range(3), stream):
+        assert chunk.choices[0].text
+    assert health(server)["running"] == 1
+    stream.close()
+    wait_for(lambda: health(server)["running"] == 0)  # a million tokens would take many minutes
+    assert server.client.completions.create(model="tiny", prompt="Hi", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_a_full_queue_gets_503_and_the_waiting_request_runs_next(server):
+    stream = server.client.completions.create(model="tiny", prompt="Hi", max_tokens=1_000_000, stream=True)
+    next(iter(stream))  # this one holds the model
+    waiting = {}
+    thread = threading.Thread(target=lambda: waiting.update(r=server.client.completions.create(
+        model="tiny", prompt="Hi", max_tokens=5, temperature=0)))
+    thread.start()
+    wait_for(lambda: health(server)["waiting"] == 1)  # --queue=1: the queue is now full
+    with pytest.raises(openai.InternalServerError) as e:
+        server.client.completions.create(model="tiny", prompt="Hi", max_tokens=5)
+    assert e.value.status_code == 503 and e.value.response.headers["Retry-After"] == "1"
+    assert e.value.type == "server_error" and "busy" in e.value.message
+    stream.close()
+    thread.join(timeout=30)
+    assert waiting["r"].choices[0].text == expected_text(server, "Hi", 5, temperature=0)
+
+
+def test_a_bad_model_or_a_taken_port_is_one_line(serve_run, tmp_path):
+    result = run([sys.executable, f"{ROOT}/serve.py", f"--model={tmp_path}/nowhere.pt", "--port=0"])
+    assert (result.returncode, result.stderr) == (1, f"error: --model={tmp_path}/nowhere.pt: no such file or "
+                                                     f"directory; check the path\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run([sys.executable, f"{ROOT}/serve.py", f"--model={serve_run.dir}", f"--port={port}",
+                      "--device=cpu"])
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+                                              f"pick another --port")
