@@ -39,6 +39,9 @@ def export_hf(model, out_dir):
     if c.vocab_size < GPT2_VOCAB:
         raise UserError(f"the model's vocab_size {c.vocab_size} is below GPT-2's {GPT2_VOCAB}, "
                         f"so the GPT-2 tokenizer would produce ids it lacks; train with --vocab_size=50304")
+    if not c.bias:
+        raise UserError("the model was trained with --bias=False, and GPT-2's Hugging Face format has biases in "
+                        "every Linear and LayerNorm layer; only a --bias=True model can be exported")
     check_out_dir(out_dir)
     try:
         vocab_bpe, encoder_json = gpt2_bpe_files()
@@ -76,7 +79,9 @@ def export_hf(model, out_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint file (model_NNNNNN.pt), HF directory or hub name")
+    p.add_argument("--model", required=True,
+                   help="checkpoint file (model_NNNNNN.pt), run directory (its newest checkpoint), HF directory or "
+                        "hub name")
     p.add_argument("--out", required=True, help="new directory to write")
     args = p.parse_args(argv)
     try:

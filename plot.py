@@ -2,10 +2,13 @@
 
     python plot.py log --out=curves.png
     python plot.py log other_run/log.txt --labels=baseline,new --out=compare.png
+    python plot.py log_finetune --logy                # a log-scale loss axis
 
 Panels: train loss (smoothed) and val loss against step, the same against tokens seen, and HellaSwag
-against step. Tokens per step: --tokens_per_step if given, else the run's newest readable checkpoint's
-total_batch_size, else 524288 (GPT-2 124M's). --out's extension picks the format (.pdf, .svg, ...).
+against step when a log has HellaSwag lines. The GPT-2/GPT-3 reference lines are drawn when every run's record
+says it trained on FineWeb data (its data_dir), or with --refs: on other text GPT-2's FineWeb val loss means
+nothing and would stretch the axis. Tokens per step: --tokens_per_step if given, else the run's record's or newest
+readable checkpoint's total_batch_size, else 524288 (GPT-2 124M's). --out's extension picks the format (.pdf, ...).
 """
 import argparse
 import os
@@ -64,6 +67,13 @@ def tokens_per_step(path):
     return SETTINGS["total_batch_size"]
 
 
+def on_fineweb(path):
+    """Whether the run's record says it trained on FineWeb or FineWeb-Edu shards (False without a record)."""
+    log_file = os.path.join(path, "log.txt") if os.path.isdir(path) else path
+    record = read_run_record(log_file)
+    return bool(record) and "fineweb" in os.path.basename(os.path.normpath(record["settings"]["data_dir"])).lower()
+
+
 def ema(values, smooth):
     out, avg = [], values[0] if values else 0.0
     for v in values:
@@ -88,14 +98,17 @@ def image_path(out, formats):
     return out if ext else out + ".png"
 
 
-def plot(runs, out, smooth=0.9):
-    """runs: [(label, series, tokens_per_step)]. Writes the PNG and returns the figure."""
+def plot(runs, out, smooth=0.9, refs=False, logy=False):
+    """runs: [(label, series, tokens_per_step)]; refs draws the GPT-2/GPT-3 124M lines, logy a log-scale loss axis.
+    Writes the PNG and returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter
 
-    fig, (by_step, by_tokens, hella) = plt.subplots(1, 3, figsize=FIGSIZE, dpi=DPI)
+    has_hella = any(series["hella"][0] for _, series, _ in runs)
+    fig, axes = plt.subplots(1, 3 if has_hella else 2, figsize=FIGSIZE, dpi=DPI)
+    by_step, by_tokens, hella = (*axes, None)[:3]
     for i, (label, series, tps) in enumerate(runs):
         color = f"C{i}"
         for ax, scale in ((by_step, 1), (by_tokens, tps)):
@@ -105,20 +118,24 @@ def plot(runs, out, smooth=0.9):
             ax.plot([s * scale for s in steps], losses, color=color, marker=".", label=f"{label} val")
         if series["hella"][0]:
             hella.plot(*series["hella"], color=color, marker=".", label=label)
-    if not any(series["hella"][0] for _, series, _ in runs):
-        hella.text(0.5, 0.5, "no hella lines in the log yet\n(python hellaswag.py)", transform=hella.transAxes,
-                   ha="center", va="center", color="gray")
     for ax in (by_step, by_tokens):
-        ax.axhline(GPT2_124M_VAL_LOSS, color="gray", linestyle="--", label="GPT-2 124M val")
+        if refs:
+            ax.axhline(GPT2_124M_VAL_LOSS, color="gray", linestyle="--", label="GPT-2 124M val")
         ax.set_ylabel("loss")
+        if logy:
+            ax.set_yscale("log")
     by_step.set_xlabel("step")
     by_tokens.set_xlabel("tokens")
     by_tokens.xaxis.set_major_formatter(EngFormatter())
-    hella.axhline(GPT2_124M_HELLASWAG, color="gray", linestyle="--", label="GPT-2 124M")
-    hella.axhline(GPT3_124M_HELLASWAG, color="black", linestyle="--", label="GPT-3 124M")
-    hella.set_xlabel("step")
-    hella.set_ylabel("HellaSwag acc_norm")
-    for ax, title in ((by_step, f"loss (train EMA {smooth})"), (by_tokens, "loss vs tokens"), (hella, "HellaSwag")):
+    titles = [(by_step, f"loss (train EMA {smooth})"), (by_tokens, "loss vs tokens")]
+    if hella:
+        if refs:
+            hella.axhline(GPT2_124M_HELLASWAG, color="gray", linestyle="--", label="GPT-2 124M")
+            hella.axhline(GPT3_124M_HELLASWAG, color="black", linestyle="--", label="GPT-3 124M")
+        hella.set_xlabel("step")
+        hella.set_ylabel("HellaSwag acc_norm")
+        titles.append((hella, "HellaSwag"))
+    for ax, title in titles:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -136,6 +153,9 @@ def main(argv=None):
     p.add_argument("--tokens_per_step", type=int, default=None, help="tokens per step of every run (default: "
                    "from each run's newest checkpoint, else 524288)")
     p.add_argument("--smooth", type=float, default=0.9, help="EMA factor for train loss, in [0, 1) (0: none)")
+    p.add_argument("--refs", action="store_true", help="draw the GPT-2/GPT-3 124M reference lines (default: only "
+                   "when every run's record says FineWeb data)")
+    p.add_argument("--logy", action="store_true", help="log-scale loss axis")
     args = p.parse_args(argv)
     try:
         from matplotlib.backend_bases import FigureCanvasBase  # optional dependency: fail before any work
@@ -154,7 +174,7 @@ def main(argv=None):
             raise UserError(f"--labels names {len(labels)} runs but {len(args.runs)} were given")
         runs = [(label, read_log(path), args.tokens_per_step or tokens_per_step(path))
                 for label, path in zip(labels, args.runs)]
-        plot(runs, out, args.smooth)
+        plot(runs, out, args.smooth, args.refs or all(map(on_fineweb, args.runs)), args.logy)
     except UserError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}")

@@ -84,7 +84,8 @@ val_tokens = 10485760            # tokens per val evaluation, whatever the world
 checkpoint_interval = 5000       # steps between checkpoints; one is always written at the end
 keep_checkpoints = 3             # newest checkpoints kept; older ones go once a newer one is on disk (0: keep all)
 max_bad_steps = 0                # steps with a non-finite loss or grad norm to skip (not apply) before stopping
-sample_count = 4                 # completions of "Hello, I'm a language model," printed at each eval after step 0
+sample_count = 4                 # completions of sample_prompt printed at each eval after step 0
+sample_prompt = "Hello, I'm a language model,"  # what the samples printed during training continue
 sample_tokens = 32               # length in tokens of each sample, prompt included
 hella_data = "hellaswag/hellaswag_val.jsonl"  # scored at each eval if present; `python hellaswag.py` downloads it here
 hella_examples = 0               # HellaSwag examples scored at each eval: the file's first N (0: all 10,042)
@@ -97,11 +98,17 @@ n_layer = 12                     # transformer blocks (gpt2: 12, medium: 24, lar
 n_head = 12                      # attention heads (12, 16, 20, 25)
 n_embd = 768                     # embedding width (768, 1024, 1280, 1600)
 block_size = 1024                # maximum context length of the model
-vocab_size = 50304               # GPT-2's 50257 padded up to a multiple of 128 for faster matmuls
+vocab_size = 50304               # GPT-2's 50257 padded up to a multiple of 128 for faster matmuls; ids past 50257 never
+                                 # take probability, so the padding changes no loss
+dropout = 0.0                    # on embeddings, attention probabilities and residual branches (GPT-2 used 0.1)
+bias = True                      # biases in the Linear and LayerNorm layers, as GPT-2; False drops them (nanoGPT)
+init_from = ""                   # "" GPT-2's init; a hub name (gpt2 ... gpt2-xl), a local Hugging Face directory or a
+                                 # train_gpt2.py checkpoint, whose weights (only) start the run: fine-tuning
 peak_flops = 0.0                 # per-device peak FLOP/s for MFU; 0 looks the GPU up or measures the CPU
 resume = ""                      # "" starts fresh; "auto" continues from the newest checkpoint in log_dir; or a path
 allow_changes = ""               # resume despite these data-order changes: total_batch_size,seed,shards
-preset = ""                      # a SETTING_PRESETS name: gpt2-medium, gpt2-large, gpt2-xl; quickstart (small CPU run)
+preset = ""                      # a SETTING_PRESETS name: gpt2-medium, gpt2-large, gpt2-xl; quickstart (small CPU run);
+                                 # finetune (GPT-2 on your own text)
 # ----------------------------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
 # A run's settings as attributes (cfg.B), defaulting to the constants above.
@@ -124,6 +131,19 @@ SETTING_PRESETS = {
                        max_lr=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=80, eval_interval=40,
                        val_tokens=2048, checkpoint_interval=80, sample_count=2, sample_tokens=48,
                        compile=False, n_layer=4, n_head=4, n_embd=128, block_size=128, hella_data=""),
+    # Fine-tune GPT-2 on your own text (prepare_fineweb.py --data_files=input.txt --out_dir=... first).
+    "finetune": dict(
+        init_from="gpt2",           # the shape (n_layer, n_head, n_embd) comes from it too: --init_from=gpt2-xl
+        log_dir="log_finetune",
+        max_lr=3e-5, min_lr=3e-5,   # constant and small: the weights are already good, a large step undoes them
+        warmup_steps=0,             # no warmup: nothing to protect from a random init's large early gradients
+        total_batch_size=32768,     # 32 rows of 1024: a small corpus gives many steps, not a few huge ones
+        B=4, max_steps=200,         # ~6.5M tokens: a few epochs of a ~1M-token text
+        eval_interval=20,           # a small corpus overfits within tens of steps: watch val loss closely
+        val_tokens=65536,           # a val split of a small text is small; 10% of 650K tokens
+        checkpoint_interval=200,    # once, at the end; --resume=auto continues from it
+        dropout=0.1,                # as GPT-2 was trained: it slows overfitting a small text
+        hella_data=""),             # HellaSwag measures GPT-2's general English, not your text
 }
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -163,6 +183,8 @@ def parse_args(argv):
     for k, v in cfg.items():
         if type(v) in (int, float) and (v <= 0 if k in POSITIVE else v < 0):
             raise UserError(f"--{k}={v}: must be {'positive' if k in POSITIVE else 'zero or more'}")
+    if cfg["init_from"]:
+        cfg.update(pretrained_shape(cfg, {*SETTING_PRESETS[name], *given} - {"init_from"}))
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would have "
                         f"unequal widths; change --n_embd or --n_head")
@@ -177,6 +199,8 @@ def parse_args(argv):
     # would get a different update.
     if cfg.get("fsdp") and cfg["optimizer"] == "muon":
         raise UserError("--optimizer=muon does not work with --fsdp=True; use DDP (--fsdp=False) or --optimizer=adamw")
+    if not 0 <= cfg["dropout"] < 1:
+        raise UserError(f"--dropout={cfg['dropout']}: must be in [0, 1)")
     if cfg["T"] > cfg["block_size"]:
         raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
     return Settings(**cfg)
@@ -193,16 +217,19 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    bias: bool = True  # in Linear and LayerNorm layers
+    dropout: float = 0.0
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE = True
-        self.n_head = config.n_head
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout = config.n_head, config.dropout
 
     def forward(self, x, cache=None, mask=None):
         Bsz, Tlen, C = x.size()  # batch, sequence length, embedding width (n_embd)
@@ -214,29 +241,31 @@ class CausalSelfAttention(nn.Module):
         # Flash attention where available. A lone new token may see every stored position, so needs no mask;
         # without a cache is_causal stays a constant, since a symbolic one would break torch.compile's graph.
         causal = mask is None and (cache is None or Tlen > 1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(Bsz, Tlen, C)  # the heads side by side again: (B, T, C)
-        return self.c_proj(y)
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2 was trained with the tanh approximation
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE = True
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None, mask=None):
@@ -292,6 +321,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         grad_loss = grad_loss / ctx.n  # in fp32, with the scaler's factor in it
         return (grad_x.float() * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None
+
+
+def token_rows(lm_weight):
+    """The output layer's rows of real tokens. Ids past GPT-2's 50257 only pad the vocabulary for faster matmuls:
+    with logit 0 they would take much of the probability from a pretrained model, whose logits sit far below 0."""
+    return lm_weight[:EOT + 1] if len(lm_weight) > EOT + 1 else lm_weight
 
 
 class KVCache:
@@ -352,8 +387,9 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
@@ -382,7 +418,7 @@ class GPT(nn.Module):
             if Tlen > self.config.block_size:
                 raise UserError(f"sequence length {Tlen} exceeds block_size {self.config.block_size}")
             pos = torch.arange(start, Tlen, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache[i] if cache else None, mask)
         if cache:
@@ -394,7 +430,8 @@ class GPT(nn.Module):
             return self.lm_head(x), None  # (B, T, vocab_size)
         # With targets only the loss is returned (logits None): the fused loss never holds them all.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), dtype)
+        weight = token_rows(self.lm_head.weight)
+        return None, LinearCrossEntropy.apply(x.flatten(0, 1), weight, targets.flatten(), dtype)
 
     @torch.no_grad()
     def generate_stream(self, tokens, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0, num_samples=1,
@@ -456,10 +493,10 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path, vocab_size=None):
         """GPT-2 weights in Hugging Face format: a hub name ("gpt2", "gpt2-xl", via transformers) or a
         local directory with config.json and model.safetensors or pytorch_model.bin.
-        vocab_size pads the embedding (e.g. to 50304) with zero rows the tokenizer never produces."""
+        vocab_size pads the embedding (e.g. to 50304) with zero rows the tokenizer never produces and the
+        model never predicts."""
         if os.path.isdir(name_or_path):
-            with open(os.path.join(name_or_path, "config.json")) as f:
-                hf = json.load(f)
+            hf = hf_config(name_or_path)
             st, pt = (os.path.join(name_or_path, n) for n in ("model.safetensors", "pytorch_model.bin"))
             if os.path.exists(st):
                 from safetensors.torch import load_file
@@ -472,9 +509,8 @@ class GPT(nn.Module):
             from transformers import GPT2LMHeadModel
             model_hf = GPT2LMHeadModel.from_pretrained(name_or_path)
             hf, sd_hf = model_hf.config.to_dict(), model_hf.state_dict()
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
-        model = cls(config)
+        model = cls(GPTConfig(**hf_shape(hf)))
+        config = model.config
         sd = model.state_dict()
         # HF checkpoints may omit the "transformer." prefix and carry the attention mask as a buffer.
         sd_hf = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
@@ -553,6 +589,25 @@ class MuonAdamW:
             optimizer.load_state_dict(state[name])
             for group, kept in zip(optimizer.param_groups, settings):
                 group.update(kept)
+
+
+def hf_config(name_or_path):
+    """The config.json of a local Hugging Face directory, or of a hub name via transformers."""
+    if os.path.isdir(name_or_path):
+        with open(os.path.join(name_or_path, "config.json")) as f:
+            return json.load(f)
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(name_or_path).to_dict()
+    except OSError as e:  # what transformers raises for a hub name it cannot fetch
+        raise UserError(f"{name_or_path}: not a checkpoint file, a model directory, or a reachable hub name "
+                        f"({str(e).splitlines()[0]})") from None
+
+
+def hf_shape(hf):
+    """GPTConfig's fields from a Hugging Face GPT-2 config, which always has biases."""
+    return dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
 
 
 def sample_next(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None):
@@ -873,8 +928,9 @@ def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
     """FLOP/s of square matmuls in dtype, up to n wide: from 256, wider while one takes under a 20th of the time,
     as a dtype the CPU only emulates (float16 on most) can run at under 1 GFLOP/s."""
     size = 256
+    gen = torch.Generator().manual_seed(0)  # not the global one: a resumed run's dropout must follow the saved state
     while True:
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a, b = (torch.randn(size, size, dtype=dtype, generator=gen) for _ in range(2))
         t0 = time.perf_counter()
         a @ b  # also warms up the kernels
         if size >= n or time.perf_counter() - t0 > seconds / 20:
@@ -926,7 +982,7 @@ def evaluate_loss(model, loader, rows, autocast):
 
 def print_samples(model, cfg, autocast, log):
     enc = get_tokenizer()
-    prompt = enc.encode("Hello, I'm a language model,")
+    prompt = enc.encode(cfg.sample_prompt, allowed_special={"<|endoftext|>"}) or [EOT]
     with autocast:
         samples = model.generate(prompt, cfg.sample_tokens - len(prompt), num_samples=cfg.sample_count, seed=42)
     for i, tokens in enumerate(samples):
@@ -1047,7 +1103,7 @@ def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False):
             tokens, pos, mask = (t.to(device) for t in inputs)
             states, pick, targets, ending = (t.to(device) for t in scored)
             hidden, _ = model(tokens, pos=pos, mask=mask, hidden=True)
-            logits = model.lm_head(hidden.flatten(0, 1)[states])
+            logits = F.linear(hidden.flatten(0, 1)[states], token_rows(model.lm_head.weight))
             # Each row's log-sum-exp in fp32, read off log_softmax (x - log_softmax(x) is it, at any column):
             # one fused pass over a row, where logsumexp makes four. A few rows at a time, which on CPU stay in
             # cache: an fp32 copy of all the logits, and the passes over it, took longer than the matmul.
@@ -1098,7 +1154,7 @@ def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
 # Checkpoints: written to a temp file, fsynced and renamed, so that a kill at any moment leaves every
 # model_NNNNNN.pt complete; older ones are deleted only once a newer one is safely on disk.
 
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 DATA_ORDER_KEYS = ("total_batch_size", "seed")  # with the train shards, these fix which tokens each step reads
 SCHEDULE_KEYS = ("max_lr", "min_lr", "warmup_steps", "max_steps", "lr_schedule", "decay_frac", "muon_lr")
 
@@ -1413,6 +1469,46 @@ def load_model(spec, device="cpu", dtype="float32"):
     return hold_for_inference(model.to(device), getattr(torch, dtype))
 
 
+def pretrained_shape(cfg, explicit):
+    """The model settings --init_from fixes: its n_layer, n_head, n_embd and bias; its block_size, which an explicit
+    --block_size may crop; its vocab_size, which may be padded (or unpadded) when both hold GPT-2's tokens. An
+    explicit setting that conflicts is refused."""
+    spec = local_model_path(cfg["init_from"])
+    if os.path.isfile(spec):
+        shape = {k: read_checkpoint(spec)["config"][k] for k in MODEL_KEYS}
+    else:
+        try:
+            shape = hf_shape(hf_config(spec))
+        except (OSError, KeyError, json.JSONDecodeError) as e:
+            raise UserError(f"--init_from={spec}: not a readable Hugging Face model directory "
+                            f"({type(e).__name__}: {e})") from None
+    if "block_size" in explicit:
+        if cfg["block_size"] > shape["block_size"]:
+            raise UserError(f"--block_size={cfg['block_size']} is longer than {spec}'s {shape['block_size']}, "
+                            f"which has no positions past it; crop it with a smaller --block_size, never grow it")
+        shape["block_size"] = cfg["block_size"]
+    if shape["vocab_size"] > EOT and cfg["vocab_size"] > EOT:  # only padding differs, which changes nothing
+        shape["vocab_size"] = cfg["vocab_size"]
+    conflicts = [k for k in MODEL_KEYS if k in explicit and cfg[k] != shape[k]]
+    if conflicts:
+        raise UserError(f"--init_from={spec} has {', '.join(f'{k}={shape[k]}' for k in conflicts)}, which "
+                        f"--{', --'.join(f'{k}={cfg[k]}' for k in conflicts)} contradicts; the pretrained model "
+                        f"sets these, drop them")
+    return shape
+
+
+def load_pretrained(model, spec, log):
+    """Copies --init_from's weights into model, whose settings pretrained_shape made: wpe's first block_size rows,
+    and wte's rows of real tokens, with zeros for any padding."""
+    source = load_model(spec).state_dict()
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            n = min(len(v), len(source[k]))
+            v.zero_()
+            v[:n].copy_(source[k][:n])
+    log(f"initialized the weights from {spec}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Training phases, in the order train() runs them
 
@@ -1477,11 +1573,12 @@ def batch_arithmetic(cfg, world, log):
 
 def open_data(cfg, rank, world, log):
     """The train and val loaders, how many val rows each eval scores, and this rank's HellaSwag examples."""
-    train_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "train", cfg.data_dir, cfg.seed, cfg.vocab_size)
+    tokens = min(cfg.vocab_size, EOT + 1)  # padded ids are no tokens: a shard holding one is refused
+    train_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "train", cfg.data_dir, cfg.seed, tokens)
     if sum(train_loader.sizes) < cfg.total_batch_size + 1:
         raise UserError(f"the train shards in {cfg.data_dir!r} hold {sum(train_loader.sizes)} tokens, fewer than "
                         f"one step's total_batch_size+1 = {cfg.total_batch_size + 1}; lower --total_batch_size")
-    val_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "val", cfg.data_dir, vocab_size=cfg.vocab_size)
+    val_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "val", cfg.data_dir, vocab_size=tokens)
     val_rows = min(cfg.val_tokens // cfg.T, (sum(val_loader.sizes) - 1) // cfg.T)
     if val_rows == 0:
         raise UserError(f"the val shards in {cfg.data_dir!r} hold fewer than T+1 = {cfg.T + 1} tokens")
@@ -1493,7 +1590,7 @@ def open_data(cfg, rank, world, log):
 def build_model(cfg, train_loader, world, device, scaler, log):
     """The model and optimizer, fresh or resumed; the step to start at and the checkpoint resumed from."""
     torch.manual_seed(cfg.seed)
-    raw_model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})).to(device)
+    raw_model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}, dropout=cfg.dropout)).to(device)
     log(f"number of parameters: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M")
     muon = (cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay) if cfg.optimizer == "muon" else None
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device.split(":")[0], muon)
@@ -1508,7 +1605,11 @@ def build_model(cfg, train_loader, world, device, scaler, log):
             if earlier:
                 raise UserError(f"log_dir {cfg.log_dir!r} already holds a run ({', '.join(earlier)}); continue it "
                                 f"with --resume=auto, or start afresh with another --log_dir")
+        if cfg.init_from:
+            load_pretrained(raw_model, cfg.init_from, log)
         return raw_model, optimizer, 0, None
+    if cfg.init_from:
+        log(f"note: continuing the run in {ckpt_file}; --init_from={cfg.init_from} was not used")
     check_resume(ckpt_file, ckpt, cfg, world, train_loader, log)
     raw_model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])

@@ -104,6 +104,18 @@ def tiny_run(tmp_path_factory):
     return types.SimpleNamespace(checkpoint=str(log_dir / "model_000008.pt"), stdout=result.stdout)
 
 
+def hf_gpt2(path, n_positions=96, n_embd=40, n_layer=2, n_head=5, seed=0):
+    """A random transformers GPT2LMHeadModel of GPT-2's vocabulary saved with save_pretrained at path, standing in
+    for the hub's gpt2, which this machine cannot download; returned in eval mode."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                                    n_head=n_head))
+    hf.save_pretrained(path)
+    return hf.eval()  # built in training mode, with GPT-2's dropout
+
+
 @pytest.fixture(scope="session")
 def serve_run(tmp_path_factory):
     """A run directory as serve.py takes it: a tiny random GPT (GPT-2's padded vocabulary, block_size 64,

@@ -36,7 +36,7 @@ def test_overlays_runs_against_tokens_and_references(tmp_path, tiny_run):
     (tmp_path / "log.txt").write_text("# run a: a note, as resume keeps it\n\n" + LOG)
     ckpt_dir = tiny_run.checkpoint.rsplit("/", 1)[0]  # its checkpoints say 256 tokens per step
     plot.main([str(tmp_path), ckpt_dir, "--labels=a,b", f"--out={tmp_path / 'two.png'}"])
-    fig = plot.plot([("a", plot.read_log(str(tmp_path)), 1000)], str(tmp_path / "one.png"), smooth=0.0)
+    fig = plot.plot([("a", plot.read_log(str(tmp_path)), 1000)], str(tmp_path / "one.png"), smooth=0.0, refs=True)
     by_step, by_tokens, hella = fig.axes
     assert [line.get_label() for line in by_step.lines] == ["a train", "a val", "GPT-2 124M val"]
     assert list(by_tokens.lines[1].get_xdata()) == [0, 25000, 50000, 75000, 100000]
@@ -46,6 +46,24 @@ def test_overlays_runs_against_tokens_and_references(tmp_path, tiny_run):
     assert png_size(tmp_path / "two.png") == (1500, 450)
     assert plot.tokens_per_step(ckpt_dir) == 256
     assert plot.tokens_per_step(str(tmp_path)) == 524288
+
+
+def test_references_only_for_fineweb_runs_or_when_asked_no_empty_hellaswag_panel_logy(tmp_path, monkeypatch):
+    record = '# train_gpt2.py run {"settings": {"data_dir": "%s", "total_batch_size": 1000}}\n'
+    for name, data_dir in (("fineweb", "data/edu_fineweb10B"), ("own", "my_text")):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "log.txt").write_text(record % data_dir + LOG.split("0 hella")[0])
+    assert plot.on_fineweb(str(tmp_path / "fineweb")) and not plot.on_fineweb(str(tmp_path / "own"))
+    for runs, extra, refs in ((["fineweb"], [], True), (["own"], [], False), (["fineweb", "own"], [], False),
+                              (["own"], ["--refs"], True)):
+        figs = []
+        monkeypatch.setattr(plot, "plot", lambda *a, real=plot.plot, **k: figs.append(real(*a, **k)))
+        plot.main([str(tmp_path / r) for r in runs] + extra + ["--logy", f"--out={tmp_path / 'c.png'}"])
+        monkeypatch.undo()
+        axes = figs[0].axes
+        assert len(axes) == 2  # no HellaSwag lines, no HellaSwag panel
+        assert ("GPT-2 124M val" in [line.get_label() for line in axes[0].lines]) == refs, (runs, extra)
+        assert axes[0].get_yscale() == "log"
 
 
 def test_smoothing_is_an_exponential_moving_average():

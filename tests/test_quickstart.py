@@ -4,7 +4,7 @@ import shlex
 import sys
 
 import pytest
-from conftest import ROOT, run, train_losses
+from conftest import ROOT, hf_gpt2, run, train_losses
 
 from train_gpt2 import SETTING_PRESETS, SETTINGS, UserError, parse_args
 
@@ -44,8 +44,11 @@ def test_preset_sets_defaults_that_name_value_arguments_still_override():
         parse_args(["--preset=tiny"])
 
 
-def test_presets_name_only_real_settings_with_their_types():
+def test_presets_name_only_real_settings_with_their_types(tmp_path):
+    stand_in = hf_gpt2(str(tmp_path / "gpt2"), n_positions=1024)  # for the hub's gpt2, which finetune starts from
     for preset in SETTING_PRESETS.values():
         for name, value in preset.items():
             assert type(value) is type(SETTINGS[name]), name
-        parse_args([f"--preset={name}" for name, p in SETTING_PRESETS.items() if p is preset])
+        init = [f"--init_from={tmp_path / 'gpt2'}"] if preset.get("init_from") == "gpt2" else []
+        parse_args([f"--preset={name}" for name, p in SETTING_PRESETS.items() if p is preset] + init)
+    assert stand_in.config.n_positions == 1024
