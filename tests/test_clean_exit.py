@@ -6,8 +6,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from conftest import ROOT, TINY, run, write_shards
 
+RUNS = 10  # a teardown race shows within a few runs; issue 12 was closed on 20 of 20
 
-def test_twenty_finished_two_rank_runs_all_exit_0(tmp_path):
+
+def test_finished_two_rank_runs_all_exit_0(tmp_path):
     write_shards(str(tmp_path / "data"), [4000, 5000])
 
     def one(i):
@@ -15,7 +17,7 @@ def test_twenty_finished_two_rank_runs_all_exit_0(tmp_path):
                     os.path.join(ROOT, "train_gpt2.py"), *TINY, "--max_steps=2", "--hella_data=",
                     f"--data_dir={tmp_path / 'data'}", f"--log_dir={tmp_path / f'log{i}'}"])
     with ThreadPoolExecutor(2) as pool:  # two at a time: each is mostly three Python processes starting
-        results = list(pool.map(one, range(20)))
+        results = list(pool.map(one, range(RUNS)))
     failed = [(i, r.returncode, r.stderr[-500:]) for i, r in enumerate(results) if r.returncode != 0]
     assert not failed, failed
-    assert all(sorted(os.listdir(tmp_path / f"log{i}")) == ["log.txt", "model_000002.pt"] for i in range(20))
+    assert all(sorted(os.listdir(tmp_path / f"log{i}")) == ["log.txt", "model_000002.pt"] for i in range(RUNS))
