@@ -55,6 +55,24 @@ def test_bf16_matches_plain_cross_entropy_and_gradients_stay_fp32():
         assert (g - e).norm() <= 1.05 * (r - e).norm()
 
 
+@pytest.mark.parametrize("rows", [CHUNK - 1, 2 * CHUNK + 188])
+def test_padded_rows_take_no_probability_and_get_no_gradient(rows):
+    """tokens < weight rows: the loss and gradients of F.cross_entropy over the real rows alone, and the
+    padded rows' gradient exactly zero, even with padded rows whose logits would win every row."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 48, generator=gen)
+    weight = torch.randn(1024, 48, generator=gen) * 0.3
+    weight[1000:] = x.mean(0) * 50  # logit 0 would already take probability; these would take nearly all of it
+    targets = torch.randint(0, 1000, (rows,), generator=gen)
+    loss, gx, gw = loss_and_grads(lambda *a: LinearCrossEntropy.apply(*a, 1000), x, weight, targets,
+                                  torch.float32, 3.0)
+    ref_loss, ref_gx, ref_gw = loss_and_grads(lambda x, w, t, d: reference(x, w[:1000], t, d), x, weight, targets,
+                                              torch.float32, 3.0)
+    for g, r in ((loss, ref_loss), (gx, ref_gx), (gw[:1000], ref_gw[:1000])):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert torch.equal(gw[1000:], torch.zeros_like(gw[1000:]))
+
+
 def test_no_grad_gives_the_loss_only():
     x, weight = torch.randn(300, 16, requires_grad=True), torch.randn(100, 16, requires_grad=True)
     targets = torch.randint(0, 100, (300,))
