@@ -1,7 +1,7 @@
 """Token efficiency of --optimizer=muon against AdamW: a small GPT trained by train_gpt2.train() on a text corpus,
 each optimizer at its best learning rate from a small grid, for the same token budget and 3 seeds.
 
-    flock /tmp/bench.lock python bench/token_efficiency.py tinyshakespeare.txt    # ~20 min on 2 busy cores
+    flock /tmp/bench.lock python bench/token_efficiency.py tinyshakespeare.txt    # ~3 min on 2 shared cores
 
 The corpus is tokenized with GPT-2's BPE and written as train_gpt2.py shards (the first 10% val, the rest in 8
 train shards that each seed orders differently), with the ids it uses renumbered 0..n-1: the model's vocabulary
