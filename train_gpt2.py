@@ -1068,10 +1068,15 @@ def estimate_memory(cfg, n_params, world, lean=True):
     return parts
 
 
+def device_memory(device):
+    """Bytes of memory the GPU has; None on a CPU (or mps), where the estimate is only printed."""
+    return torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
+
+
 def plan_memory(cfg, n_params, world, device, log):
     """Logs the estimate; on a GPU it cannot hold, one line on what would fit. Returns lean (see
     estimate_memory): True when whole weights between micro-steps would not fit."""
-    capacity = torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
+    capacity = device_memory(device)
     fits = lambda c, w=world, lean=True: capacity is None or sum(estimate_memory(c, n_params, w, lean).values()) < (
         0.9 * capacity)  # the CUDA context, the allocator's fragmentation and NCCL's buffers take the rest
     lean = cfg.fsdp and not fits(cfg, lean=False)
@@ -1084,10 +1089,13 @@ def plan_memory(cfg, n_params, world, device, log):
     change = lambda **kw: dataclasses.replace(cfg, **kw)
     ideas = [f"--B={b}" for b in range(cfg.B - 1, 0, -1) if cfg.total_batch_size % (b * cfg.T * world) == 0
              and fits(change(B=b))][:1]
-    ideas += ["--recompute=True"] if not cfg.recompute and fits(change(recompute=True)) else []
-    ideas += ["--fsdp=True"] if not cfg.fsdp and world > 1 and fits(change(fsdp=True)) else []
-    more = [w for w in (2, 4, 8, 16, 32, 64, 128, 256) if w > world and fits(change(fsdp=True, recompute=True), w)]
-    ideas += [f"{more[0]} GPUs with --fsdp=True --recompute=True"] if more else []
+    single = [f"--{k}=True" for k in ("recompute", "fsdp") if not getattr(cfg, k) and (k != "fsdp" or world > 1)
+              and fits(change(**{k: True}))]
+    both = not single and not (cfg.fsdp and cfg.recompute) and world > 1 and fits(change(fsdp=True, recompute=True))
+    ideas += single + (["--fsdp=True --recompute=True"] if both else [])
+    more = [(w, flags) for flags in ("--fsdp=True", "--fsdp=True --recompute=True") for w in (2, 4, 8, 16, 32, 64, 128)
+            if w > world and fits(change(fsdp=True, recompute=cfg.recompute or "recompute" in flags), w)]
+    ideas += [f"{more[0][0]} GPUs with {more[0][1]}"] if more and not ideas else []
     log(f"warning: the estimate exceeds this GPU's {gb(capacity)}; what would fit: {', or '.join(ideas) or 'nothing'}")
     return lean
 
@@ -1769,6 +1777,8 @@ def build_model(cfg, train_loader, world, device, scaler, log):
         if earlier:
             raise UserError(f"log_dir {cfg.log_dir!r} already holds a run ({', '.join(earlier)}); continue it "
                             f"with --resume=auto, or start afresh with another --log_dir")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked at log_dir before rank 0 writes log.txt there
     if cfg.init_from and not ckpt_file:
         load_pretrained(raw_model, cfg.init_from, log)
     if cfg.fsdp and cfg.dtype == "float16":
