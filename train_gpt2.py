@@ -1062,7 +1062,7 @@ def estimate_memory(cfg, n_params, world, lean=True):
         whole = 8 * n_params if cfg.total_batch_size > bt * world and not lean else 0
         parts["gathered weights"] = max(whole, 4 * (V + cfg.block_size) * C + 2 * 4 * block)  # root + 2 blocks
     per_layer = bt * C * (4 if cfg.recompute else ACTIVATION_BYTES[size])  # recompute keeps the block's input
-    redo = bt * C * ACTIVATION_BYTES[size] if cfg.recompute else 0  # one block's, during its backward
+    redo = 2 * bt * C * ACTIVATION_BYTES[size] if cfg.recompute else 0  # a block's again, and their gradients
     loss = bt * C * (size + 8) + 4 * V * C + min(LOSS_CHUNK_ROWS, bt) * V * (8 + size)  # grads it holds, a chunk
     parts["activations"] = L * per_layer + redo + loss
     return parts
