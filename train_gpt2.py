@@ -1262,6 +1262,7 @@ def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, for
         for idx, inputs, scored in hellaswag_batches(data, batch_tokens, fixed_shape):
             tokens, pos, mask = (t.to(device) for t in inputs)
             states, pick, targets, ending = (t.to(device) for t in scored)
+            torch._dynamo.maybe_mark_dynamic(states, 0)  # their count varies by batch: compile for any count
             logits, _ = model(tokens, pos=pos, mask=mask, rows=states)
             # Each row's log-sum-exp in fp32, read off log_softmax (x - log_softmax(x) is it, at any column):
             # one fused pass over a row, where logsumexp makes four. A few rows at a time, which on CPU stay in
