@@ -57,7 +57,7 @@ def test_a_gpu_that_cannot_hold_the_run_is_told_what_would_fit(monkeypatch):
     assert lines[1].endswith("what would fit: 2 GPUs with --fsdp=True --recompute=True"), lines
 
 
-@pytest.mark.parametrize("world, fsdp", [(1, False), (2, True)])
-def test_the_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, world, fsdp):
-    for rank in memory.measure(world, fsdp, False, workdir=str(tmp_path)):
+def test_the_estimate_is_within_20_percent_of_the_measured_peak_on_each_sharded_rank(tmp_path):
+    # bench/memory.py measures the other cases (world 1, DDP, recompute); this one is the test's share of time
+    for rank in memory.measure(2, True, False, workdir=str(tmp_path)):
         assert 0.8 <= rank["measured"] / sum(rank["parts"].values()) <= 1.2, rank
