@@ -1081,7 +1081,7 @@ def plan_memory(cfg, n_params, world, device, log):
         0.9 * capacity)  # the CUDA context, the allocator's fragmentation and NCCL's buffers take the rest
     lean = cfg.fsdp and not fits(cfg, lean=False)
     parts = estimate_memory(cfg, n_params, world, lean)
-    gb = lambda b: f"{b / 2**30:.2f} GB"
+    gb = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
     log(f"memory estimate per rank: {gb(sum(parts.values()))} = "
         + " + ".join(f"{k} {gb(v)}" for k, v in parts.items()))
     if fits(cfg):

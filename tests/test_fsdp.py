@@ -97,6 +97,32 @@ def test_a_ddp_checkpoint_resumes_sharded(args, single, tmp_path):
     assert_same_run(str(resumed), single[0], since=4)
 
 
+LEAN = """import sys
+sys.path.insert(0, {root!r})
+import torch
+import train_gpt2 as tg
+cfg, world = tg.parse_args(sys.argv[1:]), 2
+with torch.device("meta"):
+    n = sum(p.numel() for p in tg.GPT(tg.GPTConfig(**{{k: getattr(cfg, k) for k in tg.MODEL_KEYS}})).parameters())
+lean, whole = (sum(tg.estimate_memory(cfg, n, world, lean).values()) for lean in (True, False))
+tg.device_memory = lambda device: (lean + whole) / 2 / 0.9  # room for the lean step only
+steps, step = [], tg.train_step
+tg.train_step = lambda *a: steps.append(a[-1]) or step(*a)
+tg.main(sys.argv[1:])
+print("lean steps", set(steps))
+"""
+
+
+def test_a_rank_short_of_memory_reduces_every_micro_step_to_the_same_losses(args, single, tmp_path):
+    script = tmp_path / "lean.py"
+    script.write_text(LEAN.format(root=ROOT))
+    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+             *args, "--fsdp=True", f"--log_dir={tmp_path / 'log'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "lean steps {True}" in r.stdout
+    assert_same_run(str(tmp_path / "log"), single[0])
+
+
 def test_recompute_gives_the_same_losses(args, tmp_path_factory):
     with_dropout = args + ["--dropout=0.1", "--max_steps=4", "--sample_count=0", "--hella_data="]
     plain = finished_run(tmp_path_factory, "plain", with_dropout)

@@ -39,7 +39,7 @@ def test_a_gpu_that_cannot_hold_the_run_is_told_what_would_fit(monkeypatch):
     lines = []
     lean = tg.plan_memory(settings("--B=16"), XL, 8, "cuda:0", lines.append)
     assert lines[0].startswith("memory estimate per rank: ")
-    assert lines[1] == ("warning: the estimate exceeds this GPU's 40.00 GB; what would fit: --B=2, or "
+    assert lines[1] == ("warning: the estimate exceeds this GPU's 40.00 GiB; what would fit: --B=2, or "
                         "--recompute=True"), lines  # FSDP alone leaves B=16's 48 GB of activations
     assert not lean  # without FSDP there is nothing to keep lean
     lines.clear()
