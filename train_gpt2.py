@@ -12,6 +12,7 @@ The file, top to bottom:
     Tokenizer            GPT-2's BPE, built offline
     Data                 uint16 shards and DataLoaderLite, one token stream whatever the world size
     Devices and schedule device, autocast, fused AdamW, learning rate, MFU
+    Sharding and memory  FSDP2 (--fsdp), whole checkpoints gathered from shards, the memory estimate
     Evals                val loss, HellaSwag, samples
     Checkpoints          atomic writes, checked reads, honest resume
     One run per log_dir  the lock
@@ -45,6 +46,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 
 def tune_allocator():
@@ -90,6 +94,10 @@ sample_tokens = 32               # length in tokens of each sample, prompt inclu
 hella_data = "hellaswag/hellaswag_val.jsonl"  # scored at each eval if present; `python hellaswag.py` downloads it here
 hella_examples = 0               # HellaSwag examples scored at each eval: the file's first N (0: all 10,042)
 seed = 1337                      # model init and shard order
+fsdp = False                     # under torchrun, shard parameters, gradients and AdamW's state over the ranks (FSDP2)
+                                 # rather than copy them to each (DDP): for models too big for one GPU's memory
+recompute = False                # recompute each block's activations in the backward: ~1/3 more compute, keeping
+                                 # only the blocks' inputs (the same losses)
 compile = True                   # torch.compile the model (not on mps); a compile that fails warns and runs eagerly
 device = "auto"                  # auto picks cuda, then mps, then cpu; or name one ("cuda:1", "cpu")
 dtype = "auto"                   # autocast dtype: auto (bf16 where native, else fp16 on a GPU, else fp32), bfloat16,
@@ -397,6 +405,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.recompute = False  # set by a run's --recompute
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -410,12 +419,12 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None, pos=None, mask=None, hidden=False):
+    def forward(self, idx, targets=None, cache=None, pos=None, mask=None, rows=None):
         """cache: a list of one KVCache per layer, for generation; idx then continues the cached positions
         and only the last position's logits are computed. pos (B, T) and mask (B, 1, T, T), True where a
         token may attend, replace positions 0..T-1 and the causal mask, so that one row can hold several
-        texts that share a start (HellaSwag's context and its 4 endings). hidden=True returns the final
-        hidden states in place of the logits, for callers that need only a few positions' logits."""
+        texts that share a start (HellaSwag's context and its 4 endings). rows (N,) picks the positions of
+        the flattened B*T whose logits alone are computed, (N, real tokens): for callers that need few."""
         if pos is None:
             start = cache[0].pos if cache else 0
             Tlen = start + idx.size(1)
@@ -424,12 +433,15 @@ class GPT(nn.Module):
             pos = torch.arange(start, Tlen, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache[i] if cache else None, mask)
+            if self.recompute and torch.is_grad_enabled():  # keep only x; the backward runs the block again
+                x = torch.utils.checkpoint.checkpoint(block, x, None, mask, use_reentrant=False)
+            else:
+                x = block(x, cache[i] if cache else None, mask)
         if cache:
             x = x[:, -1:]  # (B, 1, n_embd): generation needs only the next token's logits
         x = self.transformer.ln_f(x)
-        if hidden:
-            return x, None
+        if rows is not None:
+            return F.linear(x.flatten(0, 1)[rows], token_rows(self.lm_head.weight)), None  # (N, real tokens)
         if targets is None:
             return self.lm_head(x), None  # (B, T, vocab_size)
         # With targets only the loss is returned (logits None): the fused loss never holds them all.
@@ -962,6 +974,138 @@ def flops_per_token(model, T):
 
 
 # ----------------------------------------------------------------------------------------------
+# Sharding and memory: FSDP2 under --fsdp, full checkpoints from shards, the estimate printed at start
+
+# Bytes an activation the backward keeps takes, per token, layer and unit of n_embd, by compute dtype's size:
+# the two LayerNorm inputs in fp32 (the residual stream) and ~14 widths of matmul inputs and outputs in the
+# compute dtype (ln outputs, q/k/v, attention output, the MLP's 4x hidden before and after GELU). Counted with
+# torch.autograd.graph.saved_tensors_hooks on this model: 64 in fp32, 39 under bf16 autocast.
+ACTIVATION_BYTES = {4: 64, 2: 40}
+
+
+def sharded(model):
+    """Whether model (compiled or not) is FSDP2's. Its parameters do not tell: the root's are whole from its
+    forward until its backward."""
+    return isinstance(model.compiled._orig_mod if isinstance(model, CompiledOrEager) else model, FSDPModule)
+
+
+def shard_model(model, device):
+    """FSDP2 over all ranks: each block is one unit, gathered just before it runs and freed after, and the
+    root (embeddings, ln_f) another. Parameters, gradients and optimizer state are split over the ranks.
+    Weights stay fp32 and autocast casts them, as without FSDP, so that the maths, the residual stream and the
+    LayerNorms match a DDP run's; a MixedPrecisionPolicy(bfloat16) would halve what an all-gather moves but
+    keep the residual stream in bf16."""
+    mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full_state_dicts(model, optimizer):
+    """(model, optimizer) state dicts in the plain format, gathered whole on rank 0 one tensor at a time into
+    CPU memory (other ranks get empty dicts); a collective when model is sharded. The same checkpoint then
+    resumes with or without FSDP, on any world size."""
+    if not sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, state = get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer,
+                                                                                                  options=options)
+    if not state:
+        return model_state, state
+    # keyed by parameter name; a plain optimizer state dict numbers the parameters in its groups' order
+    index = {name: i for i, name in enumerate(n for g in state["param_groups"] for n in g["params"])}
+    return model_state, {"state": {index[k]: v for k, v in state["state"].items()},
+                         "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                          for g in state["param_groups"]]}
+
+
+def load_optimizer_state(optimizer, state):
+    """Loads a plain (whole) optimizer state dict; into a sharded optimizer, each rank takes its shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not isinstance(params[0], DTensor):
+        return optimizer.load_state_dict(state)
+
+    def shard(value, p):
+        if isinstance(p, DTensor) and value.shape == p.shape and value.dim():
+            return distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        return value
+    optimizer.load_state_dict({**state, "state": {i: {k: shard(v, params[i]) for k, v in s.items()}
+                                                  for i, s in state["state"].items()}})
+
+
+def whole_model(model, dtype):
+    """model itself, or for a sharded one a whole copy gathered on rank 0 (None on the others), in dtype:
+    what generation runs, as it is not a collective."""
+    if not sharded(model):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_master():
+        return None
+    with torch.device("meta"):
+        copy = GPT(model.config)
+    device = next(model.parameters()).device
+    copy.load_state_dict({k: v.to(device, getattr(torch, dtype)) for k, v in state.items()}, assign=True)
+    copy.transformer.wte.weight = copy.lm_head.weight
+    return copy
+
+
+def estimate_memory(cfg, n_params, world, lean=True):
+    """Bytes per rank a training step needs at its peak, by part: what --fsdp, --recompute, B and the world size
+    change. lean: an FSDP run reduce-scatters gradients at every micro-step; otherwise, with several micro-steps,
+    it holds whole weights and gradients between them (see train_step)."""
+    C, L, V, bt = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.B * cfg.T
+    size = 4 if cfg.dtype in ("float32", "auto") else 2
+    shard = world if cfg.fsdp else 1
+    block = (n_params - (V + cfg.block_size + 2) * C) // L
+    matrices = 12 * C * C * L if cfg.optimizer == "muon" else 0  # Muon keeps one momentum, AdamW two moments
+    parts = {"parameters": 4 * n_params / shard, "gradients": 4 * n_params / shard,
+             "optimizer state": (8 * n_params - 4 * matrices) / shard}
+    if cfg.fsdp and world > 1:
+        whole = 8 * n_params if cfg.total_batch_size > bt * world and not lean else 0
+        parts["gathered weights"] = max(whole, 4 * (V + cfg.block_size) * C + 2 * 4 * block)  # root + 2 blocks
+    per_layer = bt * C * (4 if cfg.recompute else ACTIVATION_BYTES[size])  # recompute keeps the block's input
+    redo = 2 * bt * C * ACTIVATION_BYTES[size] if cfg.recompute else 0  # a block's again, and their gradients
+    loss = bt * C * (size + 8) + 4 * V * C + min(LOSS_CHUNK_ROWS, bt) * V * (8 + size)  # grads it holds, a chunk
+    parts["activations"] = L * per_layer + redo + loss
+    return parts
+
+
+def device_memory(device):
+    """Bytes of memory the GPU has; None on a CPU (or mps), where the estimate is only printed."""
+    return torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
+
+
+def plan_memory(cfg, n_params, world, device, log):
+    """Logs the estimate; on a GPU it cannot hold, one line on what would fit. Returns lean (see
+    estimate_memory): True when whole weights between micro-steps would not fit."""
+    capacity = device_memory(device)
+    fits = lambda c, w=world, lean=True: capacity is None or sum(estimate_memory(c, n_params, w, lean).values()) < (
+        0.9 * capacity)  # the CUDA context, the allocator's fragmentation and NCCL's buffers take the rest
+    lean = cfg.fsdp and not fits(cfg, lean=False)
+    parts = estimate_memory(cfg, n_params, world, lean)
+    gb = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+    log(f"memory estimate per rank: {gb(sum(parts.values()))} = "
+        + " + ".join(f"{k} {gb(v)}" for k, v in parts.items()))
+    if fits(cfg):
+        return lean
+    change = lambda **kw: dataclasses.replace(cfg, **kw)
+    ideas = [f"--B={b}" for b in range(cfg.B - 1, 0, -1) if cfg.total_batch_size % (b * cfg.T * world) == 0
+             and fits(change(B=b))][:1]
+    single = [f"--{k}=True" for k in ("recompute", "fsdp") if not getattr(cfg, k) and (k != "fsdp" or world > 1)
+              and fits(change(**{k: True}))]
+    both = not single and not (cfg.fsdp and cfg.recompute) and world > 1 and fits(change(fsdp=True, recompute=True))
+    ideas += single + (["--fsdp=True --recompute=True"] if both else [])
+    more = [(w, flags) for flags in ("--fsdp=True", "--fsdp=True --recompute=True") for w in (2, 4, 8, 16, 32, 64, 128)
+            if w > world and fits(change(fsdp=True, recompute=cfg.recompute or "recompute" in flags), w)]
+    ideas += [f"{more[0][0]} GPUs with {more[0][1]}"] if more and not ideas else []
+    log(f"warning: the estimate exceeds this GPU's {gb(capacity)}; what would fit: {', or '.join(ideas) or 'nothing'}")
+    return lean
+
+
+# ----------------------------------------------------------------------------------------------
 # Evals: val loss, samples and HellaSwag. Each runs on every rank and sums over all of them.
 
 
@@ -973,7 +1117,14 @@ def evaluate_loss(model, loader, rows, autocast):
     B, T, device = loader.B, loader.T, next(model.parameters()).device
     loader.reset()
     total = torch.zeros(2, dtype=torch.float64)  # summed loss, tokens
-    for first in range(loader.rank * B, rows, loader.world * B):
+    # A sharded model's forward is a collective: every rank runs rank 0's count, those past the rows on zeros.
+    forwards = -(-rows // (loader.world * B)) if sharded(model) else 0
+    for first in range(loader.rank * B, max(rows, forwards * loader.world * B), loader.world * B):
+        if first >= rows:
+            zeros = torch.zeros(B, T, dtype=torch.long, device=device)
+            with autocast:
+                model(zeros, zeros)  # with targets: the fused loss, never a (B, T, vocab) of logits
+            continue
         n = min(B, rows - first)
         buf = loader.read(first * T, n * T + 1)
         with autocast:
@@ -1052,6 +1203,21 @@ def hellaswag_tokens(examples, block_size):
     return data
 
 
+def hellaswag_groups(data, batch_tokens, fixed_shape):
+    """hellaswag_batches' batches as (example indices, row length, rows)."""
+    sizes = [len(ctx) + sum(map(len, ends)) for ctx, ends, _ in data]
+    order = sorted(range(len(data)), key=lambda i: -sizes[i])
+    longest = max(sizes, default=1)
+    groups, start = [], 0
+    while start < len(order):
+        length = longest if fixed_shape else sizes[order[start]]
+        count = max(1, batch_tokens // length)
+        idx = order[start:start + count]
+        start += count
+        groups.append((idx, length, count if fixed_shape else len(idx)))
+    return groups
+
+
 def hellaswag_batches(data, batch_tokens, fixed_shape=False):
     """Batches of whole examples, one right-padded row each: the context, then the 4 endings back to back.
     Each ending takes the positions that follow the context and attends to the context and to itself only,
@@ -1060,16 +1226,7 @@ def hellaswag_batches(data, batch_tokens, fixed_shape=False):
     padding) and memory peaks at once; fixed_shape pads every batch to one shape, so that a compiled model
     compiles once and never again. Yields (example indices, (tokens, positions, attention mask), (hidden
     states to project, and per ending token: which of them predicts it, its id, its ending 4 * j + k))."""
-    sizes = [len(ctx) + sum(map(len, ends)) for ctx, ends, _ in data]
-    order = sorted(range(len(data)), key=lambda i: -sizes[i])
-    longest = max(sizes, default=1)
-    start = 0
-    while start < len(order):
-        length = longest if fixed_shape else sizes[order[start]]
-        count = max(1, batch_tokens // length)
-        idx = order[start:start + count]
-        start += count
-        rows = count if fixed_shape else len(idx)
+    for idx, length, rows in hellaswag_groups(data, batch_tokens, fixed_shape):
         tokens = torch.zeros(rows, length, dtype=torch.long)
         pos = torch.zeros(rows, length, dtype=torch.long)
         part = torch.full((rows, length), 5)  # 0: context, k + 1: ending k, 5: padding, which is never scored
@@ -1097,18 +1254,21 @@ def hellaswag_batches(data, batch_tokens, fixed_shape=False):
 
 
 @torch.no_grad()
-def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False):
+def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, forwards=0):
     """Each example's 4 endings' losses summed over their tokens, as an (N, 4) float64 tensor. The model
-    runs without its lm_head, which projects only the hidden states that predict an ending token: the
-    logits of every position would cost most of the time with small models."""
+    projects only the hidden states that predict an ending token: the logits of every position would cost
+    most of the time with small models. A sharded model's forward is a collective, so a rank with fewer
+    batches than `forwards` runs the rest on one token."""
     device = next(model.parameters()).device
     losses = torch.zeros(len(data), 4, dtype=torch.float64)
     with autocast:  # one region for all batches, so that autocast casts each weight once, not once a forward
+        for _ in range(forwards - len(hellaswag_groups(data, batch_tokens, fixed_shape))):
+            model(torch.zeros(1, 1, dtype=torch.long, device=device), rows=torch.zeros(1, dtype=torch.long))
         for idx, inputs, scored in hellaswag_batches(data, batch_tokens, fixed_shape):
             tokens, pos, mask = (t.to(device) for t in inputs)
             states, pick, targets, ending = (t.to(device) for t in scored)
-            hidden, _ = model(tokens, pos=pos, mask=mask, hidden=True)
-            logits = F.linear(hidden.flatten(0, 1)[states], token_rows(model.lm_head.weight))
+            torch._dynamo.maybe_mark_dynamic(states, 0)  # their count varies by batch: compile for any count
+            logits, _ = model(tokens, pos=pos, mask=mask, rows=states)
             # Each row's log-sum-exp in fp32, read off log_softmax (x - log_softmax(x) is it, at any column):
             # one fused pass over a row, where logsumexp makes four. A few rows at a time, which on CPU stay in
             # cache: an fp32 copy of all the logits, and the passes over it, took longer than the matmul.
@@ -1146,9 +1306,14 @@ def ending_lengths(data):
 def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
     """acc_norm over all ranks' examples, and how many examples that was: the ending with the lowest mean
     loss per token is the model's pick, as the GPT-2 reproductions score it."""
-    losses = hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=True)
+    device = next(model.parameters()).device
+    forwards = 0
+    if sharded(model):  # every rank runs the most batches any rank has
+        forwards = torch.tensor(len(hellaswag_groups(data, batch_tokens, True)), device=device)
+        dist.all_reduce(forwards, op=dist.ReduceOp.MAX)
+    losses = hellaswag_losses(model, data, batch_tokens, autocast, True, int(forwards))
     picks = (losses / ending_lengths(data)).argmin(dim=1)
-    counts = torch.tensor([len(labels), (picks == labels).sum().item()], device=next(model.parameters()).device)
+    counts = torch.tensor([len(labels), (picks == labels).sum().item()], device=device)
     if dist.is_initialized():
         dist.all_reduce(counts)
     n, correct = counts.tolist()
@@ -1202,9 +1367,14 @@ def process_alive(pid):
 
 
 def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader, world=1, scaler=None):
+    """Writes the run at step to path. Every rank calls it when the model is sharded: the whole weights and
+    optimizer state are gathered on rank 0, which alone writes."""
+    model_state, optimizer_state = full_state_dicts(model, optimizer)
+    if not is_master():
+        return
     state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scaler": scaler.state_dict() if scaler else {},  # empty unless float16
         "step": step,
         "val_loss": val_loss,
@@ -1596,28 +1766,39 @@ def build_model(cfg, train_loader, world, device, scaler, log):
     """The model and optimizer, fresh or resumed; the step to start at and the checkpoint resumed from."""
     torch.manual_seed(cfg.seed)
     raw_model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}, dropout=cfg.dropout)).to(device)
+    raw_model.recompute = cfg.recompute
     log(f"number of parameters: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M")
+    ckpt_file, ckpt = load_checkpoint(cfg.resume, cfg, log) if cfg.resume else (None, None)
+    if ckpt_file:
+        if cfg.init_from:
+            log(f"note: continuing the run in {ckpt_file}; --init_from={cfg.init_from} was not used")
+        check_resume(ckpt_file, ckpt, cfg, world, train_loader, log)
+        raw_model.load_state_dict(ckpt["model"])
+    elif cfg.resume:
+        log(f"no checkpoint in {cfg.log_dir} yet; starting fresh")
+    else:  # a fresh run would overwrite what is there
+        earlier = [os.path.basename(p) for _, p in list_checkpoints(cfg.log_dir)]
+        log_file = os.path.join(cfg.log_dir, "log.txt")
+        earlier += ["log.txt"] if os.path.isfile(log_file) and os.path.getsize(log_file) else []
+        if earlier:
+            raise UserError(f"log_dir {cfg.log_dir!r} already holds a run ({', '.join(earlier)}); continue it "
+                            f"with --resume=auto, or start afresh with another --log_dir")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked at log_dir before rank 0 writes log.txt there
+    if cfg.init_from and not ckpt_file:
+        load_pretrained(raw_model, cfg.init_from, log)
+    if cfg.fsdp and cfg.dtype == "float16":
+        raise UserError("--fsdp=True has no float16 gradient scaler here (its ranks could disagree on skipping a "
+                        "step); use --dtype=bfloat16 or float32, or --fsdp=False")
+    if cfg.fsdp and dist.is_initialized():  # after loading: every rank holds the whole checkpoint, then its shard
+        shard_model(raw_model, device)
+    elif cfg.fsdp:
+        log("note: --fsdp=True shards over torchrun's ranks; this one process holds everything, as without it")
     muon = (cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay) if cfg.optimizer == "muon" else None
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device.split(":")[0], muon)
-    ckpt_file, ckpt = load_checkpoint(cfg.resume, cfg, log) if cfg.resume else (None, None)
     if not ckpt_file:
-        if cfg.resume:
-            log(f"no checkpoint in {cfg.log_dir} yet; starting fresh")
-        else:  # a fresh run would overwrite what is there
-            earlier = [os.path.basename(p) for _, p in list_checkpoints(cfg.log_dir)]
-            log_file = os.path.join(cfg.log_dir, "log.txt")
-            earlier += ["log.txt"] if os.path.isfile(log_file) and os.path.getsize(log_file) else []
-            if earlier:
-                raise UserError(f"log_dir {cfg.log_dir!r} already holds a run ({', '.join(earlier)}); continue it "
-                                f"with --resume=auto, or start afresh with another --log_dir")
-        if cfg.init_from:
-            load_pretrained(raw_model, cfg.init_from, log)
         return raw_model, optimizer, 0, None
-    if cfg.init_from:
-        log(f"note: continuing the run in {ckpt_file}; --init_from={cfg.init_from} was not used")
-    check_resume(ckpt_file, ckpt, cfg, world, train_loader, log)
-    raw_model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer_state(optimizer, ckpt["optimizer"])
     if scaler.is_enabled() and ckpt.get("scaler"):  # a run that turns float16 on later starts from a fresh scale
         scaler.load_state_dict(ckpt["scaler"])
     train_loader.load_state_dict(ckpt["loader"])
@@ -1641,7 +1822,7 @@ def wrap_model(raw_model, cfg, device, log):
     if cfg.compile and device.startswith("mps"):
         log("note: no torch.compile on mps; the model runs eagerly")
     model = CompiledOrEager(raw_model, log) if cfg.compile and not device.startswith("mps") else raw_model
-    if not dist.is_initialized():
+    if not dist.is_initialized() or sharded(raw_model):  # FSDP2 reduces the gradients itself
         return model, model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None), model
 
@@ -1730,8 +1911,10 @@ def run_evals(step, models, val, hella, cfg, autocast, log, record):
     val_loss = evaluate_loss(evaluated, *val, autocast)
     log(f"step {step:5d} | val loss {val_loss:.4f}")
     record(step, "val", val_loss)
-    if cfg.sample_count and step > 0 and is_master():
-        print_samples(raw_model, cfg, autocast, log)
+    if cfg.sample_count and step > 0:
+        sampled = whole_model(raw_model, cfg.dtype)  # gathered, when sharded: generation is no collective
+        if is_master():
+            print_samples(sampled, cfg, autocast, log)
     if hella:
         acc_norm, count = evaluate_hellaswag(evaluated, *hella, cfg.B * cfg.T, autocast)
         log(f"step {step:5d} | hella acc_norm {acc_norm:.4f} ({count} examples)")
@@ -1741,37 +1924,44 @@ def run_evals(step, models, val, hella, cfg, autocast, log, record):
 
 
 def write_checkpoint(step, raw_model, optimizers, val_loss, cfg, train_loader, world, log):
-    """Rank 0 saves the run at step; every rank returns the checkpoint's path. optimizers: (optimizer, scaler)."""
+    """Rank 0 saves the run at step (gathered from all ranks when sharded); every rank returns the checkpoint's
+    path. optimizers: (optimizer, scaler)."""
     path = checkpoint_path(cfg.log_dir, step)
-    if is_master():
-        save_checkpoint(path, raw_model, optimizers[0], step, val_loss, cfg, train_loader, world, optimizers[1])
-        log(f"wrote {path}")
+    save_checkpoint(path, raw_model, optimizers[0], step, val_loss, cfg, train_loader, world, optimizers[1])
+    log(f"wrote {path}")
     return path
 
 
-def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast, device, scaler):
+def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast, device, scaler, lean=False):
     """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as floats.
     When either is not finite the update is skipped, so a bad batch never reaches the weights; all ranks
     agree on that, as the loss is all-reduced and the norm is taken from all-reduced gradients. In float16 the
     scaler (see grad_scaler) multiplies the loss before backward and divides the gradients before the norm is
-    taken and clipped; on inf gradients it lowers its scale. model may be compiled and/or wrapped in DDP."""
-    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    taken and clipped; on inf gradients it lowers its scale. model may be compiled and/or wrapped in DDP, or
+    sharded: FSDP2 then reduce-scatters the gradients and frees the gathered weights only after the last
+    micro-step, unless lean (plan_memory: when whole weights and gradients would not fit) asks for every one."""
+    ddp, fsdp = isinstance(model, nn.parallel.DistributedDataParallel), sharded(model)
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
         x, y = loader.next_batch()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        sync = not ddp or micro_step == grad_accum_steps - 1  # all-reduce gradients once per step
-        with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+        sync = micro_step == grad_accum_steps - 1 or lean  # reduce gradients once per step
+        if fsdp:
+            model.set_requires_gradient_sync(sync)
+            model.set_reshard_after_backward(sync)
+        with (model.no_sync() if ddp and not sync else contextlib.nullcontext()), autocast:
             _, loss = model(x, y)
         loss = loss / grad_accum_steps
         loss_accum += loss.detach()
         scaler.scale(loss).backward()
-    if ddp:
+    if dist.is_initialized():
         dist.all_reduce(loss_accum)  # gloo has no AVG, so sum and divide
         loss_accum /= dist.get_world_size()
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if fsdp:
+        norm = norm.full_tensor()  # each rank's shards' part, summed over the ranks
     loss, norm = loss_accum.item(), norm.item()
     if math.isfinite(loss) and math.isfinite(norm):
         for group in optimizer.param_groups:
@@ -1852,6 +2042,7 @@ def train(cfg):
         train_loader, val_loader, val_rows, hella = open_data(cfg, rank, world, log)
         with log_dir_lock(cfg.log_dir, rank, world):
             raw_model, optimizer, start_step, ckpt_file = build_model(cfg, train_loader, world, device, scaler, log)
+            lean = plan_memory(cfg, sum(p.numel() for p in raw_model.parameters()), world, device, log)
             model, evaluated = wrap_model(raw_model, cfg, device, log)
             record = open_log(cfg, start_step, run_record(cfg, raw_model, world, device))
             ideal_dt = step_time_at_peak(raw_model, cfg, world, device)
@@ -1872,7 +2063,7 @@ def train(cfg):
                 t0 = time.perf_counter()
                 lr = get_lr(step, cfg)
                 loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, cfg.grad_clip,
-                                        autocast, device, scaler)
+                                        autocast, device, scaler, lean)
                 log_step(step, loss, norm, lr, time.perf_counter() - t0, ideal_dt, cfg, log, record, scaler)
                 bad_steps = bad_step(step, loss, norm, bad_steps, ckpt_file, cfg, scaler.is_enabled())
 

@@ -7,7 +7,8 @@ Rows: the training step (train_gpt2.train_step, compiled, T=1024, fused AdamW) i
 gradient scaler, at the largest B of 64, 32, 16 that fits, as tokens/s and MFU against the datasheet peak for
 that dtype; HellaSwag scoring (train_gpt2.hellaswag_losses on synthetic examples in the real format) in
 examples/s; generation with the KV cache in new tokens/s. Every row has the peak memory that its measurement
-allocated (torch.cuda.max_memory_allocated). A dtype the GPU lacks (bf16 before Ampere) is a row that says so.
+allocated (torch.cuda.max_memory_allocated); a training row also has train_gpt2.estimate_memory's figure
+for it. A dtype the GPU lacks (bf16 before Ampere) is a row that says so.
 """
 import argparse
 import os
@@ -28,7 +29,7 @@ import train_gpt2 as tg  # noqa: E402
 # The table's columns: (header, the row's key, how a value prints). A measurement fills the keys it has.
 COLUMNS = [("measurement", "what", "{}"), ("dtype", "dtype", "{}"), ("B x T", "shape", "{}"),
            ("throughput", "rate", "{:,.0f}"), ("unit", "unit", "{}"), ("MFU", "mfu", "{:.1%}"),
-           ("peak memory GiB", "memory", "{:.2f}"), ("note", "note", "{}")]
+           ("peak memory GiB", "memory", "{:.2f}"), ("estimate GiB", "estimate", "{:.2f}"), ("note", "note", "{}")]
 
 FULL = dict(model=tg.GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768), T=1024,
             batch_sizes=(64, 32, 16), warmup=3, steps=10, hella_examples=500, gen_samples=8, gen_tokens=256,
@@ -81,8 +82,18 @@ def train_row(shape, device, dtype):
         rate = B * shape["T"] / statistics.median(times[shape["warmup"]:])
         peak = tg.device_peak_flops(device_type, 0.0, dtype)
         return {**row, "shape": f"{B} x {shape['T']}", "rate": rate, "memory": peak_memory(device),
-                "mfu": tg.flops_per_token(raw, shape["T"]) * rate / peak if peak else None}
+                "mfu": tg.flops_per_token(raw, shape["T"]) * rate / peak if peak else None,
+                "estimate": estimate(shape, B, dtype, raw)}
     return {**row, "note": f"out of memory at B={shape['batch_sizes'][-1]}"}
+
+
+def estimate(shape, B, dtype, model):
+    """train_gpt2.estimate_memory's total for this step, in GiB: what the peak memory column checks it against."""
+    m = shape["model"]
+    cfg = tg.parse_args([f"--B={B}", f"--T={shape['T']}", f"--total_batch_size={B * shape['T']}", f"--dtype={dtype}",
+                         f"--n_layer={m.n_layer}", f"--n_head={m.n_head}", f"--n_embd={m.n_embd}",
+                         f"--block_size={m.block_size}", f"--vocab_size={m.vocab_size}"])
+    return sum(tg.estimate_memory(cfg, sum(p.numel() for p in model.parameters()), 1).values()) / 2**30
 
 
 def hellaswag_row(shape, device, dtype):

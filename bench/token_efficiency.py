@@ -1,7 +1,7 @@
 """Token efficiency of --optimizer=muon against AdamW: a small GPT trained by train_gpt2.train() on a text corpus,
 each optimizer at its best learning rate from a small grid, for the same token budget and 3 seeds.
 
-    flock /tmp/bench.lock python bench/token_efficiency.py tinyshakespeare.txt    # ~20 min on 2 busy cores
+    flock /tmp/bench.lock python bench/token_efficiency.py tinyshakespeare.txt    # ~3 min on 2 shared cores
 
 The corpus is tokenized with GPT-2's BPE and written as train_gpt2.py shards (the first 10% val, the rest in 8
 train shards that each seed orders differently), with the ids it uses renumbered 0..n-1: the model's vocabulary
@@ -77,20 +77,20 @@ def train_run(cfg):
 def step_times(args, data_dir, vocab, total_batch_size, best, rounds=3, steps=2):
     """Median seconds of train_gpt2.train_step with each optimizer (the model and optimizer made by build_model),
     taken in turns: a round times `steps` steps of each."""
-    runs = {}
+    runs, scaler = {}, tg.grad_scaler("cpu", args.dtype)
     for optimizer, lr, max_lr in (("adamw", best["adamw"], None), ("muon", best["muon"], best["adamw"])):
         log_dir = os.path.join(os.path.dirname(data_dir), f"timing_{optimizer}_{total_batch_size}")
         cfg = settings(args, data_dir, vocab, log_dir, optimizer, lr, 0, max_lr, total_batch_size)
         with contextlib.redirect_stdout(io.StringIO()):
             loader = tg.open_data(cfg, 0, 1, print)[0]
-            model, opt = tg.build_model(cfg, loader, 1, "cpu", print)[:2]
+            model, opt = tg.build_model(cfg, loader, 1, "cpu", scaler, print)[:2]
         runs[optimizer] = (model, opt, loader, cfg.total_batch_size // (cfg.B * cfg.T), tg.get_lr(50, cfg), [])
     autocast = tg.autocast_context("cpu", args.dtype)
     for r in range(rounds + 1):  # round 0 warms up
         for model, opt, loader, accum, lr, times in runs.values():
             for _ in range(steps):
                 t0 = time.perf_counter()
-                tg.train_step(model, opt, loader, accum, lr, 1.0, autocast, "cpu")
+                tg.train_step(model, opt, loader, accum, lr, 1.0, autocast, "cpu", scaler)
                 if r:
                     times.append(time.perf_counter() - t0)
     return {name: statistics.median(run[-1]) for name, run in runs.items()}
@@ -137,8 +137,8 @@ def main():
     p.add_argument("--eval_interval", type=int, default=10)
     p.add_argument("--val_tokens", type=int, default=4096)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--adamw_lrs", default="2e-3,4e-3", help="AdamW's max_lr grid")
-    p.add_argument("--muon_lrs", default="4e-3,8e-3", help="Muon's muon_lr grid")
+    p.add_argument("--adamw_lrs", default="1e-3,2e-3,4e-3", help="AdamW's max_lr grid")
+    p.add_argument("--muon_lrs", default="4e-3,8e-3,1.6e-2,3.2e-2", help="Muon's muon_lr grid")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--plot", default="docs/token_efficiency.png")
     args = p.parse_args()

@@ -14,7 +14,8 @@ def test_dry_run_prints_one_table_with_every_measurement():
     r = run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--dry-run"])
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[1] == "| measurement | dtype | B x T | throughput | unit | MFU | peak memory GiB | note |"
+    assert lines[1] == ("| measurement | dtype | B x T | throughput | unit | MFU | peak memory GiB | estimate GiB | "
+                        "note |")
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[3:7]]
     assert [(row[0], row[4]) for row in rows] == [
         ("train step", "tokens/s"), ("train step", "tokens/s"), ("HellaSwag", "examples/s"),
@@ -22,6 +23,7 @@ def test_dry_run_prints_one_table_with_every_measurement():
     assert [row[1] for row in rows[:2]] == ["bfloat16", "float16"] and rows[0][2] == "4 x 32"
     assert all(float(row[3].replace(",", "")) > 0 for row in rows)
     assert all(re.fullmatch(r"\d+\.\d%", row[5]) for row in rows[:2])
+    assert all(float(row[7]) > 0 for row in rows[:2])  # the estimate, next to the peak a GPU measures
     assert re.fullmatch(r"\d+ s in all", lines[7])
 
 
