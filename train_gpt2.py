@@ -1070,6 +1070,8 @@ def estimate_memory(cfg, n_params, world, lean=True):
     redo = 2 * bt * C * ACTIVATION_BYTES[size] if cfg.recompute else 0  # a block's again, and their gradients
     loss = bt * C * (size + 8) + 4 * V * C + min(LOSS_CHUNK_ROWS, bt) * V * (8 + size)  # grads it holds, a chunk
     parts["activations"] = L * per_layer + redo + loss
+    if size == 2 and not cfg.recompute:  # autocast's half-precision copies of the blocks' matrices, which the
+        parts["weight casts"] = 2 * 12 * C * C * L  # backward needs: whole on every rank, FSDP or not
     return parts
 
 

@@ -4,9 +4,11 @@ and 2, with and without --fsdp and --recompute, at a small shape.
     python bench/memory.py                      # the table (~2 min on 2 cores)
     python bench/memory.py --dtype=bfloat16
 
-Measured: each rank's peak resident memory (getrusage's ru_maxrss) minus its resident memory before train()
-runs (torch imported, nothing built). train_gpt2.py's allocator tuning keeps freed buffers in the heap, so the
-peak is what the run held at its fullest. The estimate: train_gpt2.estimate_memory for the same settings.
+Measured: each rank's peak resident memory (getrusage's ru_maxrss) up to the end of its last training step,
+minus its resident memory before train() runs (torch imported, nothing built), with glibc's default allocator
+settings (see untune_allocator). The checkpoint written at the end is left out: rank 0 gathers the whole
+weights and AdamW state into host memory to write it, which on a GPU is not the GPU's memory the estimate is
+about. The estimate: train_gpt2.estimate_memory for the same settings.
 """
 import argparse
 import contextlib
@@ -57,7 +59,7 @@ def untune_allocator():
 
 
 def worker(argv):
-    """Runs train_gpt2 with argv in this process; prints this rank's estimate and measurement as JSON."""
+    """Runs train_gpt2 with argv in this process; writes this rank's estimate and measurement as JSON."""
     untune_allocator()
     base = rss()
     cfg = tg.parse_args(argv)
@@ -66,10 +68,19 @@ def worker(argv):
         n_params = sum(p.numel() for p in tg.GPT(tg.GPTConfig(**{k: getattr(cfg, k) for k in tg.MODEL_KEYS}))
                        .parameters())
     parts = tg.estimate_memory(cfg, n_params, world, lean=False)
+    peaks, step = [], tg.train_step
+
+    def train_step(*args):  # the peak so far, after each step: the last checkpoint's gathering is left out
+        result = step(*args)
+        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return result
+    tg.train_step = train_step
     with contextlib.redirect_stdout(io.StringIO()):
         tg.main(argv)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("RESULT " + json.dumps({"rank": int(os.environ.get("RANK", 0)), "parts": parts, "measured": peak - base}))
+    peak = max(peaks)
+    rank = int(os.environ.get("RANK", 0))
+    with open(os.path.join(os.environ["MEMORY_RESULTS"], f"rank{rank}.json"), "w") as f:  # ranks share stdout
+        json.dump({"rank": rank, "parts": parts, "measured": peak - base}, f)
 
 
 def torch_device_meta():
@@ -95,11 +106,15 @@ def measure(world, fsdp, recompute, dtype="float32", workdir=None, **shape):
     me = os.path.abspath(__file__)
     cmd = ([sys.executable, me, "--worker"] if world == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", me, "--worker"])
-    out = subprocess.run(cmd + args, capture_output=True, text=True, timeout=900)
-    results = [json.loads(line.split(" ", 1)[1]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode or len(results) != world:
+    out = subprocess.run(cmd + args, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "MEMORY_RESULTS": log_dir})
+    if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    return sorted(results, key=lambda r: r["rank"])
+    results = []
+    for rank in range(world):
+        with open(os.path.join(log_dir, f"rank{rank}.json")) as f:
+            results.append(json.load(f))
+    return results
 
 
 def main():
@@ -112,14 +127,14 @@ def main():
     print(f"6 layers, 384 wide, vocab {VOCAB} (10.9M parameters), B=8, T=256, 2 micro-steps at world 1, "
           f"{args.dtype}; MiB per rank (rank 0)")
     print("| world | fsdp | recompute | parameters | gradients | optimizer state | gathered | activations | "
-          "estimate | measured | measured / estimate |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "weight casts | estimate | measured | measured / estimate |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     workdir = tempfile.mkdtemp(prefix="memory_")
     for world, fsdp, recompute in RUNS:
         r = measure(world, fsdp, recompute, args.dtype, workdir)[0]
         parts, total = r["parts"], sum(r["parts"].values())
         cells = [mib(parts.get(k, 0)) for k in ("parameters", "gradients", "optimizer state", "gathered weights",
-                                                 "activations")]
+                                                 "activations", "weight casts")]
         print(f"| {world} | {fsdp} | {recompute} | " + " | ".join(cells) +
               f" | {mib(total)} | {mib(r['measured'])} | {r['measured'] / total:.2f} |")
 
