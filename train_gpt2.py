@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 import zipfile
 
 import numpy as np
@@ -163,6 +164,9 @@ EXIT_PREEMPTED = 75  # exit code after SIGTERM/SIGUSR1 and a checkpoint: sysexit
 
 class UserError(Exception):
     """Bad input or settings: main() prints it as one line and exits non-zero."""
+
+    def exit(self):
+        return SystemExit(f"error: {self}")
 
 
 def parse_args(argv):
@@ -1697,10 +1701,13 @@ def is_master():
 
 @contextlib.contextmanager
 def distributed(cfg):
-    """(rank, world, device) of this process. Under torchrun the process group lives until the run ends,
-    and on a finish or a preemption it comes down only once every rank is past its last collective and
-    rank 0 has written its checkpoint: a rank that tore it down earlier could abort (`terminate called
-    without an active exception`), and torchrun would report the finished run as failed."""
+    """(rank, world, device) of this process. Under torchrun the process group lives as long as the process, which
+    ends here, whatever ended the run: once every rank is past its last collective and rank 0 has written its
+    checkpoint (a rank that left earlier could abort another's collective), it reports how the run ended and exits
+    without tearing the group down. Tearing it down cannot be made safe: the last reference to a gloo group, freed
+    from Python with the GIL held, joins the group's worker threads, and a worker still freeing its last collective
+    needs the GIL to do so, so the two wait on each other forever (seen under load: a finished rank that never
+    exited). Ending the process joins no thread; the kernel closes the group's sockets."""
     ddp = "RANK" in os.environ  # set by torchrun
     env = {"RANK": 0, "LOCAL_RANK": 0, "WORLD_SIZE": 1, **os.environ}
     rank, local_rank, world = (int(env[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -1715,18 +1722,28 @@ def distributed(cfg):
         return
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    clean = False
+    # the device binds each rank to its GPU, so NCCL need not guess it from the rank (and warn at each barrier)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                            device_id=torch.device(device) if device.startswith("cuda") else None)
+    ended = SystemExit(0)
     try:
         yield rank, world, device
-        clean = True
-    except SystemExit as e:
-        clean = e.code == EXIT_PREEMPTED  # every rank stops at the same step, so all meet at the barrier
-        raise
-    finally:
-        if clean:
-            dist.barrier()
-        dist.destroy_process_group()
+    except SystemExit as e:  # a preemption, after its checkpoint
+        ended = e
+    except UserError as e:
+        ended = e.exit()
+    except BaseException:
+        traceback.print_exc()
+        ended = SystemExit(1)
+    code = ended.code or 0
+    if code in (0, EXIT_PREEMPTED):  # every rank stops at the same step, so all meet here
+        dist.barrier()
+    if isinstance(code, str):  # as Python prints sys.exit's message
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def warn_shared_store():
@@ -2078,7 +2095,7 @@ def main(argv=None):
     try:
         train(parse_args(argv))
     except UserError as e:
-        sys.exit(f"error: {e}")
+        raise e.exit() from None
 
 
 if __name__ == "__main__":

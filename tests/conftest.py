@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny random shards and a tiny, exact (fp32, uncompiled) training configuration."""
+"""Shared fixtures: tiny random shards and a tiny, exact (fp32, uncompiled) training configuration; subprocesses
+that can never outlive their test."""
+import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import types
@@ -32,10 +35,66 @@ def write_shards(data_dir, sizes, vocab=500, seed=0, prefix="tiny"):
     return paths
 
 
-def run(args, cwd=None, timeout=600, env=None):
-    """Runs a command with the project's interpreter; returns the CompletedProcess (text output)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # env may override the thread count
-    return subprocess.run(args, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+# Every process a test starts carries MARK in its environment, and so does everything it starts in turn. torchrun
+# gives each worker a session of its own, and an orphaned worker leaves the tree, so neither a process group nor
+# the process tree finds them all; the mark does.
+MARK = "GPT2_TEST_PROCESS"
+_marks = itertools.count()
+
+
+def new_mark():
+    return f"{os.getpid()}-{next(_marks)}"
+
+
+def kill_marked(mark):
+    """SIGKILLs every process whose environment carries MARK=mark (a prefix: one test's, or the whole session's)."""
+    needle = f"{MARK}={mark}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                marked = any(v.startswith(needle) for v in f.read().split(b"\0"))
+            if marked and int(pid) != os.getpid():
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError):  # gone already, or not ours to read
+            pass
+
+
+def spawn(args, env=None, **kw):
+    """subprocess.Popen with the project's thread count and a mark of its own: stop() it, or the session's end kills
+    it and all it started."""
+    mark = new_mark()
+    proc = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {}), MARK: mark}, **kw)
+    proc.mark = mark
+    return proc
+
+
+def stop(proc):
+    """Kills proc and every process it started; waits for proc."""
+    kill_marked(proc.mark)
+    proc.wait(timeout=60)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_process_outlives_the_tests():
+    yield
+    kill_marked(f"{os.getpid()}-")
+
+
+def run(args, cwd=None, timeout=600, env=None, **popen):
+    """Runs a command with the project's interpreter; returns the CompletedProcess (text output). Whatever happens,
+    no process it started is left when it returns; past timeout they are all killed and TimeoutExpired is raised,
+    so a hang is a failure, never a stuck suite."""
+    proc = spawn(args, env=env, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                 start_new_session=True, **popen)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_marked(proc.mark)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(args, timeout, out, err) from None
+    finally:
+        kill_marked(proc.mark)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def train(args, **kw):
@@ -139,9 +198,8 @@ def serve_run(tmp_path_factory):
 def start_server(model, log_path, *args):
     """serve.py on a free port of 127.0.0.1, started as a user would; (the process, its base URL)."""
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, f"{ROOT}/serve.py", f"--model={model}", "--port=0", "--device=cpu",
-                             "--dtype=float32", *args], stdout=subprocess.PIPE, stderr=log, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = spawn([sys.executable, f"{ROOT}/serve.py", f"--model={model}", "--port=0", "--device=cpu",
+                  "--dtype=float32", *args], stdout=subprocess.PIPE, stderr=log, text=True)
     line = proc.stdout.readline()
     assert line.startswith("serving "), open(log_path).read()
     return proc, re.search(r"http://127\.0\.0\.1:\d+", line)[0]

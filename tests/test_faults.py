@@ -4,7 +4,6 @@ import hashlib
 import os
 import resource
 import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -113,9 +112,7 @@ def test_full_disk_keeps_previous_checkpoint(data, tmp_path):
     def small_files():  # any write past 100 kB fails with EFBIG, as on a full disk it would with ENOSPC
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *args, "--resume=auto"],
-                       capture_output=True, text=True, preexec_fn=small_files,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = train([*args, "--resume=auto"], preexec_fn=small_files)
     assert r.returncode == 1
     assert r.stderr.strip() == (
         f"error: cannot write checkpoint {tmp_path}/model_000008.pt ([Errno 27] File too large); free disk space or "

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TINY, finished_run, read_log, run, write_shards
+from conftest import ROOT, TINY, finished_run, read_log, run, spawn, write_shards
 
 import train_gpt2 as tg
 
@@ -31,9 +31,8 @@ def baseline(data, tmp_path_factory):
 
 
 def launch(data, log_dir):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *ARGS, f"--data_dir={data}",
-                             f"--log_dir={log_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return spawn([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *ARGS, f"--data_dir={data}",
+                  f"--log_dir={log_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize("apart", [0, 2])
@@ -83,7 +82,8 @@ def test_under_torchrun_rank_0_says_once_who_holds_the_log_dir(data, tmp_path):
 
 def test_only_temp_files_whose_writer_is_gone_are_removed(tmp_path):
     host = socket.gethostname()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          timeout=60)
     names = {f"model_000004.pt.{host}.{dead.stdout.strip()}.tmp": False,  # this host, process gone
              f"log.txt.{host}.{dead.stdout.strip()}.tmp": False,
              "model_000002.pt.tmp": False,  # written before temp files were named for their writer

@@ -17,7 +17,8 @@ def test_the_record_says_what_ran(tiny_run):
     C, L, V, P = 32, 2, 50304, 64  # n_embd, n_layer, vocab_size, block_size of the tiny run
     assert record["params"] == V * C + P * C + L * (12 * C * C + 13 * C) + 2 * C  # GPT-2's count, lm_head tied
     assert (record["world"], record["device"], record["torch"]) == (1, "cpu", torch.__version__)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60).stdout.strip()
     assert record["git"].removesuffix("-dirty") == head
     assert steps[0].startswith("0 val ") and f"number of parameters: {record['params'] / 1e6:.2f}M" in tiny_run.stdout
 
