@@ -69,18 +69,17 @@ def worker(argv):
                        .parameters())
     parts = tg.estimate_memory(cfg, n_params, world, lean=False)
     peaks, step = [], tg.train_step
+    rank = int(os.environ.get("RANK", 0))
 
     def train_step(*args):  # the peak so far, after each step: the last checkpoint's gathering is left out
         result = step(*args)
         peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        with open(os.path.join(os.environ["MEMORY_RESULTS"], f"rank{rank}.json"), "w") as f:  # ranks share stdout
+            json.dump({"rank": rank, "parts": parts, "measured": max(peaks) - base}, f)  # main() may not return
         return result
     tg.train_step = train_step
     with contextlib.redirect_stdout(io.StringIO()):
         tg.main(argv)
-    peak = max(peaks)
-    rank = int(os.environ.get("RANK", 0))
-    with open(os.path.join(os.environ["MEMORY_RESULTS"], f"rank{rank}.json"), "w") as f:  # ranks share stdout
-        json.dump({"rank": rank, "parts": parts, "measured": peak - base}, f)
 
 
 def torch_device_meta():
