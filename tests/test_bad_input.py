@@ -1,6 +1,6 @@
 """Bad files and settings: each case is a real run that must print one line naming what is wrong, exit
-non-zero, and leave what was on disk as it was. The README's "What happens when things go wrong" table
-lists the same cases."""
+non-zero, and leave what was on disk as it was. The bad-input table of docs/failures.md ("What happens when
+things go wrong") lists the same cases."""
 import io
 import os
 import re
@@ -134,8 +134,8 @@ def test_bad_input_gets_one_clear_line(outcomes, i):
     assert after == before  # nothing lost, nothing written
 
 
-def test_readme_lists_every_case():
-    readme = open(os.path.join(ROOT, "README.md")).read()
+def test_docs_list_every_case():
+    readme = open(os.path.join(ROOT, "docs", "failures.md")).read()
     for name, _, _, message in CASES:
         assert f"| {name} |" in readme, name
         assert max(re.split(r"\{\w+\}", message.removeprefix("error: ")), key=len) in readme, message

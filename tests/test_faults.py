@@ -138,7 +138,7 @@ def test_corrupt_newest_checkpoint_is_skipped(data, baseline, tmp_path):
 def torchrun(args, **env):
     """A 2-process gloo torchrun of faulty_run.py that may restart once. torchrun shares its store with the
     workers, and without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 a restarted group can read the previous attempt's
-    addresses (pytorch/pytorch#135712), as the README says."""
+    addresses (pytorch/pytorch#135712), as docs/training.md says."""
     return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "--max-restarts=1", FAULTY, *args], env=dict(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **env))
 

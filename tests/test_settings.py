@@ -41,8 +41,8 @@ def test_unknown_or_malformed_names_list_the_valid_ones(arg):
         tg.parse_args([arg])
 
 
-def test_every_setting_is_in_the_readme_table():
-    readme = open(f"{ROOT}/README.md").read()
+def test_every_setting_is_in_the_docs_table():
+    readme = open(f"{ROOT}/docs/settings.md").read()
     rows = dict(re.findall(r"^\| `(\w+)` \| `(.*?)` \|", readme, re.M))
     assert set(rows) == set(tg.SETTINGS)
     for name, default in rows.items():
