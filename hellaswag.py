@@ -112,8 +112,10 @@ def evaluate(args):
     data = hellaswag_tokens(examples, model.config.block_size)
     t0 = time.perf_counter()
     batch_tokens = args.batch_tokens or (2048 if device == "cpu" else 8192)
-    preds = hellaswag_predictions(torch.compile(model) if args.compile else model, data, batch_tokens,
-                                  autocast_context(device.split(":")[0], args.dtype), fixed_shape=args.compile)
+    if args.compile:  # scoring runs hidden_states, not forward
+        model.hidden_states = torch.compile(model.hidden_states)
+    preds = hellaswag_predictions(model, data, batch_tokens, autocast_context(device.split(":")[0], args.dtype),
+                                  fixed_shape=args.compile)
     seconds = time.perf_counter() - t0
     correct = preds == torch.tensor([e["label"] for e in examples])[:, None]
     split_types = sorted({e["split_type"] for e in examples})

@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 
 def tune_allocator():
@@ -419,29 +419,22 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None, pos=None, mask=None, rows=None):
-        """cache: a list of one KVCache per layer, for generation; idx then continues the cached positions
-        and only the last position's logits are computed. pos (B, T) and mask (B, 1, T, T), True where a
-        token may attend, replace positions 0..T-1 and the causal mask, so that one row can hold several
-        texts that share a start (HellaSwag's context and its 4 endings). rows (N,) picks the positions of
-        the flattened B*T whose logits alone are computed, (N, real tokens): for callers that need few."""
-        if pos is None:
-            start = cache[0].pos if cache else 0
-            Tlen = start + idx.size(1)
-            if Tlen > self.config.block_size:
-                raise UserError(f"sequence length {Tlen} exceeds block_size {self.config.block_size}")
-            pos = torch.arange(start, Tlen, dtype=torch.long, device=idx.device)  # (T,)
+    def forward(self, idx, targets=None, cache=None):
+        """cache: a list of one KVCache per layer, for decoding; idx then continues the cached positions and
+        only the last position's logits are computed."""
+        start = cache[0].pos if cache else 0
+        Tlen = start + idx.size(1)
+        assert Tlen <= self.config.block_size, f"sequence length {Tlen} exceeds block_size {self.config.block_size}"
+        pos = torch.arange(start, Tlen, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
         for i, block in enumerate(self.transformer.h):
             if self.recompute and torch.is_grad_enabled():  # keep only x; the backward runs the block again
-                x = torch.utils.checkpoint.checkpoint(block, x, None, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, cache[i] if cache else None, mask)
+                x = block(x, cache[i] if cache else None)
         if cache:
-            x = x[:, -1:]  # (B, 1, n_embd): generation needs only the next token's logits
+            x = x[:, -1:]  # (B, 1, n_embd): decoding needs only the next token's logits
         x = self.transformer.ln_f(x)
-        if rows is not None:
-            return F.linear(x.flatten(0, 1)[rows], token_rows(self.lm_head.weight)), None  # (N, real tokens)
         if targets is None:
             return self.lm_head(x), None  # (B, T, vocab_size)
         # With targets only the loss is returned (logits None): the fused loss never holds them all.
@@ -449,6 +442,15 @@ class GPT(nn.Module):
         # all rows in the matmul, padding masked inside: a slice to 50257 rows cost 4-6% (bench/NOTES.md section 14)
         return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), dtype,
                                               min(self.config.vocab_size, EOT + 1))
+
+    def hidden_states(self, idx, pos, mask):
+        """ln_f's output (B, T, n_embd), with positions pos (B, T) and an attention mask (B, 1, T, T), True where
+        a token may attend, in place of 0..T-1 and the causal mask: one row can then hold several texts that share
+        a start (HellaSwag's context and its 4 endings), and the caller projects only the states it scores."""
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, mask=mask)
+        return self.transformer.ln_f(x)
 
     @torch.no_grad()
     def generate_stream(self, tokens, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0, num_samples=1,
@@ -999,6 +1001,7 @@ def shard_model(model, device):
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    register_fsdp_forward_method(model, "hidden_states")  # so that the root gathers its weights for HellaSwag too
 
 
 def full_state_dicts(model, optimizer):
@@ -1257,20 +1260,22 @@ def hellaswag_batches(data, batch_tokens, fixed_shape=False):
 
 @torch.no_grad()
 def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, forwards=0):
-    """Each example's 4 endings' losses summed over their tokens, as an (N, 4) float64 tensor. The model
-    projects only the hidden states that predict an ending token: the logits of every position would cost
-    most of the time with small models. A sharded model's forward is a collective, so a rank with fewer
-    batches than `forwards` runs the rest on one token."""
+    """Each example's 4 endings' losses summed over their tokens, as an (N, 4) float64 tensor. Only the hidden
+    states that predict an ending token are projected: the logits of every position would cost most of the
+    time with small models. A sharded model's forward is a collective, so a rank with fewer batches than
+    `forwards` runs the rest on one token."""
     device = next(model.parameters()).device
     losses = torch.zeros(len(data), 4, dtype=torch.float64)
     with autocast:  # one region for all batches, so that autocast casts each weight once, not once a forward
+        zero, sees_itself = (torch.zeros(1, 1, dtype=torch.long, device=device),
+                             torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device))
         for _ in range(forwards - len(hellaswag_groups(data, batch_tokens, fixed_shape))):
-            model(torch.zeros(1, 1, dtype=torch.long, device=device), rows=torch.zeros(1, dtype=torch.long))
+            model.hidden_states(zero, zero, sees_itself)
         for idx, inputs, scored in hellaswag_batches(data, batch_tokens, fixed_shape):
             tokens, pos, mask = (t.to(device) for t in inputs)
             states, pick, targets, ending = (t.to(device) for t in scored)
-            torch._dynamo.maybe_mark_dynamic(states, 0)  # their count varies by batch: compile for any count
-            logits, _ = model(tokens, pos=pos, mask=mask, rows=states)
+            h = model.hidden_states(tokens, pos, mask)
+            logits = F.linear(h.flatten(0, 1)[states], token_rows(model.lm_head.weight))  # (N, real tokens)
             # Each row's log-sum-exp in fp32, read off log_softmax (x - log_softmax(x) is it, at any column):
             # one fused pass over a row, where logsumexp makes four. A few rows at a time, which on CPU stay in
             # cache: an fp32 copy of all the logits, and the passes over it, took longer than the matmul.
@@ -1830,17 +1835,25 @@ def wrap_model(raw_model, cfg, device, log):
 
 
 class CompiledOrEager(nn.Module):
-    """torch.compile(model), until a compiled call raises (no C++ compiler, no Triton, Windows): then one
-    warning, and the model runs eagerly from that call on, with the same maths. Other attributes are model's."""
+    """torch.compile(model), its forward and hidden_states, until a compiled call raises (no C++ compiler, no
+    Triton, Windows): then one warning, and the model runs eagerly from that call on, with the same maths. Other
+    attributes are model's."""
 
     def __init__(self, model, log):
         super().__init__()
         self.compiled, self.log, self.failed = torch.compile(model), log, False
+        self.compiled_hidden_states = torch.compile(model.hidden_states)
 
     def forward(self, *args, **kwargs):
+        return self.run(self.compiled, self.compiled._orig_mod, *args, **kwargs)
+
+    def hidden_states(self, *args, **kwargs):
+        return self.run(self.compiled_hidden_states, self.compiled._orig_mod.hidden_states, *args, **kwargs)
+
+    def run(self, compiled, eager, *args, **kwargs):
         if not self.failed:
             try:
-                return self.compiled(*args, **kwargs)
+                return compiled(*args, **kwargs)
             except (UserError, torch.OutOfMemoryError):  # the eager model would fail alike
                 raise
             except Exception as e:
@@ -1849,7 +1862,7 @@ class CompiledOrEager(nn.Module):
                 line = next((s for s in str(reason).splitlines() if s.strip()), "")
                 self.log(f"warning: torch.compile failed ({type(reason).__name__}: {line}); running without it, "
                          f"the same maths, slower. --compile=False skips the attempt")
-        return self.compiled._orig_mod(*args, **kwargs)
+        return eager(*args, **kwargs)
 
     def __getattr__(self, name):
         try:
