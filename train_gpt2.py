@@ -466,11 +466,7 @@ class GPT(nn.Module):
             # Autocast would cast all the weights again for every token: three times the memory traffic of a
             # decoder that reads them once, already cast. So decode with a copy held in autocast's dtype, built
             # on the meta device so that no second full-precision copy is ever allocated.
-            with torch.device("meta"):
-                held = GPT(self.config)
-            held.load_state_dict({k: v.to(dtype) for k, v in self.state_dict().items()}, assign=True)
-            held.transformer.wte.weight = held.lm_head.weight
-            hold_for_inference(held, dtype)
+            held = hold_for_inference(model_from_state(self.config, self.state_dict(), device, dtype), dtype)
             yield from held.generate_stream(tokens, max_new_tokens, temperature, top_k, top_p, num_samples, seed,
                                             generator, stop, use_cache)
             return
@@ -644,6 +640,16 @@ def sample_next(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None):
         outside = probs.cumsum(dim=-1) - probs >= top_p  # the likelier tokens already hold top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+def model_from_state(config, state, device, dtype):
+    """A GPT of config holding state's tensors in dtype on device, built on the meta device so that no second
+    full-precision copy of the weights is ever allocated."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, assign=True)
+    model.transformer.wte.weight = model.lm_head.weight  # assign=True gave the two their own tensors
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1047,12 +1053,7 @@ def whole_model(model, dtype):
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_master():
         return None
-    with torch.device("meta"):
-        copy = GPT(model.config)
-    device = next(model.parameters()).device
-    copy.load_state_dict({k: v.to(device, getattr(torch, dtype)) for k, v in state.items()}, assign=True)
-    copy.transformer.wte.weight = copy.lm_head.weight
-    return copy
+    return model_from_state(model.config, state, next(model.parameters()).device, getattr(torch, dtype)).eval()
 
 
 def estimate_memory(cfg, n_params, world, lean=True):
