@@ -106,7 +106,7 @@ def evaluate(args):
     if not examples:
         raise UserError(f"{path}: holds no examples")
     device = pick_device(args.device)
-    model = load_model(args.model, device)
+    model = load_model(args.model).to(device)
     if model.config.vocab_size <= EOT:
         raise UserError(f"--model={args.model}: vocab_size {model.config.vocab_size} cannot hold GPT-2's tokens")
     data = hellaswag_tokens(examples, model.config.block_size)

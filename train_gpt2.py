@@ -7,8 +7,7 @@
 
 The file, top to bottom:
     Settings             the run's whole configuration as constants; presets; parse_args
-    Model                GPTConfig, CausalSelfAttention, MLP, Block, GPT; the fused loss; KV cache, weights held
-                         for inference (PackedLinear), sampling
+    Model                GPTConfig, CausalSelfAttention, MLP, Block, GPT; the fused loss (inference.py decodes)
     Tokenizer            GPT-2's BPE, built offline
     Data                 uint16 shards and DataLoaderLite, one token stream whatever the world size
     Devices and schedule device, autocast, fused AdamW, learning rate, MFU
@@ -341,53 +340,6 @@ def token_rows(lm_weight):
     return lm_weight[:EOT + 1] if len(lm_weight) > EOT + 1 else lm_weight
 
 
-class KVCache:
-    """One layer's keys and values for every position generated so far, in buffers sized for block_size,
-    so that each new token's forward computes only its own row and attends to the stored ones."""
-
-    def __init__(self, block_size):
-        self.block_size, self.pos, self.k, self.v = block_size, 0, None, None
-
-    def update(self, k, v):
-        """Stores k, v (B, n_head, T, head_size) after the earlier positions; returns all of them."""
-        assert self.pos == 0 or k.size(2) == 1, "a cache takes the whole prompt first, then one token a call"
-        if self.k is None:  # allocated at first use, in the dtype autocast gives k and v
-            shape = (*k.shape[:2], self.block_size, k.size(3))
-            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
-        start, self.pos = self.pos, self.pos + k.size(2)
-        self.k[:, :, start:self.pos], self.v[:, :, start:self.pos] = k, v
-        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
-
-
-class PackedLinear(nn.Module):
-    """A Linear for inference on CPU in bf16, its weight also held reordered into oneDNN's blocked layout. A
-    one-token step is a matrix-vector product per weight, bound by memory bandwidth; at the 124M shape plain bf16
-    F.linear reads the weights at about half the speed of this op, which is the one torch.compile's freezing pass
-    emits for CPU, and gives the same numbers bit for bit. weight stays a parameter, so that state_dict, weight
-    tying and the parameter count are unchanged."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # laid out for batch 1
-
-    def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def hold_for_inference(model, dtype):
-    """model, in place, with its weights in dtype, in eval mode; on a CPU with oneDNN's bf16 kernels, its
-    Linears become PackedLinears. For generation and scoring only: the packed weights do not train."""
-    model.to(dtype).eval()
-    if (model.lm_head.weight.device.type == "cpu" and dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        for module in list(model.modules()):
-            for name, child in module.named_children():
-                if type(child) is nn.Linear:
-                    setattr(module, name, PackedLinear(child))
-    return model
-
-
 # Hugging Face's GPT-2 keeps these in Conv1D layers, which store the weight as (in, out), transposed from ours.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -420,8 +372,8 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, cache=None):
-        """cache: a list of one KVCache per layer, for decoding; idx then continues the cached positions and
-        only the last position's logits are computed."""
+        """cache: a list of one KVCache per layer (inference.py's), for decoding; idx then continues the cached
+        positions and only the last position's logits are computed."""
         start = cache[0].pos if cache else 0
         Tlen = start + idx.size(1)
         assert Tlen <= self.config.block_size, f"sequence length {Tlen} exceeds block_size {self.config.block_size}"
@@ -453,56 +405,19 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     @torch.no_grad()
-    def generate_stream(self, tokens, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0, num_samples=1,
-                        seed=None, generator=None, stop=EOT, use_cache=True):
-        """Continues the prompt `tokens` num_samples times, yielding each new position's (num_samples,)
-        tokens, until max_new_tokens or until every sample has produced `stop` (None: never stops).
-        seed or generator makes the sampling repeatable; temperature 0 is greedy. Call it on the
-        uncompiled model: a compiled one would recompile as the sequence grows (torch.compile's wrapper
-        forwards this method to the module it wraps, so compiled.generate_stream() is fine too)."""
-        device = self.lm_head.weight.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        if dtype not in (None, self.lm_head.weight.dtype):
-            # Autocast would cast all the weights again for every token: three times the memory traffic of a
-            # decoder that reads them once, already cast. So decode with a copy held in autocast's dtype, built
-            # on the meta device so that no second full-precision copy is ever allocated.
-            held = hold_for_inference(model_from_state(self.config, self.state_dict(), device, dtype), dtype)
-            yield from held.generate_stream(tokens, max_new_tokens, temperature, top_k, top_p, num_samples, seed,
-                                            generator, stop, use_cache)
-            return
-        bs = self.config.block_size
-        idx = torch.as_tensor(tokens, dtype=torch.long, device=device).view(1, -1).repeat(num_samples, 1)
-        if idx.size(1) == 0:
-            raise UserError("the prompt is empty; start it with <|endoftext|> for an unconditioned sample")
-        if idx.max() >= self.config.vocab_size:
-            raise UserError(f"the prompt holds token {idx.max().item()}, outside the model's {self.config.vocab_size}")
-        if generator is None and seed is not None:
-            generator = torch.Generator(device).manual_seed(seed)
-        done = torch.zeros(num_samples, dtype=torch.bool, device=device)
-        cache = None
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Continues each row of idx (B, T) by max_new_tokens tokens, each drawn from the last position's
+        softmax at temperature, among the top_k likeliest if given. Every token runs the whole window again:
+        fine for the few samples printed during training; inference.py decodes with a KV cache."""
         for _ in range(max_new_tokens):
-            if not use_cache or cache is None or cache[0].pos == bs:
-                # Positions are learned and absolute: once the window slides, every kept token sits at a
-                # new position, so the stored keys and values are stale and the window is recomputed.
-                cache = [KVCache(bs) for _ in self.transformer.h]
-                logits, _ = self(idx[:, -bs:], cache=cache)
-            else:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            # ids past GPT-2's 50257 are vocabulary padding, never tokens
-            nxt = sample_next(logits[:, -1, :EOT + 1].float(), temperature, top_k, top_p, generator)
-            idx = torch.cat((idx, nxt[:, None]), dim=1)
-            yield nxt
-            done |= nxt == stop
-            if done.all():
-                return
-
-    def generate(self, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling):
-        """generate_stream's tokens gathered: one list of new tokens per sample, each cut before `stop`."""
-        rows = [[] for _ in range(num_samples)]
-        for nxt in self.generate_stream(tokens, max_new_tokens, num_samples=num_samples, stop=stop, **sampling):
-            for row, token in zip(rows, nxt.tolist()):
-                row.append(token)
-        return [row[:row.index(stop)] if stop in row else row for row in rows]
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :EOT + 1].float() / temperature  # ids past GPT-2's 50257 pad the vocabulary
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
 
     @classmethod
     def from_pretrained(cls, name_or_path, vocab_size=None):
@@ -623,23 +538,6 @@ def hf_shape(hf):
     """GPTConfig's fields from a Hugging Face GPT-2 config, which always has biases."""
     return dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                 n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
-
-
-def sample_next(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None):
-    """One token per row of (B, vocab) float logits: the argmax at temperature 0, else a draw from the
-    top_k likeliest tokens (0: all), narrowed to the fewest whose probabilities sum to top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the likelier tokens already hold top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
 def model_from_state(config, state, device, dtype):
@@ -1143,12 +1041,19 @@ def evaluate_loss(model, loader, rows, autocast):
 
 
 def print_samples(model, cfg, autocast, log):
+    """sample_count continuations of sample_prompt, sample_tokens long, each cut at <|endoftext|>: a new document."""
     enc = get_tokenizer()
     prompt = enc.encode(cfg.sample_prompt, allowed_special={"<|endoftext|>"}) or [EOT]
+    if max(prompt) >= model.config.vocab_size:
+        raise UserError(f"--sample_prompt holds token {max(prompt)}, outside the model's vocab_size="
+                        f"{model.config.vocab_size}; change --sample_prompt, or pass --sample_count=0")
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt] * cfg.sample_count, device=device)
     with autocast:
-        samples = model.generate(prompt, cfg.sample_tokens - len(prompt), num_samples=cfg.sample_count, seed=42)
-    for i, tokens in enumerate(samples):
-        log(f"sample {i}: {enc.decode(prompt + tokens)!r}")
+        out = model.generate(idx, cfg.sample_tokens - len(prompt), top_k=50,
+                             generator=torch.Generator(device).manual_seed(42))
+    for i, row in enumerate(out[:, len(prompt):].tolist()):
+        log(f"sample {i}: {enc.decode(prompt + (row[:row.index(EOT)] if EOT in row else row))!r}")
 
 
 # HellaSwag, scored completion-style as in the GPT-2 reproductions: each of the 4 endings follows the
@@ -1624,10 +1529,10 @@ def local_model_path(spec):
     raise UserError(f"--model={spec}: no such file or directory; {hint}")
 
 
-def load_model(spec, device="cpu", dtype="float32"):
-    """A GPT in eval mode, its weights in dtype, from a train_gpt2.py checkpoint file, a run directory (its
-    newest readable checkpoint), a local Hugging Face directory, or a hub name such as "gpt2-xl": the one way
-    scripts get a model, so all of them share one forward path."""
+def load_model(spec):
+    """A GPT in eval mode, fp32 on the CPU, from a train_gpt2.py checkpoint file, a run directory (its newest
+    readable checkpoint), a local Hugging Face directory, or a hub name such as "gpt2-xl": the one way scripts
+    get a model, so all of them share one forward path."""
     spec = local_model_path(spec)
     run_dir = os.path.isdir(spec) and list_checkpoints(spec)
     if run_dir or os.path.isfile(spec):
@@ -1649,7 +1554,7 @@ def load_model(spec, device="cpu", dtype="float32"):
         except OSError as e:  # what transformers raises for a hub name it cannot fetch
             raise UserError(f"--model={spec}: not a checkpoint file, a model directory, or a reachable hub name "
                             f"({str(e).splitlines()[0]})") from None
-    return hold_for_inference(model.to(device), getattr(torch, dtype))
+    return model.eval()
 
 
 def pretrained_shape(cfg, explicit):
