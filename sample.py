@@ -13,7 +13,7 @@ import argparse
 import math
 import sys
 
-from inference import generate, load_for_inference, stream_text
+from inference import SAMPLING, generate, load_for_inference, stream_text
 from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
 
@@ -25,9 +25,10 @@ def parse_args(argv):
                    help='text to continue ("" for none; FILE:path reads it from a file)')
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top_k", type=int, default=50, help="0 keeps every token")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus: the fewest tokens holding this probability")
+    p.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=SAMPLING["top_k"], help="0 keeps every token")
+    p.add_argument("--top_p", type=float, default=SAMPLING["top_p"],
+                   help="nucleus: the fewest tokens holding this probability")
     p.add_argument("--seed", type=int, default=None, help="makes the samples repeatable")
     p.add_argument("--device", default="auto", help='auto picks cuda, then mps, then cpu; or name one')
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the weights' dtype")

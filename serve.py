@@ -23,7 +23,7 @@ import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from inference import load_for_inference, stream_text
+from inference import SAMPLING, load_for_inference, stream_text
 from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
 MAX_BODY = 1 << 20  # bytes; a prompt is at most block_size tokens, so a larger body is a mistake or an abuse
@@ -41,7 +41,8 @@ class APIError(Exception):
 
 
 def parse_request(body):
-    """The sampling settings of a /v1/completions body, with OpenAI's defaults; APIError (400) if one is wrong."""
+    """The sampling settings of a /v1/completions body, with OpenAI's defaults but for temperature, top_k and top_p,
+    which are inference.SAMPLING's; APIError (400) if one is wrong."""
     try:
         req = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -70,9 +71,10 @@ def parse_request(body):
     return dict(
         prompt=field("prompt", str, "", want="a string"),  # OpenAI's default too: text after <|endoftext|>
         max_tokens=field("max_tokens", int, 16, lambda v: v >= 1, "an integer of 1 or more"),
-        temperature=field("temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "from 0 (greedy) to 2"),
-        top_p=field("top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "above 0 and at most 1"),
-        top_k=field("top_k", int, 0, lambda v: v >= 0, "0 (every token) or more"),
+        temperature=field("temperature", (int, float), SAMPLING["temperature"], lambda v: 0 <= v <= 2,
+                          "from 0 (greedy) to 2"),
+        top_p=field("top_p", (int, float), SAMPLING["top_p"], lambda v: 0 < v <= 1, "above 0 and at most 1"),
+        top_k=field("top_k", int, SAMPLING["top_k"], lambda v: v >= 0, "0 (every token) or more"),
         seed=field("seed", int, None, want="an integer"),
         stop=stop,
         stream=field("stream", bool, False, want="true or false"),
