@@ -106,14 +106,16 @@ def evaluate(args):
     if not examples:
         raise UserError(f"{path}: holds no examples")
     device = pick_device(args.device)
-    model = load_model(args.model, device)
+    model = load_model(args.model).to(device)
     if model.config.vocab_size <= EOT:
         raise UserError(f"--model={args.model}: vocab_size {model.config.vocab_size} cannot hold GPT-2's tokens")
     data = hellaswag_tokens(examples, model.config.block_size)
     t0 = time.perf_counter()
     batch_tokens = args.batch_tokens or (2048 if device == "cpu" else 8192)
-    preds = hellaswag_predictions(torch.compile(model) if args.compile else model, data, batch_tokens,
-                                  autocast_context(device.split(":")[0], args.dtype), fixed_shape=args.compile)
+    if args.compile:  # scoring runs hidden_states, not forward
+        model.hidden_states = torch.compile(model.hidden_states)
+    preds = hellaswag_predictions(model, data, batch_tokens, autocast_context(device.split(":")[0], args.dtype),
+                                  fixed_shape=args.compile)
     seconds = time.perf_counter() - t0
     correct = preds == torch.tensor([e["label"] for e in examples])[:, None]
     split_types = sorted({e["split_type"] for e in examples})

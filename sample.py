@@ -10,11 +10,11 @@ One sample streams token by token; several are printed in turn once all are done
 <|endoftext|> or after max_new_tokens.
 """
 import argparse
-import codecs
 import math
 import sys
 
-from train_gpt2 import EOT, UserError, get_tokenizer, load_model, pick_device
+from inference import SAMPLING, generate, load_for_inference, stream_text
+from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
 
 def parse_args(argv):
@@ -25,9 +25,10 @@ def parse_args(argv):
                    help='text to continue ("" for none; FILE:path reads it from a file)')
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top_k", type=int, default=50, help="0 keeps every token")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus: the fewest tokens holding this probability")
+    p.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=SAMPLING["top_k"], help="0 keeps every token")
+    p.add_argument("--top_p", type=float, default=SAMPLING["top_p"],
+                   help="nucleus: the fewest tokens holding this probability")
     p.add_argument("--seed", type=int, default=None, help="makes the samples repeatable")
     p.add_argument("--device", default="auto", help='auto picks cuda, then mps, then cpu; or name one')
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the weights' dtype")
@@ -55,14 +56,14 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
-        model = load_model(args.model, device, args.dtype)
+        model = load_for_inference(args.model, device, args.dtype)
         enc = get_tokenizer()
         prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [EOT]
         sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         if args.num_samples == 1:
             stream(model, enc, prompt, args.max_new_tokens, sampling)
         else:
-            samples = model.generate(prompt, args.max_new_tokens, num_samples=args.num_samples, **sampling)
+            samples = generate(model, prompt, args.max_new_tokens, num_samples=args.num_samples, **sampling)
             for i, tokens in enumerate(samples):
                 print(f"--- sample {i}\n{enc.decode(prompt + tokens)}")
     except UserError as e:
@@ -71,13 +72,10 @@ def main(argv=None):
 
 def stream(model, enc, prompt, max_new_tokens, sampling):
     """Prints each token as it comes; a character split across tokens waits for its last byte."""
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
     print(enc.decode(prompt), end="", flush=True)
-    for token in model.generate_stream(prompt, max_new_tokens, **sampling):
-        if token.item() == EOT:
-            break
-        print(text.decode(enc.decode_single_token_bytes(token.item())), end="", flush=True)
-    print(text.decode(b"", final=True))
+    for text, _ in stream_text(model, prompt, max_new_tokens, **sampling):
+        print(text, end="", flush=True)
+    print()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ a lock; up to --queue more wait their turn and any beyond get 503. A client that
 at the next token.
 """
 import argparse
-import codecs
 import contextlib
 import json
 import os
@@ -24,7 +23,8 @@ import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from train_gpt2 import EOT, UserError, get_tokenizer, load_model, pick_device
+from inference import SAMPLING, load_for_inference, stream_text
+from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
 MAX_BODY = 1 << 20  # bytes; a prompt is at most block_size tokens, so a larger body is a mistake or an abuse
 UNSUPPORTED = {"echo": False, "logprobs": None, "suffix": None, "best_of": 1, "frequency_penalty": 0,
@@ -41,7 +41,8 @@ class APIError(Exception):
 
 
 def parse_request(body):
-    """The sampling settings of a /v1/completions body, with OpenAI's defaults; APIError (400) if one is wrong."""
+    """The sampling settings of a /v1/completions body, with OpenAI's defaults but for temperature, top_k and top_p,
+    which are inference.SAMPLING's; APIError (400) if one is wrong."""
     try:
         req = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -70,9 +71,10 @@ def parse_request(body):
     return dict(
         prompt=field("prompt", str, "", want="a string"),  # OpenAI's default too: text after <|endoftext|>
         max_tokens=field("max_tokens", int, 16, lambda v: v >= 1, "an integer of 1 or more"),
-        temperature=field("temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "from 0 (greedy) to 2"),
-        top_p=field("top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "above 0 and at most 1"),
-        top_k=field("top_k", int, 0, lambda v: v >= 0, "0 (every token) or more"),
+        temperature=field("temperature", (int, float), SAMPLING["temperature"], lambda v: 0 <= v <= 2,
+                          "from 0 (greedy) to 2"),
+        top_p=field("top_p", (int, float), SAMPLING["top_p"], lambda v: 0 < v <= 1, "above 0 and at most 1"),
+        top_k=field("top_k", int, SAMPLING["top_k"], lambda v: v >= 0, "0 (every token) or more"),
         seed=field("seed", int, None, want="an integer"),
         stop=stop,
         stream=field("stream", bool, False, want="true or false"),
@@ -113,32 +115,15 @@ class Server(ThreadingHTTPServer):
         tokens = self.enc.encode(req["prompt"], allowed_special={"<|endoftext|>"}) or [EOT]
         block_size = self.model.config.block_size
         cropped, tokens = max(0, len(tokens) - block_size), tokens[-block_size:]
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text, sent, made, reason = "", 0, 0, "length"
-        hold = max((len(s) for s in req["stop"]), default=1) - 1  # a stop string may still be completing
-        stream = self.model.generate_stream(tokens, req["max_tokens"], temperature=req["temperature"],
-                                            top_k=req["top_k"], top_p=req["top_p"], seed=req["seed"])
-        with contextlib.closing(stream):
-            for token in stream:
+        pieces = stream_text(self.model, tokens, req["max_tokens"], req["stop"], temperature=req["temperature"],
+                             top_k=req["top_k"], top_p=req["top_p"], seed=req["seed"])
+        with contextlib.closing(pieces):
+            for made, (text, reason) in enumerate(pieces, 1):  # max_tokens >= 1: at least the one with a reason
                 if gone():
                     return
-                token, made = token.item(), made + 1
-                if token == EOT:
-                    reason = "stop"
-                    break
-                text += decoder.decode(self.enc.decode_single_token_bytes(token))
-                hits = [i for i in (text.find(s, max(0, sent - hold)) for s in req["stop"]) if i >= 0]
-                if hits:
-                    text, reason = text[:min(hits)], "stop"
-                    break
-                if len(text) - hold > sent:
-                    yield text[sent:len(text) - hold], None, None
-                    sent = len(text) - hold
-        if reason == "length":
-            text += decoder.decode(b"", final=True)
+                yield text, None, None
         usage = dict(prompt_tokens=len(tokens), completion_tokens=made, total_tokens=len(tokens) + made,
                      prompt_tokens_cropped=cropped)  # dropped from the left to fit block_size
-        yield text[sent:], None, None
         yield "", reason, usage
 
 
@@ -157,7 +142,7 @@ class Handler(BaseHTTPRequestHandler):
         except APIError as e:
             self.send_json(e.status, {"error": {"message": e.message, "type": e.kind, "param": e.param,
                                                 "code": None}}, retry=e.status == 503)
-        except UserError as e:  # what the model refuses, e.g. a token id outside a smaller vocabulary
+        except UserError as e:  # what inference refuses, e.g. a token id outside a smaller vocabulary
             self.send_json(400, {"error": {"message": str(e), "type": "invalid_request_error", "param": "prompt",
                                            "code": None}})
         except (BrokenPipeError, ConnectionResetError):
@@ -284,7 +269,7 @@ def main(argv=None):
         sys.exit(f"error: cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port")
     try:
         device = pick_device(args.device)
-        server.model = load_model(args.model, device, args.dtype)
+        server.model = load_for_inference(args.model, device, args.dtype)
     except UserError as e:
         server.server_close()
         sys.exit(f"error: {e}")

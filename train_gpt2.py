@@ -7,8 +7,7 @@
 
 The file, top to bottom:
     Settings             the run's whole configuration as constants; presets; parse_args
-    Model                GPTConfig, CausalSelfAttention, MLP, Block, GPT; the fused loss; KV cache, weights held
-                         for inference (PackedLinear), sampling
+    Model                GPTConfig, CausalSelfAttention, MLP, Block, GPT; the fused loss (inference.py decodes)
     Tokenizer            GPT-2's BPE, built offline
     Data                 uint16 shards and DataLoaderLite, one token stream whatever the world size
     Devices and schedule device, autocast, fused AdamW, learning rate, MFU
@@ -49,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 
 def tune_allocator():
@@ -345,53 +344,6 @@ def token_rows(lm_weight):
     return lm_weight[:EOT + 1] if len(lm_weight) > EOT + 1 else lm_weight
 
 
-class KVCache:
-    """One layer's keys and values for every position generated so far, in buffers sized for block_size,
-    so that each new token's forward computes only its own row and attends to the stored ones."""
-
-    def __init__(self, block_size):
-        self.block_size, self.pos, self.k, self.v = block_size, 0, None, None
-
-    def update(self, k, v):
-        """Stores k, v (B, n_head, T, head_size) after the earlier positions; returns all of them."""
-        assert self.pos == 0 or k.size(2) == 1, "a cache takes the whole prompt first, then one token a call"
-        if self.k is None:  # allocated at first use, in the dtype autocast gives k and v
-            shape = (*k.shape[:2], self.block_size, k.size(3))
-            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
-        start, self.pos = self.pos, self.pos + k.size(2)
-        self.k[:, :, start:self.pos], self.v[:, :, start:self.pos] = k, v
-        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
-
-
-class PackedLinear(nn.Module):
-    """A Linear for inference on CPU in bf16, its weight also held reordered into oneDNN's blocked layout. A
-    one-token step is a matrix-vector product per weight, bound by memory bandwidth; at the 124M shape plain bf16
-    F.linear reads the weights at about half the speed of this op, which is the one torch.compile's freezing pass
-    emits for CPU, and gives the same numbers bit for bit. weight stays a parameter, so that state_dict, weight
-    tying and the parameter count are unchanged."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # laid out for batch 1
-
-    def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def hold_for_inference(model, dtype):
-    """model, in place, with its weights in dtype, in eval mode; on a CPU with oneDNN's bf16 kernels, its
-    Linears become PackedLinears. For generation and scoring only: the packed weights do not train."""
-    model.to(dtype).eval()
-    if (model.lm_head.weight.device.type == "cpu" and dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        for module in list(model.modules()):
-            for name, child in module.named_children():
-                if type(child) is nn.Linear:
-                    setattr(module, name, PackedLinear(child))
-    return model
-
-
 # Hugging Face's GPT-2 keeps these in Conv1D layers, which store the weight as (in, out), transposed from ours.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -423,29 +375,22 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None, pos=None, mask=None, rows=None):
-        """cache: a list of one KVCache per layer, for generation; idx then continues the cached positions
-        and only the last position's logits are computed. pos (B, T) and mask (B, 1, T, T), True where a
-        token may attend, replace positions 0..T-1 and the causal mask, so that one row can hold several
-        texts that share a start (HellaSwag's context and its 4 endings). rows (N,) picks the positions of
-        the flattened B*T whose logits alone are computed, (N, real tokens): for callers that need few."""
-        if pos is None:
-            start = cache[0].pos if cache else 0
-            Tlen = start + idx.size(1)
-            if Tlen > self.config.block_size:
-                raise UserError(f"sequence length {Tlen} exceeds block_size {self.config.block_size}")
-            pos = torch.arange(start, Tlen, dtype=torch.long, device=idx.device)  # (T,)
+    def forward(self, idx, targets=None, cache=None):
+        """cache: a list of one KVCache per layer (inference.py's), for decoding; idx then continues the cached
+        positions and only the last position's logits are computed."""
+        start = cache[0].pos if cache else 0
+        Tlen = start + idx.size(1)
+        assert Tlen <= self.config.block_size, f"sequence length {Tlen} exceeds block_size {self.config.block_size}"
+        pos = torch.arange(start, Tlen, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
         for i, block in enumerate(self.transformer.h):
             if self.recompute and torch.is_grad_enabled():  # keep only x; the backward runs the block again
-                x = torch.utils.checkpoint.checkpoint(block, x, None, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, cache[i] if cache else None, mask)
+                x = block(x, cache[i] if cache else None)
         if cache:
-            x = x[:, -1:]  # (B, 1, n_embd): generation needs only the next token's logits
+            x = x[:, -1:]  # (B, 1, n_embd): decoding needs only the next token's logits
         x = self.transformer.ln_f(x)
-        if rows is not None:
-            return F.linear(x.flatten(0, 1)[rows], token_rows(self.lm_head.weight)), None  # (N, real tokens)
         if targets is None:
             return self.lm_head(x), None  # (B, T, vocab_size)
         # With targets only the loss is returned (logits None): the fused loss never holds them all.
@@ -454,61 +399,29 @@ class GPT(nn.Module):
         return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), dtype,
                                               min(self.config.vocab_size, EOT + 1))
 
-    @torch.no_grad()
-    def generate_stream(self, tokens, max_new_tokens, temperature=1.0, top_k=50, top_p=1.0, num_samples=1,
-                        seed=None, generator=None, stop=EOT, use_cache=True):
-        """Continues the prompt `tokens` num_samples times, yielding each new position's (num_samples,)
-        tokens, until max_new_tokens or until every sample has produced `stop` (None: never stops).
-        seed or generator makes the sampling repeatable; temperature 0 is greedy. Call it on the
-        uncompiled model: a compiled one would recompile as the sequence grows (torch.compile's wrapper
-        forwards this method to the module it wraps, so compiled.generate_stream() is fine too)."""
-        device = self.lm_head.weight.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        if dtype not in (None, self.lm_head.weight.dtype):
-            # Autocast would cast all the weights again for every token: three times the memory traffic of a
-            # decoder that reads them once, already cast. So decode with a copy held in autocast's dtype, built
-            # on the meta device so that no second full-precision copy is ever allocated.
-            with torch.device("meta"):
-                held = GPT(self.config)
-            held.load_state_dict({k: v.to(dtype) for k, v in self.state_dict().items()}, assign=True)
-            held.transformer.wte.weight = held.lm_head.weight
-            hold_for_inference(held, dtype)
-            yield from held.generate_stream(tokens, max_new_tokens, temperature, top_k, top_p, num_samples, seed,
-                                            generator, stop, use_cache)
-            return
-        bs = self.config.block_size
-        idx = torch.as_tensor(tokens, dtype=torch.long, device=device).view(1, -1).repeat(num_samples, 1)
-        if idx.size(1) == 0:
-            raise UserError("the prompt is empty; start it with <|endoftext|> for an unconditioned sample")
-        if idx.max() >= self.config.vocab_size:
-            raise UserError(f"the prompt holds token {idx.max().item()}, outside the model's {self.config.vocab_size}")
-        if generator is None and seed is not None:
-            generator = torch.Generator(device).manual_seed(seed)
-        done = torch.zeros(num_samples, dtype=torch.bool, device=device)
-        cache = None
-        for _ in range(max_new_tokens):
-            if not use_cache or cache is None or cache[0].pos == bs:
-                # Positions are learned and absolute: once the window slides, every kept token sits at a
-                # new position, so the stored keys and values are stale and the window is recomputed.
-                cache = [KVCache(bs) for _ in self.transformer.h]
-                logits, _ = self(idx[:, -bs:], cache=cache)
-            else:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            # ids past GPT-2's 50257 are vocabulary padding, never tokens
-            nxt = sample_next(logits[:, -1, :EOT + 1].float(), temperature, top_k, top_p, generator)
-            idx = torch.cat((idx, nxt[:, None]), dim=1)
-            yield nxt
-            done |= nxt == stop
-            if done.all():
-                return
+    def hidden_states(self, idx, pos, mask):
+        """ln_f's output (B, T, n_embd), with positions pos (B, T) and an attention mask (B, 1, T, T), True where
+        a token may attend, in place of 0..T-1 and the causal mask: one row can then hold several texts that share
+        a start (HellaSwag's context and its 4 endings), and the caller projects only the states it scores."""
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, mask=mask)
+        return self.transformer.ln_f(x)
 
-    def generate(self, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling):
-        """generate_stream's tokens gathered: one list of new tokens per sample, each cut before `stop`."""
-        rows = [[] for _ in range(num_samples)]
-        for nxt in self.generate_stream(tokens, max_new_tokens, num_samples=num_samples, stop=stop, **sampling):
-            for row, token in zip(rows, nxt.tolist()):
-                row.append(token)
-        return [row[:row.index(stop)] if stop in row else row for row in rows]
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Continues each row of idx (B, T) by max_new_tokens tokens, each drawn from the last position's
+        softmax at temperature, among the top_k likeliest if given. Every token runs the whole window again:
+        fine for the few samples printed during training; inference.py decodes with a KV cache."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :EOT + 1].float() / temperature  # ids past GPT-2's 50257 pad the vocabulary
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
 
     @classmethod
     def from_pretrained(cls, name_or_path, vocab_size=None):
@@ -631,21 +544,14 @@ def hf_shape(hf):
                 n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
 
 
-def sample_next(logits, temperature=1.0, top_k=50, top_p=1.0, generator=None):
-    """One token per row of (B, vocab) float logits: the argmax at temperature 0, else a draw from the
-    top_k likeliest tokens (0: all), narrowed to the fewest whose probabilities sum to top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the likelier tokens already hold top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+def model_from_state(config, state, device, dtype):
+    """A GPT of config holding state's tensors in dtype on device, built on the meta device so that no second
+    full-precision copy of the weights is ever allocated."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, assign=True)
+    model.transformer.wte.weight = model.lm_head.weight  # assign=True gave the two their own tensors
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1003,6 +909,7 @@ def shard_model(model, device):
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    register_fsdp_forward_method(model, "hidden_states")  # so that the root gathers its weights for HellaSwag too
 
 
 def full_state_dicts(model, optimizer):
@@ -1048,12 +955,7 @@ def whole_model(model, dtype):
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_master():
         return None
-    with torch.device("meta"):
-        copy = GPT(model.config)
-    device = next(model.parameters()).device
-    copy.load_state_dict({k: v.to(device, getattr(torch, dtype)) for k, v in state.items()}, assign=True)
-    copy.transformer.wte.weight = copy.lm_head.weight
-    return copy
+    return model_from_state(model.config, state, next(model.parameters()).device, getattr(torch, dtype)).eval()
 
 
 def estimate_memory(cfg, n_params, world, lean=True):
@@ -1143,12 +1045,19 @@ def evaluate_loss(model, loader, rows, autocast):
 
 
 def print_samples(model, cfg, autocast, log):
+    """sample_count continuations of sample_prompt, sample_tokens long, each cut at <|endoftext|>: a new document."""
     enc = get_tokenizer()
     prompt = enc.encode(cfg.sample_prompt, allowed_special={"<|endoftext|>"}) or [EOT]
+    if max(prompt) >= model.config.vocab_size:
+        raise UserError(f"--sample_prompt holds token {max(prompt)}, outside the model's vocab_size="
+                        f"{model.config.vocab_size}; change --sample_prompt, or pass --sample_count=0")
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt] * cfg.sample_count, device=device)
     with autocast:
-        samples = model.generate(prompt, cfg.sample_tokens - len(prompt), num_samples=cfg.sample_count, seed=42)
-    for i, tokens in enumerate(samples):
-        log(f"sample {i}: {enc.decode(prompt + tokens)!r}")
+        out = model.generate(idx, cfg.sample_tokens - len(prompt), top_k=50,
+                             generator=torch.Generator(device).manual_seed(42))
+    for i, row in enumerate(out[:, len(prompt):].tolist()):
+        log(f"sample {i}: {enc.decode(prompt + (row[:row.index(EOT)] if EOT in row else row))!r}")
 
 
 # HellaSwag, scored completion-style as in the GPT-2 reproductions: each of the 4 endings follows the
@@ -1261,20 +1170,22 @@ def hellaswag_batches(data, batch_tokens, fixed_shape=False):
 
 @torch.no_grad()
 def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, forwards=0):
-    """Each example's 4 endings' losses summed over their tokens, as an (N, 4) float64 tensor. The model
-    projects only the hidden states that predict an ending token: the logits of every position would cost
-    most of the time with small models. A sharded model's forward is a collective, so a rank with fewer
-    batches than `forwards` runs the rest on one token."""
+    """Each example's 4 endings' losses summed over their tokens, as an (N, 4) float64 tensor. Only the hidden
+    states that predict an ending token are projected: the logits of every position would cost most of the
+    time with small models. A sharded model's forward is a collective, so a rank with fewer batches than
+    `forwards` runs the rest on one token."""
     device = next(model.parameters()).device
     losses = torch.zeros(len(data), 4, dtype=torch.float64)
     with autocast:  # one region for all batches, so that autocast casts each weight once, not once a forward
+        zero, sees_itself = (torch.zeros(1, 1, dtype=torch.long, device=device),
+                             torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device))
         for _ in range(forwards - len(hellaswag_groups(data, batch_tokens, fixed_shape))):
-            model(torch.zeros(1, 1, dtype=torch.long, device=device), rows=torch.zeros(1, dtype=torch.long))
+            model.hidden_states(zero, zero, sees_itself)
         for idx, inputs, scored in hellaswag_batches(data, batch_tokens, fixed_shape):
             tokens, pos, mask = (t.to(device) for t in inputs)
             states, pick, targets, ending = (t.to(device) for t in scored)
-            torch._dynamo.maybe_mark_dynamic(states, 0)  # their count varies by batch: compile for any count
-            logits, _ = model(tokens, pos=pos, mask=mask, rows=states)
+            h = model.hidden_states(tokens, pos, mask)
+            logits = F.linear(h.flatten(0, 1)[states], token_rows(model.lm_head.weight))  # (N, real tokens)
             # Each row's log-sum-exp in fp32, read off log_softmax (x - log_softmax(x) is it, at any column):
             # one fused pass over a row, where logsumexp makes four. A few rows at a time, which on CPU stay in
             # cache: an fp32 copy of all the logits, and the passes over it, took longer than the matmul.
@@ -1622,10 +1533,10 @@ def local_model_path(spec):
     raise UserError(f"--model={spec}: no such file or directory; {hint}")
 
 
-def load_model(spec, device="cpu", dtype="float32"):
-    """A GPT in eval mode, its weights in dtype, from a train_gpt2.py checkpoint file, a run directory (its
-    newest readable checkpoint), a local Hugging Face directory, or a hub name such as "gpt2-xl": the one way
-    scripts get a model, so all of them share one forward path."""
+def load_model(spec):
+    """A GPT in eval mode, fp32 on the CPU, from a train_gpt2.py checkpoint file, a run directory (its newest
+    readable checkpoint), a local Hugging Face directory, or a hub name such as "gpt2-xl": the one way scripts
+    get a model, so all of them share one forward path."""
     spec = local_model_path(spec)
     run_dir = os.path.isdir(spec) and list_checkpoints(spec)
     if run_dir or os.path.isfile(spec):
@@ -1647,7 +1558,7 @@ def load_model(spec, device="cpu", dtype="float32"):
         except OSError as e:  # what transformers raises for a hub name it cannot fetch
             raise UserError(f"--model={spec}: not a checkpoint file, a model directory, or a reachable hub name "
                             f"({str(e).splitlines()[0]})") from None
-    return hold_for_inference(model.to(device), getattr(torch, dtype))
+    return model.eval()
 
 
 def pretrained_shape(cfg, explicit):
@@ -1847,17 +1758,25 @@ def wrap_model(raw_model, cfg, device, log):
 
 
 class CompiledOrEager(nn.Module):
-    """torch.compile(model), until a compiled call raises (no C++ compiler, no Triton, Windows): then one
-    warning, and the model runs eagerly from that call on, with the same maths. Other attributes are model's."""
+    """torch.compile(model), its forward and hidden_states, until a compiled call raises (no C++ compiler, no
+    Triton, Windows): then one warning, and the model runs eagerly from that call on, with the same maths. Other
+    attributes are model's."""
 
     def __init__(self, model, log):
         super().__init__()
         self.compiled, self.log, self.failed = torch.compile(model), log, False
+        self.compiled_hidden_states = torch.compile(model.hidden_states)
 
     def forward(self, *args, **kwargs):
+        return self.run(self.compiled, self.compiled._orig_mod, *args, **kwargs)
+
+    def hidden_states(self, *args, **kwargs):
+        return self.run(self.compiled_hidden_states, self.compiled._orig_mod.hidden_states, *args, **kwargs)
+
+    def run(self, compiled, eager, *args, **kwargs):
         if not self.failed:
             try:
-                return self.compiled(*args, **kwargs)
+                return compiled(*args, **kwargs)
             except (UserError, torch.OutOfMemoryError):  # the eager model would fail alike
                 raise
             except Exception as e:
@@ -1866,7 +1785,7 @@ class CompiledOrEager(nn.Module):
                 line = next((s for s in str(reason).splitlines() if s.strip()), "")
                 self.log(f"warning: torch.compile failed ({type(reason).__name__}: {line}); running without it, "
                          f"the same maths, slower. --compile=False skips the attempt")
-        return self.compiled._orig_mod(*args, **kwargs)
+        return eager(*args, **kwargs)
 
     def __getattr__(self, name):
         try:

@@ -1,4 +1,4 @@
-"""Decoding speed at batch 1: GPT.generate (the decoder sample.py, serve.py and the training samples use) against
+"""Decoding speed at batch 1: inference.generate (the decoder sample.py and serve.py use) against
 transformers' cached generate on a model of the same shape, greedy, in one process, beside the memory-bandwidth
 limit measured in the same run (each token reads every weight once: weight bytes / copy bandwidth).
 
@@ -20,7 +20,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_gpt2 import GPT, GPTConfig, hold_for_inference, load_model, pick_device  # noqa: E402
+from inference import generate, hold_for_inference  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, load_model, pick_device  # noqa: E402
 
 
 def copy_bandwidth(device, nbytes=256 << 20, reps=5):
@@ -55,7 +56,7 @@ def main():
     device, dtype = pick_device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     if args.model:
-        ours = load_model(args.model, device)  # float32: each variant below casts its own copy
+        ours = load_model(args.model).to(device)  # float32: each variant below casts its own copy
         config = ours.config
     else:
         config = GPTConfig(vocab_size=50257)
@@ -73,9 +74,9 @@ def main():
 
     def ours_generate(model, n, context):
         with context:
-            model.generate(prompt, n, temperature=0, stop=None)
+            generate(model, prompt, n, temperature=0, stop=None)
 
-    held = hold_for_inference(GPT(config).to(device), dtype)  # as load_model(dtype=...) gives sample.py and serve.py
+    held = hold_for_inference(GPT(config).to(device), dtype)  # as load_for_inference gives sample.py and serve.py
     held.load_state_dict(ours.state_dict())
     hf_held = GPT2LMHeadModel(hf.config).to(device, dtype).eval()
     hf_held.load_state_dict(hf.state_dict())

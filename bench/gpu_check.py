@@ -25,6 +25,7 @@ from conftest import write_hellaswag  # noqa: E402
 from train_throughput import SyntheticLoader  # noqa: E402
 
 import train_gpt2 as tg  # noqa: E402
+from inference import generate  # noqa: E402
 
 # The table's columns: (header, the row's key, how a value prints). A measurement fills the keys it has.
 COLUMNS = [("measurement", "what", "{}"), ("dtype", "dtype", "{}"), ("B x T", "shape", "{}"),
@@ -118,9 +119,9 @@ def generate_row(shape, device, dtype):
     autocast, prompt = tg.autocast_context(device.split(":")[0], dtype), [tg.EOT] * 16
     start(device)
     with autocast:
-        model.generate(prompt, 4, num_samples=shape["gen_samples"], seed=0, stop=None)  # warm-up
+        generate(model, prompt, 4, num_samples=shape["gen_samples"], seed=0, stop=None)  # warm-up
         t0 = time.perf_counter()
-        model.generate(prompt, shape["gen_tokens"], num_samples=shape["gen_samples"], seed=0, stop=None)
+        generate(model, prompt, shape["gen_tokens"], num_samples=shape["gen_samples"], seed=0, stop=None)
         synchronize(device)
     return {"what": "generation, KV cache", "dtype": dtype, "shape": f"{shape['gen_samples']} samples",
             "unit": "new tokens/s", "rate": shape["gen_samples"] * shape["gen_tokens"] / (time.perf_counter() - t0),

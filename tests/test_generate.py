@@ -1,5 +1,5 @@
-"""GPT.generate: the KV cache and bf16 weights held for inference change no token, sampling is repeatable and
-honours its limits, and the in-training samples and sample.py use it."""
+"""inference.generate: the KV cache and bf16 weights held for inference change no token, sampling is repeatable
+and honours its limits, and sample.py uses it; the in-training samples are GPT.generate's."""
 import copy
 import os
 import sys
@@ -9,17 +9,8 @@ import torch
 from conftest import ROOT, run
 
 import sample
-from train_gpt2 import (
-    EOT,
-    GPT,
-    GPTConfig,
-    PackedLinear,
-    UserError,
-    get_tokenizer,
-    hold_for_inference,
-    load_model,
-    sample_next,
-)
+from inference import PackedLinear, generate, generate_stream, hold_for_inference, load_for_inference, sample_next
+from train_gpt2 import EOT, GPT, GPTConfig, UserError, get_tokenizer, load_model
 
 torch.set_num_threads(1)  # these models are tiny: threads would only contend for the 2 cores
 
@@ -46,10 +37,11 @@ def greedy_recompute(model, prompt, new_tokens, num_samples=1):
 def test_cached_greedy_equals_full_recompute_across_the_crop(prompt):
     model = tiny_model(block_size=16)
     expected = greedy_recompute(model, prompt, 80, num_samples=2)
-    got = model.generate(prompt, 80, temperature=0, num_samples=2, stop=None)
+    got = generate(model, prompt, 80, temperature=0, num_samples=2, stop=None)
     assert got == expected
     assert len(set(expected[0])) > 5  # the path really varies, so a stale cache would show
-    assert model.generate(prompt, 80, temperature=0, stop=None, use_cache=False) == expected[:1]
+    # the decoder without a cache: GPT.generate, greedy as top_k=1
+    assert model.generate(torch.tensor([prompt]), 80, top_k=1)[:, len(prompt):].tolist() == expected[:1]
 
 
 def test_cache_takes_the_prompt_then_one_token_a_call(monkeypatch):
@@ -62,17 +54,17 @@ def test_cache_takes_the_prompt_then_one_token_a_call(monkeypatch):
         return original(self, idx, targets, cache)
 
     monkeypatch.setattr(GPT, "forward", spy)
-    model.generate([1, 2, 3, 4, 5], 14, temperature=0, stop=None)
+    generate(model, [1, 2, 3, 4, 5], 14, temperature=0, stop=None)
     # the prompt into an empty cache, one token a call until the window is full, then whole windows
     assert calls == [(5, 0)] + [(1, 5 + i) for i in range(11)] + [(16, 0), (16, 0)]
 
 
 def test_seeded_sampling_repeats_and_seeds_differ():
     model = tiny_model()
-    a = model.generate([5, 6], 64, num_samples=3, seed=123, stop=None)
-    assert a == model.generate([5, 6], 64, num_samples=3, seed=123, stop=None)
-    assert a == model.generate([5, 6], 64, num_samples=3, generator=torch.Generator().manual_seed(123), stop=None)
-    assert a != model.generate([5, 6], 64, num_samples=3, seed=124, stop=None)
+    a = generate(model, [5, 6], 64, num_samples=3, seed=123, stop=None)
+    assert a == generate(model, [5, 6], 64, num_samples=3, seed=123, stop=None)
+    assert a == generate(model, [5, 6], 64, num_samples=3, generator=torch.Generator().manual_seed(123), stop=None)
+    assert a != generate(model, [5, 6], 64, num_samples=3, seed=124, stop=None)
     assert a[0] != a[1]  # the samples of one call differ from each other
 
 
@@ -93,20 +85,21 @@ def test_never_samples_vocabulary_padding_and_stops_at_eot():
     model = tiny_model(vocab_size=50304)
     with torch.no_grad():
         model.lm_head.weight[EOT + 1:] = model.lm_head.weight[7] * 100  # padding rows would win every draw
-    out = model.generate([1, 2], 30, temperature=0, stop=None) + model.generate([1, 2], 30, top_k=0, seed=0, stop=None)
+    out = (generate(model, [1, 2], 30, temperature=0, stop=None)
+           + generate(model, [1, 2], 30, top_k=0, seed=0, stop=None))
     assert all(t < EOT + 1 for row in out for t in row)
 
     with torch.no_grad():
         model.lm_head.weight[EOT] = model.lm_head.weight[7] * 50  # now <|endoftext|> wins
-    assert model.generate([1, 2], 30, temperature=0) == [[]]
-    assert len(list(model.generate_stream([1, 2], 30, temperature=0))) == 1
+    assert generate(model, [1, 2], 30, temperature=0) == [[]]
+    assert len(list(generate_stream(model, [1, 2], 30, temperature=0))) == 1
 
 
 def test_each_sample_stops_at_its_own_stop_token():
     model = tiny_model()
-    full = model.generate([3], 40, num_samples=4, seed=1, stop=None)
+    full = generate(model, [3], 40, num_samples=4, seed=1, stop=None)
     stop = full[0][5]
-    cut = model.generate([3], 40, num_samples=4, seed=1, stop=stop)
+    cut = generate(model, [3], 40, num_samples=4, seed=1, stop=stop)
     assert cut == [row[:row.index(stop)] if stop in row else row for row in full]
 
 
@@ -115,17 +108,17 @@ def test_generate_on_a_compiled_model_runs_uncompiled():
     compiled = torch.compile(model)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    got = compiled.generate([1, 2, 3], 20, seed=3, stop=None)
-    assert got == model.generate([1, 2, 3], 20, seed=3, stop=None)
+    got = generate(compiled, [1, 2, 3], 20, seed=3, stop=None)
+    assert got == generate(model, [1, 2, 3], 20, seed=3, stop=None)
     assert not torch._dynamo.utils.counters["stats"]  # nothing was traced, so nothing recompiles per token
 
 
 def test_bad_prompts_are_refused():
     model = tiny_model(vocab_size=64)
     with pytest.raises(UserError, match="prompt is empty"):
-        model.generate([], 5)
+        generate(model, [], 5)
     with pytest.raises(UserError, match="outside the model's 64"):
-        model.generate([1, 64], 5)
+        generate(model, [1, 64], 5)
 
 
 def test_training_prints_samples_from_generate(tiny_run):
@@ -134,7 +127,9 @@ def test_training_prints_samples_from_generate(tiny_run):
     model = load_model(tiny_run.checkpoint)
     enc = get_tokenizer()
     prompt = enc.encode("Hello, I'm a language model,")
-    expected = model.generate(prompt, 16 - len(prompt), num_samples=2, seed=42)
+    out = model.generate(torch.tensor([prompt] * 2), 16 - len(prompt), top_k=50,
+                         generator=torch.Generator().manual_seed(42))[:, len(prompt):].tolist()
+    expected = [row[:row.index(EOT)] if EOT in row else row for row in out]
     assert lines[2:] == [f"sample {i}: {enc.decode(prompt + t)!r}" for i, t in enumerate(expected)]
 
 
@@ -146,10 +141,10 @@ def test_sample_cli_streams_one_sample_and_prints_several(tiny_run, capsys):
 
     one = run([sys.executable, f"{ROOT}/sample.py", *args])
     assert one.returncode == 0, one.stderr
-    assert one.stdout == enc.decode(prompt + model.generate(prompt, 12, seed=7)[0]) + "\n"
+    assert one.stdout == enc.decode(prompt + generate(model, prompt, 12, seed=7)[0]) + "\n"
 
     sample.main(args + ["--num_samples=2"])
-    texts = [enc.decode(prompt + t) for t in model.generate(prompt, 12, num_samples=2, seed=7)]
+    texts = [enc.decode(prompt + t) for t in generate(model, prompt, 12, num_samples=2, seed=7)]
     assert capsys.readouterr().out == "".join(f"--- sample {i}\n{t}\n" for i, t in enumerate(texts))
 
     sample.main(args[:1] + ["--prompt=", "--max_new_tokens=5", "--seed=1"])
@@ -192,11 +187,11 @@ def test_bf16_inference_holds_packed_weights_that_change_no_number():
     assert held.state_dict().keys() == model.state_dict().keys()
     idx = torch.tensor([[1, 2, 3, 4, 5]])
     assert torch.equal(held(idx)[0], plain(idx)[0])  # oneDNN's packed layout, the same bf16 arithmetic
-    greedy = plain.generate([1, 2, 3], 30, temperature=0, stop=None)
-    assert held.generate([1, 2, 3], 30, temperature=0, stop=None) == greedy
+    greedy = generate(plain, [1, 2, 3], 30, temperature=0, stop=None)
+    assert generate(held, [1, 2, 3], 30, temperature=0, stop=None) == greedy
     # under autocast, fp32 weights decode from such a copy, made per call; the model itself is untouched
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model.generate([1, 2, 3], 30, temperature=0, stop=None) == greedy
+        assert generate(model, [1, 2, 3], 30, temperature=0, stop=None) == greedy
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
 
 
@@ -205,7 +200,7 @@ def test_load_model_takes_a_run_directory_and_a_dtype(serve_run, capsys):
     assert "warning: skipping" in capsys.readouterr().err
     expected = load_model(serve_run.checkpoint)
     assert all(torch.equal(a, b) for a, b in zip(newest.state_dict().values(), expected.state_dict().values()))
-    held = load_model(serve_run.dir, dtype="bfloat16")
+    held = load_for_inference(serve_run.dir, dtype="bfloat16")
     assert held.lm_head.weight.dtype == torch.bfloat16 and isinstance(held.lm_head, PackedLinear)
-    assert held.generate([1, 2], 10, temperature=0) == hold_for_inference(expected, torch.bfloat16).generate(
-        [1, 2], 10, temperature=0)
+    assert generate(held, [1, 2], 10, temperature=0) == generate(hold_for_inference(expected, torch.bfloat16),
+                                                                 [1, 2], 10, temperature=0)

@@ -90,5 +90,6 @@ def test_compiled_training_scores_hellaswag_without_recompiling(shards, tmp_path
     proc, log_dir, _ = hella_run(str(tmp_path), shards, "--compile=True", "--max_steps=2", "--eval_interval=1",
                                  env={"TORCH_LOGS": "recompiles"})
     assert sorted(train_losses(log_dir, "hella")) == [0, 1, 2]
-    # The first HellaSwag call's shape and the first training step's grad mode; no eval after the first adds one.
-    assert (proc.stdout + proc.stderr).count("Recompiling function") == 2
+    # The first training step's grad mode (HellaSwag compiles hidden_states, a function of its own, once); no eval
+    # after the first adds one.
+    assert (proc.stdout + proc.stderr).count("Recompiling function") == 1

@@ -1,4 +1,4 @@
-"""serve.py through the real openai client: its completions are GPT.generate's, streamed or not; its errors
+"""serve.py through the real openai client: its completions are inference.generate's, streamed or not; its errors
 are OpenAI's JSON and it keeps serving; a client that hangs up frees the model; a full queue gets 503."""
 import http.client
 import json
@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, run, start_server
 
+from inference import generate
 from train_gpt2 import get_tokenizer, load_model
 
 torch.set_num_threads(1)
@@ -47,7 +48,7 @@ def health(server):
 
 def expected_text(server, prompt, max_tokens, **sampling):
     tokens = server.enc.encode(prompt)
-    return server.enc.decode(server.model.generate(tokens, max_tokens, **sampling)[0])
+    return server.enc.decode(generate(server.model, tokens, max_tokens, **sampling)[0])
 
 
 def test_greedy_text_equals_generate_and_streamed_chunks_join_to_it(server):
@@ -94,7 +95,7 @@ def test_a_prompt_longer_than_block_size_is_cropped_from_the_left_and_usage_says
     tokens = server.enc.encode(prompt)
     r = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
     assert (r.usage.prompt_tokens, r.usage.prompt_tokens_cropped) == (64, len(tokens) - 64)
-    assert r.choices[0].text == server.enc.decode(server.model.generate(tokens[-64:], 8, temperature=0)[0])
+    assert r.choices[0].text == server.enc.decode(generate(server.model, tokens[-64:], 8, temperature=0)[0])
 
 
 def test_malformed_json_gets_a_400_json_error_and_the_server_keeps_serving(server):

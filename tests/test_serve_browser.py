@@ -1,5 +1,5 @@
 """serve.py's page in a real browser (Debian's chromium through selenium, headless): text streams in as it is
-made, Stop stops it and frees the model, and a greedy completion is GPT.generate's text.
+made, Stop stops it and frees the model, and a greedy completion is inference.generate's text.
 
 SERVE_SCREENSHOT=docs/serve.png python -m pytest tests/test_serve_browser.py   # refreshes the README's picture
 """
@@ -15,6 +15,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from inference import generate
 from train_gpt2 import get_tokenizer, load_model
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -74,7 +75,7 @@ def test_a_greedy_completion_is_generates_text(page, serve_run, tmp_path):
     WebDriverWait(driver, 30).until(lambda d: "finish_reason: length" in d.find_element(By.ID, "status").text)
     enc = get_tokenizer()
     prompt = enc.encode("Hello, I'm a language model,")
-    assert completion(driver) == enc.decode(load_model(serve_run.checkpoint).generate(prompt, 40, temperature=0)[0])
+    assert completion(driver) == enc.decode(generate(load_model(serve_run.checkpoint), prompt, 40, temperature=0)[0])
     shot = tmp_path / "serve.png"
     driver.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,173 @@
+"""Inference: decoding with a KV cache, streaming, stop strings/tokens, top-k/top-p, weights held for inference,
+loading for inference. What sample.py, serve.py and bench/generate_throughput.py share; train_gpt2.py trains the
+model, and prints its samples during training with the plain GPT.generate.
+
+    model = load_for_inference("log/model_019073.pt", dtype="bfloat16")
+    generate(model, tokens, 64, num_samples=4, seed=1)              # each sample's new tokens, cut at <|endoftext|>
+    for nxt in generate_stream(model, tokens, 64, temperature=0):    # (num_samples,) new tokens a step
+    for text, reason in stream_text(model, tokens, 64, ["\n\n"]):    # text safe to show, a piece a token
+"""
+import codecs
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+
+from train_gpt2 import EOT, UserError, get_tokenizer, load_model, model_from_state
+
+SAMPLING = dict(temperature=1.0, top_k=50, top_p=1.0)  # the defaults of sample.py, serve.py and sample_next
+
+
+class KVCache:
+    """One layer's keys and values for every position generated so far, in buffers sized for block_size,
+    so that each new token's forward computes only its own row and attends to the stored ones."""
+
+    def __init__(self, block_size):
+        self.block_size, self.pos, self.k, self.v = block_size, 0, None, None
+
+    def update(self, k, v):
+        """Stores k, v (B, n_head, T, head_size) after the earlier positions; returns all of them."""
+        assert self.pos == 0 or k.size(2) == 1, "a cache takes the whole prompt first, then one token a call"
+        if self.k is None:  # allocated at first use, in the dtype autocast gives k and v
+            shape = (*k.shape[:2], self.block_size, k.size(3))
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        start, self.pos = self.pos, self.pos + k.size(2)
+        self.k[:, :, start:self.pos], self.v[:, :, start:self.pos] = k, v
+        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
+
+
+class PackedLinear(nn.Module):
+    """A Linear for inference on CPU in bf16, its weight also held reordered into oneDNN's blocked layout. A
+    one-token step is a matrix-vector product per weight, bound by memory bandwidth; at the 124M shape plain bf16
+    F.linear reads the weights at about half the speed of this op, which is the one torch.compile's freezing pass
+    emits for CPU, and gives the same numbers bit for bit. weight stays a parameter, so that state_dict, weight
+    tying and the parameter count are unchanged."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # laid out for batch 1
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def hold_for_inference(model, dtype):
+    """model, in place, with its weights in dtype, in eval mode; on a CPU with oneDNN's bf16 kernels, its
+    Linears become PackedLinears. For generation and scoring only: the packed weights do not train."""
+    model.to(dtype).eval()
+    if (model.lm_head.weight.device.type == "cpu" and dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        for module in list(model.modules()):
+            for name, child in module.named_children():
+                if type(child) is nn.Linear:
+                    setattr(module, name, PackedLinear(child))
+    return model
+
+
+def load_for_inference(spec, device="cpu", dtype="float32"):
+    """train_gpt2.load_model's GPT (any checkpoint, run directory, Hugging Face directory or hub name) on device,
+    held for inference with its weights in dtype ("bfloat16" or "float32")."""
+    return hold_for_inference(load_model(spec).to(device), getattr(torch, dtype))
+
+
+def sample_next(logits, temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"],
+                generator=None):
+    """One token per row of (B, vocab) float logits: the argmax at temperature 0, else a draw from the
+    top_k likeliest tokens (0: all), narrowed to the fewest whose probabilities sum to top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the likelier tokens already hold top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+def prompt_rows(model, tokens, num_samples):
+    """The prompt as a (num_samples, T) tensor on the model's device; UserError for what the model cannot take."""
+    idx = torch.as_tensor(tokens, dtype=torch.long, device=model.lm_head.weight.device)
+    if idx.numel() == 0:
+        raise UserError("the prompt is empty; start it with <|endoftext|> for an unconditioned sample")
+    if idx.max() >= model.config.vocab_size:
+        raise UserError(f"the prompt holds token {idx.max().item()}, outside the model's {model.config.vocab_size}")
+    return idx.view(1, -1).repeat(num_samples, 1)
+
+
+@torch.no_grad()
+def generate_stream(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling):
+    """Continues the prompt `tokens` num_samples times, yielding each new position's (num_samples,) tokens,
+    until max_new_tokens or until every sample has produced `stop` (None: never stops). sampling: sample_next's
+    temperature (0: greedy), top_k and top_p, SAMPLING's unless given, and seed or generator, which make the
+    draws repeatable. A compiled model decodes uncompiled: it would recompile as the sequence grows."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    device = model.lm_head.weight.device
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    if dtype not in (None, model.lm_head.weight.dtype):
+        # Autocast would cast all the weights again for every token: three times the memory traffic of a
+        # decoder that reads them once, already cast. So decode with a copy held in autocast's dtype.
+        model = hold_for_inference(model_from_state(model.config, model.state_dict(), device, dtype), dtype)
+    idx = prompt_rows(model, tokens, num_samples)
+    sampling = {**SAMPLING, **sampling}
+    seed = sampling.pop("seed", None)
+    if sampling.get("generator") is None and seed is not None:
+        sampling["generator"] = torch.Generator(device).manual_seed(seed)
+    bs = model.config.block_size
+    done = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    cache = None
+    for _ in range(max_new_tokens):
+        if cache is None or cache[0].pos == bs:
+            # Positions are learned and absolute: once the window slides, every kept token sits at a
+            # new position, so the stored keys and values are stale and the window is recomputed.
+            cache = [KVCache(bs) for _ in model.transformer.h]
+            logits, _ = model(idx[:, -bs:], cache=cache)
+        else:
+            logits, _ = model(idx[:, -1:], cache=cache)
+        # ids past GPT-2's 50257 are vocabulary padding, never tokens
+        nxt = sample_next(logits[:, -1, :EOT + 1].float(), **sampling)
+        idx = torch.cat((idx, nxt[:, None]), dim=1)
+        yield nxt
+        done |= nxt == stop
+        if done.all():
+            return
+
+
+def generate(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling):
+    """generate_stream's tokens gathered: one list of new tokens per sample, each cut before `stop`."""
+    rows = [[] for _ in range(num_samples)]
+    for nxt in generate_stream(model, tokens, max_new_tokens, num_samples, stop, **sampling):
+        for row, token in zip(rows, nxt.tolist()):
+            row.append(token)
+    return [row[:row.index(stop)] if stop in row else row for row in rows]
+
+
+def stream_text(model, tokens, max_new_tokens, stop=(), **sampling):
+    """generate_stream's one sample as text: a (piece, finish_reason) per new token. piece is the text that is
+    safe to show by then: never a character still missing bytes, nor what may be the start of a stop string.
+    finish_reason is None until the last token's: "stop" at <|endoftext|> or at a stop string, which the text
+    ends before, else "length"."""
+    enc, decoder = get_tokenizer(), codecs.getincrementaldecoder("utf-8")(errors="replace")
+    hold = max(map(len, stop), default=1) - 1  # the characters a stop string may still be completing
+    text, sent = "", 0
+    with contextlib.closing(generate_stream(model, tokens, max_new_tokens, **sampling)) as stream:
+        for made, nxt in enumerate(stream, 1):
+            if nxt.item() == EOT:
+                yield text[sent:] + decoder.decode(b"", final=True), "stop"
+                return
+            text += decoder.decode(enc.decode_single_token_bytes(nxt.item()))
+            hits = [i for i in (text.find(s, max(0, sent - hold)) for s in stop) if i >= 0]
+            if hits:
+                yield text[sent:min(hits)], "stop"
+                return
+            if made == max_new_tokens:
+                yield text[sent:] + decoder.decode(b"", final=True), "length"
+                return
+            piece = text[sent:max(sent, len(text) - hold)]
+            sent += len(piece)
+            yield piece, None
