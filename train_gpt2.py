@@ -50,20 +50,6 @@ import torch.utils.checkpoint
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-
-def tune_allocator():
-    """PyTorch frees and re-allocates the same large CPU buffers every step. By default glibc hands each back to
-    the kernel, and the next step page-faults through fresh zeroed pages: up to half of a CPU training step went
-    to that. Taking big buffers from the heap, and keeping freed memory there, lets them be reused."""
-    with contextlib.suppress(OSError):  # not glibc (macOS, musl): nothing to tune
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 2**31 - 1)  # M_MMAP_THRESHOLD (a C int): take buffers up to 2 GiB from the heap
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: shrink the heap only past 2 GiB free at its top
-        libc.mallopt(-2, 2**30)  # M_TOP_PAD: grow it 1 GiB at a time
-
-
-tune_allocator()  # at import, so that the benches that drive train_step get it as train() does
-
 # ----------------------------------------------------------------------------------------------
 # Settings: the run's whole configuration. Every name here can be overridden as --name=value.
 data_dir = "edu_fineweb10B"      # shards *_train_NNNNNN.npy / *_val_NNNNNN.npy (or llm.c .bin) from prepare_fineweb.py
@@ -199,17 +185,16 @@ def parse_args(argv):
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would have "
                         f"unequal widths; change --n_embd or --n_head")
-    for name, choices in (("dtype", DTYPES), ("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
+    for name, choices in (("dtype", DTYPES), ("optimizer", tuple(OPTIMIZERS)), ("lr_schedule", ("cosine", "wsd"))):
         if cfg[name] not in choices:
             raise UserError(f"--{name}={cfg[name]}: expected one of {', '.join(choices)}")
     if cfg["decay_frac"] > 1:
         raise UserError(f"--decay_frac={cfg['decay_frac']}: must be at most 1 (the share of max_steps that decays)")
     if cfg["muon_momentum"] >= 1:
         raise UserError(f"--muon_momentum={cfg['muon_momentum']}: must be below 1")
-    # FSDP2 shards each matrix over the ranks, and Muon orthogonalizes whole matrices: a rank's shard alone
-    # would get a different update.
-    if cfg.get("fsdp") and cfg["optimizer"] == "muon":
-        raise UserError("--optimizer=muon does not work with --fsdp=True; use DDP (--fsdp=False) or --optimizer=adamw")
+    if cfg["fsdp"] and not OPTIMIZERS[cfg["optimizer"]].shardable:
+        raise UserError(f"--optimizer={cfg['optimizer']} does not work with --fsdp=True; use DDP (--fsdp=False) or "
+                        f"--optimizer=adamw")
     if not 0 <= cfg["dropout"] < 1:
         raise UserError(f"--dropout={cfg['dropout']}: must be in [0, 1)")
     if cfg["T"] > cfg["block_size"]:
@@ -375,6 +360,10 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def num_params(self):
+        """Parameters, the tied wte/lm_head counted once, as GPT-2's 124M does."""
+        return sum(p.numel() for p in self.parameters())
+
     def forward(self, idx, targets=None, cache=None):
         """cache: a list of one KVCache per layer (inference.py's), for decoding; idx then continues the cached
         positions and only the last position's logits are computed."""
@@ -469,60 +458,6 @@ class GPT(nn.Module):
         self.lm_head.weight = nn.Parameter(new)
         self.transformer.wte.weight = self.lm_head.weight
         self.config.vocab_size = vocab_size
-
-    def configure_optimizers(self, weight_decay, learning_rate, device_type, muon=None):
-        """AdamW over every parameter; or, given muon=(lr, momentum, weight_decay), Muon over the blocks' 2-D
-        weights and AdamW over the rest: the tied wte/lm_head, wpe, biases and LayerNorm gains."""
-        matrices = [p for p in self.transformer.h.parameters() if p.requires_grad and p.dim() == 2] if muon else []
-        params = [p for p in self.parameters() if p.requires_grad and all(p is not m for m in matrices)]
-        decay = [p for p in params if p.dim() >= 2]  # matmul weights and embeddings
-        no_decay = [p for p in params if p.dim() < 2]  # biases and LayerNorm gains
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                  fused=use_fused_adamw(device_type))
-        if not muon:
-            return adamw
-        lr, momentum, muon_weight_decay = muon
-        return MuonAdamW(torch.optim.Muon([{"params": matrices, "lr_scale": lr / learning_rate}], lr=lr,
-                                          momentum=momentum, weight_decay=muon_weight_decay,
-                                          adjust_lr_fn="match_rms_adamw"), adamw)
-
-
-class MuonAdamW:
-    """Muon and AdamW stepped as one optimizer, so that train_step and checkpoints handle it as they do AdamW:
-    param_groups lists both's groups (Muon's carries lr_scale, its peak lr over max_lr, which train_step
-    multiplies the scheduled lr by), and state_dict holds both states.
-    adjust_lr_fn="match_rms_adamw" scales each matrix's orthogonalized update to the RMS of a typical AdamW
-    update (0.2 * sqrt(max(rows, cols))), so Muon's lr and weight decay mean what AdamW's do and AdamW's tuned
-    values carry over (Moonshot's "Muon is Scalable for LLM Training"). Keller Jordan's "original" scaling wants
-    an lr of its own (0.02-0.05 in modded-nanogpt, against AdamW's ~1e-3), and a weight decay retuned to match."""
-
-    def __init__(self, muon, adamw):
-        self.muon, self.adamw = muon, adamw
-
-    @property
-    def param_groups(self):
-        return self.adamw.param_groups + self.muon.param_groups
-
-    def zero_grad(self, set_to_none=True):
-        self.adamw.zero_grad(set_to_none)
-        self.muon.zero_grad(set_to_none)
-
-    def step(self):
-        self.adamw.step()
-        self.muon.step()
-
-    def state_dict(self):
-        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
-
-    def load_state_dict(self, state):
-        """Both optimizers' states; the hyperparameters stay this run's settings (torch would take the
-        checkpoint's), so that a resume with a new --muon_lr, momentum or weight decay uses them."""
-        for name, optimizer in (("adamw", self.adamw), ("muon", self.muon)):
-            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-            optimizer.load_state_dict(state[name])
-            for group, kept in zip(optimizer.param_groups, settings):
-                group.update(kept)
 
 
 def hf_config(name_or_path):
@@ -794,6 +729,17 @@ def grad_scaler(device_type, dtype):
     return torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 
 
+def tune_allocator():
+    """PyTorch frees and re-allocates the same large CPU buffers every step. By default glibc hands each back to
+    the kernel, and the next step page-faults through fresh zeroed pages: up to half of a CPU training step went
+    to that. Taking big buffers from the heap, and keeping freed memory there, lets them be reused."""
+    with contextlib.suppress(OSError):  # not glibc (macOS, musl): nothing to tune
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 2**31 - 1)  # M_MMAP_THRESHOLD (a C int): take buffers up to 2 GiB from the heap
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: shrink the heap only past 2 GiB free at its top
+        libc.mallopt(-2, 2**30)  # M_TOP_PAD: grow it 1 GiB at a time
+
+
 def use_fused_adamw(device_type):
     """The fused AdamW kernel updates every parameter in one launch; PyTorch has it for CUDA, CPU and MPS."""
     return device_type in ("cuda", "cpu", "mps")
@@ -879,8 +825,101 @@ def step_time_at_peak(model, cfg, world, device):
 def flops_per_token(model, T):
     """6N for the matmuls of forward and backward plus causal attention's 6*n_layer*n_embd*T."""
     c = model.config
-    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    n = model.num_params() - model.transformer.wpe.weight.numel()
     return 6 * n + 6 * c.n_layer * c.n_embd * T
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizers: each is a class built from (model, cfg, device_type) that steps, zeroes, saves and loads as a torch
+# optimizer does, and takes the schedule's learning rate by set_lr. A new one is a class here and a line in
+# OPTIMIZERS: --optimizer, the memory estimate, resume and train_step then know it.
+
+
+class ScheduledLR:
+    def set_lr(self, lr):
+        """Each param group gets the schedule's lr times its lr_scale: its own peak lr over max_lr."""
+        for group in self.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class AdamW(ScheduledLR, torch.optim.AdamW):
+    """GPT-2's optimizer as GPT-3's paper sets it: betas (0.9, 0.95), weight decay on the matmul weights and
+    embeddings only, not on biases and LayerNorm gains; fused where PyTorch has the kernel."""
+    shardable = True  # an elementwise update: FSDP2 may split its parameters over the ranks
+
+    def __init__(self, model, cfg, device_type, params=None):
+        params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+        super().__init__([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                         lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8, fused=use_fused_adamw(device_type))
+
+    @staticmethod
+    def state_bytes(cfg, n_params):
+        """Bytes of optimizer state for n_params parameters: two fp32 moments each."""
+        return 8 * n_params
+
+    @staticmethod
+    def lr_note(cfg, lr):
+        """What a note on the learning rate adds for this optimizer's other learning rates."""
+        return ""
+
+
+class Muon(ScheduledLR):
+    """Muon for the blocks' 2-D weights and AdamW (max_lr) for the rest (the tied wte/lm_head, wpe, biases and
+    LayerNorm gains), stepped, saved and loaded as one optimizer; Muon's param group carries lr_scale.
+    adjust_lr_fn="match_rms_adamw" scales each matrix's orthogonalized update to the RMS of a typical AdamW
+    update (0.2 * sqrt(max(rows, cols))), so Muon's lr and weight decay mean what AdamW's do and AdamW's tuned
+    values carry over (Moonshot's "Muon is Scalable for LLM Training"). Keller Jordan's "original" scaling wants
+    an lr of its own (0.02-0.05 in modded-nanogpt, against AdamW's ~1e-3), and a weight decay retuned to match."""
+    shardable = False  # it orthogonalizes whole matrices: a rank's shard alone would get a different update
+
+    def __init__(self, model, cfg, device_type):
+        matrices = [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
+        rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
+        self.adamw = AdamW(model, cfg, device_type, rest)
+        self.muon = torch.optim.Muon([{"params": matrices, "lr_scale": cfg.muon_lr / cfg.max_lr}], lr=cfg.muon_lr,
+                                     momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
+                                     adjust_lr_fn="match_rms_adamw")
+
+    @property
+    def param_groups(self):
+        return self.adamw.param_groups + self.muon.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.adamw.zero_grad(set_to_none)
+        self.muon.zero_grad(set_to_none)
+
+    def step(self):
+        self.adamw.step()
+        self.muon.step()
+
+    def state_dict(self):
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state):
+        """Both optimizers' states; the hyperparameters stay this run's settings (torch would take the
+        checkpoint's), so that a resume with a new --muon_lr, momentum or weight decay uses them."""
+        for name, optimizer in (("adamw", self.adamw), ("muon", self.muon)):
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            optimizer.load_state_dict(state[name])
+            for group, kept in zip(optimizer.param_groups, settings):
+                group.update(kept)
+
+    @staticmethod
+    def state_bytes(cfg, n_params):
+        """AdamW's two moments, but one momentum for each of the blocks' matrices."""
+        return 8 * n_params - 4 * 12 * cfg.n_embd ** 2 * cfg.n_layer
+
+    @staticmethod
+    def lr_note(cfg, lr):
+        return f" (Muon {lr * cfg.muon_lr / cfg.max_lr:.4e})"
+
+
+OPTIMIZERS = {"adamw": AdamW, "muon": Muon}
+
+
+def build_optimizer(model, cfg, device_type):
+    return OPTIMIZERS[cfg.optimizer](model, cfg, device_type)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -966,9 +1005,8 @@ def estimate_memory(cfg, n_params, world, lean=True):
     size = 4 if cfg.dtype in ("float32", "auto") else 2
     shard = world if cfg.fsdp else 1
     block = (n_params - (V + cfg.block_size + 2) * C) // L
-    matrices = 12 * C * C * L if cfg.optimizer == "muon" else 0  # Muon keeps one momentum, AdamW two moments
     parts = {"parameters": 4 * n_params / shard, "gradients": 4 * n_params / shard,
-             "optimizer state": (8 * n_params - 4 * matrices) / shard}
+             "optimizer state": OPTIMIZERS[cfg.optimizer].state_bytes(cfg, n_params) / shard}
     if cfg.fsdp and world > 1:
         whole = 8 * n_params if cfg.total_batch_size > bt * world and not lean else 0
         parts["gathered weights"] = max(whole, 4 * (V + cfg.block_size) * C + 2 * 4 * block)  # root + 2 blocks
@@ -1242,6 +1280,13 @@ def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
 # model_NNNNNN.pt complete; older ones are deleted only once a newer one is safely on disk.
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+
+def model_config(settings):
+    """The GPTConfig that settings (a dict of them, as a checkpoint holds) describe: the one way from settings to a
+    model."""
+    return GPTConfig(**{k: settings[k] for k in MODEL_KEYS}, dropout=settings.get("dropout", 0.0))
+
 DATA_ORDER_KEYS = ("total_batch_size", "seed")  # with the train shards, these fix which tokens each step reads
 SCHEDULE_KEYS = ("max_lr", "min_lr", "warmup_steps", "max_steps", "lr_schedule", "decay_frac", "muon_lr")
 
@@ -1283,75 +1328,117 @@ def process_alive(pid):
     return True
 
 
-def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader, world=1, scaler=None):
-    """Writes the run at step to path. Every rank calls it when the model is sharded: the whole weights and
-    optimizer state are gathered on rank 0, which alone writes."""
-    model_state, optimizer_state = full_state_dicts(model, optimizer)
-    if not is_master():
-        return
-    state = {
-        "model": model_state,
-        "optimizer": optimizer_state,
-        "scaler": scaler.state_dict() if scaler else {},  # empty unless float16
-        "step": step,
-        "val_loss": val_loss,
-        "config": dataclasses.asdict(cfg),
-        "world": world,
-        "shards": loader.manifest(),
-        "loader": loader.state_dict(),
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None},
-    }
-    log_dir, tmp = os.path.dirname(path) or ".", temp_path(path)
+@contextlib.contextmanager
+def atomic_write(path, mode="wb", **open_args):
+    """A file to write whose contents replace path whole, or not at all, whatever stops the process: a temp file
+    of this host and process (see temp_path), fsynced, renamed over path, and the rename made durable before
+    anything that relies on it (deleting an older checkpoint). On an error the temp file goes and path is as it was.
+    Every file this project writes for keeps goes through here."""
+    tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
+        with open(tmp, mode, **open_args) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(log_dir, os.O_RDONLY)  # make the rename itself durable before anything is deleted
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except (OSError, RuntimeError) as e:
+    except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        raise
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def rng_state():
+    """Every random generator's state, as the tensors, numbers and lists a checkpoint may hold."""
+    name, keys, *rest = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), *rest], "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+
+
+def set_rng_state(rng):
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in rng["python"]))
+    name, keys, *rest = rng["numpy"]  # keys: a list, or an ndarray in checkpoints from before 2026-12
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
+
+
+def save_checkpoint(run, step):
+    """Writes the run at step to log_dir/model_NNNNNN.pt, then deletes the checkpoints past keep_checkpoints.
+    Every rank calls it: a sharded model's weights and optimizer state are gathered whole on rank 0, which alone
+    writes. What it holds: tensors, numbers, strings, lists and dicts, never an object, so that loading it runs
+    no code (see load_checkpoint)."""
+    cfg = run.cfg
+    path = checkpoint_path(cfg.log_dir, step)
+    model_state, optimizer_state = full_state_dicts(run.model, run.optimizer)
+    run.checkpoint = path
+    if not is_master():
+        return
+    state = {"model": model_state, "optimizer": optimizer_state,
+             "scaler": run.scaler.state_dict(),  # empty unless float16
+             "step": step, "val_loss": run.val_loss, "config": dataclasses.asdict(cfg), "world": run.world,
+             "shards": run.train_loader.manifest(), "loader": run.train_loader.state_dict(), "rng": rng_state()}
+    try:
+        with atomic_write(path) as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:
         reason = e if isinstance(e, OSError) else e.__context__ or e  # torch.save hides the OSError behind its own
-        previous = [p for s, p in list_checkpoints(log_dir) if s < step]
+        previous = [p for s, p in list_checkpoints(cfg.log_dir) if s < step]
         raise UserError(f"cannot write checkpoint {path} ({reason}); free disk space or fix log_dir, then resume; "
                         f"{previous[-1] if previous else 'no earlier checkpoint'} is untouched") from None
     keep = cfg.keep_checkpoints
-    for _, old in ([c for c in list_checkpoints(log_dir) if c[0] <= step][:-keep] if keep else []):
+    for _, old in ([c for c in list_checkpoints(cfg.log_dir) if c[0] <= step][:-keep] if keep else []):
         os.remove(old)  # newer ones than this run's step are another run's, not ours to judge
-    remove_stale_temp_files(log_dir)
+    remove_stale_temp_files(cfg.log_dir)
+    run.log(f"wrote {path}")
 
 
-def read_checkpoint(path):
+# Checkpoints written before 2026-12 hold numpy's RNG state as an ndarray. Loading one needs these, which rebuild
+# an array from its bytes and dtype and call nothing else; every other global a file names is refused.
+NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                       (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]  # numpy 1.x's name
+
+
+def load_checkpoint(path):
+    """The checkpoint at path, checked whole (the zip records' CRCs) and loaded with weights_only: a file that
+    would need code to unpickle (an object's class, a function) is refused, naming what it wanted, and nothing
+    in it runs. Settings added since it was written take their defaults; ones since removed are dropped."""
     try:
         with zipfile.ZipFile(path) as z:  # torch.load skips the CRCs torch.save writes, so a flipped bit would load
             bad = z.testzip()
         if bad:
             raise ValueError(f"record {bad} fails its CRC check")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        # settings added since it was written take their defaults; ones since removed are dropped
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         ckpt["config"] = {**SETTINGS, **{k: v for k, v in ckpt["config"].items() if k in SETTINGS}}
-        GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS})
+        model_config(ckpt["config"])
         return ckpt
+    except pickle.UnpicklingError as e:
+        wanted = re.search(r"GLOBAL (\S+)", str(e))
+        raise UserError(f"{path}: refused: it holds {wanted[1] if wanted else 'a type'}, which only running code "
+                        f"from the file could build, and a checkpoint is data; load only a train_gpt2.py "
+                        f"checkpoint you trust the source of") from None
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, AttributeError,
-            zipfile.BadZipFile, pickle.UnpicklingError) as e:
+            zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable train_gpt2.py checkpoint, it is truncated, corrupt or another kind "
                         f"of file ({type(e).__name__}: {e})") from None
 
 
-def newest_checkpoint(log_dir, warn=print):
+def latest_checkpoint(log_dir, warn=print):
     """(path, checkpoint) of the newest readable checkpoint in log_dir, skipping unreadable ones with a warning;
     (None, None) when log_dir has none."""
     found = [p for _, p in reversed(list_checkpoints(log_dir))]
     for path in found:
         try:
-            return path, read_checkpoint(path)
+            return path, load_checkpoint(path)
         except UserError as e:
             warn(f"warning: skipping {e}")
     if found:
@@ -1360,18 +1447,18 @@ def newest_checkpoint(log_dir, warn=print):
     return None, None
 
 
-def load_checkpoint(resume, cfg, warn=print):
+def checkpoint_to_resume(cfg, warn=print):
     """(path, checkpoint) for --resume: the file it names, or for "auto" the newest readable checkpoint in
     log_dir, skipping unreadable ones with a warning; (None, None) when log_dir has none yet.
     A checkpoint whose model shape differs from the run's settings is refused."""
-    if resume == "auto":
-        path, ckpt = newest_checkpoint(cfg.log_dir, warn)
+    if cfg.resume == "auto":
+        path, ckpt = latest_checkpoint(cfg.log_dir, warn)
         if path is None:
             return None, None
     else:
-        if not os.path.isfile(resume):
-            raise UserError(f"--resume={resume}: no such checkpoint file")
-        path, ckpt = resume, read_checkpoint(resume)
+        if not os.path.isfile(cfg.resume):
+            raise UserError(f"--resume={cfg.resume}: no such checkpoint file")
+        path, ckpt = cfg.resume, load_checkpoint(cfg.resume)
     saved = ckpt["config"]
     diff = ", ".join(f"{k}={saved[k]} (run has {getattr(cfg, k)})" for k in MODEL_KEYS if saved[k] != getattr(cfg, k))
     if diff:
@@ -1383,10 +1470,11 @@ def describe_shards(manifest):
     return f"{len(manifest)} train shards of {sum(n for _, n in manifest)} tokens"
 
 
-def check_resume(path, ckpt, cfg, world, loader, log):
+def check_resume(run, path, ckpt):
     """Says what the settings that differ from the checkpoint's do to the run. Those that change which tokens
     a step reads (DATA_ORDER_KEYS and the train shards) are refused unless named in --allow_changes; the world
     size and B change nothing; a new schedule is accepted, saying what happens to the learning rate."""
+    cfg, world, loader, log = run.cfg, run.world, run.train_loader, run.log
     old, step = Settings(**ckpt["config"]), ckpt["step"]
     if old.optimizer != cfg.optimizer:
         raise UserError(f"{path} was trained with --optimizer={old.optimizer}, this run has "
@@ -1426,7 +1514,7 @@ def check_resume(path, ckpt, cfg, world, loader, log):
 def scheduled_lr(step, cfg):
     """The learning rate at step as a note shows it; Muon's too, when it has one."""
     lr = get_lr(step, cfg)
-    return f"{lr:.4e}" + (f" (Muon {lr * cfg.muon_lr / cfg.max_lr:.4e})" if cfg.optimizer == "muon" else "")
+    return f"{lr:.4e}" + OPTIMIZERS[cfg.optimizer].lr_note(cfg, lr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1511,17 +1599,6 @@ def missing_parent(path):
     return f"{parent} is not a directory" if os.path.exists(parent) else f"no directory {parent}"
 
 
-def read_run_record(log_file):
-    """The run record at the top of a train_gpt2.py log.txt (see run_record), or None if it has none."""
-    with open(log_file, encoding="utf-8", errors="replace") as f:
-        first = f.readline()
-    if not first.startswith(RUN_RECORD):
-        return None
-    with contextlib.suppress(json.JSONDecodeError):
-        return json.loads(first[len(RUN_RECORD):])
-    return None
-
-
 def local_model_path(spec):
     """spec with ~ expanded. A spec that is plainly a local path (a .pt file, or starting with ./ ../ / ~) and
     does not exist is refused here, where load_model would try it as a hub name for half a minute."""
@@ -1541,8 +1618,8 @@ def load_model(spec):
     run_dir = os.path.isdir(spec) and list_checkpoints(spec)
     if run_dir or os.path.isfile(spec):
         warn = functools.partial(print, file=sys.stderr)  # stdout is the sample's
-        ckpt = newest_checkpoint(spec, warn)[1] if run_dir else read_checkpoint(spec)
-        model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
+        ckpt = latest_checkpoint(spec, warn)[1] if run_dir else load_checkpoint(spec)
+        model = GPT(model_config(ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     elif os.path.isdir(spec):
         try:
@@ -1567,7 +1644,7 @@ def pretrained_shape(cfg, explicit):
     explicit setting that conflicts is refused."""
     spec = local_model_path(cfg["init_from"])
     if os.path.isfile(spec):
-        shape = {k: read_checkpoint(spec)["config"][k] for k in MODEL_KEYS}
+        shape = {k: load_checkpoint(spec)["config"][k] for k in MODEL_KEYS}
     else:
         try:
             shape = hf_shape(hf_config(spec))
@@ -1602,7 +1679,88 @@ def load_pretrained(model, spec, log):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training phases, in the order train() runs them
+# The run log: console lines and metrics. log.txt is its first sink; a tracker is another sink beside it.
+
+
+class LogFile:
+    """log.txt: the run record, then a `{step} {kind} {value}` line for each train loss, val loss and HellaSwag
+    score, which plot.py draws and a resume keeps. Rewritten at start: a resumed run keeps its record, what
+    happened before the resumed step and the lines a person added."""
+    KINDS = {"train/loss": "train", "val/loss": "val", "hella/acc_norm": "hella"}
+
+    def __init__(self, cfg, start_step, record):
+        self.path = os.path.join(cfg.log_dir, "log.txt")
+        try:
+            kept = []
+            if start_step and os.path.exists(self.path):
+                with open(self.path, errors="surrogateescape") as f:
+                    kept = [line for line in f if (m := LOGGED_STEP.match(line)) is None or int(m[0]) < start_step]
+            if not kept or not kept[0].startswith(RUN_RECORD):
+                kept.insert(0, RUN_RECORD + json.dumps(record) + "\n")
+            with atomic_write(self.path, "w", errors="surrogateescape") as f:
+                f.writelines(kept)
+            remove_stale_temp_files(cfg.log_dir)
+        except OSError as e:
+            raise unwritable_log_dir(cfg.log_dir, e) from None
+
+    def write(self, step, metrics):
+        with open(self.path, "a") as f:
+            f.writelines(f"{step} {self.KINDS[k]} {v:.6f}\n" for k, v in metrics.items() if k in self.KINDS)
+
+    def close(self):
+        pass
+
+
+class RunLog:
+    """What a run says, on rank 0 only: a console line, run.log("..."), and metrics, run.log.metrics(step,
+    {"train/loss": ...}), which every sink records: log.txt once open_log has opened it, and any tracker."""
+
+    def __init__(self, rank):
+        self.quiet, self.sinks = rank != 0, []
+
+    def __call__(self, line):
+        if not self.quiet:
+            print(line)
+
+    def metrics(self, step, values):
+        for sink in self.sinks:
+            sink.write(step, values)
+
+    def close(self):
+        for sink in self.sinks:
+            sink.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training phases, in the order train() runs them. Each takes the run, fills in its part and reads the rest.
+
+
+@dataclasses.dataclass(eq=False)
+class Run:
+    """One training run: its settings as run (dtype resolved) and everything the phases share."""
+    cfg: Settings
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    log: RunLog = dataclasses.field(default_factory=lambda: RunLog(0))
+    autocast: object = dataclasses.field(default_factory=contextlib.nullcontext)
+    scaler: torch.amp.GradScaler = dataclasses.field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
+    grad_accum_steps: int = 1  # micro-steps per optimizer step on each rank
+    train_loader: DataLoaderLite = None
+    val_loader: DataLoaderLite = None
+    val_rows: int = 0  # rows of T tokens each val eval scores, over all ranks
+    hella: tuple = None  # this rank's HellaSwag examples, tokenized, and their labels; None: no HellaSwag evals
+    model: nn.Module = None  # the model itself: its weights, checkpoints and samples
+    trained: nn.Module = None  # what a step trains: compiled if asked, and in DDP under torchrun
+    eval_model: nn.Module = None  # what the evals run: compiled if asked, never in DDP (ranks run unequal batches)
+    optimizer: object = None
+    reshard_each_micro_step: bool = False  # FSDP: whole weights and gradients between micro-steps would not fit
+    peak_step_time: float = None  # seconds a step would take at 100% MFU; None: not known
+    start_step: int = 0
+    checkpoint: str = None  # the newest checkpoint of this run, if any
+    stop_signals: list = dataclasses.field(default_factory=list)  # the signals that asked the run to stop
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
+    val_loss: float = None  # the latest, which the checkpoint records
 
 
 def is_master():
@@ -1665,45 +1823,59 @@ def warn_shared_store():
               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
 
 
-def batch_arithmetic(cfg, world, log):
+def grad_accum_steps(cfg, world, log):
     """Micro-steps per optimizer step on each rank."""
     micro_tokens = cfg.B * cfg.T * world
     if cfg.total_batch_size % micro_tokens:
         raise UserError(f"total_batch_size={cfg.total_batch_size} is not a multiple of B*T*world_size = "
                         f"{cfg.B}*{cfg.T}*{world} = {micro_tokens}; change --total_batch_size or --B")
-    grad_accum_steps = cfg.total_batch_size // micro_tokens
-    log(f"world size {world}, grad accum steps {grad_accum_steps}, {cfg.total_batch_size} tokens per step")
-    return grad_accum_steps
+    steps = cfg.total_batch_size // micro_tokens
+    log(f"world size {world}, grad accum steps {steps}, {cfg.total_batch_size} tokens per step")
+    return steps
 
 
-def open_data(cfg, rank, world, log):
+def start_run(cfg, rank, world, device):
+    """The run: its settings as run (the dtype resolved, for the record), precision, log and data."""
+    log = RunLog(rank)
+    accum = grad_accum_steps(cfg, world, log)
+    device_type = device.split(":")[0]
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device_type, log))
+    run = Run(cfg, rank, world, device, log, autocast_context(device_type, cfg.dtype),
+              grad_scaler(device_type, cfg.dtype), accum)
+    open_data(run)
+    return run
+
+
+def open_data(run):
     """The train and val loaders, how many val rows each eval scores, and this rank's HellaSwag examples."""
+    cfg, rank, world = run.cfg, run.rank, run.world
     tokens = min(cfg.vocab_size, EOT + 1)  # padded ids are no tokens: a shard holding one is refused
-    train_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "train", cfg.data_dir, cfg.seed, tokens)
-    if sum(train_loader.sizes) < cfg.total_batch_size + 1:
-        raise UserError(f"the train shards in {cfg.data_dir!r} hold {sum(train_loader.sizes)} tokens, fewer than "
+    run.train_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "train", cfg.data_dir, cfg.seed, tokens)
+    if sum(run.train_loader.sizes) < cfg.total_batch_size + 1:
+        raise UserError(f"the train shards in {cfg.data_dir!r} hold {sum(run.train_loader.sizes)} tokens, fewer than "
                         f"one step's total_batch_size+1 = {cfg.total_batch_size + 1}; lower --total_batch_size")
-    val_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "val", cfg.data_dir, vocab_size=tokens)
-    val_rows = min(cfg.val_tokens // cfg.T, (sum(val_loader.sizes) - 1) // cfg.T)
-    if val_rows == 0:
+    run.val_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "val", cfg.data_dir, vocab_size=tokens)
+    run.val_rows = min(cfg.val_tokens // cfg.T, (sum(run.val_loader.sizes) - 1) // cfg.T)
+    if run.val_rows == 0:
         raise UserError(f"the val shards in {cfg.data_dir!r} hold fewer than T+1 = {cfg.T + 1} tokens")
-    log(f"val loss over {val_rows * cfg.T} tokens (val_tokens={cfg.val_tokens} in whole rows of T, capped at the val "
-        f"split's size)")
-    return train_loader, val_loader, val_rows, training_hellaswag(cfg, world, rank, log)
+    run.log(f"val loss over {run.val_rows * cfg.T} tokens (val_tokens={cfg.val_tokens} in whole rows of T, capped at "
+            f"the val split's size)")
+    run.hella = training_hellaswag(cfg, world, rank, run.log)
 
 
-def build_model(cfg, train_loader, world, device, scaler, log):
-    """The model and optimizer, fresh or resumed; the step to start at and the checkpoint resumed from."""
+def build_model(run):
+    """The model and optimizer: fresh, from --init_from, or resumed from a checkpoint with the step to start at."""
+    cfg, log = run.cfg, run.log
     torch.manual_seed(cfg.seed)
-    raw_model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}, dropout=cfg.dropout)).to(device)
-    raw_model.recompute = cfg.recompute
-    log(f"number of parameters: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M")
-    ckpt_file, ckpt = load_checkpoint(cfg.resume, cfg, log) if cfg.resume else (None, None)
-    if ckpt_file:
+    model = run.model = GPT(model_config(dataclasses.asdict(cfg))).to(run.device)
+    model.recompute = cfg.recompute
+    log(f"number of parameters: {model.num_params() / 1e6:.2f}M")
+    path, ckpt = checkpoint_to_resume(cfg, log) if cfg.resume else (None, None)
+    if path:
         if cfg.init_from:
-            log(f"note: continuing the run in {ckpt_file}; --init_from={cfg.init_from} was not used")
-        check_resume(ckpt_file, ckpt, cfg, world, train_loader, log)
-        raw_model.load_state_dict(ckpt["model"])
+            log(f"note: continuing the run in {path}; --init_from={cfg.init_from} was not used")
+        check_resume(run, path, ckpt)
+        model.load_state_dict(ckpt["model"])
     elif cfg.resume:
         log(f"no checkpoint in {cfg.log_dir} yet; starting fresh")
     else:  # a fresh run would overwrite what is there
@@ -1715,46 +1887,45 @@ def build_model(cfg, train_loader, world, device, scaler, log):
                             f"with --resume=auto, or start afresh with another --log_dir")
     if dist.is_initialized():
         dist.barrier()  # every rank has looked at log_dir before rank 0 writes log.txt there
-    if cfg.init_from and not ckpt_file:
-        load_pretrained(raw_model, cfg.init_from, log)
+    if cfg.init_from and not path:
+        load_pretrained(model, cfg.init_from, log)
     if cfg.fsdp and cfg.dtype == "float16":
         raise UserError("--fsdp=True has no float16 gradient scaler here (its ranks could disagree on skipping a "
                         "step); use --dtype=bfloat16 or float32, or --fsdp=False")
     if cfg.fsdp and dist.is_initialized():  # after loading: every rank holds the whole checkpoint, then its shard
-        shard_model(raw_model, device)
+        shard_model(model, run.device)
     elif cfg.fsdp:
         log("note: --fsdp=True shards over torchrun's ranks; this one process holds everything, as without it")
-    muon = (cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay) if cfg.optimizer == "muon" else None
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device.split(":")[0], muon)
-    if not ckpt_file:
-        return raw_model, optimizer, 0, None
-    load_optimizer_state(optimizer, ckpt["optimizer"])
-    if scaler.is_enabled() and ckpt.get("scaler"):  # a run that turns float16 on later starts from a fresh scale
-        scaler.load_state_dict(ckpt["scaler"])
-    train_loader.load_state_dict(ckpt["loader"])
-    rng = ckpt["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    if rng.get("mps") is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(rng["mps"])
-    log(f"resumed from {ckpt_file} at step {ckpt['step']}")
-    return raw_model, optimizer, ckpt["step"], ckpt_file
+    run.optimizer = build_optimizer(model, cfg, run.device.split(":")[0])
+    if path:
+        restore(run, path, ckpt)
 
 
-def wrap_model(raw_model, cfg, device, log):
-    """(the model the step trains, the model the evals run): compiled if asked, and the step's in DDP under
+def restore(run, path, ckpt):
+    """What a checkpoint holds besides the weights: optimizer, gradient scale, data position and random state."""
+    load_optimizer_state(run.optimizer, ckpt["optimizer"])
+    if run.scaler.is_enabled() and ckpt.get("scaler"):  # a run that turns float16 on later starts from a fresh scale
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.train_loader.load_state_dict(ckpt["loader"])
+    set_rng_state(ckpt["rng"])
+    run.start_step, run.checkpoint = ckpt["step"], path
+    run.log(f"resumed from {path} at step {ckpt['step']}")
+
+
+def wrap_model(run):
+    """The model the step trains and the one the evals run: compiled if asked, and the step's in DDP under
     torchrun. Evals skip DDP's wrapper: ranks run different batch counts there, with no collective. No compile
     on mps: inductor's Metal backend is a prototype in torch 2.x, slower than eager for this model where it
     works, and it fails on some of its ops."""
+    cfg, device = run.cfg, run.device
     if cfg.compile and device.startswith("mps"):
-        log("note: no torch.compile on mps; the model runs eagerly")
-    model = CompiledOrEager(raw_model, log) if cfg.compile and not device.startswith("mps") else raw_model
-    if not dist.is_initialized() or sharded(raw_model):  # FSDP2 reduces the gradients itself
-        return model, model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None), model
+        run.log("note: no torch.compile on mps; the model runs eagerly")
+    compiled = CompiledOrEager(run.model, run.log) if cfg.compile and not device.startswith("mps") else run.model
+    run.trained = run.eval_model = compiled
+    if dist.is_initialized() and not sharded(run.model):  # FSDP2 reduces the gradients itself
+        run.trained = nn.parallel.DistributedDataParallel(
+            compiled, device_ids=[device] if device.startswith("cuda") else None)
+    run.peak_step_time = step_time_at_peak(run.model, cfg, run.world, device)
 
 
 class CompiledOrEager(nn.Module):
@@ -1794,10 +1965,12 @@ class CompiledOrEager(nn.Module):
             return getattr(self.compiled._orig_mod, name)
 
 
-def run_record(cfg, model, world, device):
-    """What log.txt's first line says of the run, for a reader or a plot months later."""
-    return {"settings": dataclasses.asdict(cfg), "params": sum(p.numel() for p in model.parameters()),
-            "world": world, "device": device, "torch": torch.__version__, "git": git_commit()}
+def open_log(run):
+    """log.txt on rank 0, its first line the run's record: what a reader or a plot needs months later."""
+    if run.rank == 0:
+        record = {"settings": dataclasses.asdict(run.cfg), "params": run.model.num_params(), "world": run.world,
+                  "device": run.device, "torch": torch.__version__, "git": git_commit()}
+        run.log.sinks.append(LogFile(run.cfg, run.start_step, record))
 
 
 def git_commit():
@@ -1810,159 +1983,122 @@ def git_commit():
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-
-
-def open_log(cfg, start_step, record):
-    """Rewrites log.txt: the run record first (a resumed run keeps the one it started with), then only what
-    happened before the resumed step and the lines a person added. Returns the function that appends a step's
-    line to it, which does nothing on ranks other than 0: they write no files."""
-    if not is_master():
-        return lambda *a: None
-    log_file = os.path.join(cfg.log_dir, "log.txt")
-    try:
-        kept = []
-        if start_step and os.path.exists(log_file):
-            with open(log_file, errors="surrogateescape") as f:
-                kept = [line for line in f if (m := LOGGED_STEP.match(line)) is None or int(m[0]) < start_step]
-        if not kept or not kept[0].startswith(RUN_RECORD):
-            kept.insert(0, RUN_RECORD + json.dumps(record) + "\n")
-        tmp = temp_path(log_file)
-        with open(tmp, "w", errors="surrogateescape") as f:
-            f.writelines(kept)
-        os.replace(tmp, log_file)
-        remove_stale_temp_files(cfg.log_dir)
-    except OSError as e:
-        raise unwritable_log_dir(cfg.log_dir, e) from None
-
-    def append(step, kind, value):
-        """One `{step} {kind} {value}` line of log.txt."""
-        with open(log_file, "a") as f:
-            f.write(f"{step} {kind} {value:.6f}\n")
-    return append
-
-
-def run_evals(step, models, val, hella, cfg, autocast, log, record):
-    """Val loss, samples (after step 0, on rank 0) and HellaSwag, each logged and recorded; returns the val loss.
-    models is (the trained model, the one evals run, the uncompiled one generation runs); all share weights."""
-    model, evaluated, raw_model = models
-    model.eval()
-    val_loss = evaluate_loss(evaluated, *val, autocast)
-    log(f"step {step:5d} | val loss {val_loss:.4f}")
-    record(step, "val", val_loss)
+def run_evals(run, step):
+    """Val loss, samples (after step 0, on rank 0) and HellaSwag, each logged and recorded."""
+    cfg, log = run.cfg, run.log
+    run.trained.eval()
+    run.val_loss = evaluate_loss(run.eval_model, run.val_loader, run.val_rows, run.autocast)
+    log(f"step {step:5d} | val loss {run.val_loss:.4f}")
+    log.metrics(step, {"val/loss": run.val_loss})
     if cfg.sample_count and step > 0:
-        sampled = whole_model(raw_model, cfg.dtype)  # gathered, when sharded: generation is no collective
+        sampled = whole_model(run.model, cfg.dtype)  # gathered, when sharded: generation is no collective
         if is_master():
-            print_samples(sampled, cfg, autocast, log)
-    if hella:
-        acc_norm, count = evaluate_hellaswag(evaluated, *hella, cfg.B * cfg.T, autocast)
+            print_samples(sampled, cfg, run.autocast, log)
+    if run.hella:
+        acc_norm, count = evaluate_hellaswag(run.eval_model, *run.hella, cfg.B * cfg.T, run.autocast)
         log(f"step {step:5d} | hella acc_norm {acc_norm:.4f} ({count} examples)")
-        record(step, "hella", acc_norm)
-    model.train()
-    return val_loss
+        log.metrics(step, {"hella/acc_norm": acc_norm})
+    run.trained.train()
 
 
-def write_checkpoint(step, raw_model, optimizers, val_loss, cfg, train_loader, world, log):
-    """Rank 0 saves the run at step (gathered from all ranks when sharded); every rank returns the checkpoint's
-    path. optimizers: (optimizer, scaler)."""
-    path = checkpoint_path(cfg.log_dir, step)
-    save_checkpoint(path, raw_model, optimizers[0], step, val_loss, cfg, train_loader, world, optimizers[1])
-    log(f"wrote {path}")
-    return path
-
-
-def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast, device, scaler, lean=False):
+def train_step(run, lr):
     """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as floats.
     When either is not finite the update is skipped, so a bad batch never reaches the weights; all ranks
     agree on that, as the loss is all-reduced and the norm is taken from all-reduced gradients. In float16 the
     scaler (see grad_scaler) multiplies the loss before backward and divides the gradients before the norm is
     taken and clipped; on inf gradients it lowers its scale. model may be compiled and/or wrapped in DDP, or
     sharded: FSDP2 then reduce-scatters the gradients and frees the gathered weights only after the last
-    micro-step, unless lean (plan_memory: when whole weights and gradients would not fit) asks for every one."""
+    micro-step, unless run.reshard_each_micro_step (plan_memory: whole weights and gradients would not fit) asks
+    for every one."""
+    model, optimizer, scaler, accum = run.trained, run.optimizer, run.scaler, run.grad_accum_steps
     ddp, fsdp = isinstance(model, nn.parallel.DistributedDataParallel), sharded(model)
     optimizer.zero_grad(set_to_none=True)
-    loss_accum = torch.zeros((), device=device)
-    for micro_step in range(grad_accum_steps):
-        x, y = loader.next_batch()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        sync = micro_step == grad_accum_steps - 1 or lean  # reduce gradients once per step
+    loss_accum = torch.zeros((), device=run.device)
+    for micro_step in range(accum):
+        x, y = run.train_loader.next_batch()
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        sync = micro_step == accum - 1 or run.reshard_each_micro_step  # reduce gradients once per step
         if fsdp:
             model.set_requires_gradient_sync(sync)
             model.set_reshard_after_backward(sync)
-        with (model.no_sync() if ddp and not sync else contextlib.nullcontext()), autocast:
+        with (model.no_sync() if ddp and not sync else contextlib.nullcontext()), run.autocast:
             _, loss = model(x, y)
-        loss = loss / grad_accum_steps
+        loss = loss / accum
         loss_accum += loss.detach()
         scaler.scale(loss).backward()
     if dist.is_initialized():
         dist.all_reduce(loss_accum)  # gloo has no AVG, so sum and divide
         loss_accum /= dist.get_world_size()
     scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.grad_clip)
     if fsdp:
         norm = norm.full_tensor()  # each rank's shards' part, summed over the ranks
     loss, norm = loss_accum.item(), norm.item()
     if math.isfinite(loss) and math.isfinite(norm):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        optimizer.set_lr(lr)
         scaler.step(optimizer)
     scaler.update()  # after unscale_, which noted any inf gradient, so the scale falls even on a skipped step
-    if device.startswith("cuda"):
+    if run.device.startswith("cuda"):
         torch.cuda.synchronize()  # so that the caller's clock times the step, not its launch
     return loss, norm
 
 
-def log_step(step, loss, norm, lr, dt, ideal_dt, cfg, log, record, scaler):
-    """The step's console line and log.txt line; ideal_dt is the step's time at 100% MFU (None: not known)."""
-    mfu = f"{100 * ideal_dt / dt:.1f}%" if ideal_dt else "n/a"
+def log_step(run, step, loss, norm, lr, dt):
+    """The step's console line and metrics."""
+    cfg, scaler = run.cfg, run.scaler
+    mfu = run.peak_step_time / dt if run.peak_step_time else None
     skipped = ""
     if not math.isfinite(loss):
         skipped = " | loss not finite: step skipped"
     elif not math.isfinite(norm):
         skipped = (f" | inf gradients: step skipped, gradient scale now {scaler.get_scale():g}" if scaler.is_enabled()
                    else " | grad norm not finite: step skipped")
-    log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms | "
-        f"tok/sec {cfg.total_batch_size / dt:.0f} | mfu {mfu}{skipped}")
-    record(step, "train", loss)
+    run.log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms | "
+            f"tok/sec {cfg.total_batch_size / dt:.0f} | mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{skipped}")
+    metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
+               "train/tokens_per_s": cfg.total_batch_size / dt}
+    if mfu:
+        metrics["train/mfu"] = 100 * mfu
+    if run.device.startswith("cuda"):
+        metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    run.log.metrics(step, metrics)
 
 
-def bad_step(step, loss, norm, bad_steps, ckpt_file, cfg, scaled=False):
-    """How many steps have been skipped for a non-finite loss or norm, counting this one; stops the run with
-    advice once there are more than max_bad_steps. With a gradient scaler (scaled) inf gradients are not bad:
-    the scaler skips such steps as it searches for its scale; a non-finite loss still is."""
-    bad_steps += not math.isfinite(loss) or not (scaled or math.isfinite(norm))
-    if bad_steps > cfg.max_bad_steps:
-        resume = f"--resume={ckpt_file}" if ckpt_file else "no --resume (there is no checkpoint yet)"
+def count_bad_step(run, step, loss, norm):
+    """Counts the step if its loss or gradient norm was not finite (it was skipped, not applied); stops the run
+    with advice once more than max_bad_steps were. With a gradient scaler, inf gradients are not bad: the scaler
+    skips such steps as it searches for its scale; a non-finite loss still is."""
+    cfg = run.cfg
+    run.bad_steps += not math.isfinite(loss) or not (run.scaler.is_enabled() or math.isfinite(norm))
+    if run.bad_steps > cfg.max_bad_steps:
+        resume = f"--resume={run.checkpoint}" if run.checkpoint else "no --resume (there is no checkpoint yet)"
         raise UserError(f"step {step}: loss {loss} or grad norm {norm} is not finite; the step was not applied and "
                         f"no checkpoint was written. Restart from the last good one with a lower learning rate: "
                         f"{resume} --max_lr={cfg.max_lr / 2:g} --min_lr={cfg.min_lr / 2:g} "
                         f"(or allow skipping with --max_bad_steps)")
-    return bad_steps
 
 
-def catch_stop_signals():
+def catch_stop_signals(run):
     """SIGTERM and SIGUSR1 (what SLURM and cloud schedulers send before a kill) only note that the run
-    should stop; the training loop then finishes its step, writes a checkpoint and exits. Returns the list
-    the signals are noted in."""
-    got = []
+    should stop; the training loop then finishes its step, writes a checkpoint and exits."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: got.append(signal.Signals(signum).name))
-    return got
+        signal.signal(sig, lambda signum, frame: run.stop_signals.append(signal.Signals(signum).name))
 
 
-def stop_requested(got, device):
+def stop_requested(run):
     """Whether any rank has been signalled to stop; a collective, so that all ranks stop at the same step."""
     if not dist.is_initialized():
-        return bool(got)
-    flag = torch.tensor(float(bool(got)), device=device)
+        return bool(run.stop_signals)
+    flag = torch.tensor(float(bool(run.stop_signals)), device=run.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() > 0
 
 
-def preempted(got, step, ckpt_file, log):
+def preemption_exit(run, step):
     """The exit of a run stopped by a signal, once its checkpoint is written."""
-    log(f"stopped by {got[0] if got else 'a signal to another rank'} at step {step}: " +
-        (f"{ckpt_file} holds the run; continue it with --resume=auto" if ckpt_file else
-         "no step was taken, nothing to save"))
+    run.log(f"stopped by {run.stop_signals[0] if run.stop_signals else 'a signal to another rank'} at step {step}: " +
+            (f"{run.checkpoint} holds the run; continue it with --resume=auto" if run.checkpoint else
+             "no step was taken, nothing to save"))
     return SystemExit(EXIT_PREEMPTED)
 
 
@@ -1972,38 +2108,33 @@ def preempted(got, step, ckpt_file, log):
 
 def train(cfg):
     with distributed(cfg) as (rank, world, device):
-        log = print if rank == 0 else (lambda *a, **k: None)
-        grad_accum_steps = batch_arithmetic(cfg, world, log)
-        device_type = device.split(":")[0]
-        cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device_type, log))  # as run, in the record
-        autocast, scaler = autocast_context(device_type, cfg.dtype), grad_scaler(device_type, cfg.dtype)
-        train_loader, val_loader, val_rows, hella = open_data(cfg, rank, world, log)
+        run = start_run(cfg, rank, world, device)
+        cfg = run.cfg
         with log_dir_lock(cfg.log_dir, rank, world):
-            raw_model, optimizer, start_step, ckpt_file = build_model(cfg, train_loader, world, device, scaler, log)
-            lean = plan_memory(cfg, sum(p.numel() for p in raw_model.parameters()), world, device, log)
-            model, evaluated = wrap_model(raw_model, cfg, device, log)
-            record = open_log(cfg, start_step, run_record(cfg, raw_model, world, device))
-            ideal_dt = step_time_at_peak(raw_model, cfg, world, device)
-            stop_signals, bad_steps, val_loss = catch_stop_signals(), 0, None
-            for step in range(start_step, cfg.max_steps + 1):
-                last = step == cfg.max_steps
-                stop = stop_requested(stop_signals, device)
-                if (step % cfg.eval_interval == 0 or last) and not stop:
-                    val_loss = run_evals(step, (model, evaluated, raw_model), (val_loader, val_rows), hella, cfg,
-                                         autocast, log, record)
-                if step > start_step and (step % cfg.checkpoint_interval == 0 or last or stop):
-                    ckpt_file = write_checkpoint(step, raw_model, (optimizer, scaler), val_loss, cfg, train_loader,
-                                                 world, log)
-                if stop:
-                    raise preempted(stop_signals, step, ckpt_file, log)
-                if last:
-                    break
-                t0 = time.perf_counter()
-                lr = get_lr(step, cfg)
-                loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, cfg.grad_clip,
-                                        autocast, device, scaler, lean)
-                log_step(step, loss, norm, lr, time.perf_counter() - t0, ideal_dt, cfg, log, record, scaler)
-                bad_steps = bad_step(step, loss, norm, bad_steps, ckpt_file, cfg, scaler.is_enabled())
+            build_model(run)
+            run.reshard_each_micro_step = plan_memory(cfg, run.model.num_params(), world, device, run.log)
+            wrap_model(run)
+            open_log(run)
+            catch_stop_signals(run)
+            try:
+                for step in range(run.start_step, cfg.max_steps + 1):
+                    last = step == cfg.max_steps
+                    stop = stop_requested(run)
+                    if (step % cfg.eval_interval == 0 or last) and not stop:
+                        run_evals(run, step)
+                    if step > run.start_step and (step % cfg.checkpoint_interval == 0 or last or stop):
+                        save_checkpoint(run, step)
+                    if stop:
+                        raise preemption_exit(run, step)
+                    if last:
+                        break
+                    t0 = time.perf_counter()
+                    lr = get_lr(step, cfg)
+                    loss, norm = train_step(run, lr)
+                    log_step(run, step, loss, norm, lr, time.perf_counter() - t0)
+                    count_bad_step(run, step, loss, norm)
+            finally:
+                run.log.close()
 
 
 def main(argv=None):
@@ -2011,6 +2142,7 @@ def main(argv=None):
     if "--help" in argv or "-h" in argv:
         print(__doc__ + "\nsettings, with their defaults:\n" + "\n".join(f"  --{k}={v}" for k, v in SETTINGS.items()))
         return
+    tune_allocator()
     try:
         train(parse_args(argv))
     except UserError as e:
