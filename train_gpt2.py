@@ -578,10 +578,11 @@ class DataLoaderLite:
     The state is where the next group step starts: (epoch, shard index in that epoch's order, token).
     A token >= vocab_size stops the run naming its shard, rather than indexing past the embedding."""
 
-    def __init__(self, B, T, rank, world, split, data_dir, seed=0, vocab_size=2 ** 16):
-        self.B, self.T, self.rank, self.world, self.split, self.seed = B, T, rank, world, split, seed
-        self.vocab_size = vocab_size
-        self.shards = list_shards(data_dir, split)
+    def __init__(self, cfg, split, ranks=(0, 1)):
+        """cfg's B, T, data_dir and seed; ranks: (this rank, world size)."""
+        self.B, self.T, self.split, self.seed, (self.rank, self.world) = cfg.B, cfg.T, split, cfg.seed, ranks
+        self.vocab_size = min(cfg.vocab_size, EOT + 1)  # padded ids are no tokens: a shard holding one is refused
+        self.shards = list_shards(cfg.data_dir, split)
         self.maps = [load_shard(path) for path in self.shards]  # all opened now: a bad shard fails at start-up
         self.sizes = [len(m) for m in self.maps]
         self.reset()
@@ -1849,12 +1850,11 @@ def start_run(cfg, rank, world, device):
 def open_data(run):
     """The train and val loaders, how many val rows each eval scores, and this rank's HellaSwag examples."""
     cfg, rank, world = run.cfg, run.rank, run.world
-    tokens = min(cfg.vocab_size, EOT + 1)  # padded ids are no tokens: a shard holding one is refused
-    run.train_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "train", cfg.data_dir, cfg.seed, tokens)
+    run.train_loader = DataLoaderLite(cfg, "train", (rank, world))
     if sum(run.train_loader.sizes) < cfg.total_batch_size + 1:
         raise UserError(f"the train shards in {cfg.data_dir!r} hold {sum(run.train_loader.sizes)} tokens, fewer than "
                         f"one step's total_batch_size+1 = {cfg.total_batch_size + 1}; lower --total_batch_size")
-    run.val_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "val", cfg.data_dir, vocab_size=tokens)
+    run.val_loader = DataLoaderLite(cfg, "val", (rank, world))
     run.val_rows = min(cfg.val_tokens // cfg.T, (sum(run.val_loader.sizes) - 1) // cfg.T)
     if run.val_rows == 0:
         raise UserError(f"the val shards in {cfg.data_dir!r} hold fewer than T+1 = {cfg.T + 1} tokens")

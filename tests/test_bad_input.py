@@ -97,7 +97,7 @@ def outcomes(tmp_path_factory):
     cfg = tg.parse_args(TINY + ["--n_layer=1", f"--log_dir={base}"])
     write_shards(str(base / "data"), [4000, 5000, 3000, 4100])
     model = tg.GPT(tg.model_config(dataclasses.asdict(cfg)))
-    loader = tg.DataLoaderLite(cfg.B, cfg.T, 0, 1, "train", str(base / "data"))
+    loader = tg.DataLoaderLite(dataclasses.replace(cfg, data_dir=str(base / "data")), "train")
     tg.save_checkpoint(tg.Run(cfg, model=model, optimizer=tg.build_optimizer(model, cfg, "cpu"),
                               train_loader=loader), 4)
     os.rename(tg.checkpoint_path(str(base), 4), other)

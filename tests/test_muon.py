@@ -58,7 +58,7 @@ def test_muon_takes_exactly_the_blocks_matrices_and_adamw_the_rest():
 
 def test_the_schedule_scales_both_learning_rates(data):
     cfg = tg.parse_args(MUON + ["--muon_lr=2e-2", f"--data_dir={data}"])
-    loader = tg.DataLoaderLite(cfg.B, cfg.T, 0, 1, "train", data)
+    loader = tg.DataLoaderLite(dataclasses.replace(cfg, data_dir=data), "train")
     model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=32))
     optimizer = tg.build_optimizer(model, cfg, "cpu")
     before = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
