@@ -1011,9 +1011,8 @@ def plan_memory(cfg, n_params, world, device, log):
 
 @torch.no_grad()
 def evaluate_loss(model, loader, rows, autocast):
-    """Mean loss over the first `rows` rows of T tokens of the loader's stream, over all ranks. Batches of
-    B rows go to the ranks in turn and the last may be short, so the same tokens are scored, and the same
-    number comes out, on any world size and B."""
+    """Mean loss over the first `rows` rows of T tokens of the loader's stream, over all ranks, batches of B rows
+    dealt to the ranks in turn (the last may be short): the same number on any world size and B."""
     B, T, device = loader.B, loader.T, next(model.parameters()).device
     loader.reset()
     total = torch.zeros(2, dtype=torch.float64)  # summed loss, tokens
@@ -1052,10 +1051,8 @@ def print_samples(model, cfg, autocast, log):
         log(f"sample {i}: {enc.decode(prompt + (row[:row.index(EOT)] if EOT in row else row))!r}")
 
 
-# HellaSwag, scored completion-style as in the GPT-2 reproductions: each of the 4 endings follows the
-# context, and only the ending's tokens are scored. hellaswag.py is the command line around these, and
-# adds the other two metrics.
-
+# HellaSwag, scored completion-style as in the GPT-2 reproductions: each of the 4 endings follows the context, and
+# only the ending's tokens are scored. hellaswag.py is the command line around these, and adds two more metrics.
 HELLA_FIELDS = {  # the fields scoring reads: check, what the check wants
     "ctx": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "endings": (lambda v: isinstance(v, list) and len(v) == 4 and all(isinstance(e, str) for e in v),
@@ -1067,8 +1064,7 @@ HELLA_LSE_ROWS = 8  # rows of logits a CPU turns to fp32 and normalizes at once 
 
 
 def read_hellaswag(path, limit=0):
-    """The examples of a HellaSwag jsonl file (its first `limit` if > 0), checked so that a bad line
-    fails here, by line number and field, and not as a wrong score."""
+    """The examples of a HellaSwag jsonl file (its first `limit` if > 0), checked: a bad line fails here, by line."""
     examples = []
     try:
         with open(path, encoding="utf-8") as f:
@@ -1097,8 +1093,8 @@ def read_hellaswag(path, limit=0):
 
 
 def hellaswag_tokens(examples, block_size):
-    """Per example (context tokens, the 4 endings' tokens, the endings' lengths in characters). Each ending
-    is tokenized with the space that joins it to the context; a context too long for block_size loses its start."""
+    """Per example (context tokens, the 4 endings' tokens with their joining space, endings' lengths in characters);
+    a context too long for block_size loses its start."""
     enc = get_tokenizer()
     data = []
     for i, example in enumerate(examples):
@@ -1126,13 +1122,11 @@ def hellaswag_groups(data, batch_tokens, fixed_shape):
 
 
 def hellaswag_batches(data, batch_tokens, fixed_shape=False):
-    """Batches of whole examples, one right-padded row each: the context, then the 4 endings back to back.
-    Each ending takes the positions that follow the context and attends to the context and to itself only,
-    so the row scores as the 4 texts context + ending would, while the context is computed once. About
-    batch_tokens tokens a batch. Longest examples go first, so that like lengths share a batch (little
-    padding) and memory peaks at once; fixed_shape pads every batch to one shape, so that a compiled model
-    compiles once and never again. Yields (example indices, (tokens, positions, attention mask), (hidden
-    states to project, and per ending token: which of them predicts it, its id, its ending 4 * j + k))."""
+    """Batches of about batch_tokens tokens, one right-padded row per example: the context, then the 4 endings, each
+    at the positions after the context and attending to it and itself only, so the context is computed once.
+    Longest first, so like lengths share a batch and memory peaks at once; fixed_shape: one shape, one compile.
+    Yields (example indices, (tokens, positions, attention mask), (hidden states to project, and per ending token:
+    which of them predicts it, its id, its ending 4 * j + k))."""
     for idx, length, rows in hellaswag_groups(data, batch_tokens, fixed_shape):
         tokens = torch.zeros(rows, length, dtype=torch.long)
         pos = torch.zeros(rows, length, dtype=torch.long)
@@ -1162,10 +1156,9 @@ def hellaswag_batches(data, batch_tokens, fixed_shape=False):
 
 @torch.no_grad()
 def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, forwards=0):
-    """Each example's 4 endings' losses summed over their tokens, as an (N, 4) float64 tensor. Only the hidden
-    states that predict an ending token are projected: the logits of every position would cost most of the
-    time with small models. A sharded model's forward is a collective, so a rank with fewer batches than
-    `forwards` runs the rest on one token."""
+    """(N, 4) float64: each ending's loss summed over its tokens. Only states that predict an ending token are
+    projected (all logits cost most of the time for small models). A sharded forward is a collective: a rank with
+    fewer batches than `forwards` runs the rest on one token."""
     device = next(model.parameters()).device
     losses = torch.zeros(len(data), 4, dtype=torch.float64)
     with autocast:  # one region for all batches, so that autocast casts each weight once, not once a forward
@@ -1191,8 +1184,7 @@ def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, for
 
 
 def training_hellaswag(cfg, world, rank, log):
-    """This rank's share of the HellaSwag examples, tokenized once, and their labels; or None, after one
-    warning, when there is nothing to score: a missing eval must never stop a training run."""
+    """This rank's HellaSwag examples, tokenized, and their labels; or None and a warning: never stops a run."""
     path = cfg.hella_data
     if not path:
         return None
@@ -1213,8 +1205,8 @@ def ending_lengths(data):
 
 
 def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
-    """acc_norm over all ranks' examples, and how many examples that was: the ending with the lowest mean
-    loss per token is the model's pick, as the GPT-2 reproductions score it."""
+    """(acc_norm, examples) over all ranks: the pick is the ending with the lowest mean loss per token."""
+
     device = next(model.parameters()).device
     forwards = 0
     if sharded(model):  # every rank runs the most batches any rank has
@@ -1237,8 +1229,7 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 
 
 def model_config(settings):
-    """The GPTConfig that settings (a dict of them, as a checkpoint holds) describe: the one way from settings to a
-    model."""
+    """The GPTConfig a dict of settings (as a checkpoint holds) describes: the one way from settings to a model."""
     return GPTConfig(**{k: settings[k] for k in MODEL_KEYS}, dropout=settings.get("dropout", 0.0))
 
 DATA_ORDER_KEYS = ("total_batch_size", "seed")  # with the train shards, these fix which tokens each step reads
@@ -1257,14 +1248,12 @@ def list_checkpoints(log_dir):
 
 
 def temp_path(path):
-    """A temp file for path that no other writer uses: named for this host and process, so that a run can
-    tell its own and a live process's temp files from those a killed process left."""
+    """A temp file for path named for this host and process: a live writer's tell from those a killed one left."""
     return f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
 
 
 def remove_stale_temp_files(log_dir):
-    """Deletes the temp files of log_dir whose writer is gone: a process of this host that no longer runs, or
-    a name without a writer, which only versions before writer-named temp files left."""
+    """Deletes log_dir's temp files whose writer is gone: a dead process of this host, or none named (older runs)."""
     for path in glob.glob(os.path.join(log_dir, "*.tmp")):
         m = re.fullmatch(r"(?:.+?\.pt|log\.txt)(?:\.(.+)\.(\d+))?\.tmp", os.path.basename(path))
         if m and (m[1] is None or (m[1] == socket.gethostname() and not process_alive(int(m[2])))):
@@ -1284,9 +1273,8 @@ def process_alive(pid):
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb", **open_args):
-    """A file to write whose contents replace path whole, or not at all, whatever stops the process: a temp file
-    of this host and process (see temp_path), fsynced, renamed over path, and the rename made durable before
-    anything that relies on it (deleting an older checkpoint). On an error the temp file goes and path is as it was.
+    """A file whose contents replace path whole or not at all, whatever stops the process: a temp file (temp_path),
+    fsynced, renamed over path, the rename made durable before anything relies on it (deleting an older checkpoint).
     Every file this project writes for keeps goes through here."""
     tmp = temp_path(path)
     try:
@@ -1326,10 +1314,8 @@ def set_rng_state(rng):
 
 
 def save_checkpoint(run, step):
-    """Writes the run at step to log_dir/model_NNNNNN.pt, then deletes the checkpoints past keep_checkpoints.
-    Every rank calls it: a sharded model's weights and optimizer state are gathered whole on rank 0, which alone
-    writes. What it holds: tensors, numbers, strings, lists and dicts, never an object, so that loading it runs
-    no code (see load_checkpoint)."""
+    """Writes log_dir/model_NNNNNN.pt (rank 0; every rank calls it, to gather a sharded model), then deletes those
+    past keep_checkpoints. It holds only tensors, numbers, strings, lists and dicts: loading it runs no code."""
     cfg = run.cfg
     path = checkpoint_path(cfg.log_dir, step)
     model_state, optimizer_state = full_state_dicts(run.model, run.optimizer)
@@ -1362,9 +1348,8 @@ NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, t
 
 
 def load_checkpoint(path):
-    """The checkpoint at path, checked whole (the zip records' CRCs) and loaded with weights_only: a file that
-    would need code to unpickle (an object's class, a function) is refused, naming what it wanted, and nothing
-    in it runs. Settings added since it was written take their defaults; ones since removed are dropped."""
+    """The checkpoint at path, its CRCs checked, loaded with weights_only: a file that needs code to unpickle is
+    refused, naming what. Settings added since take their defaults; ones since removed are dropped."""
     try:
         with zipfile.ZipFile(path) as z:  # torch.load skips the CRCs torch.save writes, so a flipped bit would load
             bad = z.testzip()
@@ -1387,8 +1372,7 @@ def load_checkpoint(path):
 
 
 def latest_checkpoint(log_dir, warn=print):
-    """(path, checkpoint) of the newest readable checkpoint in log_dir, skipping unreadable ones with a warning;
-    (None, None) when log_dir has none."""
+    """(path, checkpoint) of log_dir's newest readable checkpoint, warning of unreadable ones; (None, None) if none."""
     found = [p for _, p in reversed(list_checkpoints(log_dir))]
     for path in found:
         try:
@@ -1402,16 +1386,14 @@ def latest_checkpoint(log_dir, warn=print):
 
 
 def checkpoint_to_resume(cfg, warn=print):
-    """(path, checkpoint) for --resume: the file it names, or for "auto" the newest readable checkpoint in
-    log_dir, skipping unreadable ones with a warning; (None, None) when log_dir has none yet.
-    A checkpoint whose model shape differs from the run's settings is refused."""
+    """(path, checkpoint) for --resume: the file, or for "auto" latest_checkpoint; refused if the shape differs."""
     if cfg.resume == "auto":
         path, ckpt = latest_checkpoint(cfg.log_dir, warn)
         if path is None:
             return None, None
+    elif not os.path.isfile(cfg.resume):
+        raise UserError(f"--resume={cfg.resume}: no such checkpoint file")
     else:
-        if not os.path.isfile(cfg.resume):
-            raise UserError(f"--resume={cfg.resume}: no such checkpoint file")
         path, ckpt = cfg.resume, load_checkpoint(cfg.resume)
     saved = ckpt["config"]
     diff = ", ".join(f"{k}={saved[k]} (run has {getattr(cfg, k)})" for k in MODEL_KEYS if saved[k] != getattr(cfg, k))
@@ -1425,9 +1407,9 @@ def describe_shards(manifest):
 
 
 def check_resume(run, path, ckpt):
-    """Says what the settings that differ from the checkpoint's do to the run. Those that change which tokens
-    a step reads (DATA_ORDER_KEYS and the train shards) are refused unless named in --allow_changes; the world
-    size and B change nothing; a new schedule is accepted, saying what happens to the learning rate."""
+    """Says what settings that differ from the checkpoint's do. Those that change which tokens a step reads are
+    refused unless in --allow_changes; world size and B change nothing; a new schedule is noted."""
+
     cfg, world, loader, log = run.cfg, run.world, run.train_loader, run.log
     old, step = Settings(**ckpt["config"]), ckpt["step"]
     if old.optimizer != cfg.optimizer:
@@ -1484,9 +1466,8 @@ def unwritable_log_dir(log_dir, error):
 
 @contextlib.contextmanager
 def log_dir_lock(log_dir, rank=0, world=1):
-    """Holds an exclusive lock on log_dir for as long as the run uses it, so that a second launch into the
-    same log_dir exits before it reads or writes anything there. Rank 0 takes it (flock on log_dir/.lock,
-    which the kernel drops if the process dies) and tells the other ranks whether it got it."""
+    """An exclusive lock on log_dir while the run uses it: a second launch into it exits before touching anything.
+    Rank 0 flocks log_dir/.lock (the kernel drops it if the process dies) and tells the other ranks the outcome."""
     fd, refusal = None, ""
     if rank == 0:
         try:
@@ -1514,8 +1495,7 @@ def log_dir_lock(log_dir, rank=0, world=1):
 
 
 def take_lock(path):
-    """The fd of path, exclusively flock-ed and holding who holds it; UserError naming the holder if another
-    process has it."""
+    """The fd of path, exclusively flock-ed, naming who holds it; UserError naming the holder if another has it."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -1540,13 +1520,12 @@ def take_lock(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared with scripts: what sample.py, hellaswag.py, export_hf.py, plot.py and serve.py import: a model from
-# any source, a log's run record, and output-path checks
+# Shared with scripts: what sample.py, hellaswag.py, export_hf.py, plot.py and serve.py import: a model from any
+# source and output-path checks
 
 
 def missing_parent(path):
-    """Why no file can be created at path because of its directory ("" if it can): scripts check an output
-    path before their long work rather than fail at the end."""
+    """Why path's directory lets no file be created there ("" if it does): scripts check before their long work."""
     parent = os.path.dirname(path) or "."
     if os.path.isdir(parent):
         return ""
@@ -1554,8 +1533,8 @@ def missing_parent(path):
 
 
 def local_model_path(spec):
-    """spec with ~ expanded. A spec that is plainly a local path (a .pt file, or starting with ./ ../ / ~) and
-    does not exist is refused here, where load_model would try it as a hub name for half a minute."""
+    """spec with ~ expanded; a missing plainly local path (a .pt file, or ./ ../ / ~) is refused here, where
+    load_model would try it as a hub name for half a minute."""
     path = os.path.expanduser(spec)
     if os.path.exists(path) or not (spec.endswith(".pt") or spec.startswith(("./", "../", "/", "~"))):
         return path
@@ -1565,9 +1544,8 @@ def local_model_path(spec):
 
 
 def load_model(spec):
-    """A GPT in eval mode, fp32 on the CPU, from a train_gpt2.py checkpoint file, a run directory (its newest
-    readable checkpoint), a local Hugging Face directory, or a hub name such as "gpt2-xl": the one way scripts
-    get a model, so all of them share one forward path."""
+    """A GPT in eval mode, fp32 on the CPU, from a checkpoint file, a run directory (its newest readable checkpoint),
+    a local Hugging Face directory, or a hub name ("gpt2-xl"): the one way scripts get a model."""
     spec = local_model_path(spec)
     run_dir = os.path.isdir(spec) and list_checkpoints(spec)
     if run_dir or os.path.isfile(spec):
@@ -1593,9 +1571,8 @@ def load_model(spec):
 
 
 def pretrained_shape(cfg, explicit):
-    """The model settings --init_from fixes: its n_layer, n_head, n_embd and bias; its block_size, which an explicit
-    --block_size may crop; its vocab_size, which may be padded (or unpadded) when both hold GPT-2's tokens. An
-    explicit setting that conflicts is refused."""
+    """The model settings --init_from fixes; an explicit --block_size may crop, vocab_size may (un)pad when both hold
+    GPT-2's tokens. An explicit setting that conflicts is refused."""
     spec = local_model_path(cfg["init_from"])
     if os.path.isfile(spec):
         shape = {k: load_checkpoint(spec)["config"][k] for k in MODEL_KEYS}
@@ -1621,8 +1598,7 @@ def pretrained_shape(cfg, explicit):
 
 
 def load_pretrained(model, spec, log):
-    """Copies --init_from's weights into model, whose settings pretrained_shape made: wpe's first block_size rows,
-    and wte's rows of real tokens, with zeros for any padding."""
+    """Copies --init_from's weights into model (shaped by pretrained_shape), zeros in any padding."""
     source = load_model(spec).state_dict()
     with torch.no_grad():
         for k, v in model.state_dict().items():
@@ -1637,9 +1613,8 @@ def load_pretrained(model, spec, log):
 
 
 class LogFile:
-    """log.txt: the run record, then a `{step} {kind} {value}` line for each train loss, val loss and HellaSwag
-    score, which plot.py draws and a resume keeps. Rewritten at start: a resumed run keeps its record, what
-    happened before the resumed step and the lines a person added."""
+    """log.txt: the run record, then `{step} {kind} {value}` lines (train, val, hella) that plot.py draws. Rewritten
+    at start: a resume keeps the record, the lines before its step and those a person added."""
     KINDS = {"train/loss": "train", "val/loss": "val", "hella/acc_norm": "hella"}
 
     def __init__(self, cfg, start_step, record):
@@ -1666,8 +1641,9 @@ class LogFile:
 
 
 class RunLog:
-    """What a run says, on rank 0 only: a console line, run.log("..."), and metrics, run.log.metrics(step,
-    {"train/loss": ...}), which every sink records: log.txt once open_log has opened it, and any tracker."""
+    """What a run says, on rank 0 only: lines, run.log("..."), and metrics, run.log.metrics(step, {"train/loss": ...}),
+    which every sink (log.txt, a tracker) records."""
+
 
     def __init__(self, rank):
         self.quiet, self.sinks = rank != 0, []
@@ -1724,13 +1700,11 @@ def is_master():
 
 @contextlib.contextmanager
 def distributed(cfg):
-    """(rank, world, device) of this process. Under torchrun the process group lives as long as the process, which
-    ends here, whatever ended the run: once every rank is past its last collective and rank 0 has written its
-    checkpoint (a rank that left earlier could abort another's collective), it reports how the run ended and exits
-    without tearing the group down. Tearing it down cannot be made safe: the last reference to a gloo group, freed
-    from Python with the GIL held, joins the group's worker threads, and a worker still freeing its last collective
-    needs the GIL to do so, so the two wait on each other forever (seen under load: a finished rank that never
-    exited). Ending the process joins no thread; the kernel closes the group's sockets."""
+    """(rank, world, device). Under torchrun the process ends here, whatever ended the run: once every rank is past
+    its last collective and rank 0 has written its checkpoint (a rank leaving earlier could abort another's
+    collective), it reports how the run ended and exits without tearing the group down. That cannot be made safe:
+    freeing a gloo group's last reference with the GIL held joins its worker threads, and a worker still freeing its
+    last collective needs the GIL, so both wait forever (seen under load). Exiting joins no thread."""
     ddp = "RANK" in os.environ  # set by torchrun
     env = {"RANK": 0, "LOCAL_RANK": 0, "WORLD_SIZE": 1, **os.environ}
     rank, local_rank, world = (int(env[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -1866,10 +1840,8 @@ def restore(run, path, ckpt):
 
 
 def wrap_model(run):
-    """The model the step trains and the one the evals run: compiled if asked, and the step's in DDP under
-    torchrun. Evals skip DDP's wrapper: ranks run different batch counts there, with no collective. No compile
-    on mps: inductor's Metal backend is a prototype in torch 2.x, slower than eager for this model where it
-    works, and it fails on some of its ops."""
+    """The model the step trains (compiled if asked, in DDP under torchrun) and the evals' (no DDP: ranks run unequal
+    batches). No compile on mps: inductor's Metal backend, a prototype, is slower here or fails on some ops."""
     cfg, device = run.cfg, run.device
     if cfg.compile and device.startswith("mps"):
         run.log("note: no torch.compile on mps; the model runs eagerly")
@@ -1882,9 +1854,8 @@ def wrap_model(run):
 
 
 class CompiledOrEager(nn.Module):
-    """torch.compile(model), its forward and hidden_states, until a compiled call raises (no C++ compiler, no
-    Triton, Windows): then one warning, and the model runs eagerly from that call on, with the same maths. Other
-    attributes are model's."""
+    """torch.compile(model)'s forward and hidden_states until a compiled call raises (no C++ compiler, no Triton,
+    Windows); then one warning, and eager from then on. Other attributes are model's."""
 
     def __init__(self, model, log):
         super().__init__()
@@ -1919,7 +1890,7 @@ class CompiledOrEager(nn.Module):
 
 
 def open_log(run):
-    """log.txt on rank 0, its first line the run's record: what a reader or a plot needs months later."""
+    """log.txt on rank 0, its first line the run's record: what a reader or plot needs months later."""
     if run.rank == 0:
         record = {"settings": dataclasses.asdict(run.cfg), "params": run.model.num_params(), "world": run.world,
                   "device": run.device, "torch": torch.__version__, "git": git_commit()}
@@ -1955,14 +1926,10 @@ def run_evals(run, step):
 
 
 def train_step(run, lr):
-    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as floats.
-    When either is not finite the update is skipped, so a bad batch never reaches the weights; all ranks
-    agree on that, as the loss is all-reduced and the norm is taken from all-reduced gradients. In float16 the
-    scaler (see grad_scaler) multiplies the loss before backward and divides the gradients before the norm is
-    taken and clipped; on inf gradients it lowers its scale. model may be compiled and/or wrapped in DDP, or
-    sharded: FSDP2 then reduce-scatters the gradients and frees the gathered weights only after the last
-    micro-step, unless run.reshard_each_micro_step (plan_memory: whole weights and gradients would not fit) asks
-    for every one."""
+    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as floats. If either is
+    not finite the update is skipped, on all ranks alike (the loss is all-reduced, the norm from reduced gradients).
+    Sharded, FSDP2 reduce-scatters the gradients and frees the gathered weights after the last micro-step only,
+    unless run.reshard_each_micro_step (plan_memory) asks for each."""
     model, optimizer, scaler, accum = run.trained, run.optimizer, run.scaler, run.grad_accum_steps
     ddp, fsdp = isinstance(model, nn.parallel.DistributedDataParallel), sharded(model)
     optimizer.zero_grad(set_to_none=True)
@@ -2018,9 +1985,8 @@ def log_step(run, step, loss, norm, lr, dt):
 
 
 def count_bad_step(run, step, loss, norm):
-    """Counts the step if its loss or gradient norm was not finite (it was skipped, not applied); stops the run
-    with advice once more than max_bad_steps were. With a gradient scaler, inf gradients are not bad: the scaler
-    skips such steps as it searches for its scale; a non-finite loss still is."""
+    """Counts a skipped step (non-finite loss or norm; a scaler's inf gradients are its search, not bad); stops the
+    run with advice past max_bad_steps."""
     cfg = run.cfg
     run.bad_steps += not math.isfinite(loss) or not (run.scaler.is_enabled() or math.isfinite(norm))
     if run.bad_steps > cfg.max_bad_steps:
@@ -2032,8 +1998,8 @@ def count_bad_step(run, step, loss, norm):
 
 
 def catch_stop_signals(run):
-    """SIGTERM and SIGUSR1 (what SLURM and cloud schedulers send before a kill) only note that the run
-    should stop; the training loop then finishes its step, writes a checkpoint and exits."""
+    """SIGTERM and SIGUSR1 (sent by SLURM and clouds before a kill) note a stop; the loop checkpoints and exits."""
+
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: run.stop_signals.append(signal.Signals(signum).name))
 
