@@ -161,7 +161,6 @@ def parse_args(argv):
             if kind is bool and value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError
             given[name] = value.lower() in ("true", "1") if kind is bool else kind(value)
-
         except ValueError:
             want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
             raise UserError(f"--{name}={value}: expected {want} (default {SETTINGS[name]!r})") from None
@@ -571,7 +570,6 @@ class DataLoaderLite:
 
     def walk(self, skip, n):
         """The (epoch, shard index, token) `skip` tokens on, and the (shard, start, count) pieces of the n after it."""
-
         epoch, shard, pos = self.epoch, self.shard, self.pos + skip
         order = self.order(epoch)
         pieces, where = [], None
@@ -727,7 +725,6 @@ def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
 def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
     """FLOP/s of square matmuls in dtype, up to n wide: from 256, wider while one takes under a 20th of the time, as
     a dtype the CPU only emulates (float16 on most) can run at under 1 GFLOP/s."""
-
     size = 256
     gen = torch.Generator().manual_seed(0)  # not the global one: a resumed run's dropout must follow the saved state
     while True:
@@ -816,7 +813,6 @@ class Muon(ScheduledLR):
 
     def load_state_dict(self, state):
         """Both states, keeping this run's hyperparameters (torch takes the checkpoint's): a resume may change them."""
-
         for name, optimizer in (("adamw", self.adamw), ("muon", self.muon)):
             settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             optimizer.load_state_dict(state[name])
@@ -929,7 +925,6 @@ def plan_memory(cfg, n_params, world, device, log):
     capacity = device_memory(device)  # 10% is left for the CUDA context, fragmentation and NCCL's buffers
     fits = lambda c, w=world, lean=True: capacity is None or sum(estimate_memory(c, n_params, w, lean).values()) < (
         0.9 * capacity)
-
     lean = cfg.fsdp and not fits(cfg, lean=False)
     parts = estimate_memory(cfg, n_params, world, lean)
     gb = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
@@ -1140,7 +1135,6 @@ def ending_lengths(data):
 
 def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
     """(acc_norm, examples) over all ranks: the pick is the ending with the lowest mean loss per token."""
-
     device = next(model.parameters()).device
     forwards = 0
     if sharded(model):  # every rank runs the most batches any rank has
@@ -1326,7 +1320,6 @@ def describe_shards(manifest):
 def check_resume(run, path, ckpt):
     """Says what settings that differ from the checkpoint's do. Those that change which tokens a step reads are
     refused unless in --allow_changes; world size and B change nothing; a new schedule is noted."""
-
     cfg, world, loader, log = run.cfg, run.world, run.train_loader, run.log
     old, step = Settings(**ckpt["config"]), ckpt["step"]
     if old.optimizer != cfg.optimizer:
@@ -1881,7 +1874,6 @@ def count_bad_step(run, step, loss, norm):
 
 def catch_stop_signals(run):
     """SIGTERM and SIGUSR1 (sent by SLURM and clouds before a kill) note a stop; the loop checkpoints and exits."""
-
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: run.stop_signals.append(signal.Signals(signum).name))
 
