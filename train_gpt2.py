@@ -124,17 +124,12 @@ SETTING_PRESETS = {
                        compile=False, n_layer=4, n_head=4, n_embd=128, block_size=128, hella_data=""),
     # Fine-tune GPT-2 on your own text (prepare_fineweb.py --data_files=input.txt --out_dir=... first).
     "finetune": dict(
-        init_from="gpt2",           # the shape (n_layer, n_head, n_embd) comes from it too: --init_from=gpt2-xl
-        log_dir="log_finetune",
-        max_lr=3e-5, min_lr=3e-5,   # constant and small: the weights are already good, a large step undoes them
-        warmup_steps=0,             # no warmup: nothing to protect from a random init's large early gradients
-        total_batch_size=32768,     # 32 rows of 1024: a small corpus gives many steps, not a few huge ones
-        B=4, max_steps=200,         # ~6.5M tokens: a few epochs of a ~1M-token text
-        eval_interval=20,           # a small corpus overfits within tens of steps: watch val loss closely
-        val_tokens=65536,           # a val split of a small text is small; 10% of 650K tokens
-        checkpoint_interval=200,    # once, at the end; --resume=auto continues from it
-        dropout=0.1,                # as GPT-2 was trained: it slows overfitting a small text
-        hella_data=""),             # HellaSwag measures GPT-2's general English, not your text
+        init_from="gpt2", log_dir="log_finetune",    # the shape comes from it too: --init_from=gpt2-xl
+        max_lr=3e-5, min_lr=3e-5, warmup_steps=0,    # constant, small, no warmup: the weights are already good
+        total_batch_size=32768, B=4, max_steps=200,  # 32 rows of 1024, so many steps; ~6.5M tokens, a few epochs
+        eval_interval=20, val_tokens=65536,          # a small text overfits within tens of steps; a small val split
+        checkpoint_interval=200, dropout=0.1,        # one checkpoint, at the end; dropout as GPT-2's slows overfitting
+        hella_data=""),                              # HellaSwag measures GPT-2's general English, not your text
 }
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -262,10 +257,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     """F.cross_entropy(x @ weight[:tokens].T, targets) (mean; targets real ids), LOSS_CHUNK_ROWS rows at a time in
     `dtype` with fp32 softmax, never holding all B*T x vocab logits (13 GB in fp32 at B=64, T=1024). Rows past
     `tokens` pad the vocabulary: in the matmul for its fast shape, with -inf logits and exactly zero gradient.
-    The forward computes both gradients (the backward only scales them) as sums over rows, the weight's in fp32,
-    divided by the row count n only in fp32: at GPT-2's 65,536 rows, (softmax - onehot) / n lies below float16's
-    smallest normal and would round to zero before the scaler's factor, which comes only in the backward, could
-    lift it."""
+    The forward computes both gradients (the backward only scales them) as sums over rows, divided by the row
+    count n only in fp32: at GPT-2's 65,536 rows, (softmax - onehot) / n is below float16's smallest normal and
+    would round to zero before the scaler's factor, which comes only in the backward, could lift it."""
     @staticmethod
     def forward(ctx, x, weight, targets, dtype, tokens=None):
         n, need_grad = x.size(0), any(ctx.needs_input_grad[:2])
@@ -638,26 +632,20 @@ def native_bf16(device_type):
     return False
 
 def cpu_flags():
-    """The CPU's feature flags as Linux lists them (an empty set elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             return {flag for line in f if line.startswith(("flags", "Features")) for flag in line.split(":")[1].split()}
     except OSError:
         return set()
 
-def choose_dtype(device_type, bf16):
-    """dtype="auto": bf16 where native, else float16 (with a gradient scaler) on a GPU, else float32 on a CPU, where
-    emulated half precision is slower than fp32."""
-    if bf16:
-        return "bfloat16"
-    return "float16" if device_type in ("cuda", "mps") else "float32"
-
 def resolve_dtype(setting, device_type, log=print):
-    """The dtype the run trains in, said once."""
-    dtype = choose_dtype(device_type, native_bf16(device_type)) if setting == "auto" else setting
-    how = f"auto: {'native' if dtype == 'bfloat16' else 'no native'} bf16 on this {device_type}" \
-        if setting == "auto" else "as set"
-    log(f"dtype {dtype} ({how})")
+    """The dtype the run trains in, said once. auto: bf16 where native, else float16 (with a gradient scaler) on a
+    GPU, else float32 on a CPU, where emulated half precision is slower than fp32."""
+    if setting != "auto":
+        log(f"dtype {setting} (as set)")
+        return setting
+    dtype = "bfloat16" if native_bf16(device_type) else "float16" if device_type in ("cuda", "mps") else "float32"
+    log(f"dtype {dtype} (auto: {'native' if dtype == 'bfloat16' else 'no native'} bf16 on this {device_type})")
     return dtype
 
 def autocast_context(device_type, dtype):
@@ -739,11 +727,6 @@ def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
         a @ b
         count += 1
     return 2 * size ** 3 * count / (time.perf_counter() - t0)
-
-def step_time_at_peak(model, cfg, world, device):
-    """Seconds an optimizer step would take at every rank's peak FLOP/s, what MFU divides; None if unknown."""
-    peak = device_peak_flops(device.split(":")[0], cfg.peak_flops, cfg.dtype)
-    return flops_per_token(model, cfg.T) * cfg.total_batch_size / (peak * world) if peak else None
 
 def flops_per_token(model, T):
     """6N for the matmuls of forward and backward plus causal attention's 6*n_layer*n_embd*T."""
@@ -1733,7 +1716,8 @@ def wrap_model(run):
     if dist.is_initialized() and not sharded(run.model):  # FSDP2 reduces the gradients itself
         run.trained = nn.parallel.DistributedDataParallel(
             compiled, device_ids=[device] if device.startswith("cuda") else None)
-    run.peak_step_time = step_time_at_peak(run.model, cfg, run.world, device)
+    peak = device_peak_flops(device.split(":")[0], cfg.peak_flops, cfg.dtype)  # MFU: a step's time at peak / dt
+    run.peak_step_time = flops_per_token(run.model, cfg.T) * cfg.total_batch_size / (peak * run.world) if peak else None
 
 class CompiledOrEager(nn.Module):
     """torch.compile(model)'s forward and hidden_states until a compiled call raises (no C++ compiler, no Triton,
