@@ -255,11 +255,11 @@ LOSS_CHUNK_ROWS = 2048
 
 class LinearCrossEntropy(torch.autograd.Function):
     """F.cross_entropy(x @ weight[:tokens].T, targets) (mean; targets real ids), LOSS_CHUNK_ROWS rows at a time in
-    `dtype` with fp32 softmax, never holding all B*T x vocab logits (13 GB in fp32 at B=64, T=1024). Rows past
-    `tokens` pad the vocabulary: in the matmul for its fast shape, with -inf logits and exactly zero gradient.
-    The forward computes both gradients (the backward only scales them) as sums over rows, divided by the row
-    count n only in fp32: at GPT-2's 65,536 rows, (softmax - onehot) / n is below float16's smallest normal and
-    would round to zero before the scaler's factor, which comes only in the backward, could lift it."""
+    `dtype` with fp32 softmax, never holding all B*T x vocab logits (13 GB in fp32 at B=64, T=1024); rows past `tokens`
+    pad the vocabulary, with -inf logits and exactly zero gradient. The forward computes both gradients as sums over
+    rows; the backward divides them by the row count n, in fp32: at GPT-2's 65,536 rows, (softmax - onehot) / n is below
+    float16's smallest normal and would round to zero before the scaler's factor, which arrives only in the backward,
+    could lift it."""
     @staticmethod
     def forward(ctx, x, weight, targets, dtype, tokens=None):
         n, need_grad = x.size(0), any(ctx.needs_input_grad[:2])
@@ -369,8 +369,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Continues each row of idx (B, T) by max_new_tokens tokens drawn at temperature, among the top_k if given.
-        Each token reruns the whole window: fine for training's few samples; inference.py has a KV cache."""
+        """Continues each row of idx (B, T) by max_new_tokens tokens sampled at temperature, among the top_k if given;
+        each token reruns the window (inference.py has a KV cache)."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :EOT + 1].float() / temperature  # ids past GPT-2's 50257 pad the vocabulary
@@ -519,11 +519,9 @@ def list_shards(data_dir, split):
 
 class DataLoaderLite:
     """(x, y) micro-batches (B, T) from one split's token stream: its shards end to end, epoch after epoch, the train
-    shards re-permuted each epoch by seed (val keeps file order); a batch may span two shards, or two epochs.
-    Each group step takes the stream's next B*T*world tokens, rank r the r-th B*T (and one more, the last target),
-    so an optimizer step reads the same tokens in the same order whatever B and the world size: only which rank and
-    micro-step computes each row changes. The state is where the next group step starts: (epoch, shard index in
-    that epoch's order, token). A token >= vocab_size stops the run naming its shard."""
+    shards re-permuted each epoch by seed. Each group step takes the next B*T*world tokens, rank r the r-th B*T (and the
+    last target), so a step reads the same tokens in the same order whatever B and the world size. The state: (epoch,
+    shard index in that epoch's order, token) of the next group step."""
 
     def __init__(self, cfg, split, ranks=(0, 1)):
         """cfg's B, T, data_dir and seed; ranks: (this rank, world size)."""
@@ -535,7 +533,7 @@ class DataLoaderLite:
         self.reset()
 
     def manifest(self):
-        """[(file name, tokens)] of the shards: what a checkpoint records of the data it was trained on."""
+        """[(file name, tokens)] of the shards: what a checkpoint records of its data."""
         return [(os.path.basename(path), n) for path, n in zip(self.shards, self.sizes)]
 
     def order(self, epoch):
@@ -621,8 +619,8 @@ def pick_device(requested, local_rank=0):
     return "cpu"
 
 def native_bf16(device_type):
-    """Whether the device runs bf16 matmuls in hardware; torch.cuda.is_bf16_supported() counts emulation, so says
-    yes on a T4 or V100, where bf16 runs slower than fp32 (pytorch#148322)."""
+    """Whether the device runs bf16 matmuls in hardware; torch.cuda.is_bf16_supported() counts emulation: yes on a T4 or
+    V100, where bf16 is slower than fp32 (pytorch#148322)."""
     if device_type == "cuda":
         return torch.cuda.get_device_capability() >= (8, 0)  # Ampere and later
     if device_type == "mps":
@@ -639,8 +637,8 @@ def cpu_flags():
         return set()
 
 def resolve_dtype(setting, device_type, log=print):
-    """The dtype the run trains in, said once. auto: bf16 where native, else float16 (with a gradient scaler) on a
-    GPU, else float32 on a CPU, where emulated half precision is slower than fp32."""
+    """The dtype the run trains in, said once. auto: bf16 where native, else float16 (with a gradient scaler) on a GPU,
+    else float32, as a CPU emulates half precision slower than fp32."""
     if setting != "auto":
         log(f"dtype {setting} (as set)")
         return setting
@@ -653,13 +651,13 @@ def autocast_context(device_type, dtype):
     return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, getattr(torch, dtype))
 
 def grad_scaler(device_type, dtype):
-    """float16 holds nothing below 6e-8: the loss is scaled up before backward and the gradients down before clipping,
-    the scale halved on inf gradients (the step skipped), doubled after 2000 clean steps. A no-op for other dtypes."""
+    """float16 keeps nothing below 6e-8, so its scaler scales the loss up and the gradients down before clipping; a
+    no-op for other dtypes."""
     return torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 
 def tune_allocator():
-    """PyTorch frees and re-allocates the same large CPU buffers every step; glibc hands each back to the kernel and
-    the next step page-faults through fresh zeroed pages (up to half a CPU step). Keep big buffers in the heap."""
+    """glibc hands PyTorch's large freed CPU buffers back to the kernel, and the next step page-faults through fresh
+    zeroed pages (up to half a CPU step): keep big buffers and freed memory in the heap."""
     with contextlib.suppress(OSError):  # not glibc (macOS, musl): nothing to tune
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 2**31 - 1)  # M_MMAP_THRESHOLD (a C int): take buffers up to 2 GiB from the heap
@@ -667,13 +665,13 @@ def tune_allocator():
         libc.mallopt(-2, 2**30)  # M_TOP_PAD: grow it 1 GiB at a time
 
 def use_fused_adamw(device_type):
-    """The fused AdamW kernel updates every parameter in one launch; PyTorch has it for CUDA, CPU and MPS."""
+    """PyTorch has the fused AdamW kernel (all parameters in one launch) for CUDA, CPU and MPS."""
     return device_type in ("cuda", "cpu", "mps")
 
 def get_lr(it, cfg):
-    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps; or (wsd) max_lr until the last decay_frac of
-    max_steps, which decay linearly to min_lr, so a wsd run can be lengthened while at max_lr. Linear as in
-    modded-nanogpt: Hägele et al. (2024) found a 20% linear cooldown matches cosine, (1 - sqrt) slightly better."""
+    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps; or (wsd) max_lr, then linear decay over the
+    last decay_frac of max_steps, so a wsd run can be lengthened while at max_lr (Hägele et al. 2024: a 20% linear
+    cooldown matches cosine)."""
     if it < cfg.warmup_steps:
         return cfg.max_lr * (it + 1) / cfg.warmup_steps
     if it >= cfg.max_steps:
@@ -711,8 +709,8 @@ def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
     return None
 
 def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
-    """FLOP/s of square matmuls in dtype, up to n wide: from 256, wider while one takes under a 20th of the time, as
-    a dtype the CPU only emulates (float16 on most) can run at under 1 GFLOP/s."""
+    """FLOP/s of square matmuls in dtype, from 256 wide, doubling up to n while one takes under a 20th of the time: an
+    emulated dtype can run at under 1 GFLOP/s."""
     size = 256
     gen = torch.Generator().manual_seed(0)  # not the global one: a resumed run's dropout must follow the saved state
     while True:
@@ -756,7 +754,7 @@ class AdamW(ScheduledLR, torch.optim.AdamW):
 
     @staticmethod
     def state_bytes(cfg, n_params):
-        """Bytes of optimizer state for n_params parameters: two fp32 moments each."""
+        """Two fp32 moments per parameter."""
         return 8 * n_params
 
     @staticmethod
@@ -765,10 +763,9 @@ class AdamW(ScheduledLR, torch.optim.AdamW):
         return ""
 
 class Muon(ScheduledLR):
-    """Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest (wte/lm_head, wpe, biases, gains), as one
-    optimizer. adjust_lr_fn="match_rms_adamw" scales each orthogonalized update to a typical AdamW update's RMS
-    (Moonshot's "Muon is Scalable for LLM Training"), so AdamW's tuned lr and weight decay carry over; Keller
-    Jordan's "original" scaling wants its own (0.02-0.05 in modded-nanogpt) and a retuned weight decay."""
+    """Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest, as one optimizer. adjust_lr_fn="match_rms_adamw"
+    scales each update to a typical AdamW update's RMS (Moonshot's "Muon is Scalable for LLM Training"), so AdamW's lr
+    and weight decay carry over; Keller Jordan's "original" scaling wants its own (0.02-0.05 in modded-nanogpt)."""
     shardable = False  # it orthogonalizes whole matrices: a rank's shard alone would get a different update
 
     def __init__(self, model, cfg, device_type):
@@ -829,9 +826,9 @@ def sharded(model):
     return isinstance(model.compiled._orig_mod if isinstance(model, CompiledOrEager) else model, FSDPModule)
 
 def shard_model(model, device):
-    """FSDP2 over all ranks, each block one unit (gathered just before it runs, freed after), the root another.
-    Weights stay fp32 for autocast to cast, so the maths matches a DDP run's; a MixedPrecisionPolicy(bfloat16) would
-    halve what an all-gather moves but keep the residual stream in bf16."""
+    """FSDP2 over all ranks, each block one unit (gathered just before it runs, freed after), the root another. Weights
+    stay fp32 for autocast, as under DDP: a MixedPrecisionPolicy(bfloat16) would halve all-gathers but keep the residual
+    stream in bf16."""
     mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
@@ -839,8 +836,8 @@ def shard_model(model, device):
     register_fsdp_forward_method(model, "hidden_states")  # so that the root gathers its weights for HellaSwag too
 
 def full_state_dicts(model, optimizer):
-    """(model, optimizer) plain state dicts, when sharded gathered whole to rank 0's CPU a tensor at a time (a
-    collective; other ranks get empty dicts), so a checkpoint resumes with or without FSDP, on any world size."""
+    """Plain (model, optimizer) state dicts; sharded, gathered whole to rank 0's CPU a tensor at a time (others get
+    empty dicts), so a checkpoint resumes with or without FSDP, on any world size."""
     if not sharded(model):
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
@@ -880,8 +877,8 @@ def whole_model(model, dtype):
     return model_from_state(model.config, state, next(model.parameters()).device, getattr(torch, dtype)).eval()
 
 def estimate_memory(cfg, n_params, world, lean=True):
-    """Bytes per rank a training step needs at its peak, by part. lean: an FSDP run reduce-scatters gradients at every
-    micro-step, rather than hold whole weights and gradients between them (see train_step)."""
+    """Bytes per rank a step needs at its peak, by part. lean: FSDP reduce-scatters at every micro-step rather than hold
+    whole weights and gradients between them."""
     C, L, V, bt = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.B * cfg.T
     size = 4 if cfg.dtype in ("float32", "auto") else 2
     shard = world if cfg.fsdp else 1
@@ -933,8 +930,8 @@ def plan_memory(cfg, n_params, world, device, log):
 
 @torch.no_grad()
 def evaluate_loss(model, loader, rows, autocast):
-    """Mean loss over the first `rows` rows of T tokens of the loader's stream, over all ranks, batches of B rows
-    dealt to the ranks in turn (the last may be short): the same number on any world size and B."""
+    """Mean loss over the stream's first `rows` rows of T tokens, dealt to the ranks B rows at a time: the same on any
+    world size and B."""
     B, T, device = loader.B, loader.T, next(model.parameters()).device
     loader.reset()
     total = torch.zeros(2, dtype=torch.float64)  # summed loss, tokens
@@ -1011,8 +1008,8 @@ def read_hellaswag(path, limit=0):
     return examples
 
 def hellaswag_tokens(examples, block_size):
-    """Per example (context tokens, the 4 endings' tokens with their joining space, endings' lengths in characters);
-    a context too long for block_size loses its start."""
+    """Per example (context tokens, each ending's tokens with its joining space, endings' lengths in characters); a
+    context too long for block_size loses its start."""
     enc = get_tokenizer()
     data = []
     for i, example in enumerate(examples):
@@ -1038,11 +1035,11 @@ def hellaswag_groups(data, batch_tokens, fixed_shape):
     return groups
 
 def hellaswag_batches(data, batch_tokens, fixed_shape=False):
-    """Batches of about batch_tokens tokens, one right-padded row per example: the context, then the 4 endings, each
-    at the positions after the context and attending to it and itself only, so the context is computed once.
-    Longest first, so like lengths share a batch and memory peaks at once; fixed_shape: one shape, one compile.
-    Yields (example indices, (tokens, positions, attention mask), (hidden states to project, and per ending token:
-    which of them predicts it, its id, its ending 4 * j + k))."""
+    """Batches of about batch_tokens tokens, a right-padded row per example: the context, then the 4 endings, each at
+    the positions after the context and attending to it and itself only, so the context is computed once. Longest first,
+    so like lengths share a batch and memory peaks at once; fixed_shape: one shape, one compile. Yields (indices,
+    (tokens, positions, mask), (states to project, and per ending token: which predicts it, its id, its ending 4 * j +
+    k))."""
     for idx, length, rows in hellaswag_groups(data, batch_tokens, fixed_shape):
         tokens = torch.zeros(rows, length, dtype=torch.long)
         pos = torch.zeros(rows, length, dtype=torch.long)
@@ -1071,9 +1068,9 @@ def hellaswag_batches(data, batch_tokens, fixed_shape=False):
 
 @torch.no_grad()
 def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, forwards=0):
-    """(N, 4) float64: each ending's loss summed over its tokens. Only states that predict an ending token are
-    projected (all logits cost most of the time for small models). A sharded forward is a collective: a rank with
-    fewer batches than `forwards` runs the rest on one token."""
+    """(N, 4) float64: each ending's summed loss. Only states predicting an ending token are projected (all logits
+    cost most of the time for small models); sharded, a rank with fewer batches than `forwards` runs the rest on one
+    token."""
     device = next(model.parameters()).device
     losses = torch.zeros(len(data), 4, dtype=torch.float64)
     with autocast:  # one region for all batches, so that autocast casts each weight once, not once a forward
@@ -1176,9 +1173,9 @@ def process_alive(pid):
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb", **open_args):
-    """A file whose contents replace path whole or not at all, whatever stops the process: a temp file (temp_path),
-    fsynced, renamed over path, the rename made durable before anything relies on it (deleting an older checkpoint).
-    Every file this project writes for keeps goes through here."""
+    """Replaces path whole or not at all, whatever stops the process: a temp file, fsynced, renamed over path, the
+    rename made durable before anything relies on it (deleting an older checkpoint). Every file kept goes through
+    here."""
     tmp = temp_path(path)
     try:
         with open(tmp, mode, **open_args) as f:
@@ -1197,7 +1194,7 @@ def atomic_write(path, mode="wb", **open_args):
         os.close(dir_fd)
 
 def rng_state():
-    """Every random generator's state, as the tensors, numbers and lists a checkpoint may hold."""
+    """Every random generator's state, as the types a checkpoint may hold."""
     name, keys, *rest = np.random.get_state()
     return {"python": random.getstate(), "numpy": [name, keys.tolist(), *rest], "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -1214,8 +1211,8 @@ def set_rng_state(rng):
         torch.mps.set_rng_state(rng["mps"])
 
 def save_checkpoint(run, step):
-    """Writes log_dir/model_NNNNNN.pt (rank 0; every rank calls it, to gather a sharded model), then deletes those
-    past keep_checkpoints. It holds only tensors, numbers, strings, lists and dicts: loading it runs no code."""
+    """Writes log_dir/model_NNNNNN.pt on rank 0 (every rank calls it, to gather a sharded model), then deletes those
+    past keep_checkpoints. Only tensors, numbers, strings, lists and dicts: loading it runs no code."""
     cfg = run.cfg
     path = checkpoint_path(cfg.log_dir, step)
     model_state, optimizer_state = full_state_dicts(run.model, run.optimizer)
@@ -1246,8 +1243,8 @@ NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, t
                        (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]  # numpy 1.x's name
 
 def load_checkpoint(path):
-    """The checkpoint at path, its CRCs checked, loaded with weights_only: a file that needs code to unpickle is
-    refused, naming what. Settings added since take their defaults; ones since removed are dropped."""
+    """The checkpoint at path, CRCs checked, loaded weights_only: a file that needs code is refused, naming what.
+    Settings added since take their defaults; removed ones are dropped."""
     try:
         with zipfile.ZipFile(path) as z:  # torch.load skips the CRCs torch.save writes, so a flipped bit would load
             bad = z.testzip()
@@ -1301,8 +1298,7 @@ def describe_shards(manifest):
     return f"{len(manifest)} train shards of {sum(n for _, n in manifest)} tokens"
 
 def check_resume(run, path, ckpt):
-    """Says what settings that differ from the checkpoint's do. Those that change which tokens a step reads are
-    refused unless in --allow_changes; world size and B change nothing; a new schedule is noted."""
+    """Notes what settings that differ from the checkpoint's do; refuses a data-order change not in --allow_changes."""
     cfg, world, loader, log = run.cfg, run.world, run.train_loader, run.log
     old, step = Settings(**ckpt["config"]), ckpt["step"]
     if old.optimizer != cfg.optimizer:
@@ -1354,8 +1350,8 @@ def unwritable_log_dir(log_dir, error):
 
 @contextlib.contextmanager
 def log_dir_lock(log_dir, rank=0, world=1):
-    """An exclusive lock on log_dir while the run uses it: a second launch into it exits before touching anything.
-    Rank 0 flocks log_dir/.lock (the kernel drops it if the process dies) and tells the other ranks the outcome."""
+    """Rank 0 flocks log_dir/.lock (dropped by the kernel if the process dies) while the run lasts, so a second launch
+    into log_dir exits before touching it; every rank learns the outcome."""
     fd, refusal = None, ""
     if rank == 0:
         try:
@@ -1382,7 +1378,7 @@ def log_dir_lock(log_dir, rank=0, world=1):
             os.close(fd)
 
 def take_lock(path):
-    """The fd of path, exclusively flock-ed, naming who holds it; UserError naming the holder if another has it."""
+    """The fd of path, exclusively flock-ed and naming this process; UserError naming the holder if another has it."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -1417,8 +1413,8 @@ def missing_parent(path):
     return f"{parent} is not a directory" if os.path.exists(parent) else f"no directory {parent}"
 
 def local_model_path(spec):
-    """spec with ~ expanded; a missing plainly local path (a .pt file, or ./ ../ / ~) is refused here, where
-    load_model would try it as a hub name for half a minute."""
+    """spec, ~ expanded; a missing plainly local path (.pt, ./ ../ / ~) is refused here: load_model would try it as a
+    hub name for half a minute."""
     path = os.path.expanduser(spec)
     if os.path.exists(path) or not (spec.endswith(".pt") or spec.startswith(("./", "../", "/", "~"))):
         return path
@@ -1427,8 +1423,8 @@ def local_model_path(spec):
     raise UserError(f"--model={spec}: no such file or directory; {hint}")
 
 def load_model(spec):
-    """A GPT in eval mode, fp32 on the CPU, from a checkpoint file, a run directory (its newest readable checkpoint),
-    a local Hugging Face directory, or a hub name ("gpt2-xl"): the one way scripts get a model."""
+    """An eval-mode fp32 CPU GPT from a checkpoint, a run directory (its newest), a Hugging Face directory or a hub name
+    ("gpt2-xl"): the one way scripts get a model."""
     spec = local_model_path(spec)
     run_dir = os.path.isdir(spec) and list_checkpoints(spec)
     if run_dir or os.path.isfile(spec):
@@ -1453,8 +1449,8 @@ def load_model(spec):
     return model.eval()
 
 def pretrained_shape(cfg, explicit):
-    """The model settings --init_from fixes; an explicit --block_size may crop, vocab_size may (un)pad when both hold
-    GPT-2's tokens. An explicit setting that conflicts is refused."""
+    """The model settings --init_from fixes (an explicit --block_size may crop it, vocab_size pad it); a conflicting
+    explicit setting is refused."""
     spec = local_model_path(cfg["init_from"])
     if os.path.isfile(spec):
         shape = {k: load_checkpoint(spec)["config"][k] for k in MODEL_KEYS}
@@ -1492,8 +1488,8 @@ def load_pretrained(model, spec, log):
 # The run log: console lines and metrics. log.txt is its first sink; a tracker is another sink beside it.
 
 class LogFile:
-    """log.txt: the run record, then `{step} {kind} {value}` lines (train, val, hella) that plot.py draws. Rewritten
-    at start: a resume keeps the record, the lines before its step and those a person added."""
+    """log.txt: the run record, then `{step} {kind} {value}` lines that plot.py draws. Rewritten at start: a resume
+    keeps the record, the lines before its step and those a person added."""
     KINDS = {"train/loss": "train", "val/loss": "val", "hella/acc_norm": "hella"}
 
     def __init__(self, cfg, start_step, record):
@@ -1519,8 +1515,8 @@ class LogFile:
         pass
 
 class RunLog:
-    """What a run says, on rank 0 only: lines, run.log("..."), and metrics, run.log.metrics(step, {"train/loss": ...}),
-    which every sink (log.txt, a tracker) records."""
+    """What a run says, on rank 0 only: lines, run.log("..."), and metrics, run.log.metrics(step, {...}), which every
+    sink (log.txt, a tracker) records."""
 
     def __init__(self, rank):
         self.quiet, self.sinks = rank != 0, []
@@ -1568,7 +1564,6 @@ class Run:
     val_loss: float = None  # the latest, which the checkpoint records
 
 def is_master():
-    """Whether this process is rank 0, the one that writes files and prints."""
     return not dist.is_initialized() or dist.get_rank() == 0
 
 @contextlib.contextmanager
@@ -1623,7 +1618,6 @@ def warn_shared_store():
               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
 
 def grad_accum_steps(cfg, world, log):
-    """Micro-steps per optimizer step on each rank."""
     micro_tokens = cfg.B * cfg.T * world
     if cfg.total_batch_size % micro_tokens:
         raise UserError(f"total_batch_size={cfg.total_batch_size} is not a multiple of B*T*world_size = "
@@ -1633,7 +1627,7 @@ def grad_accum_steps(cfg, world, log):
     return steps
 
 def start_run(cfg, rank, world, device):
-    """The run: its settings as run (the dtype resolved, for the record), precision, log and data."""
+    """The run: settings (dtype resolved), precision, log and data."""
     log = RunLog(rank)
     accum = grad_accum_steps(cfg, world, log)
     device_type = device.split(":")[0]
@@ -1762,7 +1756,7 @@ def open_log(run):
         run.log.sinks.append(LogFile(run.cfg, run.start_step, record))
 
 def git_commit():
-    """This file's git commit (with -dirty if it has uncommitted changes), or None outside a git checkout."""
+    """This file's git commit (-dirty if changed), or None outside a git checkout."""
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
                              text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -1788,10 +1782,9 @@ def run_evals(run, step):
     run.trained.train()
 
 def train_step(run, lr):
-    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as floats. If either is
-    not finite the update is skipped, on all ranks alike (the loss is all-reduced, the norm from reduced gradients).
-    Sharded, FSDP2 reduce-scatters the gradients and frees the gathered weights after the last micro-step only,
-    unless run.reshard_each_micro_step (plan_memory) asks for each."""
+    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm). If either is not finite
+    the update is skipped, on every rank alike (both come from all-reduced values). Sharded, gradients are
+    reduce-scattered and gathered weights freed after the last micro-step only, unless run.reshard_each_micro_step."""
     model, optimizer, scaler, accum = run.trained, run.optimizer, run.scaler, run.grad_accum_steps
     ddp, fsdp = isinstance(model, nn.parallel.DistributedDataParallel), sharded(model)
     optimizer.zero_grad(set_to_none=True)
@@ -1825,7 +1818,6 @@ def train_step(run, lr):
     return loss, norm
 
 def log_step(run, step, loss, norm, lr, dt):
-    """The step's console line and metrics."""
     cfg, scaler = run.cfg, run.scaler
     mfu = run.peak_step_time / dt if run.peak_step_time else None
     skipped = ""
@@ -1845,8 +1837,8 @@ def log_step(run, step, loss, norm, lr, dt):
     run.log.metrics(step, metrics)
 
 def count_bad_step(run, step, loss, norm):
-    """Counts a skipped step (non-finite loss or norm; a scaler's inf gradients are its search, not bad); stops the
-    run with advice past max_bad_steps."""
+    """Counts a skipped step (a non-finite loss, or norm without a scaler, whose inf steps are its search for a scale);
+    stops the run with advice past max_bad_steps."""
     cfg = run.cfg
     run.bad_steps += not math.isfinite(loss) or not (run.scaler.is_enabled() or math.isfinite(norm))
     if run.bad_steps > cfg.max_bad_steps:
@@ -1870,7 +1862,6 @@ def stop_requested(run):
     return flag.item() > 0
 
 def preemption_exit(run, step):
-    """The exit of a run stopped by a signal, once its checkpoint is written."""
     run.log(f"stopped by {run.stop_signals[0] if run.stop_signals else 'a signal to another rank'} at step {step}: " +
             (f"{run.checkpoint} holds the run; continue it with --resume=auto" if run.checkpoint else
              "no step was taken, nothing to save"))
