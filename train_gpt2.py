@@ -189,7 +189,6 @@ def parse_args(argv):
 
 # ----------------------------------------------------------------------------------------------
 # Model
-
 @dataclasses.dataclass
 class GPTConfig:
     block_size: int = 1024
@@ -254,12 +253,11 @@ class Block(nn.Module):
 LOSS_CHUNK_ROWS = 2048
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(x @ weight[:tokens].T, targets) (mean; targets real ids), LOSS_CHUNK_ROWS rows at a time in
-    `dtype` with fp32 softmax, never holding all B*T x vocab logits (13 GB in fp32 at B=64, T=1024); rows past `tokens`
-    pad the vocabulary, with -inf logits and exactly zero gradient. The forward computes both gradients as sums over
-    rows; the backward divides them by the row count n, in fp32: at GPT-2's 65,536 rows, (softmax - onehot) / n is below
-    float16's smallest normal and would round to zero before the scaler's factor, which arrives only in the backward,
-    could lift it."""
+    """F.cross_entropy(x @ weight[:tokens].T, targets) (mean), LOSS_CHUNK_ROWS rows at a time in `dtype` with fp32
+    softmax: never all B*T x vocab logits (13 GB in fp32 at B=64, T=1024); padding rows past `tokens` get -inf logits
+    and zero gradient. The forward computes both gradients as sums over rows; the backward divides by the row count n in
+    fp32: at GPT-2's 65,536 rows, (softmax - onehot) / n is below float16's smallest normal and would round to zero
+    before the scaler's factor, which arrives only in the backward, could lift it."""
     @staticmethod
     def forward(ctx, x, weight, targets, dtype, tokens=None):
         n, need_grad = x.size(0), any(ctx.needs_input_grad[:2])
@@ -296,11 +294,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         grad_loss = grad_loss / ctx.n  # in fp32, with the scaler's factor in it
         return (grad_x.float() * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None, None
-
-def token_rows(lm_weight):
-    """The output layer's rows of real tokens. Ids past GPT-2's 50257 only pad the vocabulary for faster matmuls:
-    with logit 0 they would take much of the probability from a pretrained model, whose logits sit far below 0."""
-    return lm_weight[:EOT + 1] if len(lm_weight) > EOT + 1 else lm_weight
 
 # Hugging Face's GPT-2 keeps these in Conv1D layers, which store the weight as (in, out), transposed from ours.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -360,8 +353,8 @@ class GPT(nn.Module):
                                               min(self.config.vocab_size, EOT + 1))
 
     def hidden_states(self, idx, pos, mask):
-        """ln_f's output (B, T, n_embd) for given positions pos (B, T) and attention mask (B, 1, T, T), True where a
-        token may attend: one row can hold texts that share a start (HellaSwag's context and its 4 endings)."""
+        """ln_f's output (B, T, n_embd) at positions pos (B, T) under mask (B, 1, T, T), True where a token may attend:
+        one row can hold texts that share a start (HellaSwag's context and its endings)."""
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, mask=mask)
@@ -369,8 +362,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Continues each row of idx (B, T) by max_new_tokens tokens sampled at temperature, among the top_k if given;
-        each token reruns the window (inference.py has a KV cache)."""
+        """idx (B, T) continued by max_new_tokens sampled tokens; each reruns the window (inference.py has a KV
+        cache)."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :EOT + 1].float() / temperature  # ids past GPT-2's 50257 pad the vocabulary
@@ -383,8 +376,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, vocab_size=None):
-        """GPT-2 weights in Hugging Face format: a hub name ("gpt2", via transformers) or a local directory with
-        config.json and model.safetensors or pytorch_model.bin; vocab_size pads the embedding with zero rows."""
+        """GPT-2 from a hub name (via transformers) or a local Hugging Face directory; vocab_size pads with zero
+        rows."""
         if os.path.isdir(name_or_path):
             hf = hf_config(name_or_path)
             st, pt = (os.path.join(name_or_path, n) for n in ("model.safetensors", "pytorch_model.bin"))
@@ -452,7 +445,6 @@ def model_from_state(config, state, device, dtype):
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
-
 # tiktoken pins these for "gpt2"; checking them proves the offline files are GPT-2's exact BPE.
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -482,7 +474,6 @@ def get_tokenizer():
 
 # ----------------------------------------------------------------------------------------------
 # Data: shards of uint16 tokens, memory-mapped so that only each batch's slice is ever read.
-
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 1024  # llm.c / modded-nanogpt .bin shards
 
 def load_shard(path):
@@ -602,7 +593,6 @@ class DataLoaderLite:
 
 # ----------------------------------------------------------------------------------------------
 # Devices and schedule
-
 def pick_device(requested, local_rank=0):
     if requested != "auto":
         try:
@@ -614,13 +604,11 @@ def pick_device(requested, local_rank=0):
         return requested
     if torch.cuda.is_available():
         return f"cuda:{local_rank}"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 def native_bf16(device_type):
-    """Whether the device runs bf16 matmuls in hardware; torch.cuda.is_bf16_supported() counts emulation: yes on a T4 or
-    V100, where bf16 is slower than fp32 (pytorch#148322)."""
+    """Whether bf16 matmuls run in hardware; torch.cuda.is_bf16_supported() says yes on a T4 or V100, where bf16 is
+    emulated and slower than fp32 (pytorch#148322)."""
     if device_type == "cuda":
         return torch.cuda.get_device_capability() >= (8, 0)  # Ampere and later
     if device_type == "mps":
@@ -637,8 +625,8 @@ def cpu_flags():
         return set()
 
 def resolve_dtype(setting, device_type, log=print):
-    """The dtype the run trains in, said once. auto: bf16 where native, else float16 (with a gradient scaler) on a GPU,
-    else float32, as a CPU emulates half precision slower than fp32."""
+    """Said once. auto: bf16 where native, else float16 (scaled) on a GPU, float32 on a CPU (emulated halves are
+    slower)."""
     if setting != "auto":
         log(f"dtype {setting} (as set)")
         return setting
@@ -651,13 +639,12 @@ def autocast_context(device_type, dtype):
     return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, getattr(torch, dtype))
 
 def grad_scaler(device_type, dtype):
-    """float16 keeps nothing below 6e-8, so its scaler scales the loss up and the gradients down before clipping; a
-    no-op for other dtypes."""
+    """float16 keeps nothing below 6e-8: the loss is scaled up, gradients down before clipping; off for other dtypes."""
     return torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 
 def tune_allocator():
-    """glibc hands PyTorch's large freed CPU buffers back to the kernel, and the next step page-faults through fresh
-    zeroed pages (up to half a CPU step): keep big buffers and freed memory in the heap."""
+    """glibc returns big freed CPU buffers to the kernel, so each step re-faults zeroed pages (up to half a CPU
+    step)."""
     with contextlib.suppress(OSError):  # not glibc (macOS, musl): nothing to tune
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 2**31 - 1)  # M_MMAP_THRESHOLD (a C int): take buffers up to 2 GiB from the heap
@@ -669,9 +656,8 @@ def use_fused_adamw(device_type):
     return device_type in ("cuda", "cpu", "mps")
 
 def get_lr(it, cfg):
-    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps; or (wsd) max_lr, then linear decay over the
-    last decay_frac of max_steps, so a wsd run can be lengthened while at max_lr (Hägele et al. 2024: a 20% linear
-    cooldown matches cosine)."""
+    """Warmup, then cosine to min_lr; or wsd: max_lr, then linear decay over the last decay_frac (Hägele et al. 2024: a
+    20% linear cooldown matches cosine), so a wsd run can be lengthened while at max_lr."""
     if it < cfg.warmup_steps:
         return cfg.max_lr * (it + 1) / cfg.warmup_steps
     if it >= cfg.max_steps:
@@ -709,8 +695,7 @@ def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
     return None
 
 def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
-    """FLOP/s of square matmuls in dtype, from 256 wide, doubling up to n while one takes under a 20th of the time: an
-    emulated dtype can run at under 1 GFLOP/s."""
+    """FLOP/s of square matmuls, 256 wide and doubling to n while fast (an emulated dtype may do < 1 GFLOP/s)."""
     size = 256
     gen = torch.Generator().manual_seed(0)  # not the global one: a resumed run's dropout must follow the saved state
     while True:
@@ -735,7 +720,6 @@ def flops_per_token(model, T):
 # ----------------------------------------------------------------------------------------------
 # Optimizers: classes built from (model, cfg, device_type) that work as torch optimizers and take the schedule's lr
 # by set_lr. A new one is a class here and a line in OPTIMIZERS: --optimizer, memory, resume and train_step know it.
-
 class ScheduledLR:
     def set_lr(self, lr):
         """Each param group gets the schedule's lr times its lr_scale: its own peak lr over max_lr."""
@@ -763,9 +747,9 @@ class AdamW(ScheduledLR, torch.optim.AdamW):
         return ""
 
 class Muon(ScheduledLR):
-    """Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest, as one optimizer. adjust_lr_fn="match_rms_adamw"
-    scales each update to a typical AdamW update's RMS (Moonshot's "Muon is Scalable for LLM Training"), so AdamW's lr
-    and weight decay carry over; Keller Jordan's "original" scaling wants its own (0.02-0.05 in modded-nanogpt)."""
+    """Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest. "match_rms_adamw" scales updates to AdamW's RMS
+    (Moonshot's "Muon is Scalable for LLM Training"), so AdamW's lr and weight decay carry over (Keller Jordan's scaling
+    wants 0.02-0.05)."""
     shardable = False  # it orthogonalizes whole matrices: a rank's shard alone would get a different update
 
     def __init__(self, model, cfg, device_type):
@@ -815,7 +799,6 @@ def build_optimizer(model, cfg, device_type):
 
 # ----------------------------------------------------------------------------------------------
 # Sharding and memory: FSDP2 under --fsdp, full checkpoints from shards, the estimate printed at start
-
 # Bytes of saved activations per token, layer and unit of n_embd, by compute dtype size: the two LayerNorm inputs in
 # fp32 and ~14 widths of matmul inputs and outputs in the compute dtype. Counted with saved_tensors_hooks on this
 # model: 64 in fp32, 39 under bf16 autocast.
@@ -826,9 +809,8 @@ def sharded(model):
     return isinstance(model.compiled._orig_mod if isinstance(model, CompiledOrEager) else model, FSDPModule)
 
 def shard_model(model, device):
-    """FSDP2 over all ranks, each block one unit (gathered just before it runs, freed after), the root another. Weights
-    stay fp32 for autocast, as under DDP: a MixedPrecisionPolicy(bfloat16) would halve all-gathers but keep the residual
-    stream in bf16."""
+    """FSDP2, a unit per block plus the root. Weights stay fp32 for autocast, as under DDP: a bf16 MixedPrecisionPolicy
+    would halve all-gathers but keep the residual stream in bf16."""
     mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
@@ -836,8 +818,8 @@ def shard_model(model, device):
     register_fsdp_forward_method(model, "hidden_states")  # so that the root gathers its weights for HellaSwag too
 
 def full_state_dicts(model, optimizer):
-    """Plain (model, optimizer) state dicts; sharded, gathered whole to rank 0's CPU a tensor at a time (others get
-    empty dicts), so a checkpoint resumes with or without FSDP, on any world size."""
+    """Plain state dicts, sharded ones gathered whole to rank 0's CPU a tensor at a time: a checkpoint resumes on any
+    world size, with or without FSDP."""
     if not sharded(model):
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
@@ -877,8 +859,8 @@ def whole_model(model, dtype):
     return model_from_state(model.config, state, next(model.parameters()).device, getattr(torch, dtype)).eval()
 
 def estimate_memory(cfg, n_params, world, lean=True):
-    """Bytes per rank a step needs at its peak, by part. lean: FSDP reduce-scatters at every micro-step rather than hold
-    whole weights and gradients between them."""
+    """Peak bytes per rank by part; lean: FSDP reduce-scatters each micro-step, never holding whole weights and
+    grads."""
     C, L, V, bt = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.B * cfg.T
     size = 4 if cfg.dtype in ("float32", "auto") else 2
     shard = world if cfg.fsdp else 1
@@ -927,11 +909,9 @@ def plan_memory(cfg, n_params, world, device, log):
 
 # ----------------------------------------------------------------------------------------------
 # Evals: val loss, samples and HellaSwag. Each runs on every rank and sums over all of them.
-
 @torch.no_grad()
 def evaluate_loss(model, loader, rows, autocast):
-    """Mean loss over the stream's first `rows` rows of T tokens, dealt to the ranks B rows at a time: the same on any
-    world size and B."""
+    """Mean loss over the stream's first `rows` rows of T, B rows per rank in turn: the same on any world size and B."""
     B, T, device = loader.B, loader.T, next(model.parameters()).device
     loader.reset()
     total = torch.zeros(2, dtype=torch.float64)  # summed loss, tokens
@@ -1008,8 +988,8 @@ def read_hellaswag(path, limit=0):
     return examples
 
 def hellaswag_tokens(examples, block_size):
-    """Per example (context tokens, each ending's tokens with its joining space, endings' lengths in characters); a
-    context too long for block_size loses its start."""
+    """Per example: context tokens (its start cut to fit block_size), each ending's tokens with its space, endings'
+    lengths."""
     enc = get_tokenizer()
     data = []
     for i, example in enumerate(examples):
@@ -1036,10 +1016,9 @@ def hellaswag_groups(data, batch_tokens, fixed_shape):
 
 def hellaswag_batches(data, batch_tokens, fixed_shape=False):
     """Batches of about batch_tokens tokens, a right-padded row per example: the context, then the 4 endings, each at
-    the positions after the context and attending to it and itself only, so the context is computed once. Longest first,
-    so like lengths share a batch and memory peaks at once; fixed_shape: one shape, one compile. Yields (indices,
-    (tokens, positions, mask), (states to project, and per ending token: which predicts it, its id, its ending 4 * j +
-    k))."""
+    the positions after the context and attending to it and itself only. Longest first, so like lengths share a batch;
+    fixed_shape: one shape, one compile. Yields (indices, (tokens, positions, mask), (states to project, and per ending
+    token: which predicts it, its id, its ending 4 * j + k))."""
     for idx, length, rows in hellaswag_groups(data, batch_tokens, fixed_shape):
         tokens = torch.zeros(rows, length, dtype=torch.long)
         pos = torch.zeros(rows, length, dtype=torch.long)
@@ -1068,9 +1047,8 @@ def hellaswag_batches(data, batch_tokens, fixed_shape=False):
 
 @torch.no_grad()
 def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, forwards=0):
-    """(N, 4) float64: each ending's summed loss. Only states predicting an ending token are projected (all logits
-    cost most of the time for small models); sharded, a rank with fewer batches than `forwards` runs the rest on one
-    token."""
+    """(N, 4) float64 summed ending losses, projecting only states that predict an ending token (all logits cost most of
+    the time); sharded, a rank runs one-token forwards up to `forwards`."""
     device = next(model.parameters()).device
     losses = torch.zeros(len(data), 4, dtype=torch.float64)
     with autocast:  # one region for all batches, so that autocast casts each weight once, not once a forward
@@ -1082,7 +1060,8 @@ def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, for
             tokens, pos, mask = (t.to(device) for t in inputs)
             states, pick, targets, ending = (t.to(device) for t in scored)
             h = model.hidden_states(tokens, pos, mask)
-            logits = F.linear(h.flatten(0, 1)[states], token_rows(model.lm_head.weight))  # (N, real tokens)
+            # Real tokens' rows only: at logit 0 the padding ids would take much of a pretrained model's probability.
+            logits = F.linear(h.flatten(0, 1)[states], model.lm_head.weight[:EOT + 1])  # (N, real tokens)
             # Each row's log-sum-exp in fp32, read off log_softmax (x - log_softmax(x) is it, at any column):
             # one fused pass over a row, where logsumexp makes four. A few rows at a time, which on CPU stay in
             # cache: an fp32 copy of all the logits, and the passes over it, took longer than the matmul.
@@ -1131,7 +1110,6 @@ def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: written to a temp file, fsynced and renamed, so that a kill at any moment leaves every
 # model_NNNNNN.pt complete; older ones are deleted only once a newer one is safely on disk.
-
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 
 def model_config(settings):
@@ -1149,10 +1127,6 @@ def list_checkpoints(log_dir):
     names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
     found = (re.fullmatch(r"model_(\d+)\.pt", name) for name in names)
     return sorted((int(m[1]), os.path.join(log_dir, m[0])) for m in found if m)
-
-def temp_path(path):
-    """A temp file for path named for this host and process: a live writer's tell from those a killed one left."""
-    return f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
 
 def remove_stale_temp_files(log_dir):
     """Deletes log_dir's temp files whose writer is gone: a dead process of this host, or none named (older runs)."""
@@ -1173,10 +1147,9 @@ def process_alive(pid):
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb", **open_args):
-    """Replaces path whole or not at all, whatever stops the process: a temp file, fsynced, renamed over path, the
-    rename made durable before anything relies on it (deleting an older checkpoint). Every file kept goes through
-    here."""
-    tmp = temp_path(path)
+    """Replaces path whole or not at all: a temp file, fsynced, renamed, the rename made durable before anything relies
+    on it (deleting an older checkpoint). Every file kept goes through here."""
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"  # its writer's: see remove_stale_temp_files
     try:
         with open(tmp, mode, **open_args) as f:
             yield f
@@ -1211,8 +1184,8 @@ def set_rng_state(rng):
         torch.mps.set_rng_state(rng["mps"])
 
 def save_checkpoint(run, step):
-    """Writes log_dir/model_NNNNNN.pt on rank 0 (every rank calls it, to gather a sharded model), then deletes those
-    past keep_checkpoints. Only tensors, numbers, strings, lists and dicts: loading it runs no code."""
+    """Rank 0 writes model_NNNNNN.pt (every rank calls it: a sharded model gathers), then prunes to keep_checkpoints.
+    Only plain data, so loading it runs no code."""
     cfg = run.cfg
     path = checkpoint_path(cfg.log_dir, step)
     model_state, optimizer_state = full_state_dicts(run.model, run.optimizer)
@@ -1243,8 +1216,8 @@ NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, t
                        (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]  # numpy 1.x's name
 
 def load_checkpoint(path):
-    """The checkpoint at path, CRCs checked, loaded weights_only: a file that needs code is refused, naming what.
-    Settings added since take their defaults; removed ones are dropped."""
+    """The checkpoint, CRCs checked, loaded weights_only (a file needing code is refused, naming it); settings added
+    since take defaults, removed ones drop."""
     try:
         with zipfile.ZipFile(path) as z:  # torch.load skips the CRCs torch.save writes, so a flipped bit would load
             bad = z.testzip()
@@ -1294,12 +1267,10 @@ def checkpoint_to_resume(cfg, warn=print):
         raise UserError(f"{path}: checkpoint was trained with {diff}; pass matching settings or a fresh log_dir")
     return path, ckpt
 
-def describe_shards(manifest):
-    return f"{len(manifest)} train shards of {sum(n for _, n in manifest)} tokens"
-
 def check_resume(run, path, ckpt):
     """Notes what settings that differ from the checkpoint's do; refuses a data-order change not in --allow_changes."""
     cfg, world, loader, log = run.cfg, run.world, run.train_loader, run.log
+    describe_shards = lambda manifest: f"{len(manifest)} train shards of {sum(n for _, n in manifest)} tokens"
     old, step = Settings(**ckpt["config"]), ckpt["step"]
     if old.optimizer != cfg.optimizer:
         raise UserError(f"{path} was trained with --optimizer={old.optimizer}, this run has "
@@ -1342,7 +1313,6 @@ def scheduled_lr(step, cfg):
 
 # ----------------------------------------------------------------------------------------------
 # One run per log_dir
-
 LOCK_NAME = ".lock"
 
 def unwritable_log_dir(log_dir, error):
@@ -1350,8 +1320,8 @@ def unwritable_log_dir(log_dir, error):
 
 @contextlib.contextmanager
 def log_dir_lock(log_dir, rank=0, world=1):
-    """Rank 0 flocks log_dir/.lock (dropped by the kernel if the process dies) while the run lasts, so a second launch
-    into log_dir exits before touching it; every rank learns the outcome."""
+    """Rank 0 flocks log_dir/.lock (dropped by the kernel if the process dies) for the run: a second launch exits
+    first."""
     fd, refusal = None, ""
     if rank == 0:
         try:
@@ -1404,7 +1374,6 @@ def take_lock(path):
 # ----------------------------------------------------------------------------------------------
 # Shared with scripts: what sample.py, hellaswag.py, export_hf.py, plot.py and serve.py import: a model from any
 # source and output-path checks
-
 def missing_parent(path):
     """Why path's directory lets no file be created there ("" if it does): scripts check before their long work."""
     parent = os.path.dirname(path) or "."
@@ -1413,8 +1382,7 @@ def missing_parent(path):
     return f"{parent} is not a directory" if os.path.exists(parent) else f"no directory {parent}"
 
 def local_model_path(spec):
-    """spec, ~ expanded; a missing plainly local path (.pt, ./ ../ / ~) is refused here: load_model would try it as a
-    hub name for half a minute."""
+    """spec, ~ expanded; a missing local-looking path (.pt, ./ ../ / ~) is refused, not tried as a hub name for 30 s."""
     path = os.path.expanduser(spec)
     if os.path.exists(path) or not (spec.endswith(".pt") or spec.startswith(("./", "../", "/", "~"))):
         return path
@@ -1423,8 +1391,7 @@ def local_model_path(spec):
     raise UserError(f"--model={spec}: no such file or directory; {hint}")
 
 def load_model(spec):
-    """An eval-mode fp32 CPU GPT from a checkpoint, a run directory (its newest), a Hugging Face directory or a hub name
-    ("gpt2-xl"): the one way scripts get a model."""
+    """A GPT (eval, fp32, CPU) from a checkpoint, run dir, HF dir or hub name: the one way scripts get a model."""
     spec = local_model_path(spec)
     run_dir = os.path.isdir(spec) and list_checkpoints(spec)
     if run_dir or os.path.isfile(spec):
@@ -1449,8 +1416,8 @@ def load_model(spec):
     return model.eval()
 
 def pretrained_shape(cfg, explicit):
-    """The model settings --init_from fixes (an explicit --block_size may crop it, vocab_size pad it); a conflicting
-    explicit setting is refused."""
+    """The model settings --init_from fixes (--block_size may crop, vocab_size pad); conflicting explicit ones
+    refused."""
     spec = local_model_path(cfg["init_from"])
     if os.path.isfile(spec):
         shape = {k: load_checkpoint(spec)["config"][k] for k in MODEL_KEYS}
@@ -1486,10 +1453,9 @@ def load_pretrained(model, spec, log):
 
 # ----------------------------------------------------------------------------------------------
 # The run log: console lines and metrics. log.txt is its first sink; a tracker is another sink beside it.
-
 class LogFile:
-    """log.txt: the run record, then `{step} {kind} {value}` lines that plot.py draws. Rewritten at start: a resume
-    keeps the record, the lines before its step and those a person added."""
+    """log.txt: the run record, then `{step} {kind} {value}` lines; rewritten at start, a resume keeps all but later
+    steps."""
     KINDS = {"train/loss": "train", "val/loss": "val", "hella/acc_norm": "hella"}
 
     def __init__(self, cfg, start_step, record):
@@ -1515,8 +1481,7 @@ class LogFile:
         pass
 
 class RunLog:
-    """What a run says, on rank 0 only: lines, run.log("..."), and metrics, run.log.metrics(step, {...}), which every
-    sink (log.txt, a tracker) records."""
+    """What a run says, on rank 0: run.log("line") prints, run.log.metrics(step, {...}) goes to every sink."""
 
     def __init__(self, rank):
         self.quiet, self.sinks = rank != 0, []
@@ -1535,7 +1500,6 @@ class RunLog:
 
 # ----------------------------------------------------------------------------------------------
 # Training phases, in the order train() runs them. Each takes the run, fills in its part and reads the rest.
-
 @dataclasses.dataclass(eq=False)
 class Run:
     """One training run: its settings as run (dtype resolved) and everything the phases share."""
@@ -1617,19 +1581,14 @@ def warn_shared_store():
               "attempt's addresses and fail to connect (pytorch/pytorch#135712); launch with "
               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
 
-def grad_accum_steps(cfg, world, log):
-    micro_tokens = cfg.B * cfg.T * world
+def start_run(cfg, rank, world, device):
+    """The run: settings (dtype resolved), micro-steps per step, precision, log and data."""
+    log, micro_tokens = RunLog(rank), cfg.B * cfg.T * world
     if cfg.total_batch_size % micro_tokens:
         raise UserError(f"total_batch_size={cfg.total_batch_size} is not a multiple of B*T*world_size = "
                         f"{cfg.B}*{cfg.T}*{world} = {micro_tokens}; change --total_batch_size or --B")
-    steps = cfg.total_batch_size // micro_tokens
-    log(f"world size {world}, grad accum steps {steps}, {cfg.total_batch_size} tokens per step")
-    return steps
-
-def start_run(cfg, rank, world, device):
-    """The run: settings (dtype resolved), precision, log and data."""
-    log = RunLog(rank)
-    accum = grad_accum_steps(cfg, world, log)
+    accum = cfg.total_batch_size // micro_tokens
+    log(f"world size {world}, grad accum steps {accum}, {cfg.total_batch_size} tokens per step")
     device_type = device.split(":")[0]
     cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device_type, log))
     run = Run(cfg, rank, world, device, log, autocast_context(device_type, cfg.dtype),
@@ -1700,8 +1659,8 @@ def restore(run, path, ckpt):
     run.log(f"resumed from {path} at step {ckpt['step']}")
 
 def wrap_model(run):
-    """The model the step trains (compiled if asked, in DDP under torchrun) and the evals' (no DDP: ranks run unequal
-    batches). No compile on mps: inductor's Metal backend, a prototype, is slower here or fails on some ops."""
+    """The step's model (compiled, in DDP under torchrun), the evals' (no DDP: unequal batches), the step time at peak.
+    No compile on mps: inductor's Metal backend, a prototype, is slower here or fails on some ops."""
     cfg, device = run.cfg, run.device
     if cfg.compile and device.startswith("mps"):
         run.log("note: no torch.compile on mps; the model runs eagerly")
@@ -1714,8 +1673,8 @@ def wrap_model(run):
     run.peak_step_time = flops_per_token(run.model, cfg.T) * cfg.total_batch_size / (peak * run.world) if peak else None
 
 class CompiledOrEager(nn.Module):
-    """torch.compile(model)'s forward and hidden_states until a compiled call raises (no C++ compiler, no Triton,
-    Windows); then one warning, and eager from then on. Other attributes are model's."""
+    """torch.compile(model)'s forward and hidden_states; eager, after one warning, once a compiled call fails (no C++
+    compiler, no Triton, Windows)."""
 
     def __init__(self, model, log):
         super().__init__()
@@ -1782,9 +1741,9 @@ def run_evals(run, step):
     run.trained.train()
 
 def train_step(run, lr):
-    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm). If either is not finite
-    the update is skipped, on every rank alike (both come from all-reduced values). Sharded, gradients are
-    reduce-scattered and gathered weights freed after the last micro-step only, unless run.reshard_each_micro_step."""
+    """One optimizer step over grad_accum_steps micro-batches: (mean loss, grad norm), the update skipped on every rank
+    if either is not finite. Sharded, FSDP2 reduce-scatters after the last micro-step, or each if
+    run.reshard_each_micro_step."""
     model, optimizer, scaler, accum = run.trained, run.optimizer, run.scaler, run.grad_accum_steps
     ddp, fsdp = isinstance(model, nn.parallel.DistributedDataParallel), sharded(model)
     optimizer.zero_grad(set_to_none=True)
@@ -1837,8 +1796,7 @@ def log_step(run, step, loss, norm, lr, dt):
     run.log.metrics(step, metrics)
 
 def count_bad_step(run, step, loss, norm):
-    """Counts a skipped step (a non-finite loss, or norm without a scaler, whose inf steps are its search for a scale);
-    stops the run with advice past max_bad_steps."""
+    """Counts a skipped step (non-finite loss, or norm without a scaler); stops with advice past max_bad_steps."""
     cfg = run.cfg
     run.bad_steps += not math.isfinite(loss) or not (run.scaler.is_enabled() or math.isfinite(norm))
     if run.bad_steps > cfg.max_bad_steps:
@@ -1869,7 +1827,6 @@ def preemption_exit(run, step):
 
 # ----------------------------------------------------------------------------------------------
 # train() and main()
-
 def train(cfg):
     with distributed(cfg) as (rank, world, device):
         run = start_run(cfg, rank, world, device)
