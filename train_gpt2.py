@@ -323,8 +323,7 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self):
-        """Parameters, the tied wte/lm_head counted once, as GPT-2's 124M does."""
-        return sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for p in self.parameters())  # the tied wte/lm_head once, as GPT-2's 124M counts it
 
     def forward(self, idx, targets=None, cache=None):
         """cache: a KVCache per layer (inference.py's); idx then continues the cached positions, last logits only."""
@@ -359,8 +358,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """idx (B, T) continued by max_new_tokens sampled tokens; each reruns the window (inference.py has a KV
-        cache)."""
+        """idx (B, T) plus max_new_tokens sampled tokens; each reruns the window (inference.py has a KV cache)."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :EOT + 1].float() / temperature  # ids past GPT-2's 50257 pad the vocabulary
@@ -373,8 +371,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, vocab_size=None):
-        """GPT-2 from a hub name (via transformers) or a local Hugging Face directory; vocab_size pads with zero
-        rows."""
+        """GPT-2 from a hub name (via transformers) or a Hugging Face directory; vocab_size pads with zero rows."""
         if os.path.isdir(name_or_path):
             hf = hf_config(name_or_path)
             st, pt = (os.path.join(name_or_path, n) for n in ("model.safetensors", "pytorch_model.bin"))
@@ -600,8 +597,7 @@ def pick_device(requested, local_rank=0):
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 def native_bf16(device_type):
-    """Whether bf16 matmuls run in hardware; torch.cuda.is_bf16_supported() says yes on a T4 or V100, where bf16 is
-    emulated and slower than fp32 (pytorch#148322)."""
+    """Hardware bf16 matmuls (torch.cuda.is_bf16_supported() also counts slow emulation: T4, V100; pytorch#148322)."""
     if device_type == "cuda":
         return torch.cuda.get_device_capability() >= (8, 0)  # Ampere and later
     if device_type == "mps":
@@ -618,8 +614,7 @@ def cpu_flags():
         return set()
 
 def resolve_dtype(setting, device_type, log=print):
-    """Said once. auto: bf16 where native, else float16 (scaled) on a GPU, float32 on a CPU (emulated halves are
-    slower)."""
+    """Said once. auto: bf16 if native, else float16 (scaled) on a GPU, float32 on a CPU (emulation is slower)."""
     if setting != "auto":
         log(f"dtype {setting} (as set)")
         return setting
@@ -631,12 +626,10 @@ def autocast_context(device_type, dtype):
     return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, getattr(torch, dtype))
 
 def grad_scaler(device_type, dtype):
-    """float16 keeps nothing below 6e-8: the loss is scaled up, gradients down before clipping; off for other dtypes."""
-    return torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    return torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 keeps nothing below 6e-8
 
 def tune_allocator():
-    """glibc returns big freed CPU buffers to the kernel, so each step re-faults zeroed pages (up to half a CPU
-    step)."""
+    """glibc returns big freed CPU buffers to the kernel; each step then re-faults zeroed pages (up to half a step)."""
     with contextlib.suppress(OSError):  # not glibc (macOS, musl): nothing to tune
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 2**31 - 1)  # M_MMAP_THRESHOLD (a C int): take buffers up to 2 GiB from the heap
@@ -644,8 +637,7 @@ def tune_allocator():
         libc.mallopt(-2, 2**30)  # M_TOP_PAD: grow it 1 GiB at a time
 
 def use_fused_adamw(device_type):
-    """PyTorch has the fused AdamW kernel (all parameters in one launch) for CUDA, CPU and MPS."""
-    return device_type in ("cuda", "cpu", "mps")
+    return device_type in ("cuda", "cpu", "mps")  # PyTorch's fused kernel: all parameters in one launch
 
 def get_lr(it, cfg):
     """Warmup, then cosine to min_lr; or wsd: max_lr, then linear decay over the last decay_frac (Hägele et al. 2024: a
@@ -701,10 +693,9 @@ def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
     return 2 * size ** 3 * count / (time.perf_counter() - t0)
 
 def flops_per_token(model, T):
-    """6N for the matmuls of forward and backward plus causal attention's 6*n_layer*n_embd*T."""
     c = model.config
     n = model.num_params() - model.transformer.wpe.weight.numel()
-    return 6 * n + 6 * c.n_layer * c.n_embd * T
+    return 6 * n + 6 * c.n_layer * c.n_embd * T  # 6N: the matmuls forward and backward; then causal attention
 
 # ----------------------------------------------------------------------------------------------
 # Optimizers: torch-like classes of (model, cfg, device_type) with set_lr; a new one is a class and an OPTIMIZERS line.
@@ -726,13 +717,11 @@ class AdamW(ScheduledLR, torch.optim.AdamW):
 
     @staticmethod
     def state_bytes(cfg, n_params):
-        """Two fp32 moments per parameter."""
-        return 8 * n_params
+        return 8 * n_params  # two fp32 moments per parameter
 
     @staticmethod
     def lr_note(cfg, lr):
-        """What a note on the learning rate adds for this optimizer's other learning rates."""
-        return ""
+        return ""  # what a note on the learning rate adds for the optimizer's other learning rates
 
 class Muon(ScheduledLR):
     """Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest. "match_rms_adamw" scales updates to AdamW's RMS
@@ -773,8 +762,7 @@ class Muon(ScheduledLR):
 
     @staticmethod
     def state_bytes(cfg, n_params):
-        """AdamW's two moments, but one momentum for each of the blocks' matrices."""
-        return 8 * n_params - 4 * 12 * cfg.n_embd ** 2 * cfg.n_layer
+        return 8 * n_params - 4 * 12 * cfg.n_embd ** 2 * cfg.n_layer  # the blocks' matrices: one momentum, not two
 
     @staticmethod
     def lr_note(cfg, lr):
@@ -805,8 +793,7 @@ def shard_model(model, device):
     register_fsdp_forward_method(model, "hidden_states")  # so that the root gathers its weights for HellaSwag too
 
 def full_state_dicts(model, optimizer):
-    """Plain state dicts, sharded ones gathered whole to rank 0's CPU a tensor at a time: a checkpoint resumes on any
-    world size, with or without FSDP."""
+    """Plain state dicts, sharded ones gathered to rank 0's CPU by tensor: resumable on any world size, FSDP or not."""
     if not sharded(model):
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
@@ -846,8 +833,7 @@ def whole_model(model, dtype):
     return model_from_state(model.config, state, next(model.parameters()).device, getattr(torch, dtype)).eval()
 
 def estimate_memory(cfg, n_params, world, lean=True):
-    """Peak bytes per rank by part; lean: FSDP reduce-scatters each micro-step, never holding whole weights and
-    grads."""
+    """Peak bytes per rank by part; lean: FSDP reduce-scatters each micro-step, never holding whole weights, grads."""
     C, L, V, bt = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.B * cfg.T
     size = 4 if cfg.dtype in ("float32", "auto") else 2
     shard = world if cfg.fsdp else 1
@@ -973,8 +959,7 @@ def read_hellaswag(path, limit=0):
     return examples
 
 def hellaswag_tokens(examples, block_size):
-    """Per example: context tokens (its start cut to fit block_size), each ending's tokens with its space, endings'
-    lengths."""
+    """Per example: context tokens (cut to fit block_size), each ending's tokens with its space, endings' lengths."""
     enc = get_tokenizer()
     data = []
     for i, example in enumerate(examples):
@@ -1106,7 +1091,6 @@ def checkpoint_path(log_dir, step):
     return os.path.join(log_dir, f"model_{step:06d}.pt")
 
 def list_checkpoints(log_dir):
-    """[(step, path)] of the checkpoints in log_dir, oldest first."""
     names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
     found = (re.fullmatch(r"model_(\d+)\.pt", name) for name in names)
     return sorted((int(m[1]), os.path.join(log_dir, m[0])) for m in found if m)
@@ -1287,7 +1271,6 @@ def check_resume(run, path, ckpt):
             (f"stays at {now}" if was == now else f"goes from {was} to {now}"))
 
 def scheduled_lr(step, cfg):
-    """The learning rate at step as a note shows it; Muon's too, when it has one."""
     lr = get_lr(step, cfg)
     return f"{lr:.4e}" + OPTIMIZERS[cfg.optimizer].lr_note(cfg, lr)
 
@@ -1300,8 +1283,7 @@ def unwritable_log_dir(log_dir, error):
 
 @contextlib.contextmanager
 def log_dir_lock(log_dir, rank=0, world=1):
-    """Rank 0 flocks log_dir/.lock (dropped by the kernel if the process dies) for the run: a second launch exits
-    first."""
+    """Rank 0 flocks log_dir/.lock (the kernel drops it if the process dies) for the run: a second launch exits."""
     fd, refusal = None, ""
     if rank == 0:
         try:
@@ -1395,8 +1377,7 @@ def load_model(spec):
     return model.eval()
 
 def pretrained_shape(cfg, explicit):
-    """The model settings --init_from fixes (--block_size may crop, vocab_size pad); conflicting explicit ones
-    refused."""
+    """The model settings --init_from fixes (--block_size may crop, vocab_size pad); conflicting explicit ones fail."""
     spec = local_model_path(cfg["init_from"])
     if os.path.isfile(spec):
         shape = {k: load_checkpoint(spec)["config"][k] for k in MODEL_KEYS}
@@ -1432,8 +1413,7 @@ def load_pretrained(model, spec, log):
 # ----------------------------------------------------------------------------------------------
 # The run log: console lines and metrics. log.txt is its first sink; a tracker is another sink beside it.
 class LogFile:
-    """log.txt: the run record, then `{step} {kind} {value}` lines; rewritten at start, a resume keeps all but later
-    steps."""
+    """log.txt: the run record, then `{step} {kind} {value}` lines; rewritten at start, keeping all but later steps."""
     KINDS = {"train/loss": "train", "val/loss": "val", "hella/acc_norm": "hella"}
 
     def __init__(self, cfg, start_step, record):
@@ -1645,8 +1625,7 @@ def wrap_model(run):
     run.peak_step_time = flops_per_token(run.model, cfg.T) * cfg.total_batch_size / (peak * run.world) if peak else None
 
 class CompiledOrEager(nn.Module):
-    """torch.compile(model)'s forward and hidden_states; eager, after one warning, once a compiled call fails (no C++
-    compiler, no Triton, Windows)."""
+    """torch.compile(model)'s forward and hidden_states; eager, after a warning, if compiling fails (no Triton...)."""
 
     def __init__(self, model, log):
         super().__init__()
@@ -1687,7 +1666,6 @@ def open_log(run):
         run.log.sinks.append(LogFile(run.cfg, run.start_step, record))
 
 def git_commit():
-    """This file's git commit (-dirty if changed), or None outside a git checkout."""
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
                              text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
