@@ -457,9 +457,7 @@ def get_tokenizer():
         vocab_bpe, encoder_json = gpt2_bpe_files()
     except ImportError:  # without the package, tiktoken downloads the same files
         return tiktoken.get_encoding("gpt2")
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json,
-        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256, encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
 
@@ -990,8 +988,7 @@ def hellaswag_batches(data, batch_tokens, fixed_shape=False):
     fixed_shape: one shape, one compile. Yields (indices, (tokens, positions, mask), (states to project, and per ending
     token: which predicts it, its id, its ending 4 * j + k))."""
     for idx, length, rows in hellaswag_groups(data, batch_tokens, fixed_shape):
-        tokens = torch.zeros(rows, length, dtype=torch.long)
-        pos = torch.zeros(rows, length, dtype=torch.long)
+        tokens, pos = (torch.zeros(rows, length, dtype=torch.long) for _ in range(2))
         part = torch.full((rows, length), 5)  # 0: context, k + 1: ending k, 5: padding, which is never scored
         states, pick, targets, ending = [], [], [], []
         for j, i in enumerate(idx):
@@ -1158,8 +1155,7 @@ def save_checkpoint(run, step):
     run.checkpoint = path
     if not is_master():
         return
-    state = {"model": model_state, "optimizer": optimizer_state,
-             "scaler": run.scaler.state_dict(),  # empty unless float16
+    state = {"model": model_state, "optimizer": optimizer_state, "scaler": run.scaler.state_dict(),  # {} unless fp16
              "step": step, "val_loss": run.val_loss, "config": dataclasses.asdict(cfg), "world": run.world,
              "shards": run.train_loader.manifest(), "loader": run.train_loader.state_dict(), "rng": rng_state()}
     try:
@@ -1199,8 +1195,7 @@ def load_checkpoint(path):
         raise UserError(f"{path}: refused: it holds {wanted[1] if wanted else 'a type'}, which only running code "
                         f"from the file could build, and a checkpoint is data; load only a train_gpt2.py "
                         f"checkpoint you trust the source of") from None
-    except (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, AttributeError,
-            zipfile.BadZipFile) as e:
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable train_gpt2.py checkpoint, it is truncated, corrupt or another kind "
                         f"of file ({type(e).__name__}: {e})") from None
 
