@@ -349,8 +349,8 @@ class GPT(nn.Module):
                                               min(self.config.vocab_size, EOT + 1))
 
     def hidden_states(self, idx, pos, mask):
-        """ln_f's output (B, T, n_embd) at positions pos (B, T) under mask (B, 1, T, T), True where a token may attend:
-        one row can hold texts that share a start (HellaSwag's context and its endings)."""
+        """ln_f's output at positions pos (B, T), mask (B, 1, T, T) True where attending: HellaSwag's shared
+        contexts."""
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, mask=mask)
@@ -497,13 +497,11 @@ def list_shards(data_dir, split):
     return shards
 
 class DataLoaderLite:
-    """(x, y) micro-batches (B, T) from one split's token stream: its shards end to end, epoch after epoch, the train
-    shards re-permuted each epoch by seed. Each group step takes the next B*T*world tokens, rank r the r-th B*T (and the
-    last target), so a step reads the same tokens in the same order whatever B and the world size. The state: (epoch,
-    shard index in that epoch's order, token) of the next group step."""
+    """(x, y) micro-batches (B, T) from one split's token stream (shards end to end, train shards re-permuted each epoch
+    by seed). Each group step takes the next B*T*world tokens, rank r the r-th B*T, so a step reads the same tokens
+    whatever B and the world size. State: (epoch, shard index in that epoch's order, token)."""
 
     def __init__(self, cfg, split, ranks=(0, 1)):
-        """cfg's B, T, data_dir and seed; ranks: (this rank, world size)."""
         self.B, self.T, self.split, self.seed, (self.rank, self.world) = cfg.B, cfg.T, split, cfg.seed, ranks
         self.vocab_size = min(cfg.vocab_size, EOT + 1)  # padded ids are no tokens: a shard holding one is refused
         self.shards = list_shards(cfg.data_dir, split)
@@ -512,7 +510,6 @@ class DataLoaderLite:
         self.reset()
 
     def manifest(self):
-        """[(file name, tokens)] of the shards: what a checkpoint records of its data."""
         return [(os.path.basename(path), n) for path, n in zip(self.shards, self.sizes)]
 
     def order(self, epoch):
@@ -536,7 +533,6 @@ class DataLoaderLite:
 
     @property
     def tokens(self):
-        """The memmap of the shard the next batch starts in."""
         return self.maps[self.order(self.epoch)[self.shard]]
 
     def walk(self, skip, n):
@@ -560,7 +556,6 @@ class DataLoaderLite:
             pos, n = pos + take, n - take
 
     def read(self, skip, n):
-        """n tokens of the stream as int64, starting `skip` tokens past the current position."""
         chunks = []
         for i, start, count in self.walk(skip, n)[1]:
             # Read, not sliced from the memmap: mapped pages would stay resident, up to the whole shard.
@@ -664,7 +659,6 @@ GPU_PEAK_FLOPS = {
 }
 
 def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
-    """What MFU divides by: the setting, a known GPU's datasheet figure, a CPU matmul measurement, else None."""
     if setting > 0:
         return setting
     if device_type == "cuda":
@@ -723,8 +717,7 @@ class AdamW(ScheduledLR, torch.optim.AdamW):
 
 class Muon(ScheduledLR):
     """Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest. "match_rms_adamw" scales updates to AdamW's RMS
-    (Moonshot's "Muon is Scalable for LLM Training"), so AdamW's lr and weight decay carry over (Keller Jordan's scaling
-    wants 0.02-0.05)."""
+    (Moonshot's "Muon is Scalable for LLM Training"), so AdamW's tuned lr and weight decay carry over."""
     shardable = False  # it orthogonalizes whole matrices: a rank's shard alone would get a different update
 
     def __init__(self, model, cfg, device_type):
@@ -807,7 +800,6 @@ def full_state_dicts(model, optimizer):
                                           for g in state["param_groups"]]}
 
 def load_optimizer_state(optimizer, state):
-    """Loads a plain (whole) optimizer state dict; into a sharded optimizer, each rank takes its shard."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not isinstance(params[0], DTensor):
@@ -983,10 +975,9 @@ def hellaswag_groups(data, batch_tokens, fixed_shape):
     return groups
 
 def hellaswag_batches(data, batch_tokens, fixed_shape=False):
-    """Batches of about batch_tokens tokens, a right-padded row per example: the context, then the 4 endings, each at
-    the positions after the context and attending to it and itself only. Longest first, so like lengths share a batch;
-    fixed_shape: one shape, one compile. Yields (indices, (tokens, positions, mask), (states to project, and per ending
-    token: which predicts it, its id, its ending 4 * j + k))."""
+    """Batches of ~batch_tokens tokens, a right-padded row per example: the context, then the 4 endings, each placed
+    after the context, attending to it and itself only. Longest first; fixed_shape: one shape, one compile. Yields
+    (indices, (tokens, positions, mask), (states to project; per ending token: its state, id, ending 4j + k))."""
     for idx, length, rows in hellaswag_groups(data, batch_tokens, fixed_shape):
         tokens, pos = (torch.zeros(rows, length, dtype=torch.long) for _ in range(2))
         part = torch.full((rows, length), 5)  # 0: context, k + 1: ending k, 5: padding, which is never scored
@@ -1200,7 +1191,6 @@ def load_checkpoint(path):
                         f"of file ({type(e).__name__}: {e})") from None
 
 def latest_checkpoint(log_dir, warn=print):
-    """(path, checkpoint) of log_dir's newest readable checkpoint, warning of unreadable ones; (None, None) if none."""
     found = [p for _, p in reversed(list_checkpoints(log_dir))]
     for path in found:
         try:
@@ -1213,7 +1203,6 @@ def latest_checkpoint(log_dir, warn=print):
     return None, None
 
 def checkpoint_to_resume(cfg, warn=print):
-    """(path, checkpoint) for --resume: the file, or for "auto" latest_checkpoint; refused if the shape differs."""
     auto = cfg.resume == "auto"
     if not auto and not os.path.isfile(cfg.resume):
         raise UserError(f"--resume={cfg.resume}: no such checkpoint file")
@@ -1305,7 +1294,6 @@ def log_dir_lock(log_dir, rank=0, world=1):
             os.close(fd)
 
 def take_lock(path):
-    """The fd of path, exclusively flock-ed and naming this process; UserError naming the holder if another has it."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -1485,11 +1473,10 @@ def is_master():
 
 @contextlib.contextmanager
 def distributed(cfg):
-    """(rank, world, device). Under torchrun the process ends here, whatever ended the run: once every rank is past
-    its last collective and rank 0 has written its checkpoint (a rank leaving earlier could abort another's
-    collective), it reports how the run ended and exits without tearing the group down. That cannot be made safe:
-    freeing a gloo group's last reference with the GIL held joins its worker threads, and a worker still freeing its
-    last collective needs the GIL, so both wait forever (seen under load). Exiting joins no thread."""
+    """(rank, world, device). Under torchrun the process ends here: once every rank is past its last collective and rank
+    0 has written its checkpoint (an earlier exit could abort another's collective), it reports how the run ended and
+    exits without tearing the group down, which cannot be made safe: freeing a gloo group with the GIL held joins its
+    worker threads, while a worker freeing its last collective needs the GIL (seen hanging under load)."""
     ddp = "RANK" in os.environ  # set by torchrun
     env = {"RANK": 0, "LOCAL_RANK": 0, "WORLD_SIZE": 1, **os.environ}
     rank, local_rank, world = (int(env[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -1560,7 +1547,6 @@ def open_data(run):
     run.hella = training_hellaswag(cfg, world, rank, run.log)
 
 def build_model(run):
-    """The model and optimizer: fresh, from --init_from, or resumed from a checkpoint with the step to start at."""
     cfg, log = run.cfg, run.log
     torch.manual_seed(cfg.seed)
     model = run.model = GPT(model_config(dataclasses.asdict(cfg))).to(run.device)
@@ -1685,9 +1671,8 @@ def run_evals(run, step):
     run.trained.train()
 
 def train_step(run, lr):
-    """One optimizer step over grad_accum_steps micro-batches: (mean loss, grad norm), the update skipped on every rank
-    if either is not finite. Sharded, FSDP2 reduce-scatters after the last micro-step, or each if
-    run.reshard_each_micro_step."""
+    """One optimizer step over grad_accum_steps micro-batches: (mean loss, grad norm); skipped on every rank if either
+    is not finite. FSDP2 reduce-scatters after the last micro-step, or each if run.reshard_each_micro_step."""
     model, optimizer, scaler, accum = run.trained, run.optimizer, run.scaler, run.grad_accum_steps
     ddp, fsdp = isinstance(model, nn.parallel.DistributedDataParallel), sharded(model)
     optimizer.zero_grad(set_to_none=True)
