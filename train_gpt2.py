@@ -67,7 +67,7 @@ weight_decay = 0.1               # applied to 2D+ parameters only
 lr_schedule = "cosine"           # cosine: decay to min_lr over the steps after warmup; wsd: max_lr, then linear decay
 decay_frac = 0.2                 # wsd: the share of max_steps decaying to min_lr (a 20% cooldown matches cosine)
 optimizer = "adamw"              # adamw; or muon: Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest
-muon_lr = 6e-4                   # Muon's peak lr, scaled by the schedule as max_lr is; in AdamW's units (see MuonAdamW)
+muon_lr = 6e-4                   # Muon's peak lr, scaled by the schedule as max_lr is; in AdamW's units (see Muon)
 muon_momentum = 0.95             # Muon's Nesterov momentum
 muon_weight_decay = 0.1          # Muon's decoupled weight decay, in AdamW's units: p -= lr * wd * p
 grad_clip = 1.0                  # global gradient-norm clip
