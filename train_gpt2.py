@@ -1313,7 +1313,7 @@ def remove_stale_temp_files(log_dir):
     """Deletes the temp files of log_dir whose writer is gone: a process of this host that no longer runs, or
     a name without a writer, which only versions before writer-named temp files left."""
     for path in glob.glob(os.path.join(log_dir, "*.tmp")):
-        m = re.fullmatch(r"(?:.+?\.pt|log\.txt)(?:\.(.+)\.(\d+))?\.tmp", os.path.basename(path))
+        m = re.fullmatch(r"(?:.+?\.(?:pt|npy|bin|json|jsonl)|log\.txt)(?:\.(.+)\.(\d+))?\.tmp", os.path.basename(path))
         if m and (m[1] is None or (m[1] == socket.gethostname() and not process_alive(int(m[2])))):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
