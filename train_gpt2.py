@@ -1070,7 +1070,7 @@ def list_checkpoints(log_dir):
 def remove_stale_temp_files(log_dir):
     """Deletes log_dir's temp files whose writer is gone: a dead process of this host, or none named (older runs)."""
     for path in glob.glob(os.path.join(log_dir, "*.tmp")):
-        m = re.fullmatch(r"(?:.+?\.pt|log\.txt)(?:\.(.+)\.(\d+))?\.tmp", os.path.basename(path))
+        m = re.fullmatch(r"(?:.+?\.(?:pt|npy|bin|json|jsonl)|log\.txt)(?:\.(.+)\.(\d+))?\.tmp", os.path.basename(path))
         if m and (m[1] is None or (m[1] == socket.gethostname() and not process_alive(int(m[2])))):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)

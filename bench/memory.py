@@ -6,12 +6,13 @@ and 2, with and without --fsdp and --recompute, at a small shape.
 
 Measured: each rank's peak resident memory (getrusage's ru_maxrss) up to the end of its last training step,
 minus its resident memory before train() runs (torch imported, nothing built), with glibc's default allocator
-settings (train() leaves them; main() tunes them). The checkpoint written at the end is left out: rank 0
+settings fixed (see map_large_buffers). The checkpoint written at the end is left out: rank 0
 gathers the whole weights and AdamW state into host memory to write it, which on a GPU is not the GPU's memory
 the estimate is about. The estimate: train_gpt2.estimate_memory for the same settings.
 """
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import io
 import json
@@ -48,8 +49,20 @@ def shape_args(data_dir, log_dir, dtype, n_layer=6, n_embd=384, B=8, T=256):
             "--sample_count=0", "--hella_data=", "--peak_flops=1e12"]
 
 
+def map_large_buffers():
+    """glibc's default thresholds, fixed (set, they no longer grow as large buffers are freed): every large buffer
+    is then a mapping of its own, unmapped when freed, so the peak RSS is the peak of live memory and not of a heap
+    that freed buffers fragment (with train_gpt2.tune_allocator, or glibc's growing threshold, a run's RSS grew
+    25-30% from its first step to its second at the same live memory)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    libc.mallopt(-2, 0)  # M_TOP_PAD
+
+
 def worker(argv):
     """Runs train_gpt2 with argv in this process; writes this rank's estimate and measurement as JSON."""
+    map_large_buffers()
     base = rss()
     cfg = tg.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -67,7 +80,7 @@ def worker(argv):
         return result
     tg.train_step = train_step
     with contextlib.redirect_stdout(io.StringIO()):
-        tg.train(tg.parse_args(argv))  # not main(), which tunes the allocator: glibc's defaults, as said above
+        tg.train(tg.parse_args(argv))  # not main(), which tunes the allocator
 
 
 def torch_device_meta():
