@@ -81,6 +81,9 @@ sample_prompt = "Hello, I'm a language model,"  # what the samples printed durin
 sample_tokens = 32               # length in tokens of each sample, prompt included
 hella_data = "hellaswag/hellaswag_val.jsonl"  # scored at each eval if present; `python hellaswag.py` downloads it here
 hella_examples = 0               # HellaSwag examples scored at each eval: the file's first N (0: all 10,042)
+tracker = ""                     # where metrics go besides log.txt: tensorboard, wandb or tensorboard,wandb
+wandb_project = "gpt2"           # the W&B project a --tracker=wandb run is logged to
+wandb_run_name = ""              # the W&B run's name; "" names it after log_dir, which is what identifies a run here
 seed = 1337                      # model init and shard order
 fsdp = False                     # FSDP2 under torchrun: weights, grads, AdamW state split over ranks, not copied (DDP)
 recompute = False                # redo each block's forward in the backward: ~1/3 more compute, only inputs kept
@@ -130,6 +133,7 @@ SETTING_PRESETS = {
 }
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+TRACKERS = ("tensorboard", "wandb")  # each also the name of its package, to import and to pip install
 EOT = 50256  # <|endoftext|>, which starts every document in the shards
 LOGGED_STEP = re.compile(r"\d+ ")  # how a step's line in log.txt starts; other lines are notes a person added
 RUN_RECORD = "# train_gpt2.py run "  # how log.txt's first line starts, followed by the run's record as JSON
@@ -182,6 +186,12 @@ def parse_args(argv):
         raise UserError(f"--dropout={cfg['dropout']}: must be in [0, 1)")
     if cfg["T"] > cfg["block_size"]:
         raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
+    trackers = [t for t in cfg["tracker"].split(",") if t]
+    if any(t not in TRACKERS for t in trackers) or len(set(trackers)) < len(trackers):
+        raise UserError(f"--tracker={cfg['tracker']}: expected tensorboard, wandb or tensorboard,wandb")
+    for t in trackers:  # refused now, not after the model is built; found, not imported (seconds, for wandb)
+        if importlib.util.find_spec(t) is None:
+            raise UserError(f"--tracker={t} needs the {t} package, which is not installed: pip install {t}")
     return Settings(**cfg)
 
 # ----------------------------------------------------------------------------------------------
@@ -1622,6 +1632,9 @@ def open_log(run):
         record = {"settings": dataclasses.asdict(run.cfg), "params": run.model.num_params(), "world": run.world,
                   "device": run.device, "torch": torch.__version__, "git": git_commit()}
         run.log.sinks.append(LogFile(run.cfg, run.start_step, record))
+        if run.cfg.tracker:  # imported only then, so that a run without one loads neither tensorboard nor wandb
+            import trackers
+            run.log.sinks += trackers.open_trackers(run.cfg, run.start_step, record, atomic_write)
 
 def git_commit():
     try:
