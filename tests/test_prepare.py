@@ -14,7 +14,7 @@ import tiktoken
 from conftest import ROOT, WORDS, run
 
 import prepare_fineweb
-from train_gpt2 import EOT, UserError, get_tokenizer, load_shard, temp_path
+from train_gpt2 import EOT, UserError, get_tokenizer, load_shard
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -93,7 +93,7 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch, k, n
     assert len(reference) > k + 4  # shards + manifest: the interruption falls mid-corpus
 
     real_write = prepare_fineweb.write_shard
-    written = []
+    written, partial = [], []
 
     def crash_on_shard_k(path, tokens):  # in the middle of writing shard k
         if len(written) == k:
@@ -103,6 +103,7 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch, k, n
                 raise KeyboardInterrupt
             with prepare_fineweb.atomic_write(path) as f:
                 f.write(b"partial")
+                partial.append(f.name)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
         written.append(path)
         real_write(path, tokens)
@@ -113,8 +114,8 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch, k, n
     if failure == "ctrl-c":
         assert e.value.code.startswith("interrupted: finished shards are kept")
     else:  # one line that says what and what to do, and the partial shard's space is given back
-        partial = temp_path(os.path.join(resumed, f"local_train_{k:06d}.npy"))
-        assert e.value.code == (f"error: [Errno {errno.ENOSPC}] No space left on device: '{partial}'; finished "
+        assert partial[0].startswith(os.path.join(resumed, f"local_train_{k:06d}.npy."))
+        assert e.value.code == (f"error: [Errno {errno.ENOSPC}] No space left on device: '{partial[0]}'; finished "
                                 f"shards are kept: fix that, then run the same command again to resume")
         assert not glob.glob(os.path.join(resumed, "*.tmp"))
     assert len(glob.glob(os.path.join(resumed, "*.npy"))) == k
