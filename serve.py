@@ -8,10 +8,11 @@
 Endpoints: GET / (the page), POST /v1/completions (prompt, max_tokens, temperature, top_p, seed, stop, stream,
 and top_k as an extension), GET /v1/models, GET /health. Requests share one model and run one at a time, under
 a lock; up to --queue more wait their turn and any beyond get 503. A client that hangs up stops its generation
-at the next token.
+at the next token; one that has not sent its whole request within --timeout is cut off, and never held the model.
 """
 import argparse
 import contextlib
+import io
 import json
 import os
 import select
@@ -27,6 +28,10 @@ from inference import SAMPLING, load_for_inference, stream_text
 from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
 MAX_BODY = 1 << 20  # bytes; a prompt is at most block_size tokens, so a larger body is a mistake or an abuse
+# The most new tokens a request may ask for: four windows of GPT-2's 1024 positions. Past block_size each new token
+# recomputes the whole window, so the longest completions cost the most while the model sees no more of the text;
+# the bound keeps one request from holding the model, which every other request waits for, for long.
+MAX_TOKENS = 4096
 UNSUPPORTED = {"echo": False, "logprobs": None, "suffix": None, "best_of": 1, "frequency_penalty": 0,
                "presence_penalty": 0, "logit_bias": {}}  # OpenAI's fields this server does not implement: defaults
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
@@ -70,7 +75,7 @@ def parse_request(body):
             raise APIError(400, f"{name}={json.dumps(req[name])} is not supported by this server; leave it out", name)
     return dict(
         prompt=field("prompt", str, "", want="a string"),  # OpenAI's default too: text after <|endoftext|>
-        max_tokens=field("max_tokens", int, 16, lambda v: v >= 1, "an integer of 1 or more"),
+        max_tokens=field("max_tokens", int, 16, lambda v: 1 <= v <= MAX_TOKENS, f"an integer from 1 to {MAX_TOKENS}"),
         temperature=field("temperature", (int, float), SAMPLING["temperature"], lambda v: 0 <= v <= 2,
                           "from 0 (greedy) to 2"),
         top_p=field("top_p", (int, float), SAMPLING["top_p"], lambda v: 0 < v <= 1, "above 0 and at most 1"),
@@ -83,13 +88,15 @@ def parse_request(body):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client does not keep the process alive at Ctrl-C
+    request_queue_size = 128  # connections the kernel holds until accepted; socketserver's 5 had a burst reset
 
-    def __init__(self, address, queue):
+    def __init__(self, address, queue, timeout=30.0):
         super().__init__(address, Handler)
         self.model, self.name, self.enc = None, None, get_tokenizer()  # the model is loaded once the port is ours
         self.lock = threading.Lock()  # one generation at a time: they share the model (and its one CPU or GPU)
         self.count_lock = threading.Lock()
         self.queue, self.waiting, self.running = queue, 0, 0
+        self.timeout = timeout  # seconds a client has to send its request, and to take each write of the reply
 
     @contextlib.contextmanager
     def turn(self):
@@ -127,6 +134,24 @@ class Server(ThreadingHTTPServer):
         yield "", reason, usage
 
 
+class DeadlineReader(io.RawIOBase):
+    """A socket's bytes until a deadline. Each read waits at most for the time left, so a client that sends a byte
+    now and then cannot keep its request open past the deadline, as it could under a timeout for each read."""
+
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline = sock, deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "train_gpt2-serve"
 
@@ -136,22 +161,44 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.respond(self.post)
 
+    def setup(self):
+        super().setup()
+        self.id, self.created, self.answered = f"cmpl-{uuid.uuid4().hex}", int(time.time()), False
+        # The whole request (request line, headers, body) must arrive within --timeout of the connection, so that
+        # a slow or silent client holds one thread for a bounded time, and never the model: the model is taken
+        # only once a request is read and checked.
+        self.rfile.close()
+        self.rfile = io.BufferedReader(DeadlineReader(self.connection, time.monotonic() + self.server.timeout))
+
+    def read_done(self):
+        """Writes from here on each wait at most --timeout for the client to take them: a client that stops
+        reading its stream must not hold the model."""
+        self.connection.settimeout(self.server.timeout)
+
     def respond(self, handle):
+        self.read_done()  # the request line and headers are in
         try:
             handle()
+        except TimeoutError:  # the body did not arrive in time, or the client stopped taking the reply
+            self.close_connection = True
+            if not self.answered:
+                with contextlib.suppress(OSError):
+                    self.fail(408, f"the request did not arrive within {self.server.timeout:g} s (--timeout)")
         except APIError as e:
-            self.send_json(e.status, {"error": {"message": e.message, "type": e.kind, "param": e.param,
-                                                "code": None}}, retry=e.status == 503)
+            self.fail(e.status, e.message, e.param, e.kind)
         except UserError as e:  # what inference refuses, e.g. a token id outside a smaller vocabulary
-            self.send_json(400, {"error": {"message": str(e), "type": "invalid_request_error", "param": "prompt",
-                                           "code": None}})
+            self.fail(400, str(e), "prompt")
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client left; nobody is there to tell
         except Exception as e:  # a bug of ours: say so, log it, and keep serving
             self.log_error("%s", traceback.format_exc())
             if not self.answered:
-                self.send_json(500, {"error": {"message": f"internal error: {type(e).__name__}: {e}",
-                                               "type": "server_error", "param": None, "code": None}})
+                self.fail(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+
+    def fail(self, status, message, param=None, kind="invalid_request_error"):
+        """OpenAI's error JSON; a 503 says when to retry."""
+        self.send_json(status, {"error": {"message": message, "type": kind, "param": param, "code": None}},
+                       retry=status == 503)
 
     def send_response(self, *args):
         self.answered = True
@@ -163,17 +210,15 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_body(200, f.read(), "text/html; charset=utf-8")
         elif self.path == "/health":
             s = self.server
-            self.send_json(200, {"status": "ok", "model": s.name, "running": s.running, "waiting": s.waiting})
+            self.send_json(200, {"status": "ok", "model": s.name, "running": s.running, "waiting": s.waiting,
+                                 "threads": threading.active_count()})  # back to its idle count once clients leave
         elif self.path == "/v1/models":
             self.send_json(200, {"object": "list", "data": [
                 {"id": self.server.name, "object": "model", "created": 0, "owned_by": "train_gpt2"}]})
         else:
             raise APIError(404, f"no such endpoint: GET {self.path}", kind="not_found_error")
 
-    def post(self):
-        if self.path != "/v1/completions":
-            raise APIError(404, f"no such endpoint: POST {self.path}; completions are POST /v1/completions",
-                           kind="not_found_error")
+    def read_body(self):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise APIError(411, "send the body with a Content-Length header")
@@ -181,8 +226,19 @@ class Handler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             self.discard(length)
             raise APIError(413, f"the body is {length} bytes; the limit is {MAX_BODY} (1 MB)")
-        req = parse_request(self.rfile.read(length))
-        with self.server.turn():
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise APIError(400, f"the body ended after {len(body)} of its {length} bytes (Content-Length)")
+        self.read_done()
+        return body
+
+    def post(self):
+        body = self.read_body()  # read whole before any answer: a reply to a half-read request may be reset
+        if self.path != "/v1/completions":
+            raise APIError(404, f"no such endpoint: POST {self.path}; completions are POST /v1/completions",
+                           kind="not_found_error")
+        req = parse_request(body)
+        with self.server.turn():  # only now, with the request read and checked, wait for the model
             pieces = self.server.complete(req, self.client_gone)
             if req["stream"]:
                 self.stream(pieces)
@@ -214,10 +270,6 @@ class Handler(BaseHTTPRequestHandler):
         body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.server.name,
                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
         return {**body, "usage": usage} if usage else body
-
-    def setup(self):
-        super().setup()
-        self.id, self.created, self.answered = f"cmpl-{uuid.uuid4().hex}", int(time.time()), False
 
     def client_gone(self):
         """Whether the client has closed its end: the socket then reads as end-of-file."""
@@ -253,18 +305,22 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu; or name one")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="inference dtype")
     p.add_argument("--queue", type=int, default=8, help="requests that may wait for the model; more get 503")
+    p.add_argument("--timeout", type=float, default=30, help="seconds a client has to send its whole request, and "
+                                                              "to take each write of the reply")
     args = p.parse_args(argv)
     if not 0 <= args.port < 65536:
         sys.exit(f"error: --port={args.port} is out of range; --port must be 0 (any free port) to 65535")
     if args.queue < 0:
         sys.exit(f"error: --queue={args.queue} is out of range; --queue must be 0 or more")
+    if not args.timeout > 0:
+        sys.exit(f"error: --timeout={args.timeout:g} is out of range; --timeout must be above 0 seconds")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:  # the port first: a taken one fails at once, not after a long model load
-        server = Server((args.host, args.port), args.queue)
+        server = Server((args.host, args.port), args.queue, args.timeout)
     except OSError as e:
         sys.exit(f"error: cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port")
     try:
