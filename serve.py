@@ -9,10 +9,12 @@ Endpoints: GET / (the page), POST /v1/completions (prompt, max_tokens, temperatu
 and top_k as an extension), GET /v1/models, GET /health. Requests share one model and run one at a time, under
 a lock; up to --queue more wait their turn and any beyond get 503. A client that hangs up stops its generation
 at the next token; one that has not sent its whole request within --timeout is cut off, and never held the model.
+Web pages of other sites get 403 (docs/serving.md, "Web pages").
 """
 import argparse
 import contextlib
 import io
+import ipaddress
 import json
 import os
 import select
@@ -97,6 +99,7 @@ class Server(ThreadingHTTPServer):
         self.count_lock = threading.Lock()
         self.queue, self.waiting, self.running = queue, 0, 0
         self.timeout = timeout  # seconds a client has to send its request, and to take each write of the reply
+        self.hosts = local_hosts(address[0], self.server_address[1])
 
     @contextlib.contextmanager
     def turn(self):
@@ -132,6 +135,19 @@ class Server(ThreadingHTTPServer):
         usage = dict(prompt_tokens=len(tokens), completion_tokens=made, total_tokens=len(tokens) + made,
                      prompt_tokens_cropped=cropped)  # dropped from the left to fit block_size
         yield "", reason, usage
+
+
+def local_hosts(host, port):
+    """The Host headers a server bound to loopback accepts, "127.0.0.1:8000" and the like; None when it is bound
+    to another address, whose names this server cannot know."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if not loopback:
+        return None
+    names = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host}
+    return {f"{name}:{port}" for name in names} | (names if port == 80 else set())
 
 
 class DeadlineReader(io.RawIOBase):
@@ -204,7 +220,24 @@ class Handler(BaseHTTPRequestHandler):
         self.answered = True
         super().send_response(*args)
 
+    def check_origin(self):
+        """403 for a request a web page of another site sent (its Origin is not this server's), and, on loopback,
+        for a Host that is not this server's address: a page whose name was re-pointed at 127.0.0.1 (DNS
+        rebinding) is then of its own origin, but names a Host of its own. Clients without an Origin (curl,
+        the openai library, lm-eval) and this server's own page pass."""
+        host, origin = self.headers.get("Host"), self.headers.get("Origin")
+        hosts = self.server.hosts
+        if host is not None and hosts is not None and host.lower() not in hosts:
+            raise APIError(403, f"Host {host} is not this server's address: it serves "
+                                f"{', '.join(sorted(h for h in hosts if ':' in h))} only, so that a web page cannot "
+                                f"reach it under a name of its own (DNS rebinding)", kind="permission_error")
+        if origin is not None and (host is None or origin.lower() != f"http://{host}".lower()):
+            raise APIError(403, f"Origin {origin} is not this server's origin (http://{host}): web pages of other "
+                                f"sites may not use this server; open its own page, or call it from a program",
+                           kind="permission_error")
+
     def get(self):
+        self.check_origin()
         if self.path == "/":
             with open(PAGE, "rb") as f:
                 self.send_body(200, f.read(), "text/html; charset=utf-8")
@@ -234,6 +267,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def post(self):
         body = self.read_body()  # read whole before any answer: a reply to a half-read request may be reset
+        self.check_origin()
         if self.path != "/v1/completions":
             raise APIError(404, f"no such endpoint: POST {self.path}; completions are POST /v1/completions",
                            kind="not_found_error")

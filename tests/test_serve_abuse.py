@@ -1,5 +1,5 @@
-"""serve.py under abuse: every request is bounded, a slow client holds neither the model nor anyone else, and a
-crowd gets answers or clean 503s and leaves no thread behind."""
+"""serve.py under abuse: every request is bounded, a slow client holds neither the model nor anyone else, a crowd
+gets answers or clean 503s and leaves no thread behind, and web pages of other sites are refused."""
 import http.client
 import json
 import socket
@@ -163,3 +163,29 @@ def test_30_concurrent_clients_each_get_an_answer_or_a_503_and_leave_no_thread_b
     assert all(r[0] == 503 and "the server is busy" in r[1] for r in busy), busy  # never a 500, nor a hang
     assert 1 <= len(busy) < 30  # --queue=4: some waited and were answered, the rest were told to retry
     wait_for(lambda: health(server)["threads"] == baseline)  # every connection's thread has ended
+
+
+def test_a_web_page_of_another_site_gets_403_and_the_servers_own_page_and_programs_pass(server):
+    own = f"http://127.0.0.1:{server.port}"
+    body = json.dumps({"prompt": "Hi", "max_tokens": 2})
+    # A page on another site can POST text/plain without a CORS preflight; it must not reach the model.
+    status, data = request(server.url, "POST", "/v1/completions", body,
+                           {"Origin": "http://evil.example", "Content-Type": "text/plain"})
+    assert status == 403 and data["error"]["message"] == (
+        f"Origin http://evil.example is not this server's origin ({own}): web pages of other sites may not use "
+        f"this server; open its own page, or call it from a program")
+    assert request(server.url, "GET", "/health", headers={"Origin": "null"})[0] == 403  # a sandboxed or file page
+    assert request(server.url, "POST", "/v1/completions", body, {"Origin": own})[0] == 200  # the page itself
+    assert request(server.url, "POST", "/v1/completions", body)[0] == 200  # no Origin: curl, scripts
+
+
+def test_a_host_that_is_not_the_servers_address_gets_403_on_loopback(server):
+    # DNS rebinding: evil.example re-pointed at 127.0.0.1, so its page is same-origin, but its Host is its own
+    rebound = f"evil.example:{server.port}"
+    for headers in ({"Host": rebound}, {"Host": rebound, "Origin": f"http://{rebound}"}):
+        status, data = request(server.url, "GET", "/", headers=headers)
+        assert status == 403 and data["error"]["message"].startswith(
+            f"Host {rebound} is not this server's address: it serves 127.0.0.1:{server.port}, [::1]:{server.port}, "
+            f"localhost:{server.port} only")
+    assert request(server.url, "GET", "/health", headers={"Host": f"localhost:{server.port}"})[0] == 200
+    assert request(server.url, "GET", "/health", headers={"Host": "127.0.0.1:1"})[0] == 403  # another port
