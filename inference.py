@@ -271,33 +271,35 @@ def score(model, windows, top=0, gone=lambda: False):
             return None
         (tokens, pos, mask), states = packed_inputs(texts, batch)
         h = model.hidden_states(tokens.to(device), pos.to(device), mask.to(device)).flatten(0, 1)
-        picks, targets, owners = [], [], []
+        picks, targets = [], []
         for w in states:
             _, first, nxt = windows[w]
             picks += states[w][first - 1:]
             targets += texts[w][first:] + [-1 if nxt is None else nxt]
-            owners += [w] * (len(texts[w]) - first + 1)
-        picks, targets = torch.tensor(picks, device=device), torch.tensor(targets, device=device)
+        # Windows that share a start share its hidden states: each is projected to logits once (a context that
+        # four endings share, once, not four times), and every window reads its own targets off those rows.
+        unique, which = torch.tensor(picks, device=device).unique(return_inverse=True)
+        targets = torch.tensor(targets, device=device)
         weight = token_rows(model.lm_head.weight)
-        lps, tops, lasts = [], [], []
-        for p, t in zip(picks.split(SCORE_CHUNK), targets.split(SCORE_CHUNK)):
-            logits = torch.nn.functional.linear(h[p], weight).float()
+        lps, tops, lasts = torch.empty(len(picks), device=device), [], {}
+        for at in range(0, len(unique), SCORE_CHUNK):
+            logits = torch.nn.functional.linear(h[unique[at:at + SCORE_CHUNK]], weight).float()
             logp = logits.log_softmax(dim=-1)
-            lps.append(logp.gather(1, t.clamp(min=0)[:, None])[:, 0])
+            mine = ((which >= at) & (which < at + len(logits))).nonzero()[:, 0]
+            lps[mine] = logp[which[mine] - at, targets[mine].clamp(min=0)]
             if top:
                 tops.append(logp.topk(top, dim=-1))
-            lasts += [logits[j] for j in (t < 0).nonzero()[:, 0].tolist()]
-        lps = torch.cat(lps).tolist()
-        if top:
-            top_ids = torch.cat([x.indices for x in tops]).tolist()
-            top_lps = torch.cat([x.values for x in tops]).tolist()
-        lasts = iter(lasts)
+            lasts.update((j, logits[which[j] - at]) for j in mine[targets[mine] < 0].tolist())
+        if top:  # each pick's row's
+            top_ids = torch.cat([x.indices for x in tops])[which].tolist()
+            top_lps = torch.cat([x.values for x in tops])[which].tolist()
+        lps = lps.tolist()
         at = 0
         for w in states:  # in the order the picks were made
             n = len(texts[w]) - windows[w][1] + 1
             has_next = windows[w][2] is not None
             span = slice(at, at + (n if has_next else n - 1))
             results[w] = (lps[span], list(zip(top_ids[span], top_lps[span])) if top else None,
-                          None if has_next else next(lasts))
+                          None if has_next else lasts[at + n - 1])
             at += n
     return results
