@@ -5,11 +5,13 @@
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "Hello, my name is", "max_tokens": 32, "temperature": 0.8}'
 
-Endpoints: GET / (the page), POST /v1/completions (prompt, max_tokens, temperature, top_p, seed, stop, stream,
-and top_k as an extension), GET /v1/models, GET /health. Requests share one model and run one at a time, under
-a lock; up to --queue more wait their turn and any beyond get 503. A client that hangs up stops its generation
-at the next token; one that has not sent its whole request within --timeout is cut off, and never held the model.
-Web pages of other sites get 403 (docs/serving.md, "Web pages").
+Endpoints: GET / (the page), POST /v1/completions (prompt, max_tokens, temperature, top_p, seed, stop, stream, echo,
+logprobs, and top_k as an extension), GET /v1/models, GET /health, and vLLM's GET /tokenizer_info, POST /tokenize
+and POST /detokenize, so that EleutherAI's lm-eval (--model local-completions) needs only the URL. Requests share
+one model and run one at a time, under a lock; up to --queue more wait their turn and any beyond get 503. A
+request's prompts are scored together, packed into few forwards (inference.score). A client that hangs up stops its
+generation at the next token; one that has not sent its whole request within --timeout is cut off, and never held
+the model. Web pages of other sites get 403 (docs/serving.md, "Web pages").
 """
 import argparse
 import codecs
@@ -33,7 +35,7 @@ import torch
 from inference import SAMPLING, generate_stream, load_for_inference, sample_next, score, stream_text
 from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
-MAX_BODY = 1 << 20  # bytes; a prompt is at most block_size tokens, so a larger body is a mistake or an abuse
+MAX_BODY = 1 << 20  # bytes: a hundred full 1024-token windows as token ids; a larger body is a mistake or an abuse
 # The most new tokens a request may ask for: four windows of GPT-2's 1024 positions. Past block_size each new token
 # recomputes the whole window, so the longest completions cost the most while the model sees no more of the text;
 # the bound keeps one request from holding the model, which every other request waits for, for long.
@@ -497,12 +499,11 @@ class Handler(BaseHTTPRequestHandler):
     def tokenize(self, body):
         """vLLM's POST /tokenize, which lm-eval's local-completions asks for the tokenizer (add_special_tokens
         changes nothing: GPT-2's tokenizer adds none)."""
-        req = load_json(body)
-        prompt = parse_prompt(req.get("prompt"), EOT + 1) if isinstance(req.get("prompt"), str) else None
-        if prompt is None:
-            raise APIError(400, f"prompt={json.dumps(req.get('prompt'))[:80]} is invalid; prompt must be a string",
-                           "prompt")
-        tokens = self.server.enc.encode(prompt[0], allowed_special={"<|endoftext|>"})
+        prompt = load_json(body).get("prompt")
+        if not isinstance(prompt, str):
+            raise APIError(400, f"prompt={json.dumps(prompt)[:80]} is invalid; prompt must be a string", "prompt")
+        parse_prompt(prompt, EOT + 1)  # refuses what is not text
+        tokens = self.server.enc.encode(prompt, allowed_special={"<|endoftext|>"})
         self.send_json(200, {"count": len(tokens), "max_model_len": self.server.model.config.block_size,
                              "tokens": tokens, "token_strs": None})
 

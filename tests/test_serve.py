@@ -266,3 +266,18 @@ def test_several_prompts_complete_in_order_and_their_limits_are_400s(server):
         assert e.value.param == field and f"{field}=" in e.value.message
     assert e.value.body["message"] == "max_tokens=0 is invalid; max_tokens must be an integer from 1 to 4096 (0 only " \
                                       "with echo)"
+
+
+def test_the_tokenizer_endpoints_answer_as_vllms_and_refuse_bad_input(server):
+    status, body = request(server.url, "POST", "/tokenize", json.dumps({"prompt": "Hello<|endoftext|>",
+                                                                        "add_special_tokens": False}))
+    assert status == 200 and body["tokens"] == [*server.enc.encode("Hello"), EOT] and body["count"] == 2
+    assert body["max_model_len"] == 64
+    assert request(server.url, "POST", "/detokenize", json.dumps({"tokens": body["tokens"]})) == (
+        200, {"prompt": "Hello<|endoftext|>"})
+    status, info = request(server.url, "GET", "/tokenizer_info")
+    assert status == 200 and info["eos_token"] == info["bos_token"] == "<|endoftext|>"
+    for path, sent, field in (("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+                              ("/detokenize", {"tokens": [1, EOT + 1]}, "tokens"), ("/detokenize", {}, "tokens")):
+        status, reply = request(server.url, "POST", path, json.dumps(sent))
+        assert status == 400 and reply["error"]["param"] == field and f"{field}=" in reply["error"]["message"]
