@@ -177,16 +177,22 @@ def stream_text(model, tokens, max_new_tokens, stop=(), **sampling):
 # Scoring: the log-probability of every token of many texts at once, for serve.py's echo and logprobs.
 
 SCORE_TOKENS = 16384  # positions a scoring forward takes at most: B x T of the packed rows
+# Positions a group of windows that share a start may take (or twice the longest window, if more): room for a
+# context and its endings. Rows are as long as the longest group: attention over a packed row is computed whole
+# and masked, so rows much longer than their texts cost more attention than padding would (16 texts of 64 packed
+# in one 1024-wide row made attention a third of a forward on CPU).
+SCORE_ROW = 256
 SCORE_CHUNK = 256  # positions projected to logits at a time: 256 x 50257 fp32 is 51 MB
 
 
 def pack_windows(windows, capacity):
-    """Windows (lists of token ids) packed into rows of at most `capacity` positions (or one window, if longer).
-    Windows that share a start share its positions, as hellaswag_batches' endings share their context: sorted, so
-    that texts with a common start are neighbours (and the longer first, so that a window that starts another is
-    read off it for free), each window after the first of its group keeps only what follows the part it shares
-    with that first, its trunk. Returns rows, each a list of groups (trunk window index, [(window index, shared
-    length)])."""
+    """Windows (lists of token ids) packed into rows. Windows that share a start share its positions, as
+    hellaswag_batches' endings share their context: sorted, so that texts with a common start are neighbours (and
+    the longer first, so that a window that starts another is read off it for free), each window after the first
+    of its group keeps only what follows the part it shares with that first, its trunk, while the group stays
+    within `capacity` positions. Groups then fill rows as long as the longest group, largest first: as long as
+    plain padded rows, and a short text fills the room a longer row leaves. Returns rows, each a list of groups
+    (trunk window index, [(window index, shared length)])."""
     order = sorted(range(len(windows)), key=lambda i: (*windows[i], math.inf))
     groups, sizes = [], []
     for i in order:
@@ -205,7 +211,7 @@ def pack_windows(windows, capacity):
         r = next((r for r in range(len(rows)) if room[r] >= sizes[g]), None)
         if r is None:
             rows.append([])
-            room.append(max(capacity, sizes[g]))
+            room.append(max(sizes))
             r = len(rows) - 1
         rows[r].append(groups[g])
         room[r] -= sizes[g]
@@ -256,12 +262,12 @@ def score(model, windows, top=0, gone=lambda: False):
     positions as (ids, log-probabilities), and when nxt is None the float32 logits after the last token, on the
     model's device); or None once gone() says the client left, checked before each forward. Over GPT-2's 50257
     tokens only: ids past them pad the vocabulary. Windows are packed by pack_windows."""
-    from train_gpt2 import token_rows  # here, not at the top: this section only adds to the module
     model = getattr(model, "_orig_mod", model)
     device, bs = model.lm_head.weight.device, model.config.block_size
     texts = [list(tokens) for tokens, _, _ in windows]
     assert all(1 <= len(t) <= bs for t in texts) and all(1 <= f <= len(t) for t, (_, f, _) in zip(texts, windows))
-    rows = sorted(pack_windows(texts, bs), key=lambda row: -row_length(texts, row))
+    capacity = max(SCORE_ROW, 2 * max(map(len, texts)))  # room for a context and its endings in one row
+    rows = sorted(pack_windows(texts, capacity), key=lambda row: -row_length(texts, row))
     results = [None] * len(windows)
     start = 0
     while start < len(rows):
@@ -280,10 +286,11 @@ def score(model, windows, top=0, gone=lambda: False):
         # four endings share, once, not four times), and every window reads its own targets off those rows.
         unique, which = torch.tensor(picks, device=device).unique(return_inverse=True)
         targets = torch.tensor(targets, device=device)
-        weight = token_rows(model.lm_head.weight)
         lps, tops, lasts = torch.empty(len(picks), device=device), [], {}
         for at in range(0, len(unique), SCORE_CHUNK):
-            logits = torch.nn.functional.linear(h[unique[at:at + SCORE_CHUNK]], weight).float()
+            # The model's own head, then the real tokens' columns: a matmul onto the 50257 rows alone is an odd
+            # shape, which on CPU took 45% longer than onto all 50304.
+            logits = model.lm_head(h[unique[at:at + SCORE_CHUNK]])[:, :EOT + 1].float()
             logp = logits.log_softmax(dim=-1)
             mine = ((which >= at) & (which < at + len(logits))).nonzero()[:, 0]
             lps[mine] = logp[which[mine] - at, targets[mine].clamp(min=0)]
