@@ -67,37 +67,29 @@ def checkpoint(spec, out_dir):
     return path
 
 
-def start_server(model, log):
-    proc = subprocess.Popen([sys.executable, f"{ROOT}/serve.py", f"--model={model}", "--port=0", "--device=cpu",
-                             "--dtype=float32"], stdout=subprocess.PIPE, stderr=log, text=True)
+def start_server(model, log_path):
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, f"{ROOT}/serve.py", f"--model={model}", "--port=0", "--device=cpu",
+                                 "--dtype=float32"], stdout=subprocess.PIPE, stderr=log, text=True)
     line = proc.stdout.readline()
     if not line.startswith("serving "):
         proc.kill()
-        sys.exit(f"error: serve.py did not start; see {log.name}")
+        sys.exit(f"error: serve.py did not start:\n{open(log_path).read()}")
     return proc, re.search(r"http://127\.0\.0\.1:\d+", line)[0]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="", help="checkpoint or run directory (default: random weights, GPT-2 124M's "
-                                               "shape)")
-    p.add_argument("--docs", type=int, default=100)
-    p.add_argument("--batch_size", type=int, default=16, help="prompts a request (serve.py), rows a forward (hf)")
-    p.add_argument("--rounds", type=int, default=2)
-    args = p.parse_args()
-    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+def run(args, work):
+    """{backend: its best seconds}, {backend: (acc, acc_norm)}."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     from lm_eval.tasks import TaskManager
 
-    work = tempfile.mkdtemp(prefix="lm_eval_bench_")
     write_task(work, args.docs)
     model = checkpoint(args.model, work)
     export = os.path.join(work, "export")
     subprocess.run([sys.executable, f"{ROOT}/export_hf.py", f"--model={model}", f"--out={export}"], check=True)
-    with open(os.path.join(work, "serve.log"), "w") as log:
-        proc, url = start_server(model, log)
+    proc, url = start_server(model, os.path.join(work, "serve.log"))
     try:
         tasks = TaskManager(include_path=work)
         backends = {"serve.py": LocalCompletionsAPI(base_url=f"{url}/v1/completions", batch_size=args.batch_size),
@@ -114,9 +106,23 @@ def main():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    return best, scores
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="", help="checkpoint or run directory (default: random weights, GPT-2 124M's "
+                                               "shape)")
+    p.add_argument("--docs", type=int, default=100)
+    p.add_argument("--batch_size", type=int, default=16, help="prompts a request (serve.py), rows a forward (hf)")
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    with tempfile.TemporaryDirectory(prefix="lm_eval_bench_") as work:  # the export alone is 500 MB at 124M
+        best, scores = run(args, work)
     print(f"\n{args.docs} docs x 4 choices, batch_size {args.batch_size}, float32, {torch.get_num_threads()} threads, "
           f"best of {args.rounds}")
-    for name in backends:
+    for name in best:
         print(f"{name:>9}: {best[name]:7.2f} s  {args.docs / best[name]:7.2f} docs/s  acc {scores[name][0]:.3f}  "
               f"acc_norm {scores[name][1]:.3f}")
     print(f"serve.py is {best['hf'] / best['serve.py']:.2f}x as fast as hf")
