@@ -171,3 +171,142 @@ def stream_text(model, tokens, max_new_tokens, stop=(), **sampling):
             piece = text[sent:max(sent, len(text) - hold)]
             sent += len(piece)
             yield piece, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring: the log-probability of every token of many texts at once, for serve.py's echo and logprobs.
+
+SCORE_TOKENS = 16384  # positions a scoring forward takes at most: B x T of the packed rows
+# Positions a group of windows that share a start may take (or twice the longest window, if more): room for a
+# context and its endings. Rows are as long as the longest group: attention over a packed row is computed whole
+# and masked, so rows much longer than their texts cost more attention than padding would (16 texts of 64 packed
+# in one 1024-wide row made attention a third of a forward on CPU).
+SCORE_ROW = 256
+SCORE_CHUNK = 256  # positions projected to logits at a time: 256 x 50257 fp32 is 51 MB
+
+
+def pack_windows(windows, capacity):
+    """Windows (lists of token ids) packed into rows. Windows that share a start share its positions, as
+    hellaswag_batches' endings share their context: sorted, so that texts with a common start are neighbours (and
+    the longer first, so that a window that starts another is read off it for free), each window after the first
+    of its group keeps only what follows the part it shares with that first, its trunk, while the group stays
+    within `capacity` positions. Groups then fill rows as long as the longest group, largest first: as long as
+    plain padded rows, and a short text fills the room a longer row leaves. Returns rows, each a list of groups
+    (trunk window index, [(window index, shared length)])."""
+    order = sorted(range(len(windows)), key=lambda i: (*windows[i], math.inf))
+    groups, sizes = [], []
+    for i in order:
+        w = windows[i]
+        if groups:
+            trunk = windows[groups[-1][0]]
+            shared = next((n for n, (a, b) in enumerate(zip(trunk, w)) if a != b), min(len(trunk), len(w)))
+            if shared and sizes[-1] + len(w) - shared <= capacity:
+                groups[-1][1].append((i, shared))
+                sizes[-1] += len(w) - shared
+                continue
+        groups.append((i, []))
+        sizes.append(len(w))
+    rows, room = [], []  # first fit, largest groups first
+    for g in sorted(range(len(groups)), key=lambda g: -sizes[g]):
+        r = next((r for r in range(len(rows)) if room[r] >= sizes[g]), None)
+        if r is None:
+            rows.append([])
+            room.append(max(sizes))
+            r = len(rows) - 1
+        rows[r].append(groups[g])
+        room[r] -= sizes[g]
+    return rows
+
+
+def row_length(windows, row):
+    return sum(len(windows[t]) + sum(len(windows[i]) - n for i, n in branches) for t, branches in row)
+
+
+def packed_inputs(windows, rows):
+    """(tokens, positions, attention mask) of packed rows, right-padded to the longest, and for each window the
+    flat index of the hidden state at each of its positions. A trunk's tokens attend causally within it; a window
+    that shares a trunk's first n tokens attends to those and, causally, to its own; padding, to itself."""
+    B, T = len(rows), max(row_length(windows, row) for row in rows)
+    tokens, pos = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    seg = -1 - torch.arange(B * T).view(B, T)  # padding: a segment of its own for each position
+    trunk_of, shared = torch.full((B, T), -1), torch.zeros(B, T, dtype=torch.long)
+    states, segments = {}, 0
+    for r, row in enumerate(rows):
+        at = 0
+        for t, branches in row:
+            n = len(windows[t])
+            tokens[r, at:at + n], pos[r, at:at + n] = torch.tensor(windows[t]), torch.arange(n)
+            seg[r, at:at + n], trunk_of[r, at:at + n] = segments, segments
+            trunk_states = list(range(r * T + at, r * T + at + n))
+            states[t], trunk, at, segments = trunk_states, segments, at + n, segments + 1
+            for i, k in branches:
+                rest = windows[i][k:]
+                span = slice(at, at + len(rest))
+                tokens[r, span], pos[r, span] = torch.tensor(rest, dtype=torch.long), torch.arange(k, k + len(rest))
+                seg[r, span], trunk_of[r, span], shared[r, span] = segments, trunk, k
+                states[i] = trunk_states[:k] + list(range(r * T + at, r * T + at + len(rest)))
+                at, segments = at + len(rest), segments + 1
+    is_trunk = ((seg == trunk_of) & (seg >= 0))[:, None, :]
+    mask = (seg[:, None, :] == seg[:, :, None]) | (is_trunk & (trunk_of[:, None, :] == trunk_of[:, :, None])
+                                                   & (pos[:, None, :] < shared[:, :, None]))
+    mask &= torch.ones(T, T, dtype=torch.bool).tril()
+    return (tokens, pos, mask[:, None]), states
+
+
+@torch.no_grad()
+def score(model, windows, top=0, gone=lambda: False):
+    """Log-probabilities of many texts in few forwards. windows: (tokens, first, nxt), tokens at most block_size
+    ids, read as one text from position 0: wanted are the log-probabilities of tokens[first:] (first >= 1), each
+    given the tokens before it, and of nxt, an id, given all of them; nxt None asks instead for the distribution
+    after the last token. Returns for each window (log-probabilities, the `top` likeliest tokens at each of those
+    positions as (ids, log-probabilities), and when nxt is None the float32 logits after the last token, on the
+    model's device); or None once gone() says the client left, checked before each forward. Over GPT-2's 50257
+    tokens only: ids past them pad the vocabulary. Windows are packed by pack_windows."""
+    model = getattr(model, "_orig_mod", model)
+    device, bs = model.lm_head.weight.device, model.config.block_size
+    texts = [list(tokens) for tokens, _, _ in windows]
+    assert all(1 <= len(t) <= bs for t in texts) and all(1 <= f <= len(t) for t, (_, f, _) in zip(texts, windows))
+    capacity = max(SCORE_ROW, 2 * max(map(len, texts)))  # room for a context and its endings in one row
+    rows = sorted(pack_windows(texts, capacity), key=lambda row: -row_length(texts, row))
+    results = [None] * len(windows)
+    start = 0
+    while start < len(rows):
+        batch = rows[start:start + max(1, SCORE_TOKENS // row_length(texts, rows[start]))]
+        start += len(batch)
+        if gone():
+            return None
+        (tokens, pos, mask), states = packed_inputs(texts, batch)
+        h = model.hidden_states(tokens.to(device), pos.to(device), mask.to(device)).flatten(0, 1)
+        picks, targets = [], []
+        for w in states:
+            _, first, nxt = windows[w]
+            picks += states[w][first - 1:]
+            targets += texts[w][first:] + [-1 if nxt is None else nxt]
+        # Windows that share a start share its hidden states: each is projected to logits once (a context that
+        # four endings share, once, not four times), and every window reads its own targets off those rows.
+        unique, which = torch.tensor(picks, device=device).unique(return_inverse=True)
+        targets = torch.tensor(targets, device=device)
+        lps, tops, lasts = torch.empty(len(picks), device=device), [], {}
+        for at in range(0, len(unique), SCORE_CHUNK):
+            # The model's own head, then the real tokens' columns: a matmul onto the 50257 rows alone is an odd
+            # shape, which on CPU took 45% longer than onto all 50304.
+            logits = model.lm_head(h[unique[at:at + SCORE_CHUNK]])[:, :EOT + 1].float()
+            logp = logits.log_softmax(dim=-1)
+            mine = ((which >= at) & (which < at + len(logits))).nonzero()[:, 0]
+            lps[mine] = logp[which[mine] - at, targets[mine].clamp(min=0)]
+            if top:
+                tops.append(logp.topk(top, dim=-1))
+            lasts.update((j, logits[which[j] - at]) for j in mine[targets[mine] < 0].tolist())
+        if top:  # each pick's row's
+            top_ids = torch.cat([x.indices for x in tops])[which].tolist()
+            top_lps = torch.cat([x.values for x in tops])[which].tolist()
+        lps = lps.tolist()
+        at = 0
+        for w in states:  # in the order the picks were made
+            n = len(texts[w]) - windows[w][1] + 1
+            has_next = windows[w][2] is not None
+            span = slice(at, at + (n if has_next else n - 1))
+            results[w] = (lps[span], list(zip(top_ids[span], top_lps[span])) if top else None,
+                          None if has_next else lasts[at + n - 1])
+            at += n
+    return results

@@ -5,13 +5,20 @@
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "Hello, my name is", "max_tokens": 32, "temperature": 0.8}'
 
-Endpoints: GET / (the page), POST /v1/completions (prompt, max_tokens, temperature, top_p, seed, stop, stream,
-and top_k as an extension), GET /v1/models, GET /health. Requests share one model and run one at a time, under
-a lock; up to --queue more wait their turn and any beyond get 503. A client that hangs up stops its generation
-at the next token.
+Endpoints: GET / (the page), POST /v1/completions (prompt, max_tokens, temperature, top_p, seed, stop, stream, echo,
+logprobs, and top_k as an extension), GET /v1/models, GET /health, and vLLM's GET /tokenizer_info, POST /tokenize
+and POST /detokenize, so that EleutherAI's lm-eval (--model local-completions) needs only the URL. Requests share
+one model and run one at a time, under a lock; up to --queue more wait their turn and any beyond get 503. A
+request's prompts are scored together, packed into few forwards (inference.score). A client that hangs up stops its
+generation at the next token; one that has not sent its whole request within --timeout is cut off, and never held
+the model. Web pages of other sites get 403 (docs/serving.md, "Web pages").
 """
 import argparse
+import codecs
 import contextlib
+import io
+import ipaddress
+import itertools
 import json
 import os
 import select
@@ -23,12 +30,19 @@ import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from inference import SAMPLING, load_for_inference, stream_text
+import torch
+
+from inference import SAMPLING, generate_stream, load_for_inference, sample_next, score, stream_text
 from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
-MAX_BODY = 1 << 20  # bytes; a prompt is at most block_size tokens, so a larger body is a mistake or an abuse
-UNSUPPORTED = {"echo": False, "logprobs": None, "suffix": None, "best_of": 1, "frequency_penalty": 0,
-               "presence_penalty": 0, "logit_bias": {}}  # OpenAI's fields this server does not implement: defaults
+MAX_BODY = 1 << 20  # bytes: a hundred full 1024-token windows as token ids; a larger body is a mistake or an abuse
+# The most new tokens a request may ask for: four windows of GPT-2's 1024 positions. Past block_size each new token
+# recomputes the whole window, so the longest completions cost the most while the model sees no more of the text;
+# the bound keeps one request from holding the model, which every other request waits for, for long.
+MAX_TOKENS = 4096
+UNSUPPORTED = {"suffix": None, "best_of": 1, "frequency_penalty": 0, "presence_penalty": 0,
+               "logit_bias": {}}  # OpenAI's fields this server does not implement: their defaults
+PROMPT = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 
 
@@ -40,15 +54,48 @@ class APIError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
-def parse_request(body):
-    """The sampling settings of a /v1/completions body, with OpenAI's defaults but for temperature, top_k and top_p,
-    which are inference.SAMPLING's; APIError (400) if one is wrong."""
+def parse_prompt(value, vocab):
+    """The prompts of a request, each a string or a list of token ids below vocab; APIError (400) if not."""
+    def ids(v):  # bool is an int to Python, never to a JSON client
+        return isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+    def refuse(why):
+        shown = json.dumps(value)
+        raise APIError(400, f"prompt={shown[:80]}{'...' if len(shown) > 80 else ''} is invalid; {why}", "prompt")
+
+    if value is None:
+        return [""]  # OpenAI's default too: text after <|endoftext|>
+    prompts = [value] if isinstance(value, str) or ids(value) else value
+    if not (isinstance(prompts, list) and prompts and (all(isinstance(p, str) for p in prompts)
+                                                       or all(ids(p) for p in prompts))):
+        refuse(f"prompt must be {PROMPT}, none of them empty")
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            try:
+                p.encode()
+            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800") is valid JSON, but not text
+                refuse(f"prompt {i} is not text: {e.reason} at character {e.start}")
+        elif not all(0 <= t < vocab for t in p):
+            refuse(f"prompt {i} holds token id {next(t for t in p if not 0 <= t < vocab)}, and token ids are "
+                   f"0 to {vocab - 1}")
+    return prompts
+
+
+def load_json(body):
+    """A request body's JSON object; APIError (400) if it is not one."""
     try:
         req = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the body is not valid JSON ({e})") from None
     if not isinstance(req, dict):
         raise APIError(400, "the body must be a JSON object")
+    return req
+
+
+def parse_request(body, vocab=EOT + 1):
+    """The prompts and settings of a /v1/completions body, with OpenAI's defaults but for temperature, top_k and
+    top_p, which are inference.SAMPLING's; APIError (400) if one is wrong. vocab: the token ids a prompt may hold."""
+    req = load_json(body)
 
     def field(name, kinds, default, ok=lambda v: True, want=""):
         value = req.get(name)
@@ -68,9 +115,17 @@ def parse_request(body):
     for name, default in UNSUPPORTED.items():  # refused rather than silently ignored
         if req.get(name) not in (None, default):
             raise APIError(400, f"{name}={json.dumps(req[name])} is not supported by this server; leave it out", name)
-    return dict(
-        prompt=field("prompt", str, "", want="a string"),  # OpenAI's default too: text after <|endoftext|>
-        max_tokens=field("max_tokens", int, 16, lambda v: v >= 1, "an integer of 1 or more"),
+    prompts = parse_prompt(req.get("prompt"), vocab)
+    echo = field("echo", bool, False, want="true or false")
+    least = 0 if echo else 1  # echo with max_tokens 0 scores the prompt alone
+    max_tokens = field("max_tokens", int, 16, lambda v: least <= v <= MAX_TOKENS,
+                       f"an integer from {least} to {MAX_TOKENS}" + ("" if echo else " (0 only with echo)"))
+    if len(prompts) * max_tokens > MAX_TOKENS:
+        raise APIError(400, f"max_tokens={max_tokens} is invalid for {len(prompts)} prompts: a request makes at most "
+                            f"{MAX_TOKENS} new tokens in all; send fewer prompts a request", "max_tokens")
+    req = dict(
+        prompts=prompts, echo=echo, max_tokens=max_tokens,
+        logprobs=field("logprobs", int, None, lambda v: 0 <= v <= 5, "an integer from 0 to 5"),
         temperature=field("temperature", (int, float), SAMPLING["temperature"], lambda v: 0 <= v <= 2,
                           "from 0 (greedy) to 2"),
         top_p=field("top_p", (int, float), SAMPLING["top_p"], lambda v: 0 < v <= 1, "above 0 and at most 1"),
@@ -79,17 +134,71 @@ def parse_request(body):
         stop=stop,
         stream=field("stream", bool, False, want="true or false"),
     )
+    if req["stream"] and (len(prompts) > 1 or echo or req["logprobs"] is not None):
+        raise APIError(400, "stream=true is for one prompt, without echo or logprobs; leave stream out to get "
+                            "the whole reply at once", "stream")
+    return req
+
+
+def token_text(enc, token):
+    """A token as OpenAI's logprobs name it: its text, or "bytes:\\xe2\\x80" when it holds part of a character."""
+    raw = enc.decode_single_token_bytes(token)
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def top_dict(enc, entry):
+    """OpenAI's top_logprobs entry, {token text: log-probability}, from (ids, log-probabilities), likeliest first
+    ([] for none)."""
+    return {token_text(enc, token): logp for token, logp in zip(*entry)}
+
+
+def text_offsets(enc, tokens, start=0):
+    """Each token's offset in the text the tokens decode to, counted from start (a token that begins inside a
+    character: that character's)."""
+    decoder, offsets = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
+    for t in tokens:
+        offsets.append(start)
+        start += len(decoder.decode(enc.decode_single_token_bytes(t)))
+    return offsets
+
+
+def finish(enc, tokens, stop, limit, gone):
+    """New tokens, drawn from the iterator `tokens`, up to where the completion ends as stream_text ends it: at
+    <|endoftext|>, at the first stop string (the text ends before it; the tokens keep the one that completed it),
+    or after `limit`. Returns (tokens, text, finish_reason), or None once gone() says the client left."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    taken, text, longest = [], "", max(map(len, stop), default=1)
+    for token in tokens:
+        if gone():
+            return None
+        taken.append(token)
+        if token == EOT:
+            return taken, text + decoder.decode(b"", final=True), "stop"
+        start = max(0, len(text) - longest + 1)  # where a stop string completed by this token may begin
+        text += decoder.decode(enc.decode_single_token_bytes(token))
+        hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
+        if hits:
+            return taken, text[:min(hits)], "stop"
+        if len(taken) == limit:
+            break
+    return taken, text + decoder.decode(b"", final=True), "length"
 
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client does not keep the process alive at Ctrl-C
+    request_queue_size = 128  # connections the kernel holds until accepted; socketserver's 5 had a burst reset
 
-    def __init__(self, address, queue):
+    def __init__(self, address, queue, timeout=30.0):
         super().__init__(address, Handler)
         self.model, self.name, self.enc = None, None, get_tokenizer()  # the model is loaded once the port is ours
         self.lock = threading.Lock()  # one generation at a time: they share the model (and its one CPU or GPU)
         self.count_lock = threading.Lock()
         self.queue, self.waiting, self.running = queue, 0, 0
+        self.timeout = timeout  # seconds a client has to send its request, and to take each write of the reply
+        self.hosts = local_hosts(address[0], self.server_address[1])
 
     @contextlib.contextmanager
     def turn(self):
@@ -109,10 +218,15 @@ class Server(ThreadingHTTPServer):
                 with self.count_lock:
                     self.running -= 1
 
-    def complete(self, req, gone):
-        """Yields (text, finish_reason, usage): text pieces as they are made safe to send (never part of a
-        stop string), and last a ("", reason, usage) with finish_reason "stop" or "length"."""
-        tokens = self.enc.encode(req["prompt"], allowed_special={"<|endoftext|>"}) or [EOT]
+    def encode(self, prompt):
+        """A prompt's token ids: a string's ("" is <|endoftext|>, which a string may also name), or the ids given."""
+        if isinstance(prompt, list):
+            return prompt
+        return self.enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT]
+
+    def complete(self, req, tokens, gone):
+        """Yields (text, finish_reason, usage) for one prompt's tokens: text pieces as they are made safe to send
+        (never part of a stop string), and last a ("", reason, usage) with finish_reason "stop" or "length"."""
         block_size = self.model.config.block_size
         cropped, tokens = max(0, len(tokens) - block_size), tokens[-block_size:]
         pieces = stream_text(self.model, tokens, req["max_tokens"], req["stop"], temperature=req["temperature"],
@@ -126,6 +240,137 @@ class Server(ThreadingHTTPServer):
                      prompt_tokens_cropped=cropped)  # dropped from the left to fit block_size
         yield "", reason, usage
 
+    def completions(self, req, gone):
+        """(choices, usage, warning or None) of a whole reply, each prompt's choice at its index; None once gone()
+        says the client left."""
+        prompts = [self.encode(p) for p in req["prompts"]]
+        if req["logprobs"] is not None:
+            made = self.scored(req, prompts, gone)
+            if made is None:
+                return None
+        else:
+            made = []
+            for tokens in prompts:
+                text, reason, usage = "", "length", dict(completion_tokens=0)
+                if req["max_tokens"]:  # else echo alone: the prompt is the whole text
+                    for piece, reason, usage in self.complete(req, tokens, gone):
+                        text += piece
+                    if usage is None:
+                        return None
+                made.append((usage["completion_tokens"], text, reason, None))
+        choices = [{"text": (self.enc.decode(tokens) if req["echo"] else "") + text, "index": i,
+                    "logprobs": logprobs, "finish_reason": reason}
+                   for i, (tokens, (_, text, reason, logprobs)) in enumerate(zip(prompts, made))]
+        bs = self.model.config.block_size
+        seen, new = sum(min(len(p), bs) for p in prompts), sum(m[0] for m in made)
+        usage = dict(prompt_tokens=seen, completion_tokens=new, total_tokens=seen + new,
+                     prompt_tokens_cropped=sum(max(0, len(p) - bs) for p in prompts))
+        nulls = req["echo"] and req["logprobs"] is not None
+        long = [f"prompt {i} has {len(p)} tokens, more than block_size={bs}: the model saw its last {bs}"
+                + (f", and its first {len(p) - bs} have logprob null" if nulls else "")
+                for i, p in enumerate(prompts) if len(p) > bs]
+        return choices, usage, "; ".join(long) or None
+
+    def scored(self, req, prompts, gone):
+        """Each prompt's (new tokens made, text, finish_reason, logprobs), logprobs as OpenAI's: every token listed
+        (the prompt's too, with echo), its log-probability, the `logprobs` likeliest tokens at its place, and its
+        offset in the text. The prompts are scored together (inference.score packs them into few forwards), and
+        the first new token of each is drawn from that same forward, as generate_stream would draw it; the rest
+        come from generate_stream, and one more scoring pass gives their log-probabilities. A prompt longer than
+        block_size is scored on its last block_size + 1 tokens, as lm-eval crops one: its last block_size tokens
+        get log-probabilities. A new token is scored given the block_size tokens before it, as it was made.
+        None once gone() says the client left."""
+        model, bs, top, limit = self.model, self.model.config.block_size, req["logprobs"], req["max_tokens"]
+        sampling = dict(temperature=req["temperature"], top_k=req["top_k"], top_p=req["top_p"])
+        windows, at = [], []  # per prompt: the window of its own tokens (echo), that of its first new token
+        for p in prompts:
+            mine = None
+            if req["echo"]:
+                mine = len(windows)
+                windows.append((p, 1, None) if len(p) <= bs else (p[-1 - bs:-1], 1, p[-1]))
+            after = mine if mine is not None and len(p) <= bs else None
+            if limit and after is None:
+                after = len(windows)
+                windows.append((p[-bs:], len(p[-bs:]), None))
+            at.append((mine, after))
+        first = score(model, windows, top, gone)
+        if first is None:
+            return None
+        out = []
+        for p, (mine, after) in zip(prompts, at):
+            tokens, lps, tops = [], [], []
+            if mine is not None:
+                got, got_tops, _ = first[mine]
+                tokens, lps = list(p), [None] * (len(p) - len(got)) + got
+                tops = [None] * (len(p) - len(got)) + (got_tops if top else [[]] * len(got))
+            new, text, reason = [], "", "length"
+            if limit:
+                logits = first[after][2]
+                generator = None if req["seed"] is None else torch.Generator(logits.device).manual_seed(req["seed"])
+                token = sample_next(logits[None], generator=generator, **sampling).item()
+                rest = generate_stream(model, p + [token], limit - 1, generator=generator, **sampling)
+                with contextlib.closing(rest):  # run only as far as finish reads it
+                    done = finish(self.enc, itertools.chain([token], (t.item() for t in rest)), req["stop"], limit,
+                                  gone)
+                if done is None:
+                    return None
+                new, text, reason = done
+                logp = logits.log_softmax(dim=-1)
+                lps.append(logp[token].item())
+                best = logp.topk(top)
+                tops.append((best.indices.tolist(), best.values.tolist()))
+            out.append((p, new, tokens + new, lps, tops, text, reason))
+        later, windows = [], []  # the new tokens after the first, each given the block_size tokens before it
+        for i, (p, new, *_) in enumerate(out):
+            seq = p + new
+            for j in range(len(p) + 1, len(seq)):
+                later.append(i)
+                windows.append((seq[max(0, j - bs):j], min(j, bs), seq[j]))
+        scores = score(model, windows, top, gone) if windows else []
+        if scores is None:
+            return None
+        for i, (lps, tops, _) in zip(later, scores):
+            out[i][3].extend(lps)
+            out[i][4].extend(tops if top else [[]])
+        made = []
+        for p, new, tokens, lps, tops, text, reason in out:
+            start = 0 if req["echo"] else len(self.enc.decode(p))  # offsets count from the prompt's start
+            logprobs = dict(tokens=[token_text(self.enc, t) for t in tokens], token_logprobs=lps,
+                            top_logprobs=[None if t is None else top_dict(self.enc, t) for t in tops],
+                            text_offset=text_offsets(self.enc, tokens, start))
+            made.append((len(new), text, reason, logprobs))
+        return made
+
+def local_hosts(host, port):
+    """The Host headers a server bound to loopback accepts, "127.0.0.1:8000" and the like; None when it is bound
+    to another address, whose names this server cannot know."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if not loopback:
+        return None
+    names = {"localhost", "127.0.0.1", "[::1]", f"[{host}]" if ":" in host else host}
+    return {f"{name}:{port}" for name in names} | (names if port == 80 else set())
+
+
+class DeadlineReader(io.RawIOBase):
+    """A socket's bytes until a deadline. Each read waits at most for the time left, so a client that sends a byte
+    now and then cannot keep its request open past the deadline, as it could under a timeout for each read."""
+
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline = sock, deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "train_gpt2-serve"
@@ -136,44 +381,85 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.respond(self.post)
 
+    def setup(self):
+        super().setup()
+        self.id, self.created, self.answered = f"cmpl-{uuid.uuid4().hex}", int(time.time()), False
+        # The whole request (request line, headers, body) must arrive within --timeout of the connection, so that
+        # a slow or silent client holds one thread for a bounded time, and never the model: the model is taken
+        # only once a request is read and checked.
+        self.rfile.close()
+        self.rfile = io.BufferedReader(DeadlineReader(self.connection, time.monotonic() + self.server.timeout))
+
+    def read_done(self):
+        """Writes from here on each wait at most --timeout for the client to take them: a client that stops
+        reading its stream must not hold the model."""
+        self.connection.settimeout(self.server.timeout)
+
     def respond(self, handle):
+        self.read_done()  # the request line and headers are in
         try:
             handle()
+        except TimeoutError:  # the body did not arrive in time, or the client stopped taking the reply
+            self.close_connection = True
+            if not self.answered:
+                with contextlib.suppress(OSError):
+                    self.fail(408, f"the request did not arrive within {self.server.timeout:g} s (--timeout)")
         except APIError as e:
-            self.send_json(e.status, {"error": {"message": e.message, "type": e.kind, "param": e.param,
-                                                "code": None}}, retry=e.status == 503)
+            self.fail(e.status, e.message, e.param, e.kind)
         except UserError as e:  # what inference refuses, e.g. a token id outside a smaller vocabulary
-            self.send_json(400, {"error": {"message": str(e), "type": "invalid_request_error", "param": "prompt",
-                                           "code": None}})
+            self.fail(400, str(e), "prompt")
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client left; nobody is there to tell
         except Exception as e:  # a bug of ours: say so, log it, and keep serving
             self.log_error("%s", traceback.format_exc())
             if not self.answered:
-                self.send_json(500, {"error": {"message": f"internal error: {type(e).__name__}: {e}",
-                                               "type": "server_error", "param": None, "code": None}})
+                self.fail(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+
+    def fail(self, status, message, param=None, kind="invalid_request_error"):
+        """OpenAI's error JSON; a 503 says when to retry."""
+        self.send_json(status, {"error": {"message": message, "type": kind, "param": param, "code": None}},
+                       retry=status == 503)
 
     def send_response(self, *args):
         self.answered = True
         super().send_response(*args)
 
+    def check_origin(self):
+        """403 for a request a web page of another site sent (its Origin is not this server's), and, on loopback,
+        for a Host that is not this server's address: a page whose name was re-pointed at 127.0.0.1 (DNS
+        rebinding) is then of its own origin, but names a Host of its own. Clients without an Origin (curl,
+        the openai library, lm-eval) and this server's own page pass."""
+        host, origin = self.headers.get("Host"), self.headers.get("Origin")
+        hosts = self.server.hosts
+        if host is not None and hosts is not None and host.lower() not in hosts:
+            raise APIError(403, f"Host {host} is not this server's address: it serves "
+                                f"{', '.join(sorted(h for h in hosts if ':' in h))} only, so that a web page cannot "
+                                f"reach it under a name of its own (DNS rebinding)", kind="permission_error")
+        if origin is not None and (host is None or origin.lower() != f"http://{host}".lower()):
+            raise APIError(403, f"Origin {origin} is not this server's origin (http://{host}): web pages of other "
+                                f"sites may not use this server; open its own page, or call it from a program",
+                           kind="permission_error")
+
     def get(self):
+        self.check_origin()
         if self.path == "/":
             with open(PAGE, "rb") as f:
                 self.send_body(200, f.read(), "text/html; charset=utf-8")
         elif self.path == "/health":
             s = self.server
-            self.send_json(200, {"status": "ok", "model": s.name, "running": s.running, "waiting": s.waiting})
+            self.send_json(200, {"status": "ok", "model": s.name, "running": s.running, "waiting": s.waiting,
+                                 "threads": threading.active_count()})  # back to its idle count once clients leave
+        elif self.path == "/tokenizer_info":  # vLLM's, which lm-eval's local-completions looks for
+            self.send_json(200, {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>",
+                                 "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "vocab_size": EOT + 1,
+                                 "model_max_length": self.server.model.config.block_size})
         elif self.path == "/v1/models":
             self.send_json(200, {"object": "list", "data": [
                 {"id": self.server.name, "object": "model", "created": 0, "owned_by": "train_gpt2"}]})
         else:
             raise APIError(404, f"no such endpoint: GET {self.path}", kind="not_found_error")
 
-    def post(self):
-        if self.path != "/v1/completions":
-            raise APIError(404, f"no such endpoint: POST {self.path}; completions are POST /v1/completions",
-                           kind="not_found_error")
+    def read_body(self):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise APIError(411, "send the body with a Content-Length header")
@@ -181,17 +467,54 @@ class Handler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             self.discard(length)
             raise APIError(413, f"the body is {length} bytes; the limit is {MAX_BODY} (1 MB)")
-        req = parse_request(self.rfile.read(length))
-        with self.server.turn():
-            pieces = self.server.complete(req, self.client_gone)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise APIError(400, f"the body ended after {len(body)} of its {length} bytes (Content-Length)")
+        self.read_done()
+        return body
+
+    def post(self):
+        body = self.read_body()  # read whole before any answer: a reply to a half-read request may be reset
+        self.check_origin()
+        handle = {"/v1/completions": self.completions, "/tokenize": self.tokenize,
+                  "/detokenize": self.detokenize}.get(self.path)
+        if handle is None:
+            raise APIError(404, f"no such endpoint: POST {self.path}; completions are POST /v1/completions",
+                           kind="not_found_error")
+        handle(body)
+
+    def completions(self, body):
+        s = self.server
+        req = parse_request(body, min(EOT + 1, s.model.config.vocab_size))
+        with s.turn():  # only now, with the request read and checked, wait for the model
             if req["stream"]:
-                self.stream(pieces)
-            else:
-                text = ""
-                for piece, reason, usage in pieces:
-                    text += piece
-                    if reason:  # else the client left before the end
-                        self.send_json(200, self.completion(text, reason, usage))
+                self.stream(s.complete(req, s.encode(req["prompts"][0]), self.client_gone))
+                return
+            reply = s.completions(req, self.client_gone)
+            if reply is not None:  # else the client left before the end
+                choices, usage, warning = reply
+                body = {**self.completion("", None, usage), "choices": choices}
+                self.send_json(200, {**body, "warning": warning} if warning else body)
+
+    def tokenize(self, body):
+        """vLLM's POST /tokenize, which lm-eval's local-completions asks for the tokenizer (add_special_tokens
+        changes nothing: GPT-2's tokenizer adds none)."""
+        prompt = load_json(body).get("prompt")
+        if not isinstance(prompt, str):
+            raise APIError(400, f"prompt={json.dumps(prompt)[:80]} is invalid; prompt must be a string", "prompt")
+        parse_prompt(prompt, EOT + 1)  # refuses what is not text
+        tokens = self.server.enc.encode(prompt, allowed_special={"<|endoftext|>"})
+        self.send_json(200, {"count": len(tokens), "max_model_len": self.server.model.config.block_size,
+                             "tokens": tokens, "token_strs": None})
+
+    def detokenize(self, body):
+        """vLLM's POST /detokenize: the text of token ids."""
+        tokens = load_json(body).get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= EOT
+                                                   for t in tokens):
+            raise APIError(400, f"tokens={json.dumps(tokens)[:80]} is invalid; tokens must be a list of token ids "
+                                f"from 0 to {EOT}", "tokens")
+        self.send_json(200, {"prompt": self.server.enc.decode(tokens)})
 
     def stream(self, pieces):
         """Server-sent events: a chunk per piece of text, the last with finish_reason and usage, then [DONE]."""
@@ -214,10 +537,6 @@ class Handler(BaseHTTPRequestHandler):
         body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.server.name,
                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
         return {**body, "usage": usage} if usage else body
-
-    def setup(self):
-        super().setup()
-        self.id, self.created, self.answered = f"cmpl-{uuid.uuid4().hex}", int(time.time()), False
 
     def client_gone(self):
         """Whether the client has closed its end: the socket then reads as end-of-file."""
@@ -253,18 +572,22 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu; or name one")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="inference dtype")
     p.add_argument("--queue", type=int, default=8, help="requests that may wait for the model; more get 503")
+    p.add_argument("--timeout", type=float, default=30, help="seconds a client has to send its whole request, and "
+                                                              "to take each write of the reply")
     args = p.parse_args(argv)
     if not 0 <= args.port < 65536:
         sys.exit(f"error: --port={args.port} is out of range; --port must be 0 (any free port) to 65535")
     if args.queue < 0:
         sys.exit(f"error: --queue={args.queue} is out of range; --queue must be 0 or more")
+    if not args.timeout > 0:
+        sys.exit(f"error: --timeout={args.timeout:g} is out of range; --timeout must be above 0 seconds")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:  # the port first: a taken one fails at once, not after a long model load
-        server = Server((args.host, args.port), args.queue)
+        server = Server((args.host, args.port), args.queue, args.timeout)
     except OSError as e:
         sys.exit(f"error: cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port")
     try:

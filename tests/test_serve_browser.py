@@ -16,6 +16,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from inference import generate
+from serve import MAX_TOKENS
 from train_gpt2 import get_tokenizer, load_model
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -51,7 +52,7 @@ def completion(driver):
 
 def test_text_streams_in_and_stop_stops_it(page):
     driver, url = page
-    fill(driver, prompt="The cat sat on the", max_tokens=1_000_000, temperature=1)
+    fill(driver, prompt="The cat sat on the", max_tokens=MAX_TOKENS, temperature=1)
     driver.find_element(By.ID, "generate").click()
     stop = driver.find_element(By.ID, "stop")
     wait = WebDriverWait(driver, 30)
