@@ -1,8 +1,12 @@
 """inference's Decoder: the static KV cache kept from call to call, the fixed-shape step a CUDA graph replays, and
 how the path is chosen. No CUDA here: the "fixed" path is the graph's step run eagerly, the arithmetic a graph
 replays; the capture itself is left to bench/gpu_check.py on a GPU."""
+import os
+import sys
+
 import pytest
 import torch
+from conftest import ROOT
 
 import inference
 from inference import KVCache, decode_path, generate, generate_stream, sample_next
@@ -132,3 +136,18 @@ def test_a_compiled_wrapper_is_unwrapped(monkeypatch):
     assert inference.inference_model(CompiledOrEager(model, print)) is model
     assert inference.inference_model(torch.compile(model)) is model
     assert inference.inference_model(model) is model
+
+
+def test_greedy_check_prints_a_line_per_weights_and_mode(capsys):
+    """bench/greedy_check.py, the greedy report's setting step by step, on a 2-layer model: it runs, and greedy
+    issues fewer ops a step than top-k, with no read of a device value (a GPU wait) where top-k's CPU sampling
+    has some."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import greedy_check
+    greedy_check.main(["--tiny", "--device=cpu", "--new_tokens=3"])
+    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines()[3:]]
+    assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows] == [
+        (w, m, "3") for w in ("fp32 under bf16 autocast", "bf16 held") for m in ("greedy", "top-k 50")]
+    ops = [float(r[5]) for r in rows]
+    assert ops[0] < ops[1] and ops[2] < ops[3] and [r[6].strip() for r in rows][::2] == ["0", "0"]
+    assert all(r[7].strip() == "0" for r in rows)  # nothing compiled
