@@ -10,6 +10,9 @@ model, and prints its samples during training with the plain GPT.generate.
 import codecs
 import contextlib
 import math
+import threading
+import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -100,19 +103,172 @@ def prompt_rows(model, tokens, num_samples):
     return idx.view(1, -1).repeat(num_samples, 1)
 
 
+class StaticKVCache(KVCache):
+    """A KVCache that a Decoder keeps from call to call, its buffers allocated at the first prompt, and that also
+    serves the fixed-shape step: while `at` holds a position (a (1,) long tensor on the model's device), update
+    writes the new token's keys and values at that row and returns the whole buffers, which the step's mask
+    limits to the rows written so far. Shapes then never change from step to step, as a CUDA graph needs."""
+
+    at = None
+
+    def update(self, k, v):
+        if self.k is None:
+            # Zeros, not KVCache's empty rows: the fixed-shape step's mask hides the rows not yet written, but
+            # a NaN left there by the allocator would still reach the output (its weight is 0, and 0 * NaN = NaN).
+            shape = (*k.shape[:2], self.block_size, k.size(3))
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        if self.at is None:  # the prompt, or a step at a known position: KVCache's arithmetic
+            return super().update(k, v)
+        self.k.index_copy_(2, self.at, k)
+        self.v.index_copy_(2, self.at, v)
+        return self.k, self.v
+
+
+CUDA_GRAPHS = True  # False: CUDA decodes with the eager step too (benches compare the two in one process)
+GRAPH_WARMUP = 2  # eager fixed-shape steps on a side stream before the capture, as CUDA graph capture needs
+
+
+def decode_path(device):
+    """How a model on device runs its one-token step: "graph" (the fixed-shape step, replayed as a CUDA graph)
+    where CUDA is, else "eager" (GPT.forward over the cache's filled rows, today's arithmetic), for CPU and MPS,
+    where a graph would save no launches: their ops run on the calling thread anyway. "fixed" (the graph's
+    fixed-shape step, run eagerly) is only chosen by tests and benches, to check the graph's arithmetic."""
+    use = CUDA_GRAPHS and torch.device(device).type == "cuda" and torch.cuda.is_available()
+    return "graph" if use else "eager"
+
+
+def next_logits(logits):
+    """The last position's float logits (B, tokens) of a forward's (B, T, vocab): ids past GPT-2's 50257 are
+    vocabulary padding, never tokens."""
+    return logits[:, -1, :EOT + 1].float()
+
+
+class Decoder:
+    """What decoding keeps between calls for one model held for inference and one batch size: a StaticKVCache per
+    layer, sized for block_size once, and on CUDA the one-token step captured as a CUDA graph, replayed for every
+    token after. One stream uses it at a time (lock); decoder_for gives any other stream a decoder of its own."""
+
+    def __init__(self, model, batch, path, key=None):
+        device = model.lm_head.weight.device
+        self.path, self.key, self.pos, self.lock = path, key, 0, threading.Lock()
+        self.caches = [StaticKVCache(model.config.block_size) for _ in model.transformer.h]
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the step's input token ...
+        self.at = torch.zeros(1, dtype=torch.long, device=device)  # ... and its position, written before each step
+        self.rows = torch.arange(model.config.block_size, device=device)
+        self.graph, self.out, self.warm, self.stream = None, None, 0, None
+
+    def prefill(self, model, idx):
+        """Logits for the token after idx (B, T <= block_size), which fills the cache's rows 0..T-1."""
+        for cache in self.caches:
+            cache.pos = 0
+        self.pos = idx.size(1)
+        return next_logits(model(idx, cache=self.caches)[0])
+
+    def step(self, model, nxt):
+        """Logits for the token after nxt (B,), which goes at position self.pos (< block_size)."""
+        self.pos += 1
+        if self.path == "eager":
+            return next_logits(model(nxt[:, None], cache=self.caches)[0])
+        self.tok.copy_(nxt[:, None])
+        self.at.fill_(self.pos - 1)  # a kernel with the value as its argument: no wait for the GPU
+        for cache in self.caches:
+            cache.pos = self.pos  # kept true, so that a prompt or an eager step may follow
+        if self.path == "fixed":
+            return self.fixed_step(model)
+        return self.graph_step(model)
+
+    def fixed_step(self, model):
+        """GPT.forward's one-token step on fixed shapes: self.tok at position self.at (a tensor, so that a graph
+        reads it afresh), attending to every cache row through a mask of the rows written."""
+        t = model.transformer
+        mask = (self.rows <= self.at).view(1, 1, 1, -1)
+        for cache in self.caches:
+            cache.at = self.at
+        try:
+            x = t.drop(t.wte(self.tok) + t.wpe(self.at))
+            for block, cache in zip(t.h, self.caches):
+                x = block(x, cache, mask)
+            return next_logits(model.lm_head(t.ln_f(x)))
+        finally:
+            for cache in self.caches:
+                cache.at = None
+
+    def graph_step(self, model):
+        """fixed_step replayed as a CUDA graph: one launch for the whole step instead of ~15 a layer, which at
+        batch 1 take longer to issue than the GPU takes to run them. The first GRAPH_WARMUP steps run eagerly on
+        a side stream (capture needs cuBLAS's workspace and the allocator warmed up on it); the next is captured,
+        then replayed. Its logits land in the same buffer each replay, read before the next one is queued."""
+        if self.graph is None and self.warm < GRAPH_WARMUP:
+            self.warm += 1
+            self.stream = self.stream or torch.cuda.Stream()
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                out = self.fixed_step(model)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return out
+        if self.graph is None:
+            # Autocast's cache of cast weights would hand the graph tensors that are freed when the caller's
+            # autocast ends; a held model has no casts to cache, and this keeps it so whatever the caller holds.
+            autocast = dict(enabled=torch.is_autocast_enabled("cuda"), dtype=torch.get_autocast_dtype("cuda"))
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.autocast("cuda", cache_enabled=False, **autocast), \
+                        torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.out = self.fixed_step(model)
+            except RuntimeError as e:  # e.g. an attention kernel that cannot be captured: the same step, eagerly
+                warnings.warn(f"CUDA graph capture of the decoding step failed ({e}); decoding without it")
+                self.path = "fixed"
+                return self.fixed_step(model)
+            self.graph = graph
+        self.graph.replay()
+        return self.out
+
+
+_DECODERS = weakref.WeakKeyDictionary()  # model -> its Decoder; none holds its model, so a model can be freed
+
+
+def decoder_for(model, batch):
+    """The model's kept Decoder for this batch size, a new one (which replaces it) if anything it depends on
+    changed: the batch size, the autocast state (the cache's dtype) or where any weight lives (a captured
+    graph reads weights by address). A second stream while the first is still open gets a decoder of its own."""
+    device = model.lm_head.weight.device
+    key = (batch, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
+           tuple(p.data_ptr() for p in model.parameters()))
+    decoder = _DECODERS.get(model)
+    if decoder is None or decoder.key != key:
+        decoder = _DECODERS[model] = Decoder(model, batch, decode_path(device), key)
+    if decoder.lock.acquire(blocking=False):
+        return decoder
+    decoder = Decoder(model, batch, decode_path(device))
+    decoder.lock.acquire()
+    return decoder
+
+
+def inference_model(model):
+    """The GPT to decode with: unwrapped from torch.compile's wrapper and from train_gpt2.CompiledOrEager (whose
+    attribute forwarding does not reach `_orig_mod`), since a compiled model would trace and recompile as
+    the cache grows; under autocast to a dtype other than its weights', a copy held in that dtype."""
+    model = getattr(model, "compiled", model)  # CompiledOrEager's torch.compile wrapper
+    model = getattr(model, "_orig_mod", model)
+    device = model.lm_head.weight.device
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    if dtype not in (None, model.lm_head.weight.dtype):
+        # Autocast would cast all the weights again for every token: three times the memory traffic of a
+        # decoder that reads them once, already cast. So decode with a copy held in autocast's dtype, built
+        # each call (tens of ms): kept, it would hold a stale second copy of the weights through training.
+        model = hold_for_inference(model_from_state(model.config, model.state_dict(), device, dtype), dtype)
+    return model
+
+
 @torch.no_grad()
 def generate_stream(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling):
     """Continues the prompt `tokens` num_samples times, yielding each new position's (num_samples,) tokens,
     until max_new_tokens or until every sample has produced `stop` (None: never stops). sampling: sample_next's
     temperature (0: greedy), top_k and top_p, SAMPLING's unless given, and seed or generator, which make the
-    draws repeatable. A compiled model decodes uncompiled: it would recompile as the sequence grows."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    draws repeatable. A compiled model decodes uncompiled: it would recompile as the sequence grows. The
+    model's Decoder (decoder_for) holds the cache, and on CUDA the graph of the step, from call to call."""
+    model = inference_model(model)
     device = model.lm_head.weight.device
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    if dtype not in (None, model.lm_head.weight.dtype):
-        # Autocast would cast all the weights again for every token: three times the memory traffic of a
-        # decoder that reads them once, already cast. So decode with a copy held in autocast's dtype.
-        model = hold_for_inference(model_from_state(model.config, model.state_dict(), device, dtype), dtype)
     idx = prompt_rows(model, tokens, num_samples)
     sampling = {**SAMPLING, **sampling}
     seed = sampling.pop("seed", None)
@@ -120,30 +276,31 @@ def generate_stream(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sa
         sampling["generator"] = torch.Generator(device).manual_seed(seed)
     bs = model.config.block_size
     done = torch.zeros(num_samples, dtype=torch.bool, device=device)
-    cache = None
-    for _ in range(max_new_tokens):
-        if cache is None or cache[0].pos == bs:
-            # Positions are learned and absolute: once the window slides, every kept token sits at a
-            # new position, so the stored keys and values are stale and the window is recomputed.
-            cache = [KVCache(bs) for _ in model.transformer.h]
-            logits, _ = model(idx[:, -bs:], cache=cache)
-        else:
-            logits, _ = model(idx[:, -1:], cache=cache)
-        # ids past GPT-2's 50257 are vocabulary padding, never tokens
-        nxt = sample_next(logits[:, -1, :EOT + 1].float(), **sampling)
-        idx = torch.cat((idx, nxt[:, None]), dim=1)
-        yield nxt
-        done |= nxt == stop
-        if done.all():
-            return
+    decoder = decoder_for(model, num_samples)
+    try:
+        logits = decoder.prefill(model, idx[:, -bs:])
+        for made in range(1, max_new_tokens + 1):
+            nxt = sample_next(logits, **sampling)
+            idx = torch.cat((idx, nxt[:, None]), dim=1)
+            yield nxt
+            if stop is not None:  # the check waits for the GPU: only where a stop can end the stream
+                done |= nxt == stop
+                if done.all():
+                    return
+            if made < max_new_tokens:
+                # Positions are learned and absolute: once the window slides, every kept token sits at a
+                # new position, so the stored keys and values are stale and the window is recomputed.
+                full = decoder.pos == bs
+                logits = decoder.prefill(model, idx[:, -bs:]) if full else decoder.step(model, nxt)
+    finally:
+        decoder.lock.release()
 
 
 def generate(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling):
-    """generate_stream's tokens gathered: one list of new tokens per sample, each cut before `stop`."""
-    rows = [[] for _ in range(num_samples)]
-    for nxt in generate_stream(model, tokens, max_new_tokens, num_samples, stop, **sampling):
-        for row, token in zip(rows, nxt.tolist()):
-            row.append(token)
+    """generate_stream's tokens gathered: one list of new tokens per sample, each cut before `stop`. Read from
+    the device once, at the end, so that a GPU is never waited on between tokens that nothing stops."""
+    steps = list(generate_stream(model, tokens, max_new_tokens, num_samples, stop, **sampling))
+    rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(num_samples)]
     return [row[:row.index(stop)] if stop in row else row for row in rows]
 
 
