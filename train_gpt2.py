@@ -688,7 +688,7 @@ def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
 
 def flops_per_token(model, T):
     c = model.config
-    n = model.num_params() - model.transformer.wpe.weight.numel()
+    n = GPT.num_params(model) - model.transformer.wpe.weight.numel()  # any GPT-2, ours or transformers'
     return 6 * n + 6 * c.n_layer * c.n_embd * T  # 6N: the matmuls forward and backward; then causal attention
 
 # ----------------------------------------------------------------------------------------------
