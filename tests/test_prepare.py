@@ -4,6 +4,7 @@ import glob
 import hashlib
 import json
 import os
+import socket
 import sys
 
 import numpy as np
@@ -14,7 +15,7 @@ import tiktoken
 from conftest import ROOT, WORDS, run
 
 import prepare_fineweb
-from train_gpt2 import EOT, UserError, get_tokenizer, load_shard, temp_path
+from train_gpt2 import EOT, UserError, get_tokenizer, load_shard
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -113,7 +114,7 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch, k, n
     if failure == "ctrl-c":
         assert e.value.code.startswith("interrupted: finished shards are kept")
     else:  # one line that says what and what to do, and the partial shard's space is given back
-        partial = temp_path(os.path.join(resumed, f"local_train_{k:06d}.npy"))
+        partial = f"{os.path.join(resumed, f'local_train_{k:06d}.npy')}.{socket.gethostname()}.{os.getpid()}.tmp"
         assert e.value.code == (f"error: [Errno {errno.ENOSPC}] No space left on device: '{partial}'; finished "
                                 f"shards are kept: fix that, then run the same command again to resume")
         assert not glob.glob(os.path.join(resumed, "*.tmp"))
