@@ -5,21 +5,14 @@
     python train_gpt2.py --max_steps=100 --resume=auto           # any constant below, as --name=value
     python train_gpt2.py --preset=quickstart                     # offline CPU run on prepare_fineweb.py --dataset=pydoc
 
-The file, top to bottom:
-    Settings             the run's whole configuration as constants; presets; parse_args
-    Model                GPTConfig, CausalSelfAttention, MLP, Block, GPT; the fused loss (inference.py decodes)
-    Tokenizer            GPT-2's BPE, built offline
-    Data                 uint16 shards and DataLoaderLite, one token stream whatever the world size
-    Devices and schedule device, autocast, fused AdamW, learning rate, MFU
-    Optimizers           AdamW and Muon, behind one interface (OPTIMIZERS)
-    Sharding and memory  FSDP2 (--fsdp), whole checkpoints gathered from shards, the memory estimate
-    Evals                val loss, HellaSwag, samples
-    Checkpoints          atomic writes, checked reads, honest resume
-    One run per log_dir  the lock
-    Shared with scripts  load_model, local_model_path, missing_parent: what sample.py & co. import
-    The run log          console lines and metrics; log.txt
-    Training phases      what train() runs, in order: setup, data, model, log, evals, checkpoint, step
-    train() and main()
+The file, top to bottom: Settings (the run's whole configuration as constants; presets; parse_args). Model
+(GPTConfig, CausalSelfAttention, MLP, Block, GPT; the fused loss; inference.py decodes). Tokenizer (GPT-2's BPE,
+built offline). Data (uint16 shards, DataLoaderLite: one token stream on any world size). Devices and schedule
+(device, autocast, fused AdamW, learning rate, MFU). Optimizers (AdamW and Muon, one interface, OPTIMIZERS). Sharding
+and memory (FSDP2, whole checkpoints from shards, the memory estimate). Evals (val loss, HellaSwag, samples).
+Checkpoints (atomic writes, checked reads, honest resume). One run per log_dir (the lock). Shared with scripts
+(load_model, local_model_path, missing_parent: what sample.py & co. import). The run log (console lines, metrics,
+log.txt). Training phases (what train() runs, in order). train() and main().
 """
 import contextlib
 import ctypes
@@ -141,7 +134,6 @@ EXIT_PREEMPTED = 75  # exit code after SIGTERM/SIGUSR1 and a checkpoint: sysexit
 
 class UserError(Exception):
     """Bad input or settings: main() prints it as one line and exits non-zero."""
-
     def exit(self):
         return SystemExit(f"error: {self}")
 
@@ -175,15 +167,14 @@ def parse_args(argv):
     for name, choices in (("dtype", DTYPES), ("optimizer", tuple(OPTIMIZERS)), ("lr_schedule", ("cosine", "wsd"))):
         if cfg[name] not in choices:
             raise UserError(f"--{name}={cfg[name]}: expected one of {', '.join(choices)}")
-    if cfg["decay_frac"] > 1:
-        raise UserError(f"--decay_frac={cfg['decay_frac']}: must be at most 1 (the share of max_steps that decays)")
-    if cfg["muon_momentum"] >= 1:
-        raise UserError(f"--muon_momentum={cfg['muon_momentum']}: must be below 1")
+    for name, bad, want in (("decay_frac", cfg["decay_frac"] > 1, "at most 1 (the share of max_steps that decays)"),
+                            ("muon_momentum", cfg["muon_momentum"] >= 1, "below 1"),
+                            ("dropout", not 0 <= cfg["dropout"] < 1, "in [0, 1)")):
+        if bad:
+            raise UserError(f"--{name}={cfg[name]}: must be {want}")
     if cfg["fsdp"] and not OPTIMIZERS[cfg["optimizer"]].shardable:
         raise UserError(f"--optimizer={cfg['optimizer']} does not work with --fsdp=True; use DDP (--fsdp=False) or "
                         f"--optimizer=adamw")
-    if not 0 <= cfg["dropout"] < 1:
-        raise UserError(f"--dropout={cfg['dropout']}: must be in [0, 1)")
     if cfg["T"] > cfg["block_size"]:
         raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
     trackers = [t for t in cfg["tracker"].split(",") if t]
@@ -308,12 +299,9 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+            wte=nn.Embedding(config.vocab_size, config.n_embd), wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout), h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.recompute = False  # set by a run's --recompute
@@ -329,7 +317,6 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied wte/lm_head once, as GPT-2's 124M counts it
 
@@ -357,8 +344,7 @@ class GPT(nn.Module):
                                               min(self.config.vocab_size, EOT + 1))
 
     def hidden_states(self, idx, pos, mask):
-        """ln_f's output at positions pos (B, T), mask (B, 1, T, T) True where attending: HellaSwag's shared
-        contexts."""
+        """ln_f's output at pos (B, T) under mask (B, 1, T, T), True where attending: HellaSwag's shared contexts."""
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, mask=mask)
@@ -373,8 +359,7 @@ class GPT(nn.Module):
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
-            idx = torch.cat((idx, idx_next), dim=1)
+            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, -1), num_samples=1, generator=generator)), 1)
         return idx
 
     @classmethod
@@ -412,11 +397,9 @@ class GPT(nn.Module):
     def resize_vocab(self, vocab_size):
         """Pad (or slice) the tied embedding; new rows are zero so no real token's logit changes."""
         old = self.lm_head.weight.data
-        n = min(vocab_size, old.size(0))
         new = torch.zeros(vocab_size, old.size(1), dtype=old.dtype, device=old.device)
-        new[:n] = old[:n]
-        self.lm_head.weight = nn.Parameter(new)
-        self.transformer.wte.weight = self.lm_head.weight
+        new[:len(old)] = old[:vocab_size]
+        self.lm_head.weight = self.transformer.wte.weight = nn.Parameter(new)
         self.config.vocab_size = vocab_size
 
 def hf_config(name_or_path):
@@ -484,9 +467,7 @@ def load_shard(path):
             tokens = np.memmap(path, dtype="<u2", mode="r", offset=LLMC_HEADER_BYTES, shape=(int(header[2]),))
         else:
             tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except UserError:
-        raise
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError) as e:  # a UserError above is already what to say
         raise UserError(f"{path}: cannot read shard ({e}); delete it and re-run prepare_fineweb.py") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise UserError(f"{path}: shard holds {tokens.dtype} of shape {tokens.shape}, want 1-D uint16 tokens")
@@ -505,7 +486,6 @@ class DataLoaderLite:
     """(x, y) micro-batches (B, T) from one split's token stream (shards end to end, train shards re-permuted each epoch
     by seed). Each group step takes the next B*T*world tokens, rank r the r-th B*T, so a step reads the same tokens
     whatever B and the world size. State: (epoch, shard index in that epoch's order, token)."""
-
     def __init__(self, cfg, split, ranks=(0, 1)):
         self.B, self.T, self.split, self.seed, (self.rank, self.world) = cfg.B, cfg.T, split, cfg.seed, ranks
         self.vocab_size = min(cfg.vocab_size, EOT + 1)  # padded ids are no tokens: a shard holding one is refused
@@ -540,16 +520,14 @@ class DataLoaderLite:
 
     def walk(self, skip, n):
         """The (epoch, shard index, token) `skip` tokens on, and the (shard, start, count) pieces of the n after it."""
-        epoch, shard, pos = self.epoch, self.shard, self.pos + skip
-        order = self.order(epoch)
+        epoch, shard, pos, order = self.epoch, self.shard, self.pos + skip, self.order(self.epoch)
         pieces, where = [], None
         while True:
             size = self.sizes[order[shard]]
             if pos >= size:  # past this shard: on to the next one, or to the next epoch's first
                 pos, shard = pos - size, shard + 1
                 if shard == len(order):
-                    epoch, shard = epoch + 1, 0
-                    order = self.order(epoch)
+                    epoch, shard, order = epoch + 1, 0, self.order(epoch + 1)
                 continue
             where = where or (epoch, shard, pos)
             if not n:
@@ -588,9 +566,7 @@ def pick_device(requested, local_rank=0):
         if not {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(kind, True):
             raise UserError(f"--device={requested}: this machine's PyTorch sees no {kind} device; use --device=auto")
         return requested
-    if torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 def native_bf16(device_type):
     """Hardware bf16 matmuls (torch.cuda.is_bf16_supported() also counts slow emulation: T4, V100; pytorch#148322)."""
@@ -702,7 +678,6 @@ class ScheduledLR:
 class AdamW(ScheduledLR, torch.optim.AdamW):
     """GPT-3's settings: betas (0.9, 0.95), weight decay on matmul weights and embeddings, not biases or gains."""
     shardable = True  # an elementwise update: FSDP2 may split its parameters over the ranks
-
     def __init__(self, model, cfg, device_type, params=None):
         params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
         super().__init__([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -720,7 +695,6 @@ class Muon(ScheduledLR):
     """Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest. "match_rms_adamw" scales updates to AdamW's RMS
     (Moonshot's "Muon is Scalable for LLM Training"), so AdamW's tuned lr and weight decay carry over."""
     shardable = False  # it orthogonalizes whole matrices: a rank's shard alone would get a different update
-
     def __init__(self, model, cfg, device_type):
         matrices = [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
         rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
@@ -1314,9 +1288,8 @@ def take_lock(path):
 def missing_parent(path):
     """Why path's directory lets no file be created there ("" if it does): scripts check before their long work."""
     parent = os.path.dirname(path) or "."
-    if os.path.isdir(parent):
-        return ""
-    return f"{parent} is not a directory" if os.path.exists(parent) else f"no directory {parent}"
+    return "" if os.path.isdir(parent) else f"{parent} is not a directory" if os.path.exists(parent) else (
+        f"no directory {parent}")
 
 def local_model_path(spec):
     """spec, ~ expanded; a missing local-looking path (.pt, ./ ../ / ~) is refused, not tried as a hub name for 30 s."""
@@ -1391,7 +1364,6 @@ def load_pretrained(model, spec, log):
 class LogFile:
     """log.txt: the run record, then `{step} {kind} {value}` lines; rewritten at start, keeping all but later steps."""
     KINDS = {"train/loss": "train", "val/loss": "val", "hella/acc_norm": "hella"}
-
     def __init__(self, cfg, start_step, record):
         self.path = os.path.join(cfg.log_dir, "log.txt")
         try:
@@ -1415,7 +1387,6 @@ class LogFile:
 
 class RunLog:
     """What a run says, on rank 0: run.log("line") prints, run.log.metrics(step, {...}) goes to every sink."""
-
     def __init__(self, rank):
         self.quiet, self.sinks = rank != 0, []
     def __call__(self, line):
@@ -1595,7 +1566,6 @@ def wrap_model(run):
 
 class CompiledOrEager(nn.Module):
     """torch.compile(model)'s forward and hidden_states; eager, after a warning, if compiling fails (no Triton...)."""
-
     def __init__(self, model, log):
         super().__init__()
         self.compiled, self.log, self.failed = torch.compile(model), log, False
@@ -1698,12 +1668,9 @@ def train_step(run, lr):
 def log_step(run, step, loss, norm, lr, dt):
     cfg, scaler = run.cfg, run.scaler
     mfu = run.peak_step_time / dt if run.peak_step_time else None
-    skipped = ""
-    if not math.isfinite(loss):
-        skipped = " | loss not finite: step skipped"
-    elif not math.isfinite(norm):
-        skipped = (f" | inf gradients: step skipped, gradient scale now {scaler.get_scale():g}" if scaler.is_enabled()
-                   else " | grad norm not finite: step skipped")
+    skipped = (" | loss not finite: step skipped" if not math.isfinite(loss) else "" if math.isfinite(norm) else
+               f" | inf gradients: step skipped, gradient scale now {scaler.get_scale():g}" if scaler.is_enabled()
+               else " | grad norm not finite: step skipped")
     run.log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms | "
             f"tok/sec {cfg.total_batch_size / dt:.0f} | mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{skipped}")
     metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
