@@ -20,6 +20,7 @@ from train_gpt2 import (
     EOT,
     SETTINGS,
     UserError,
+    atomic_write,
     autocast_context,
     ending_lengths,
     hellaswag_losses,
@@ -47,21 +48,17 @@ def hellaswag_predictions(model, data, batch_tokens, autocast, fixed_shape=False
 
 
 def download(url, path):
-    """url to path with a progress bar, through a temp file, so that a failed download leaves nothing behind."""
+    """url to path with a progress bar, written whole or not at all (atomic_write)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f, \
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_write(path) as f, \
                 tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
                      desc=f"downloading {os.path.basename(path)}") as bar:
             while chunk := response.read(1 << 20):
                 bar.update(f.write(chunk))
     except OSError as e:  # urllib's URLError and HTTPError are OSErrors
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise UserError(f"cannot download {url} ({e}); put hellaswag_val.jsonl at {path} "
                         f"or pass --data=path.jsonl") from None
-    os.replace(tmp, path)
 
 
 def parse_args(argv):

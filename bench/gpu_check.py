@@ -68,17 +68,18 @@ def train_row(shape, device, dtype):
         torch.manual_seed(0)
         raw = tg.GPT(shape["model"]).to(device)
         model = tg.CompiledOrEager(raw, print) if shape["compile"] else raw
-        optimizer = raw.configure_optimizers(0.1, 6e-4, device_type)
-        autocast, scaler = tg.autocast_context(device_type, dtype), tg.grad_scaler(device_type, dtype)
-        loader = SyntheticLoader(B, shape["T"], shape["model"].vocab_size)
+        optimizer = tg.build_optimizer(raw, tg.Settings(), device_type)
+        run = tg.Run(tg.Settings(), device=device, trained=model, optimizer=optimizer,
+                     train_loader=SyntheticLoader(B, shape["T"], shape["model"].vocab_size),
+                     autocast=tg.autocast_context(device_type, dtype), scaler=tg.grad_scaler(device_type, dtype))
         try:
             times = []
             for i in range(shape["warmup"] + shape["steps"]):
                 t0 = time.perf_counter()
-                tg.train_step(model, optimizer, loader, 1, 6e-4, 1.0, autocast, device, scaler)
+                tg.train_step(run, 6e-4)
                 times.append(time.perf_counter() - t0)
         except torch.OutOfMemoryError:
-            del raw, model, optimizer
+            del raw, model, optimizer, run
             continue
         rate = B * shape["T"] / statistics.median(times[shape["warmup"]:])
         peak = tg.device_peak_flops(device_type, 0.0, dtype)
@@ -136,6 +137,7 @@ def table(rows):
 
 
 def main():
+    tg.tune_allocator()  # as train_gpt2.main() does
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, to check the script itself")
     args = p.parse_args()

@@ -35,13 +35,21 @@ def main():
         spec.loader.exec_module(m)
         torch.manual_seed(0)
         raw = m.GPT(m.GPTConfig(block_size=1024, vocab_size=50304, n_layer=6, n_head=6, n_embd=384))
-        optimizer = raw.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
-        runs.append((m, torch.compile(raw).train(), optimizer, SyntheticLoader(8, 256, 50257)))
+        m.tune_allocator()  # as main() does (older trees did it at import: again changes nothing)
+        model, loader = torch.compile(raw).train(), SyntheticLoader(8, 256, 50257)
+        scaler = m.grad_scaler("cpu", "bfloat16")
+        if hasattr(m, "Run"):  # train_step(run, lr), since the house restructuring
+            run = m.Run(m.Settings(), trained=model, optimizer=m.build_optimizer(raw, m.Settings(), "cpu"),
+                        train_loader=loader, grad_accum_steps=2, autocast=autocast, scaler=scaler)
+            runs.append(lambda m=m, run=run: m.train_step(run, 6e-4))
+        else:
+            optimizer = raw.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
+            runs.append(lambda m=m, model=model, optimizer=optimizer, loader=loader, scaler=scaler: m.train_step(
+                model, optimizer, loader, 2, 6e-4, 1.0, autocast, "cpu", scaler))
 
     def step(i):
-        m, model, optimizer, loader = runs[i]
         t0 = time.perf_counter()
-        m.train_step(model, optimizer, loader, 2, 6e-4, 1.0, autocast, "cpu", m.grad_scaler("cpu", "bfloat16"))
+        runs[i]()
         return time.perf_counter() - t0
 
     for i in range(len(runs)):  # compile, then one warm-up step

@@ -35,7 +35,7 @@ def read_shard(data_dir, B, T):
     import torch  # noqa: F401
     sys.path.insert(0, ROOT)
     import train_gpt2
-    loader = train_gpt2.DataLoaderLite(B, T, 0, 1, "train", data_dir)
+    loader = train_gpt2.DataLoaderLite(train_gpt2.Settings(B=B, T=T, data_dir=data_dir), "train")
     steps = loader.steps_per_epoch()
     t0, checksum = time.perf_counter(), 0
     for _ in range(steps):

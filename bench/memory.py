@@ -6,13 +6,14 @@ and 2, with and without --fsdp and --recompute, at a small shape.
 
 Measured: each rank's peak resident memory (getrusage's ru_maxrss) up to the end of its last training step,
 minus its resident memory before train() runs (torch imported, nothing built), with glibc's default allocator
-settings (see untune_allocator). The checkpoint written at the end is left out: rank 0 gathers the whole
-weights and AdamW state into host memory to write it, which on a GPU is not the GPU's memory the estimate is
-about. The estimate: train_gpt2.estimate_memory for the same settings.
+settings fixed (see map_large_buffers). The checkpoint written at the end is left out: rank 0
+gathers the whole weights and AdamW state into host memory to write it, which on a GPU is not the GPU's memory
+the estimate is about. The estimate: train_gpt2.estimate_memory for the same settings.
 """
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import io
 import json
 import os
@@ -48,10 +49,11 @@ def shape_args(data_dir, log_dir, dtype, n_layer=6, n_embd=384, B=8, T=256):
             "--sample_count=0", "--hella_data=", "--peak_flops=1e12"]
 
 
-def untune_allocator():
-    """glibc's defaults again, undoing train_gpt2.tune_allocator: every large buffer is then a mapping of its own,
-    unmapped when freed, so the peak RSS is the peak of live memory and not of a heap that freed buffers
-    fragment (with the tuning, a run's RSS grew 25% from its first step to its second at the same live memory)."""
+def map_large_buffers():
+    """glibc's default thresholds, fixed (set, they no longer grow as large buffers are freed): every large buffer
+    is then a mapping of its own, unmapped when freed, so the peak RSS is the peak of live memory and not of a heap
+    that freed buffers fragment (with train_gpt2.tune_allocator, or glibc's growing threshold, a run's RSS grew
+    25-30% from its first step to its second at the same live memory)."""
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
@@ -60,13 +62,12 @@ def untune_allocator():
 
 def worker(argv):
     """Runs train_gpt2 with argv in this process; writes this rank's estimate and measurement as JSON."""
-    untune_allocator()
+    map_large_buffers()
     base = rss()
     cfg = tg.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     with torch_device_meta():
-        n_params = sum(p.numel() for p in tg.GPT(tg.GPTConfig(**{k: getattr(cfg, k) for k in tg.MODEL_KEYS}))
-                       .parameters())
+        n_params = tg.GPT(tg.model_config(dataclasses.asdict(cfg))).num_params()
     parts = tg.estimate_memory(cfg, n_params, world, lean=False)
     peaks, step = [], tg.train_step
     rank = int(os.environ.get("RANK", 0))
@@ -75,11 +76,11 @@ def worker(argv):
         result = step(*args)
         peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         with open(os.path.join(os.environ["MEMORY_RESULTS"], f"rank{rank}.json"), "w") as f:  # ranks share stdout
-            json.dump({"rank": rank, "parts": parts, "measured": max(peaks) - base}, f)  # main() may not return
+            json.dump({"rank": rank, "parts": parts, "measured": max(peaks) - base}, f)  # train() may not return
         return result
     tg.train_step = train_step
     with contextlib.redirect_stdout(io.StringIO()):
-        tg.main(argv)
+        tg.train(tg.parse_args(argv))  # not main(), which tunes the allocator
 
 
 def torch_device_meta():

@@ -77,20 +77,20 @@ def train_run(cfg):
 def step_times(args, data_dir, vocab, total_batch_size, best, rounds=3, steps=2):
     """Median seconds of train_gpt2.train_step with each optimizer (the model and optimizer made by build_model),
     taken in turns: a round times `steps` steps of each."""
-    runs, scaler = {}, tg.grad_scaler("cpu", args.dtype)
+    runs = {}
     for optimizer, lr, max_lr in (("adamw", best["adamw"], None), ("muon", best["muon"], best["adamw"])):
         log_dir = os.path.join(os.path.dirname(data_dir), f"timing_{optimizer}_{total_batch_size}")
         cfg = settings(args, data_dir, vocab, log_dir, optimizer, lr, 0, max_lr, total_batch_size)
         with contextlib.redirect_stdout(io.StringIO()):
-            loader = tg.open_data(cfg, 0, 1, print)[0]
-            model, opt = tg.build_model(cfg, loader, 1, "cpu", scaler, print)[:2]
-        runs[optimizer] = (model, opt, loader, cfg.total_batch_size // (cfg.B * cfg.T), tg.get_lr(50, cfg), [])
-    autocast = tg.autocast_context("cpu", args.dtype)
+            run = tg.start_run(cfg, 0, 1, "cpu")
+            tg.build_model(run)
+        run.trained = run.model
+        runs[optimizer] = (run, tg.get_lr(50, cfg), [])
     for r in range(rounds + 1):  # round 0 warms up
-        for model, opt, loader, accum, lr, times in runs.values():
+        for run, lr, times in runs.values():
             for _ in range(steps):
                 t0 = time.perf_counter()
-                tg.train_step(model, opt, loader, accum, lr, 1.0, autocast, "cpu", scaler)
+                tg.train_step(run, lr)
                 if r:
                     times.append(time.perf_counter() - t0)
     return {name: statistics.median(run[-1]) for name, run in runs.items()}
@@ -127,6 +127,7 @@ def spread(values):
 
 
 def main():
+    tg.tune_allocator()  # as train_gpt2.main() does
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("corpus", help="a UTF-8 text file, e.g. tiny Shakespeare")
     p.add_argument("--steps", type=int, default=100)

@@ -6,7 +6,7 @@
 
 Each measurement runs in its own child process, so that its peak resident memory is its own; the
 training runs take turns for --rounds rounds and each one's fastest median step counts.
-Ours: GPT + configure_optimizers (fused AdamW) + torch.compile + bf16 autocast, stepped by
+Ours: GPT + build_optimizer (fused AdamW) + torch.compile + bf16 autocast, stepped by
 train_gpt2.train_step. HF: GPT2LMHeadModel with sdpa attention, bf16 autocast, torch.optim.AdamW,
 eager, stepped by the usual loop (usual_step), twice: as transformers is normally run, in a process that
 never imports train_gpt2, and again with train_gpt2 imported, which gives the process this project's glibc
@@ -78,7 +78,7 @@ def build(args, which):
         config = train_gpt2.GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size,
                                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
         raw = train_gpt2.GPT(config)
-        optimizer = raw.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
+        optimizer = train_gpt2.build_optimizer(raw, train_gpt2.Settings(), "cpu")
         return raw, (torch.compile(raw) if args.compile else raw), optimizer
     from transformers import GPT2Config, GPT2LMHeadModel
     config = GPT2Config(vocab_size=args.vocab_size, n_positions=args.block_size, n_embd=args.n_embd,
@@ -97,17 +97,21 @@ def time_training(args, which):
         assert "train_gpt2" not in sys.modules, "the usual-HF process must keep glibc's default allocator"
     else:
         import train_gpt2
+        train_gpt2.tune_allocator()  # as train_gpt2.main() does
         train_gpt2.LOSS_CHUNK_ROWS = args.loss_chunk_rows or train_gpt2.LOSS_CHUNK_ROWS
     raw, model, optimizer = build(args, which)
     model.train()
     loader = SyntheticLoader(args.B, args.T, min(args.vocab_size, 50257))  # GPT-2's ids; the rest is padding
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    if which == "ours":
+        run = train_gpt2.Run(train_gpt2.Settings(), trained=model, optimizer=optimizer, train_loader=loader,
+                             grad_accum_steps=args.grad_accum, autocast=autocast,
+                             scaler=train_gpt2.grad_scaler("cpu", "bfloat16"))
 
     def step():
         t0 = time.perf_counter()
         if which == "ours":
-            train_gpt2.train_step(model, optimizer, loader, args.grad_accum, 6e-4, 1.0, autocast, "cpu",
-                                  train_gpt2.grad_scaler("cpu", "bfloat16"))
+            train_gpt2.train_step(run, 6e-4)
         else:
             usual_step(model, optimizer, loader, args.grad_accum, 1.0, autocast)
         return time.perf_counter() - t0

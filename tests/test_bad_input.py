@@ -1,6 +1,7 @@
 """Bad files and settings: each case is a real run that must print one line naming what is wrong, exit
 non-zero, and leave what was on disk as it was. The bad-input table of docs/failures.md ("What happens when
 things go wrong") lists the same cases."""
+import dataclasses
 import io
 import os
 import re
@@ -95,9 +96,11 @@ def outcomes(tmp_path_factory):
     other = str(base / "other.pt")  # a good checkpoint of a 1-layer model
     cfg = tg.parse_args(TINY + ["--n_layer=1", f"--log_dir={base}"])
     write_shards(str(base / "data"), [4000, 5000, 3000, 4100])
-    model = tg.GPT(tg.GPTConfig(**{k: getattr(cfg, k) for k in tg.MODEL_KEYS}))
-    loader = tg.DataLoaderLite(cfg.B, cfg.T, 0, 1, "train", str(base / "data"))
-    tg.save_checkpoint(other, model, model.configure_optimizers(0.1, 1e-3, "cpu"), 4, None, cfg, loader)
+    model = tg.GPT(tg.model_config(dataclasses.asdict(cfg)))
+    loader = tg.DataLoaderLite(dataclasses.replace(cfg, data_dir=str(base / "data")), "train")
+    tg.save_checkpoint(tg.Run(cfg, model=model, optimizer=tg.build_optimizer(model, cfg, "cpu"),
+                              train_loader=loader), 4)
+    os.rename(tg.checkpoint_path(str(base), 4), other)
     cut = open(other, "rb").read()[:5000]
 
     def run_case(i):

@@ -68,7 +68,7 @@ def test_preemption_signal_checkpoints_exits_and_resumes(data, baseline, tmp_pat
     ckpt = os.path.join(tmp_path, "model_000003.pt")
     assert f"stopped by {sig} at step 3: {ckpt} holds the run; continue it with --resume=auto" in r.stdout
     assert sorted(train_losses(str(tmp_path))) == [0, 1, 2]
-    assert torch.load(ckpt, weights_only=False)["step"] == 3
+    assert torch.load(ckpt, weights_only=True)["step"] == 3
     r = train(args + ["--resume=auto"])
     assert r.returncode == 0, r.stderr
     assert f"resumed from {ckpt} at step 3" in r.stdout
@@ -99,7 +99,7 @@ def test_max_bad_steps_skips_the_update(data, baseline, tmp_path):
     losses = train_losses(str(tmp_path))
     assert np.isnan(losses[5])
     assert all(losses[s] == baseline[0][s] for s in range(5))
-    state = torch.load(os.path.join(tmp_path, "model_000008.pt"), weights_only=False)["optimizer"]["state"]
+    state = torch.load(os.path.join(tmp_path, "model_000008.pt"), weights_only=True)["optimizer"]["state"]
     assert {float(s["step"]) for s in state.values()} == {7.0}  # 8 steps, one of them never applied
 
 

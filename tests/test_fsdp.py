@@ -66,8 +66,8 @@ def test_two_sharded_ranks_give_the_one_process_run(single, sharded):
 
 
 def test_a_sharded_checkpoint_is_whole_and_resumes_on_one_process(args, single, sharded, tmp_path):
-    ours = torch.load(os.path.join(sharded[0], "model_000004.pt"), weights_only=False)
-    theirs = torch.load(os.path.join(single[0], "model_000004.pt"), weights_only=False)
+    ours = torch.load(os.path.join(sharded[0], "model_000004.pt"), weights_only=True)
+    theirs = torch.load(os.path.join(single[0], "model_000004.pt"), weights_only=True)
     assert ours["model"].keys() == theirs["model"].keys()
     for k, v in theirs["model"].items():
         torch.testing.assert_close(ours["model"][k], v, atol=1e-5, rtol=0)
@@ -100,15 +100,16 @@ def test_a_ddp_checkpoint_resumes_sharded(args, single, tmp_path):
 
 LEAN = """import sys
 sys.path.insert(0, {root!r})
+import dataclasses
 import torch
 import train_gpt2 as tg
 cfg, world = tg.parse_args(sys.argv[1:]), 2
 with torch.device("meta"):
-    n = sum(p.numel() for p in tg.GPT(tg.GPTConfig(**{{k: getattr(cfg, k) for k in tg.MODEL_KEYS}})).parameters())
+    n = tg.GPT(tg.model_config(dataclasses.asdict(cfg))).num_params()
 lean, whole = (sum(tg.estimate_memory(cfg, n, world, lean).values()) for lean in (True, False))
 tg.device_memory = lambda device: (lean + whole) / 2 / 0.9  # room for the lean step only
 step = tg.train_step
-tg.train_step = lambda *a: print("lean step", a[-1], flush=True) or step(*a)
+tg.train_step = lambda run, lr: print("lean step", run.reshard_each_micro_step, flush=True) or step(run, lr)
 tg.main(sys.argv[1:])  # under torchrun, main ends the process
 """
 

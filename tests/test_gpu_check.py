@@ -30,10 +30,10 @@ def test_dry_run_prints_one_table_with_every_measurement():
 def test_train_step_takes_the_largest_batch_that_fits(monkeypatch):
     real = gpu_check.tg.train_step
 
-    def out_of_memory_above_2(model, optimizer, loader, *args):
-        if loader.B > 2:
+    def out_of_memory_above_2(run, lr):
+        if run.train_loader.B > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (the test's)")
-        return real(model, optimizer, loader, *args)
+        return real(run, lr)
     monkeypatch.setattr(gpu_check.tg, "train_step", out_of_memory_above_2)
     row = gpu_check.train_row(gpu_check.DRY, "cpu", "float32")
     assert row["shape"] == "2 x 32" and row["rate"] > 0

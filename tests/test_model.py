@@ -82,7 +82,7 @@ def test_gpt2_presets_have_the_published_sizes():
 
 def test_optimizer_decays_only_matrices_and_is_fused_on_cpu():
     model = tg.GPT(tg.GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=100, block_size=16))
-    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
+    opt = tg.build_optimizer(model, tg.parse_args(["--weight_decay=0.1", "--max_lr=6e-4"]), "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])

@@ -1,5 +1,6 @@
 """--optimizer=muon: Muon takes exactly the blocks' 2-D weights and AdamW the rest, the schedule scales both
 learning rates, and a Muon run learns, resumes bit-identically and gives the same losses on 2 ranks."""
+import dataclasses
 import os
 import re
 import shutil
@@ -35,7 +36,9 @@ def straight(data, tmp_path_factory):
 
 def test_muon_takes_exactly_the_blocks_matrices_and_adamw_the_rest():
     model = tg.GPT(tg.GPTConfig(block_size=16, vocab_size=64, n_layer=3, n_head=2, n_embd=16))
-    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu", muon=(2e-3, 0.9, 0.05))
+    cfg = tg.parse_args(["--optimizer=muon", "--weight_decay=0.1", "--max_lr=1e-3", "--muon_lr=2e-3",
+                         "--muon_momentum=0.9", "--muon_weight_decay=0.05"])
+    optimizer = tg.build_optimizer(model, cfg, "cpu")
     names = {id(p): n for n, p in model.named_parameters()}  # the tied weight is listed once, as wte's
     muon = [names[id(p)] for p in optimizer.muon.param_groups[0]["params"]]
     adamw = [[names[id(p)] for p in group["params"]] for group in optimizer.adamw.param_groups]
@@ -49,19 +52,18 @@ def test_muon_takes_exactly_the_blocks_matrices_and_adamw_the_rest():
     group = optimizer.muon.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"], group["adjust_lr_fn"]) == (
         2e-3, 0.9, 0.05, "match_rms_adamw")
-    assert isinstance(model.configure_optimizers(0.1, 1e-3, "cpu"), torch.optim.AdamW)  # adamw: as before
+    adamw = tg.build_optimizer(model, dataclasses.replace(cfg, optimizer="adamw"), "cpu")
+    assert isinstance(adamw, torch.optim.AdamW)  # adamw: as before
 
 
 def test_the_schedule_scales_both_learning_rates(data):
     cfg = tg.parse_args(MUON + ["--muon_lr=2e-2", f"--data_dir={data}"])
-    loader = tg.DataLoaderLite(cfg.B, cfg.T, 0, 1, "train", data)
+    loader = tg.DataLoaderLite(dataclasses.replace(cfg, data_dir=data), "train")
     model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=32))
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr, "cpu",
-                                           (cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay))
+    optimizer = tg.build_optimizer(model, cfg, "cpu")
     before = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
     lr = tg.get_lr(5, cfg)
-    tg.train_step(model, optimizer, loader, 2, lr, cfg.grad_clip, torch.autocast("cpu", enabled=False), "cpu",
-                  tg.grad_scaler("cpu", "float32"))
+    tg.train_step(tg.Run(cfg, trained=model, optimizer=optimizer, train_loader=loader, grad_accum_steps=2), lr)
     assert [g["lr"] for g in optimizer.adamw.param_groups] == [lr, lr]
     assert optimizer.muon.param_groups[0]["lr"] == pytest.approx(2e-2 * lr / 1e-2, rel=1e-12)
     assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, before)
@@ -77,7 +79,7 @@ def test_a_muon_run_learns_and_resumes_bit_identically(data, straight, tmp_path)
     r = train(MUON + [f"--data_dir={data}", f"--log_dir={tmp_path}", "--resume=auto"])
     assert r.returncode == 0, r.stderr
     assert train_losses(str(tmp_path)) == losses and train_losses(str(tmp_path), "val") == train_losses(straight, "val")
-    resumed, whole = (torch.load(os.path.join(d, "model_000008.pt"), weights_only=False) for d in (tmp_path, straight))
+    resumed, whole = (torch.load(os.path.join(d, "model_000008.pt"), weights_only=True) for d in (tmp_path, straight))
     assert set(whole["optimizer"]) == {"adamw", "muon"}
     assert_identical(resumed["model"], whole["model"])
     assert_identical(resumed["optimizer"], whole["optimizer"])

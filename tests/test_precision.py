@@ -90,10 +90,10 @@ def test_float16_run_is_finite_and_ends_near_float32(runs):
     assert all(map(torch.isfinite, torch.tensor(list(fp16.values()))))
     assert fp16 != fp32  # it did run in float16
     assert abs(fp16[7] - fp32[7]) < 0.05, (fp16, fp32)
-    ckpt = torch.load(os.path.join(runs["fp16"], "model_000008.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(runs["fp16"], "model_000008.pt"), weights_only=True)
     assert ckpt["scaler"]["scale"] == 2.0 ** 16 and ckpt["scaler"]["_growth_tracker"] == 8
     assert ckpt["config"]["dtype"] == "float16"
-    assert torch.load(os.path.join(runs["fp32"], "model_000008.pt"), weights_only=False)["scaler"] == {}
+    assert torch.load(os.path.join(runs["fp32"], "model_000008.pt"), weights_only=True)["scaler"] == {}
 
 
 def test_float16_resume_is_bit_identical_scaler_included(runs, tmp_path):
@@ -104,17 +104,20 @@ def test_float16_resume_is_bit_identical_scaler_included(runs, tmp_path):
     assert r.returncode == 0, r.stderr
     straight = train_losses(runs["fp16"])
     assert {s: v for s, v in straight.items() if s >= 4} == train_losses(resumed)
-    a, b = (torch.load(os.path.join(d, "model_000008.pt"), weights_only=False) for d in (runs["fp16"], resumed))
+    a, b = (torch.load(os.path.join(d, "model_000008.pt"), weights_only=True) for d in (runs["fp16"], resumed))
     assert a["scaler"] == b["scaler"]  # the growth tracker counts on from the checkpoint's 4 clean steps
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_scaler_skips_are_not_bad_steps_but_a_non_finite_loss_is():
     cfg = tg.parse_args(["--max_bad_steps=0"])
-    assert tg.bad_step(3, 2.5, float("inf"), 0, None, cfg, scaled=True) == 0
-    for loss, norm, scaled in ((float("nan"), float("inf"), True), (2.5, float("inf"), False)):
+    run = lambda scaled: tg.Run(cfg, scaler=torch.amp.GradScaler("cpu", enabled=scaled))  # noqa: E731
+    scaled = run(True)
+    tg.count_bad_step(scaled, 3, 2.5, float("inf"))
+    assert scaled.bad_steps == 0
+    for loss, norm, with_scaler in ((float("nan"), float("inf"), True), (2.5, float("inf"), False)):
         with pytest.raises(tg.UserError, match="step 3: loss .* is not finite"):
-            tg.bad_step(3, loss, norm, 0, None, cfg, scaled)
+            tg.count_bad_step(run(with_scaler), 3, loss, norm)
 
 
 FAILING_COMPILE = """

@@ -93,7 +93,7 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch, k, n
     assert len(reference) > k + 4  # shards + manifest: the interruption falls mid-corpus
 
     real_write = prepare_fineweb.write_shard
-    written = []
+    written, partial = [], []
 
     def crash_on_shard_k(path, tokens):  # in the middle of writing shard k
         if len(written) == k:
@@ -101,9 +101,10 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch, k, n
                 with open(path + ".tmp", "wb") as f:
                     f.write(b"partial")
                 raise KeyboardInterrupt
-            with prepare_fineweb.atomic_open(path) as f:
+            with prepare_fineweb.atomic_write(path) as f:
                 f.write(b"partial")
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + ".tmp")
+                partial.append(f.name)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
         written.append(path)
         real_write(path, tokens)
 
@@ -113,8 +114,8 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch, k, n
     if failure == "ctrl-c":
         assert e.value.code.startswith("interrupted: finished shards are kept")
     else:  # one line that says what and what to do, and the partial shard's space is given back
-        partial = os.path.join(resumed, f"local_train_{k:06d}.npy.tmp")
-        assert e.value.code == (f"error: [Errno {errno.ENOSPC}] No space left on device: '{partial}'; finished "
+        assert partial[0].startswith(os.path.join(resumed, f"local_train_{k:06d}.npy."))
+        assert e.value.code == (f"error: [Errno {errno.ENOSPC}] No space left on device: '{partial[0]}'; finished "
                                 f"shards are kept: fix that, then run the same command again to resume")
         assert not glob.glob(os.path.join(resumed, "*.tmp"))
     assert len(glob.glob(os.path.join(resumed, "*.npy"))) == k
@@ -123,7 +124,7 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, monkeypatch, k, n
 
     stats = prepare(data, resumed, f"--num_proc={num_proc}")
     assert stats["tokens"] == len(expected_tokens(DOCS)) - 100 * k  # the finished shards were not redone
-    assert shard_hashes(resumed) == reference  # shards and manifest alike; the .tmp was replaced
+    assert shard_hashes(resumed) == reference  # shards and manifest alike; the killed run's .tmp was removed
     assert prepare(data, resumed)["tokens"] == 0  # a complete directory is left alone
 
 

@@ -70,7 +70,7 @@ def test_world_size_and_b_changes_are_accepted_and_named(finished, tmp_path):
 
 def test_a_checkpoint_from_before_the_recorded_data_order_resumes_with_a_note(finished, tmp_path):
     os.makedirs(tmp_path / "log")
-    ckpt = torch.load(finished / "log" / "model_000008.pt", weights_only=False)
+    ckpt = torch.load(finished / "log" / "model_000008.pt", weights_only=True)
     del ckpt["shards"], ckpt["world"], ckpt["config"]["allow_changes"]
     torch.save(ckpt, tmp_path / "log" / "model_000008.pt")
     r = resume(finished, tmp_path, "--max_steps=9")

@@ -60,7 +60,7 @@ def test_two_launches_into_one_log_dir_run_once(data, baseline, tmp_path, apart)
     assert record["settings"].pop("log_dir") == str(tmp_path) and baseline_record["settings"].pop("log_dir") == baseline
     assert record == baseline_record
     for name in ("model_000200.pt", "model_000400.pt"):
-        a, b = (torch.load(os.path.join(d, name), weights_only=False) for d in (tmp_path, baseline))
+        a, b = (torch.load(os.path.join(d, name), weights_only=True) for d in (tmp_path, baseline))
         assert a["step"] == b["step"] and a.keys() == b.keys()
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 

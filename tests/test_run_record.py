@@ -6,14 +6,14 @@ import torch
 from conftest import ROOT, read_log
 
 import plot
-from train_gpt2 import read_run_record
+from plot import read_run_record
 
 
 def test_the_record_says_what_ran(tiny_run):
     log_dir = os.path.dirname(tiny_run.checkpoint)
     record, steps = read_log(log_dir)
     assert record == read_run_record(os.path.join(log_dir, "log.txt"))
-    assert record["settings"] == torch.load(tiny_run.checkpoint, weights_only=False)["config"]
+    assert record["settings"] == torch.load(tiny_run.checkpoint, weights_only=True)["config"]
     C, L, V, P = 32, 2, 50304, 64  # n_embd, n_layer, vocab_size, block_size of the tiny run
     assert record["params"] == V * C + P * C + L * (12 * C * C + 13 * C) + 2 * C  # GPT-2's count, lm_head tied
     assert (record["world"], record["device"], record["torch"]) == (1, "cpu", torch.__version__)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prepare_fineweb import write_shard
-from train_gpt2 import LLMC_MAGIC, DataLoaderLite, UserError, load_shard
+from train_gpt2 import LLMC_MAGIC, DataLoaderLite, Settings, UserError, load_shard
 
 
 def write_both(tmp_path, sizes, seed=0):
@@ -38,7 +38,7 @@ def test_bin_shard_is_llmc_header_then_uint16_tokens(tmp_path):
 def test_npy_and_bin_shards_give_identical_batches(tmp_path):
     npy_dir, bin_dir = write_both(tmp_path, [3000, 2500, 4100, 3300])
     for split in ("train", "val"):
-        loaders = [DataLoaderLite(4, 32, 0, 1, split, d, seed=5) for d in (npy_dir, bin_dir)]
+        loaders = [DataLoaderLite(Settings(B=4, T=32, data_dir=d, seed=5), split) for d in (npy_dir, bin_dir)]
         for _ in range(150):  # several epochs, so the shard permutations are compared too
             (xa, ya), (xb, yb) = (loader.next_batch() for loader in loaders)
             assert torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -83,5 +83,5 @@ def test_default_path_compiles_in_bf16_and_still_evaluates_and_samples(shards, t
     losses = train_losses(log_dir)
     assert len(losses) == 4 and losses[3] < losses[0]
     assert set(train_losses(log_dir, "val")) == {0, 4}
-    state = torch.load(os.path.join(log_dir, "model_000004.pt"), weights_only=False)["model"]
+    state = torch.load(os.path.join(log_dir, "model_000004.pt"), weights_only=True)["model"]
     assert "lm_head.weight" in state and not any("_orig_mod" in k for k in state)
