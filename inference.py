@@ -6,11 +6,13 @@ model, and prints its samples during training with the plain GPT.generate.
     generate(model, tokens, 64, num_samples=4, seed=1)              # each sample's new tokens, cut at <|endoftext|>
     for nxt in generate_stream(model, tokens, 64, temperature=0):    # (num_samples,) new tokens a step
     for text, reason in stream_text(model, tokens, 64, ["\n\n"]):    # text safe to show, a piece a token
+    for text, reason in stream_reply(model, [{"role": "user", "content": "Hi"}], 64):  # a chat model's reply
 """
 import codecs
 import contextlib
 import math
 
+import chat
 import torch
 import torch.nn as nn
 
@@ -129,8 +131,8 @@ def generate_stream(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sa
             logits, _ = model(idx[:, -bs:], cache=cache)
         else:
             logits, _ = model(idx[:, -1:], cache=cache)
-        # ids past GPT-2's 50257 are vocabulary padding, never tokens
-        nxt = sample_next(logits[:, -1, :EOT + 1].float(), **sampling)
+        # ids past the real tokens (GPT-2's 50257, and a chat model's template tokens) pad the vocabulary
+        nxt = sample_next(logits[:, -1, :model.config.real_tokens].float(), **sampling)
         idx = torch.cat((idx, nxt[:, None]), dim=1)
         yield nxt
         done |= nxt == stop
@@ -147,17 +149,17 @@ def generate(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling)
     return [row[:row.index(stop)] if stop in row else row for row in rows]
 
 
-def stream_text(model, tokens, max_new_tokens, stop=(), **sampling):
+def stream_text(model, tokens, max_new_tokens, stop=(), ends=(EOT,), **sampling):
     """generate_stream's one sample as text: a (piece, finish_reason) per new token. piece is the text that is
     safe to show by then: never a character still missing bytes, nor what may be the start of a stop string.
-    finish_reason is None until the last token's: "stop" at <|endoftext|> or at a stop string, which the text
-    ends before, else "length"."""
+    finish_reason is None until the last token's: "stop" at a token of `ends` (<|endoftext|>; a chat reply's
+    chat.STOP) or at a stop string, which the text ends before, else "length"."""
     enc, decoder = get_tokenizer(), codecs.getincrementaldecoder("utf-8")(errors="replace")
     hold = max(map(len, stop), default=1) - 1  # the characters a stop string may still be completing
     text, sent = "", 0
     with contextlib.closing(generate_stream(model, tokens, max_new_tokens, **sampling)) as stream:
         for made, nxt in enumerate(stream, 1):
-            if nxt.item() == EOT:
+            if nxt.item() in ends:
                 yield text[sent:] + decoder.decode(b"", final=True), "stop"
                 return
             text += decoder.decode(enc.decode_single_token_bytes(nxt.item()))
@@ -310,3 +312,27 @@ def score(model, windows, top=0, gone=lambda: False):
                           None if has_next else lasts[at + n - 1])
             at += n
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat: a chat model's reply to a conversation (chat.py's template), for serve.py's /v1/chat/completions and
+# sample.py --chat.
+
+def not_chat(model, name):
+    """None for a chat model (its config has chat=True: fine-tuned on conversations); else why it cannot chat, and
+    the fix, in one line."""
+    if model.config.chat:
+        return None
+    return (f"{name} is a base model, not a chat model: it was never fine-tuned on conversations (its config has no "
+            f"chat=True), so it has not learnt the chat template's tokens and cannot reply to messages; fine-tune it "
+            f"first (python train_gpt2.py --preset=sft --init_from=... on conversations, docs/training.md), or "
+            f"continue text with /v1/completions")
+
+
+def stream_reply(model, messages, max_new_tokens, stop=(), **sampling):
+    """stream_text's (piece, finish_reason) of a chat model's reply to messages: what it writes after
+    chat.prompt(messages) (its last block_size ids), ending at <|end|> (or <|endoftext|>: chat.STOP) or a stop string
+    with "stop", or after max_new_tokens with "length". ValueError with chat.problem's reason for what is not a
+    conversation."""
+    tokens = chat.prompt(messages)[-model.config.block_size:]
+    return stream_text(model, tokens, max_new_tokens, stop, ends=chat.STOP, **sampling)
