@@ -68,6 +68,14 @@ def hold_for_inference(model, dtype):
     return model
 
 
+def encode(model, text):
+    """text's token ids for model: "<|endoftext|>" is that token, as are a chat model's template tokens ("<|user|>",
+    "<|end|>"...: the raw chat template); any other special token's name is plain text."""
+    enc = get_tokenizer()
+    special = enc.special_tokens_set if model.config.chat else {"<|endoftext|>"}
+    return enc.encode(text, allowed_special=special, disallowed_special=())
+
+
 def load_for_inference(spec, device="cpu", dtype="float32"):
     """train_gpt2.load_model's GPT (any checkpoint, run directory, Hugging Face directory or hub name) on device,
     held for inference with its weights in dtype ("bfloat16" or "float32")."""

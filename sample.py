@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from inference import SAMPLING, generate, load_for_inference, not_chat, stream_reply, stream_text
+from inference import SAMPLING, encode, generate, load_for_inference, not_chat, stream_reply, stream_text
 from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
 
@@ -73,7 +73,7 @@ def main(argv=None):
             converse(model, args.system, args.max_new_tokens, sampling)
             return
         enc = get_tokenizer()
-        prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [EOT]
+        prompt = encode(model, args.prompt) or [EOT]
         if args.num_samples == 1:
             stream(model, enc, prompt, args.max_new_tokens, sampling)
         else:

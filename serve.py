@@ -1,4 +1,5 @@
-"""Serve a model over HTTP: a web page to type into, and the OpenAI completions API for every other client.
+"""Serve a model over HTTP: a web page to type into, and the OpenAI completions and chat completions API for every
+other client.
 
     python serve.py --model=log/model_019073.pt        # then open http://127.0.0.1:8000
     python serve.py --model=log --port=8080             # a run directory: its newest readable checkpoint
@@ -6,12 +7,13 @@
          -d '{"prompt": "Hello, my name is", "max_tokens": 32, "temperature": 0.8}'
 
 Endpoints: GET / (the page), POST /v1/completions (prompt, max_tokens, temperature, top_p, seed, stop, stream, echo,
-logprobs, and top_k as an extension), GET /v1/models, GET /health, and vLLM's GET /tokenizer_info, POST /tokenize
-and POST /detokenize, so that EleutherAI's lm-eval (--model local-completions) needs only the URL. Requests share
-one model and run one at a time, under a lock; up to --queue more wait their turn and any beyond get 503. A
-request's prompts are scored together, packed into few forwards (inference.score). A client that hangs up stops its
-generation at the next token; one that has not sent its whole request within --timeout is cut off, and never held
-the model. Web pages of other sites get 403 (docs/serving.md, "Web pages").
+logprobs, and top_k as an extension), POST /v1/chat/completions (messages, for a chat model: one fine-tuned with
+--preset=sft on chat.py's template; the page is then a conversation), GET /v1/models, GET /health, and vLLM's GET
+/tokenizer_info, POST /tokenize and POST /detokenize, so that EleutherAI's lm-eval (--model local-completions) needs
+only the URL. Requests share one model and run one at a time, under a lock; up to --queue more wait their turn and any
+beyond get 503. A request's prompts are scored together, packed into few forwards (inference.score). A client that hangs
+up stops its generation at the next token; one that has not sent its whole request within --timeout is cut off, and
+never held the model. Web pages of other sites get 403 (docs/serving.md, "Web pages").
 """
 import argparse
 import codecs
@@ -33,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import chat
 import torch
 
-from inference import SAMPLING, generate_stream, load_for_inference, not_chat, sample_next, score, stream_text
+from inference import SAMPLING, encode, generate_stream, load_for_inference, not_chat, sample_next, score, stream_text
 from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
 MAX_BODY = 1 << 20  # bytes: a hundred full 1024-token windows as token ids; a larger body is a mistake or an abuse
@@ -261,16 +263,11 @@ class Server(ThreadingHTTPServer):
                     self.running -= 1
 
     def encode(self, prompt):
-        """A prompt's token ids: a string's ("" is <|endoftext|>, which a string may also name), or the ids given."""
+        """A prompt's token ids: a string's ("" is <|endoftext|>, which a string may also name; inference.encode),
+        or the ids given."""
         if isinstance(prompt, list):
             return prompt
-        return self.tokens(prompt) or [EOT]
-
-    def tokens(self, text):
-        """text's token ids: "<|endoftext|>" is that token, as are a chat model's template tokens (raw chat.py
-        template in a completion); any other special token's name is plain text."""
-        special = self.enc.special_tokens_set if self.model.config.chat else {"<|endoftext|>"}
-        return self.enc.encode(text, allowed_special=special, disallowed_special=())
+        return encode(self.model, prompt) or [EOT]
 
     def complete(self, req, tokens, gone, ends=(EOT,)):
         """Yields (text, finish_reason, usage) for one prompt's tokens: text pieces as they are made safe to send
@@ -581,7 +578,7 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(prompt, str):
             raise APIError(400, f"prompt={json.dumps(prompt)[:80]} is invalid; prompt must be a string", "prompt")
         parse_prompt(prompt, EOT + 1)  # refuses what is not text
-        tokens = self.server.tokens(prompt)
+        tokens = encode(self.server.model, prompt)
         self.send_json(200, {"count": len(tokens), "max_model_len": self.server.model.config.block_size,
                              "tokens": tokens, "token_strs": None})
 

@@ -162,6 +162,13 @@ def test_a_bad_field_gets_a_400_naming_it_and_the_server_keeps_serving(server):
     assert server.client.chat.completions.create(model="tiny", messages=ASK, max_tokens=2).usage.completion_tokens == 2
 
 
+def test_a_completion_may_spell_the_template_on_a_chat_model(server):
+    first, _ = reply(server.model, ASK)
+    raw = "<|endoftext|><|user|>What is 2+3?<|end|><|assistant|>"
+    r = server.client.completions.create(model="tiny", prompt=raw, max_tokens=40, temperature=0)
+    assert r.usage.prompt_tokens == len(chat.prompt(ASK)) and r.choices[0].text.startswith(first + "<|end|>")
+
+
 def test_models_and_health_say_chat(server):
     assert [m.chat for m in server.client.models.list()] == [True]
     with urllib.request.urlopen(f"{server.url}/health", timeout=30) as r:
@@ -178,6 +185,8 @@ def test_a_base_model_gets_a_400_that_names_the_fix(serve_run, tmp_path):
         assert "--preset=sft" in e.value.message and "/v1/completions" in e.value.message
         assert [m.chat for m in base.models.list()] == [False]
         assert base.completions.create(model="tiny", prompt="Hi", max_tokens=3).usage.completion_tokens == 3
+        spelt = base.completions.create(model="tiny", prompt="<|user|>", max_tokens=1)  # a base model: plain text
+        assert spelt.usage.prompt_tokens == len(get_tokenizer().encode_ordinary("<|user|>")) > 1
     finally:
         proc.terminate()
         proc.wait(timeout=10)
