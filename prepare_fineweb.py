@@ -4,11 +4,17 @@
     python prepare_fineweb.py --dataset=fineweb --name=sample-100BT --streaming
     python prepare_fineweb.py --data_files='corpus/*.parquet' --text_column=content --out=my_shards
     python prepare_fineweb.py --dataset=pydoc                        # Python's own docs, offline (the quickstart)
+    python prepare_fineweb.py --dataset=HuggingFaceTB/smol-smoltalk  # any hub dataset; conversations, for --preset=sft
 
 Shard 000000 is the val split (--val_tokens long, else one shard; a corpus that fits in one shard has its
 first tenth held out), the rest are train. Each shard is written to a temp file and renamed when
 complete, and manifest.json records how many documents every shard consumed, so rerunning an interrupted
 command skips the finished shards and ends byte-identical to a run that was never interrupted.
+
+Rows with a `messages` column are conversations ([{"role": "system"|"user"|"assistant", "content": "..."}, ...], the
+hub's chat format): each becomes chat.render's tokens, and beside each shard NAME.mask.npy holds one uint8 per token,
+1 where the token is a target to train on (the assistant's words and their <|end|>). All rows are checked before
+anything is written (as they come, with --streaming).
 """
 import argparse
 import glob
@@ -25,7 +31,9 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+import chat
 from train_gpt2 import (
+    CHAT_TOKENS,
     EOT,
     LLMC_HEADER_BYTES,
     LLMC_MAGIC,
@@ -53,9 +61,9 @@ BATCH_DOCS = 128               # documents per pool task: enough to amortise its
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", choices=DATASETS, help="fineweb-edu (default), fineweb, or pydoc "
-                   "(the Python docs this interpreter ships, for an offline run)")
-    p.add_argument("--name", default="sample-10BT", help="hub subset: sample-10BT, sample-100BT, sample-350BT, ...")
+    p.add_argument("--dataset", help="fineweb-edu (default), fineweb, pydoc (the Python docs this interpreter ships, "
+                   "for an offline run), or any hub dataset as owner/name")
+    p.add_argument("--name", help="hub subset: sample-10BT (fineweb's default), sample-100BT, sample-350BT, ...")
     p.add_argument("--streaming", action="store_true", help="tokenise while downloading, keeping no local copy")
     p.add_argument("--data_files", help="glob of local .txt, .jsonl or .parquet files instead of a hub dataset")
     p.add_argument("--text_column", default="text", help="column holding each document's text")
@@ -71,9 +79,15 @@ def parse_args(argv):
         raise UserError("give --dataset or --data_files, not both")
     if not args.data_files:
         args.dataset = args.dataset or "fineweb-edu"
-    spec = DATASETS[args.dataset] if args.dataset else LOCAL
+    if args.dataset and args.dataset not in DATASETS and args.dataset.count("/") != 1:
+        raise UserError(f"--dataset={args.dataset}: expected {', '.join(DATASETS)} or a hub dataset as owner/name")
+    if args.dataset in ("fineweb-edu", "fineweb"):
+        args.name = args.name or "sample-10BT"
+    name = args.dataset and args.dataset.split("/")[-1]  # a hub dataset's shards and directory are named after it
+    spec = DATASETS.get(args.dataset) or (dict(repo=args.dataset, prefix=name, out=name) if args.dataset else LOCAL)
     if args.out is None:  # sample-10BT goes to edu_fineweb10B, where train_gpt2.py looks by default
-        size = args.name[len("sample-"):].removesuffix("T") if args.name.startswith("sample-") else "_" + args.name
+        subset = args.name or ""
+        size = subset[len("sample-"):].removesuffix("T") if subset.startswith("sample-") else "_" + subset
         args.out = spec["out"].format(size=size)
     if args.shard_size is None:
         args.shard_size = PYDOC_SHARD_SIZE if args.dataset == "pydoc" else SHARD_SIZE
@@ -82,7 +96,7 @@ def parse_args(argv):
     if args.val_tokens is not None and args.val_tokens < 1:
         raise UserError(f"--val_tokens={args.val_tokens} is not positive; the val split needs at least one token "
                         f"(leave it out for the default)")
-    args.prefix = spec["prefix"]
+    args.prefix, args.repo = spec["prefix"], spec.get("repo")
     return args
 
 
@@ -97,9 +111,8 @@ def write_pydoc_corpus(directory):
 
 def resolve_source(args, scratch):
     """(load_dataset path, its keyword arguments, the source as recorded in the manifest)."""
-    if args.dataset and DATASETS[args.dataset]["repo"]:
-        repo = DATASETS[args.dataset]["repo"]
-        return repo, {"name": args.name}, {"dataset": repo, "name": args.name}
+    if args.repo:
+        return args.repo, {"name": args.name}, {"dataset": args.repo, "name": args.name}
     if args.dataset == "pydoc":
         files = [write_pydoc_corpus(scratch)]
         source = {"dataset": "pydoc", "python": platform.python_version()}
@@ -134,23 +147,25 @@ def has_rows(path):
 
 
 def tokenizer_hash(enc):
-    """sha256 of every token's bytes in id order: equal hashes mean the same ids for the same text."""
+    """sha256 of GPT-2's tokens' bytes in id order: equal hashes mean the same ids for the same text. The chat
+    template's tokens (never made from text) are recorded apart, as the manifest's chat_tokens."""
     h = hashlib.sha256(enc.name.encode())
-    for i in range(enc.n_vocab):
+    for i in range(min(enc.n_vocab, EOT + 1)):
         b = enc.decode_single_token_bytes(i)
         h.update(len(b).to_bytes(2, "little") + b)
     return h.hexdigest()
 
 
-_rows = None  # the dataset's text column, memory-mapped Arrow, that tokenize_task reads from
+_rows = None  # the dataset's text (or messages) column, memory-mapped Arrow, that tokenize_task reads from
 _handoff = None  # the scratch directory where pool workers leave their tokens
+_chat = False  # whether the rows are conversations
 
 
-def init_worker(rows, handoff=None):
+def init_worker(rows, handoff=None, conversations=False):
     """Keeps the text column for tokenize_task; in a pool's worker also keeps the handoff directory, builds
     the encoder and leaves Ctrl-C to the main process, which stops the pool."""
-    global _rows, _handoff
-    _rows, _handoff = rows, handoff
+    global _rows, _handoff, _chat
+    _rows, _handoff, _chat = rows, handoff, conversations
     if multiprocessing.parent_process():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         get_tokenizer()
@@ -172,32 +187,69 @@ def tokenize(texts):
     return tokens, [len(doc) + 1 for doc in docs]
 
 
+class BadRow(Exception):
+    """(row, reason): the dataset's row (from 0) is not a conversation to train on; prepare() says where it is."""
+
+
+def conversation_problem(messages):
+    """chat.problem's reason, or that a conversation has no assistant message to train on; None for a good one."""
+    return chat.problem(messages) or (None if any(m["role"] == "assistant" for m in messages) else
+                                      "no assistant message, so nothing to train on")
+
+
+def tokenize_chats(conversations, first):
+    """tokenize() of conversations (rows first, first + 1, ...): chat.render's ids, each conversation one document
+    (its EOT first), and the mask of targets to train, uint8; a bad one raises BadRow."""
+    ids, trained, lens = [], [], []
+    for row, messages in enumerate(conversations, first):
+        reason = conversation_problem(messages)
+        if reason:
+            raise BadRow(row, reason)
+        tokens, mask = chat.render(messages)
+        ids += tokens
+        trained += mask
+        lens.append(len(tokens))
+    return np.array(ids, dtype=np.uint16), lens, np.array(trained, dtype=np.uint8)
+
+
 def tokenize_task(task):
-    """tokenize() of a task: a range of the column's rows, which the worker reads itself (a range costs the
-    main process nothing to send, where reading and pickling the texts kept it busy on a core the workers
-    need), or the texts themselves when streaming."""
-    return tokenize(_rows[task.start:task.stop] if isinstance(task, range) else task)
+    """tokenize() (or tokenize_chats) of a task: a range of the column's rows, which the worker reads itself (a range
+    costs the main process nothing to send, where reading and pickling the texts kept it busy on a core the workers
+    need), or (first row, the texts) when streaming. Returns tokens, lengths, and the mask or None."""
+    first, texts = (task.start, _rows[task.start:task.stop]) if isinstance(task, range) else task
+    return tokenize_chats(texts, first) if _chat else (*tokenize(texts), None)
+
+
+def check_task(task):
+    """Refuses (BadRow) the first row of a task's range that is not a conversation to train on."""
+    for row, messages in zip(task, _rows[task.start:task.stop]):
+        reason = conversation_problem(messages)
+        if reason:
+            raise BadRow(row, reason)
 
 
 def tokenize_to_file(task):
-    """tokenize_task() in a pool worker, which leaves the tokens in a file of the handoff directory and returns
-    its path. Returned through the pool's pipe, which holds 64 KB, the tokens kept the worker waiting until
+    """tokenize_task() in a pool worker, which leaves the tokens (and mask) in a file of the handoff directory and
+    returns its path. Returned through the pool's pipe, which holds 64 KB, the tokens kept the worker waiting until
     the main process woke to drain them: ~3 ms a task with three processes on two cores, and all the while
     the main process wrote a shard."""
-    tokens, lens = tokenize_task(task)
+    tokens, lens, mask = tokenize_task(task)
     fd, path = tempfile.mkstemp(dir=_handoff)
     with open(fd, "wb") as f:
         tokens.tofile(f)
+        if mask is not None:
+            mask.tofile(f)
     return path, lens
 
 
-def take_file(path):
-    tokens = np.fromfile(path, dtype=np.uint16)
+def take_file(path, lens):
+    """The tokens (and mask, else None) that tokenize_to_file left at path."""
+    data, n = np.fromfile(path, dtype=np.uint8), 2 * sum(lens)
     os.remove(path)
-    return tokens
+    return data[:n].view(np.uint16), lens, data[n:] if len(data) > n else None
 
 
-def write_shard(path, tokens):
+def write_shard(path, tokens):  # or a mask, NAME.mask.npy
     with atomic_write(path) as f:
         if path.endswith(".bin"):
             header = np.zeros(LLMC_HEADER_BYTES // 4, dtype="<i4")
@@ -228,14 +280,14 @@ def open_manifest(out, settings):
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a readable manifest ({e}); use another --out, or delete {out} to start "
                         f"over") from None
-    differ = sorted(k for k in settings.keys() | manifest.keys() - {"shards", "complete"}
+    differ = sorted(k for k in settings.keys() | manifest.keys() - {"shards", "complete", "chat_tokens"}
                     if manifest.get(k) != settings.get(k))
     if differ:
         raise UserError(f"{out} holds shards from a different source (its manifest differs in "
                         f"{', '.join(differ)}); use another --out, or delete {out} to start over")
     kept = []
-    for shard in manifest["shards"]:  # a deleted shard is written again, and so is every one after it
-        if not os.path.exists(os.path.join(out, shard["file"])):
+    for shard in manifest["shards"]:  # a deleted shard (or mask) is written again, and so is every one after it
+        if not all(os.path.exists(os.path.join(out, shard[k])) for k in ("file", "mask") if k in shard):
             manifest["complete"] = False
             break
         kept.append(shard)
@@ -246,34 +298,43 @@ def open_manifest(out, settings):
 class ShardWriter:
     """Cuts the token stream into shards in out: the val shard first (val_size tokens), then train shards of
     shard_size, each written whole (atomic_write) and recorded in the manifest with the tokens of its last
-    document that run on into the next shard (carry), so that an interrupted run resumes where it stopped."""
+    document that run on into the next shard (carry), so that an interrupted run resumes where it stopped.
+    Conversations' masks are cut alike, each written beside its shard as NAME.mask.npy."""
 
-    def __init__(self, args, manifest):
+    def __init__(self, args, manifest, conversations=False):
         self.args, self.manifest, self.shards = args, manifest, manifest["shards"]
         self.val_size = args.val_tokens or args.shard_size
         self.buf, self.fill = np.empty(max(self.val_size, args.shard_size), dtype=np.uint16), 0
+        self.mask = np.empty(len(self.buf), dtype=np.uint8) if conversations else None  # in step with buf
         self.full_carry = 0  # carry of the full buffer: written once more tokens show it is not the last shard
 
     def size(self):
         return self.args.shard_size if self.shards else self.val_size
 
-    def write(self, tokens, carry):
-        a = self.args
+    def write(self, end, carry):
+        """Writes buf[:end] (and its mask) as the next shard."""
+        a, tokens = self.args, self.buf[:end]
         name = f"{a.prefix}_{'val' if not self.shards else 'train'}_{len(self.shards):06d}.{a.format}"
+        shard = {"file": name, "tokens": end, "docs": int(np.count_nonzero(tokens == EOT)), "carry": carry}
+        if self.mask is not None:
+            shard["mask"] = name.rsplit(".", 1)[0] + ".mask.npy"
+            write_shard(os.path.join(a.out, shard["mask"]), self.mask[:end])
         write_shard(os.path.join(a.out, name), tokens)
-        self.shards.append({"file": name, "tokens": len(tokens), "docs": int(np.count_nonzero(tokens == EOT)),
-                            "carry": carry})
+        self.shards.append(shard)
         save_manifest(a.out, self.manifest)
 
-    def add(self, toks, lens):
-        """Appends documents' tokens (lens: each document's length), writing each shard as it fills."""
+    def add(self, toks, lens, mask=None):
+        """Appends documents' tokens (lens: each document's length; mask: a conversation's), writing each shard as
+        it fills."""
         ends, pos = np.cumsum(lens), 0
         while pos < len(toks):
             if self.fill == self.size():
-                self.write(self.buf[:self.fill], self.full_carry)
+                self.write(self.fill, self.full_carry)
                 self.fill = 0
             take = min(self.size() - self.fill, len(toks) - pos)
             self.buf[self.fill:self.fill + take] = toks[pos:pos + take]
+            if mask is not None:
+                self.mask[self.fill:self.fill + take] = mask[pos:pos + take]
             self.fill, pos = self.fill + take, pos + take
             if self.fill == self.size():
                 self.full_carry = int(ends[np.searchsorted(ends, pos)] - pos)
@@ -288,10 +349,11 @@ class ShardWriter:
             print(f"note: the corpus ({self.fill:,} tokens) fits in one shard, so its first {val:,} tokens (10%) are "
                   f"the val split and the rest train; --val_tokens=N sets the val split's size")
             later = np.flatnonzero(self.buf[val:self.fill] == EOT)  # the document cut at val ends where the next begins
-            self.write(self.buf[:val], int(later[0]) if len(later) else self.fill - val)
+            self.write(val, int(later[0]) if len(later) else self.fill - val)
             self.buf, self.fill = self.buf[val:self.fill], self.fill - val
+            self.mask = None if self.mask is None else self.mask[val:]
         if self.fill:
-            self.write(self.buf[:self.fill], 0)
+            self.write(self.fill, 0)
         self.manifest["complete"] = True
         save_manifest(self.args.out, self.manifest)
 
@@ -307,8 +369,37 @@ def check_out(out):
         raise UserError(f"cannot write to --out={out} ({e.strerror}); choose a writable directory") from None
 
 
+def jsonl_lines(files):
+    """(path, line number, line) of each row of local .jsonl files, as datasets reads them: blank lines are none."""
+    for path in files if files and files[0].lower().endswith(".jsonl") else []:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield from ((path, n, line) for n, line in enumerate(f, 1) if line.strip())
+
+
+def locate(row, files):
+    """Where the dataset's row (from 0) is: its file and line in local .jsonl files, else its number."""
+    found = next((f"{path}, line {n}" for i, (path, n, _) in enumerate(jsonl_lines(files)) if i == row), None)
+    return found or f"row {row + 1}"
+
+
+def bad_line(files):
+    """Why datasets could not load local .jsonl files: the first line that is no JSON object (or a bad conversation)
+    and what is wrong with it; None if no line is."""
+    for path, n, line in jsonl_lines(files):
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            return f"{path}, line {n}: not valid JSON ({getattr(e, 'msg', e)})"
+        reason = (f"{chat.short(row)} is not a JSON object" if not isinstance(row, dict) else
+                  "messages" in row and conversation_problem(row["messages"]))
+        if reason:
+            return f"{path}, line {n}: {reason}"
+    return None
+
+
 def open_dataset(args, path, options):
-    """The dataset and its first row, checked to have rows and the text column."""
+    """The dataset, checked to have rows and the text column or messages (conversations); and whether it is
+    conversations."""
     import datasets
     try:
         ds = datasets.load_dataset(path, split="train", streaming=args.streaming, **options)
@@ -316,14 +407,15 @@ def open_dataset(args, path, options):
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
         cause = str(e.__cause__ or e)  # datasets wraps the reader's error, which says what is wrong
         if "corresponds to no data" not in cause:  # datasets' words for a split of zero rows
-            raise UserError(f"cannot load {args.data_files or path}: {cause.splitlines()[0]}") from None
+            raise UserError(bad_line(options.get("data_files")) or
+                            f"cannot load {args.data_files or path}: {cause.splitlines()[0]}") from None
         first = None
     if first is None:
         raise UserError(f"the dataset is empty: {args.data_files or path} has no rows")
-    if args.text_column not in first:
+    if args.text_column not in first and "messages" not in first:
         raise UserError(f"no column {args.text_column!r} in the dataset; its columns are "
-                        f"{', '.join(first)}; name the text column with --text_column")
-    return ds
+                        f"{', '.join(first)}; name the text column with --text_column (conversations: messages)")
+    return ds, "messages" in first
 
 
 def prepare(args):
@@ -342,40 +434,52 @@ def prepare(args):
         if manifest["complete"]:
             print(f"{args.out} is already complete; nothing to do")
             return {"tokens": 0, "docs": 0, "seconds": 0.0}
-        ds = open_dataset(args, path, options)
-        writer = ShardWriter(args, manifest)
+        ds, conversations = open_dataset(args, path, options)
+        column = "messages" if conversations else args.text_column
+        if conversations and manifest.setdefault("chat_tokens", CHAT_TOKENS) != CHAT_TOKENS:
+            raise UserError(f"{args.out} holds conversations whose template tokens differ from chat.py's "
+                            f"({manifest['chat_tokens']}); use another --out, or delete {args.out} to start over")
+        writer = ShardWriter(args, manifest, conversations)
         docs_done = sum(s["docs"] for s in writer.shards)
         carry = writer.shards[-1]["carry"] if writer.shards else 0  # tokens of the last begun document not yet written
         skip = docs_done - (1 if carry else 0)
         if args.streaming:  # no local copy for workers to read: the main process reads and sends the texts
             rows = None
-            work = (batch[args.text_column] for batch in
-                    ds.select_columns([args.text_column]).skip(skip).iter(batch_size=BATCH_DOCS))
+            work = ((skip + i * BATCH_DOCS, batch[column]) for i, batch in
+                    enumerate(ds.select_columns([column]).skip(skip).iter(batch_size=BATCH_DOCS)))
         else:  # the column pickles as a reference to its memory-mapped Arrow files, so workers open it themselves
-            rows = ds[args.text_column]
+            rows = ds[column]
             work = (range(i, min(i + BATCH_DOCS, len(ds))) for i in range(skip, len(ds), BATCH_DOCS))
         tokens_run = docs_run = 0
-        t0 = time.perf_counter()
-        bar = tqdm(total=None if args.streaming else len(ds), initial=skip, unit="doc", unit_scale=True,
-                   desc=args.out)
-        init_worker(rows)  # with --num_proc=1 the main process tokenises
-        pool = (multiprocessing.Pool(args.num_proc, initializer=init_worker, initargs=(rows, scratch))
+        t0, bar = time.perf_counter(), None
+        init_worker(rows, None, conversations)  # with --num_proc=1 the main process tokenises
+        pool = (multiprocessing.Pool(args.num_proc, initializer=init_worker, initargs=(rows, scratch, conversations))
                 if args.num_proc > 1 else None)
-        results = (((take_file(path), lens) for path, lens in pool.imap(tokenize_to_file, work)) if pool
-                   else map(tokenize_task, work))
         try:
-            for toks, lens in results:
+            if conversations and not args.streaming:  # every row checked before anything is written
+                work = list(work)
+                for _ in pool.imap(check_task, work) if pool else map(check_task, work):
+                    pass
+            bar = tqdm(total=None if args.streaming else len(ds), initial=skip, unit="doc", unit_scale=True,
+                       desc=args.out)
+            results = ((take_file(path, lens) for path, lens in pool.imap(tokenize_to_file, work)) if pool
+                       else map(tokenize_task, work))
+            for toks, lens, mask in results:
                 if carry:  # the first document was cut by the last finished shard: only its tail is new
-                    toks, lens[0], carry = toks[lens[0] - carry:], carry, 0
-                writer.add(toks, lens)
+                    cut = lens[0] - carry
+                    toks, mask, lens[0], carry = toks[cut:], None if mask is None else mask[cut:], carry, 0
+                writer.add(toks, lens, mask)
                 tokens_run += len(toks)
                 docs_run += len(lens)
                 bar.update(len(lens))
                 bar.set_postfix_str(f"{tokens_run / (time.perf_counter() - t0):,.0f} tokens/s", refresh=False)
+        except BadRow as e:
+            raise UserError(f"{locate(e.args[0], options.get('data_files'))}: {e.args[1]}") from None
         finally:
             if pool:
                 pool.terminate()
-            bar.close()
+            if bar is not None:
+                bar.close()
         writer.close()
 
     seconds = time.perf_counter() - t0

