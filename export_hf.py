@@ -5,6 +5,10 @@
 writes OUT/config.json, OUT/model.safetensors and GPT-2's tokenizer files, so that
 transformers.GPT2LMHeadModel.from_pretrained(OUT) and GPT2TokenizerFast.from_pretrained(OUT) load with no
 network, as does train_gpt2.GPT.from_pretrained(OUT) and sample.py --model=OUT.
+
+A chat model (--preset=sft) keeps its 4 template tokens (vocab_size 50261), which the tokenizer knows as special
+tokens; tokenizer_config.json holds the template as chat_template, so apply_chat_template gives chat.render's ids,
+and generation_config.json ends a reply at <|end|>: transformers' text-generation pipeline takes messages.
 """
 import argparse
 import json
@@ -12,7 +16,8 @@ import os
 import shutil
 import sys
 
-from train_gpt2 import EOT, HF_CONV1D, UserError, gpt2_bpe_files, load_model
+import chat
+from train_gpt2 import CHAT_TOKENS, EOT, HF_CONV1D, UserError, gpt2_bpe_files, load_model
 
 GPT2_VOCAB = EOT + 1  # 50257; our default 50304 pads it for faster matmuls
 
@@ -36,6 +41,7 @@ def check_out_dir(out_dir):
 def export_hf(model, out_dir):
     from safetensors.torch import save_file
     c = model.config
+    vocab = c.real_tokens  # GPT-2's 50257 tokens, and a chat model's template tokens after them
     if c.vocab_size < GPT2_VOCAB:
         raise UserError(f"the model's vocab_size {c.vocab_size} is below GPT-2's {GPT2_VOCAB}, "
                         f"so the GPT-2 tokenizer would produce ids it lacks; train with --vocab_size=50304")
@@ -55,12 +61,12 @@ def export_hf(model, out_dir):
         if k == "lm_head.weight":
             continue  # tied to wte; transformers re-ties it on load
         if k == "transformer.wte.weight":
-            v = v[:GPT2_VOCAB]  # drop the padding rows, which no token uses
+            v = v[:vocab]  # drop the padding rows, which no token uses
         weights[k] = (v.t() if k.endswith(HF_CONV1D) else v).float().contiguous().cpu()
     save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
     config = dict(
-        architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=GPT2_VOCAB, n_positions=c.block_size,
+        architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=vocab, n_positions=c.block_size,
         n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=None,
         activation_function="gelu_new",  # the tanh approximation our MLP uses
         layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=EOT, eos_token_id=EOT,
@@ -69,8 +75,16 @@ def export_hf(model, out_dir):
     tokenizer_config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=c.block_size, add_prefix_space=False,
                             bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     special_tokens = {k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")}
-    for name, content in (("config.json", config), ("tokenizer_config.json", tokenizer_config),
-                          ("special_tokens_map.json", special_tokens)):
+    files = [("config.json", config), ("tokenizer_config.json", tokenizer_config),
+             ("special_tokens_map.json", special_tokens)]
+    if c.chat:  # the template's tokens, special (never split, skipped by skip_special_tokens), and the template
+        tokenizer_config["added_tokens_decoder"] = {
+            str(i): dict(content=t, special=True, lstrip=False, rstrip=False, normalized=False, single_word=False)
+            for t, i in {"<|endoftext|>": EOT, **CHAT_TOKENS}.items()}
+        tokenizer_config["additional_special_tokens"] = special_tokens["additional_special_tokens"] = [*CHAT_TOKENS]
+        tokenizer_config["chat_template"] = chat.JINJA
+        files.append(("generation_config.json", dict(bos_token_id=EOT, eos_token_id=list(chat.STOP))))
+    for name, content in files:
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(content, f, indent=2)
     shutil.copyfile(encoder_json, os.path.join(out_dir, "vocab.json"))

@@ -150,6 +150,32 @@ def write_hellaswag(path, n, seed=0, ctx_words=(5, 40), ending_words=(1, 15)):
     return path
 
 
+ARITHMETIC_QUESTIONS = ("What is {a}+{b}?", "What is {a} plus {b}?", "Compute {a} + {b}.", "{a}+{b}=?")
+
+
+def arithmetic_chats(n, seed=0, phrasings=ARITHMETIC_QUESTIONS):
+    """n conversations in the hub's chat format teaching single-digit addition ("What is 3+4?" -> "7"): each asks one
+    to three sums (later ones are follow-up turns) in one of `phrasings`, a third of them after a system message."""
+    rng = np.random.default_rng(seed)
+    chats = []
+    for i in range(n):
+        messages = [{"role": "system", "content": "You are a calculator."}] if i % 3 == 0 else []
+        for _ in range(int(rng.integers(1, 4))):
+            a, b = (int(v) for v in rng.integers(0, 10, 2))
+            messages += [{"role": "user", "content": str(rng.choice(phrasings)).format(a=a, b=b)},
+                         {"role": "assistant", "content": str(a + b)}]
+        chats.append({"messages": messages})
+    return chats
+
+
+def write_arithmetic_chats(path, n, seed=0, phrasings=ARITHMETIC_QUESTIONS):
+    """arithmetic_chats as a chats.jsonl file, one {"messages": [...]} row a line, for prepare_fineweb.py
+    --data_files; returns path."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(chat) + "\n" for chat in arithmetic_chats(n, seed, phrasings))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A tiny model trained 8 steps with GPT-2's padded vocabulary, so that every real token id exists;
