@@ -6,6 +6,7 @@ model, and prints its samples during training with the plain GPT.generate.
     generate(model, tokens, 64, num_samples=4, seed=1)              # each sample's new tokens, cut at <|endoftext|>
     for nxt in generate_stream(model, tokens, 64, temperature=0):    # (num_samples,) new tokens a step
     for text, reason in stream_text(model, tokens, 64, ["\n\n"]):    # text safe to show, a piece a token
+    for text, reason in stream_reply(model, [{"role": "user", "content": "Hi"}], 64):  # a chat model's reply
 """
 import codecs
 import contextlib
@@ -17,6 +18,7 @@ import weakref
 import torch
 import torch.nn as nn
 
+import chat
 from train_gpt2 import EOT, UserError, get_tokenizer, load_model, model_from_state
 
 SAMPLING = dict(temperature=1.0, top_k=50, top_p=1.0)  # the defaults of sample.py, serve.py and sample_next
@@ -67,6 +69,14 @@ def hold_for_inference(model, dtype):
                 if type(child) is nn.Linear:
                     setattr(module, name, PackedLinear(child))
     return model
+
+
+def encode(model, text):
+    """text's token ids for model: "<|endoftext|>" is that token, as are a chat model's template tokens ("<|user|>",
+    "<|end|>"...: the raw chat template); any other special token's name is plain text."""
+    enc = get_tokenizer()
+    special = enc.special_tokens_set if model.config.chat else {"<|endoftext|>"}
+    return enc.encode(text, allowed_special=special, disallowed_special=())
 
 
 def load_for_inference(spec, device="cpu", dtype="float32"):
@@ -137,10 +147,10 @@ def decode_path(device):
     return "graph" if use else "eager"
 
 
-def next_logits(logits):
-    """The last position's float logits (B, tokens) of a forward's (B, T, vocab): ids past GPT-2's 50257 are
-    vocabulary padding, never tokens."""
-    return logits[:, -1, :EOT + 1].float()
+def next_logits(model, logits):
+    """The last position's float logits (B, tokens) of a forward's (B, T, vocab): ids past the real tokens (GPT-2's
+    50257, and a chat model's template tokens) are vocabulary padding, never tokens."""
+    return logits[:, -1, :model.config.real_tokens].float()
 
 
 class Decoder:
@@ -162,13 +172,13 @@ class Decoder:
         for cache in self.caches:
             cache.pos = 0
         self.pos = idx.size(1)
-        return next_logits(model(idx, cache=self.caches)[0])
+        return next_logits(model, model(idx, cache=self.caches)[0])
 
     def step(self, model, nxt):
         """Logits for the token after nxt (B,), which goes at position self.pos (< block_size)."""
         self.pos += 1
         if self.path == "eager":
-            return next_logits(model(nxt[:, None], cache=self.caches)[0])
+            return next_logits(model, model(nxt[:, None], cache=self.caches)[0])
         self.tok.copy_(nxt[:, None])
         self.at.fill_(self.pos - 1)  # a kernel with the value as its argument: no wait for the GPU
         for cache in self.caches:
@@ -188,7 +198,7 @@ class Decoder:
             x = t.drop(t.wte(self.tok) + t.wpe(self.at))
             for block, cache in zip(t.h, self.caches):
                 x = block(x, cache, mask)
-            return next_logits(model.lm_head(t.ln_f(x)))
+            return next_logits(model, model.lm_head(t.ln_f(x)))
         finally:
             for cache in self.caches:
                 cache.at = None
@@ -304,17 +314,17 @@ def generate(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling)
     return [row[:row.index(stop)] if stop in row else row for row in rows]
 
 
-def stream_text(model, tokens, max_new_tokens, stop=(), **sampling):
+def stream_text(model, tokens, max_new_tokens, stop=(), ends=(EOT,), **sampling):
     """generate_stream's one sample as text: a (piece, finish_reason) per new token. piece is the text that is
     safe to show by then: never a character still missing bytes, nor what may be the start of a stop string.
-    finish_reason is None until the last token's: "stop" at <|endoftext|> or at a stop string, which the text
-    ends before, else "length"."""
+    finish_reason is None until the last token's: "stop" at a token of `ends` (<|endoftext|>; a chat reply's
+    chat.STOP) or at a stop string, which the text ends before, else "length"."""
     enc, decoder = get_tokenizer(), codecs.getincrementaldecoder("utf-8")(errors="replace")
     hold = max(map(len, stop), default=1) - 1  # the characters a stop string may still be completing
     text, sent = "", 0
     with contextlib.closing(generate_stream(model, tokens, max_new_tokens, **sampling)) as stream:
         for made, nxt in enumerate(stream, 1):
-            if nxt.item() == EOT:
+            if nxt.item() in ends:
                 yield text[sent:] + decoder.decode(b"", final=True), "stop"
                 return
             text += decoder.decode(enc.decode_single_token_bytes(nxt.item()))
@@ -447,7 +457,7 @@ def score(model, windows, top=0, gone=lambda: False):
         for at in range(0, len(unique), SCORE_CHUNK):
             # The model's own head, then the real tokens' columns: a matmul onto the 50257 rows alone is an odd
             # shape, which on CPU took 45% longer than onto all 50304.
-            logits = model.lm_head(h[unique[at:at + SCORE_CHUNK]])[:, :EOT + 1].float()
+            logits = model.lm_head(h[unique[at:at + SCORE_CHUNK]])[:, :model.config.real_tokens].float()
             logp = logits.log_softmax(dim=-1)
             mine = ((which >= at) & (which < at + len(logits))).nonzero()[:, 0]
             lps[mine] = logp[which[mine] - at, targets[mine].clamp(min=0)]
@@ -467,3 +477,27 @@ def score(model, windows, top=0, gone=lambda: False):
                           None if has_next else lasts[at + n - 1])
             at += n
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat: a chat model's reply to a conversation (chat.py's template), for serve.py's /v1/chat/completions and
+# sample.py --chat.
+
+def not_chat(model, name):
+    """None for a chat model (its config has chat=True: fine-tuned on conversations); else why it cannot chat, and
+    the fix, in one line."""
+    if model.config.chat:
+        return None
+    return (f"{name} is a base model, not a chat model: it was never fine-tuned on conversations (its config has no "
+            f"chat=True), so it has not learnt the chat template's tokens and cannot reply to messages; fine-tune it "
+            f"first (python train_gpt2.py --preset=sft --init_from=... on conversations, docs/training.md), or "
+            f"continue text with /v1/completions")
+
+
+def stream_reply(model, messages, max_new_tokens, stop=(), **sampling):
+    """stream_text's (piece, finish_reason) of a chat model's reply to messages: what it writes after
+    chat.prompt(messages) (its last block_size ids), ending at <|end|> (or <|endoftext|>: chat.STOP) or a stop string
+    with "stop", or after max_new_tokens with "length". ValueError with chat.problem's reason for what is not a
+    conversation."""
+    tokens = chat.prompt(messages)[-model.config.block_size:]
+    return stream_text(model, tokens, max_new_tokens, stop, ends=chat.STOP, **sampling)

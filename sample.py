@@ -5,15 +5,19 @@
     python sample.py --model=log                                # a run directory: its newest readable checkpoint
     python sample.py --model=log/model_019073.pt --prompt=""    # unconditioned: starts at <|endoftext|>
     python sample.py --model=log/model_019073.pt --prompt=FILE:prompt.txt   # the prompt is the file's text
+    python sample.py --model=log_sft --chat --system="Be brief."   # a conversation with a chat model (--preset=sft)
 
 One sample streams token by token; several are printed in turn once all are done. Each stops at
-<|endoftext|> or after max_new_tokens.
+<|endoftext|> or after max_new_tokens. --chat reads a message a line and streams the reply, which ends at <|end|>;
+the next message carries the whole conversation. /clear starts over; /quit, Ctrl-D or Ctrl-C ends it.
 """
 import argparse
 import math
 import sys
 
-from inference import SAMPLING, generate, load_for_inference, stream_text
+import torch
+
+from inference import SAMPLING, encode, generate, load_for_inference, not_chat, stream_reply, stream_text
 from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
 
@@ -32,7 +36,11 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=None, help="makes the samples repeatable")
     p.add_argument("--device", default="auto", help='auto picks cuda, then mps, then cpu; or name one')
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the weights' dtype")
+    p.add_argument("--chat", action="store_true", help="talk to a chat model: a message a line, replies stream")
+    p.add_argument("--system", default="", help="--chat: a system message that starts the conversation")
     args = p.parse_args(argv)
+    if args.chat and args.num_samples != 1:
+        sys.exit(f"error: --num_samples={args.num_samples} with --chat; a conversation has one reply a turn")
     for name, ok, want in (("num_samples", args.num_samples >= 1, "1 or more"),
                            ("max_new_tokens", args.max_new_tokens >= 1, "1 or more"),
                            ("temperature", 0 <= args.temperature < math.inf, "0 (greedy) or more, e.g. 0.8"),
@@ -57,9 +65,15 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
         model = load_for_inference(args.model, device, args.dtype)
-        enc = get_tokenizer()
-        prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [EOT]
         sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        if args.chat:
+            refusal = not_chat(model, args.model)
+            if refusal:
+                raise UserError(refusal)
+            converse(model, args.system, args.max_new_tokens, sampling)
+            return
+        enc = get_tokenizer()
+        prompt = encode(model, args.prompt) or [EOT]
         if args.num_samples == 1:
             stream(model, enc, prompt, args.max_new_tokens, sampling)
         else:
@@ -76,6 +90,40 @@ def stream(model, enc, prompt, max_new_tokens, sampling):
     for text, _ in stream_text(model, prompt, max_new_tokens, **sampling):
         print(text, end="", flush=True)
     print()
+
+
+def converse(model, system, max_new_tokens, sampling):
+    """The terminal chat: reads a message a line from stdin, streams the reply, keeps the conversation. A seed
+    makes the whole conversation repeatable: each reply draws from the generator the earlier ones left."""
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    if sampling["seed"] is not None:
+        generator = torch.Generator(model.lm_head.weight.device).manual_seed(sampling["seed"])
+        sampling = {**sampling, "seed": None, "generator": generator}
+    print("A message a line; /clear starts over, /quit or Ctrl-D ends.", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                print()
+                return
+            if line in ("/quit", "/exit"):
+                return
+            if line == "/clear":
+                messages = list(start)
+                continue
+            if not line:
+                continue
+            messages.append({"role": "user", "content": line})
+            reply = ""
+            for text, _ in stream_reply(model, messages, max_new_tokens, **sampling):
+                print(text, end="", flush=True)
+                reply += text
+            print()
+            messages.append({"role": "assistant", "content": reply})
+    except KeyboardInterrupt:
+        print()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Serve a model over HTTP: a web page to type into, and the OpenAI completions API for every other client.
+"""Serve a model over HTTP: a web page to type into, and the OpenAI completions and chat completions API for every
+other client.
 
     python serve.py --model=log/model_019073.pt        # then open http://127.0.0.1:8000
     python serve.py --model=log --port=8080             # a run directory: its newest readable checkpoint
@@ -6,12 +7,13 @@
          -d '{"prompt": "Hello, my name is", "max_tokens": 32, "temperature": 0.8}'
 
 Endpoints: GET / (the page), POST /v1/completions (prompt, max_tokens, temperature, top_p, seed, stop, stream, echo,
-logprobs, and top_k as an extension), GET /v1/models, GET /health, and vLLM's GET /tokenizer_info, POST /tokenize
-and POST /detokenize, so that EleutherAI's lm-eval (--model local-completions) needs only the URL. Requests share
-one model and run one at a time, under a lock; up to --queue more wait their turn and any beyond get 503. A
-request's prompts are scored together, packed into few forwards (inference.score). A client that hangs up stops its
-generation at the next token; one that has not sent its whole request within --timeout is cut off, and never held
-the model. Web pages of other sites get 403 (docs/serving.md, "Web pages").
+logprobs, and top_k as an extension), POST /v1/chat/completions (messages, for a chat model: one fine-tuned with
+--preset=sft on chat.py's template; the page is then a conversation), GET /v1/models, GET /health, and vLLM's GET
+/tokenizer_info, POST /tokenize and POST /detokenize, so that EleutherAI's lm-eval (--model local-completions) needs
+only the URL. Requests share one model and run one at a time, under a lock; up to --queue more wait their turn and any
+beyond get 503. A request's prompts are scored together, packed into few forwards (inference.score). A client that hangs
+up stops its generation at the next token; one that has not sent its whole request within --timeout is cut off, and
+never held the model. Web pages of other sites get 403 (docs/serving.md, "Web pages").
 """
 import argparse
 import codecs
@@ -32,7 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from inference import SAMPLING, generate_stream, load_for_inference, sample_next, score, stream_text
+import chat
+from inference import SAMPLING, encode, generate_stream, load_for_inference, not_chat, sample_next, score, stream_text
 from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
 MAX_BODY = 1 << 20  # bytes: a hundred full 1024-token windows as token ids; a larger body is a mistake or an abuse
@@ -42,6 +45,10 @@ MAX_BODY = 1 << 20  # bytes: a hundred full 1024-token windows as token ids; a l
 MAX_TOKENS = 4096
 UNSUPPORTED = {"suffix": None, "best_of": 1, "frequency_penalty": 0, "presence_penalty": 0,
                "logit_bias": {}}  # OpenAI's fields this server does not implement: their defaults
+CHAT_UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "logprobs": False,
+                    "top_logprobs": 0, "tools": [], "tool_choice": "none", "functions": [], "function_call": "none",
+                    "response_format": {"type": "text"}}  # and for chat completions
+CHAT_MAX_TOKENS = 256  # a reply's default bound; a chat model ends its reply with <|end|> long before, as a rule
 PROMPT = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 
@@ -92,52 +99,89 @@ def load_json(body):
     return req
 
 
-def parse_request(body, vocab=EOT + 1):
-    """The prompts and settings of a /v1/completions body, with OpenAI's defaults but for temperature, top_k and
-    top_p, which are inference.SAMPLING's; APIError (400) if one is wrong. vocab: the token ids a prompt may hold."""
-    req = load_json(body)
+def field(req, name, kinds, default, ok=lambda v: True, want=""):
+    """req[name], checked to be of kinds and ok; default when absent or null; APIError (400) naming it if not."""
+    value = req.get(name)
+    if value is None:
+        return default
+    # bool is an int to Python, never to a JSON client
+    if not isinstance(value, kinds) or isinstance(value, bool) != (kinds is bool) or not ok(value):
+        raise APIError(400, f"{name}={json.dumps(value)} is invalid; {name} must be {want}", name)
+    return value
 
-    def field(name, kinds, default, ok=lambda v: True, want=""):
-        value = req.get(name)
-        if value is None:
-            return default
-        # bool is an int to Python, never to a JSON client
-        if not isinstance(value, kinds) or isinstance(value, bool) != (kinds is bool) or not ok(value):
-            raise APIError(400, f"{name}={json.dumps(value)} is invalid; {name} must be {want}", name)
-        return value
 
+def refuse_unsupported(req, defaults):
+    """400 for a field this server does not implement, unless at its default: refused rather than silently ignored."""
+    for name, default in defaults.items():
+        if req.get(name) not in (None, default):
+            raise APIError(400, f"{name}={json.dumps(req[name])} is not supported by this server; leave it out", name)
+
+
+def parse_sampling(req, max_tokens):
+    """The settings completions and chat completions share, with OpenAI's defaults but for temperature, top_k and
+    top_p, which are inference.SAMPLING's: stop, temperature, top_p, top_k, seed, stream, and n (1 only); max_tokens
+    is already checked."""
     stop = req.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, f"stop={json.dumps(req['stop'])} is invalid; stop must be a non-empty string or a "
                             f"list of up to 4 of them", "stop")
-    field("n", int, 1, lambda v: v == 1, "1 (one completion per request)")
-    for name, default in UNSUPPORTED.items():  # refused rather than silently ignored
-        if req.get(name) not in (None, default):
-            raise APIError(400, f"{name}={json.dumps(req[name])} is not supported by this server; leave it out", name)
+    field(req, "n", int, 1, lambda v: v == 1, "1 (one completion per request)")
+    return dict(
+        max_tokens=max_tokens,
+        temperature=field(req, "temperature", (int, float), SAMPLING["temperature"], lambda v: 0 <= v <= 2,
+                          "from 0 (greedy) to 2"),
+        top_p=field(req, "top_p", (int, float), SAMPLING["top_p"], lambda v: 0 < v <= 1, "above 0 and at most 1"),
+        top_k=field(req, "top_k", int, SAMPLING["top_k"], lambda v: v >= 0, "0 (every token) or more"),
+        seed=field(req, "seed", int, None, want="an integer"),
+        stop=stop,
+        stream=field(req, "stream", bool, False, want="true or false"),
+    )
+
+
+def parse_request(body, vocab=EOT + 1):
+    """The prompts and settings of a /v1/completions body (parse_sampling's, and prompts, echo, logprobs); APIError
+    (400) if one is wrong. vocab: the token ids a prompt may hold."""
+    req = load_json(body)
+    refuse_unsupported(req, UNSUPPORTED)
     prompts = parse_prompt(req.get("prompt"), vocab)
-    echo = field("echo", bool, False, want="true or false")
+    echo = field(req, "echo", bool, False, want="true or false")
     least = 0 if echo else 1  # echo with max_tokens 0 scores the prompt alone
-    max_tokens = field("max_tokens", int, 16, lambda v: least <= v <= MAX_TOKENS,
+    max_tokens = field(req, "max_tokens", int, 16, lambda v: least <= v <= MAX_TOKENS,
                        f"an integer from {least} to {MAX_TOKENS}" + ("" if echo else " (0 only with echo)"))
     if len(prompts) * max_tokens > MAX_TOKENS:
         raise APIError(400, f"max_tokens={max_tokens} is invalid for {len(prompts)} prompts: a request makes at most "
                             f"{MAX_TOKENS} new tokens in all; send fewer prompts a request", "max_tokens")
-    req = dict(
-        prompts=prompts, echo=echo, max_tokens=max_tokens,
-        logprobs=field("logprobs", int, None, lambda v: 0 <= v <= 5, "an integer from 0 to 5"),
-        temperature=field("temperature", (int, float), SAMPLING["temperature"], lambda v: 0 <= v <= 2,
-                          "from 0 (greedy) to 2"),
-        top_p=field("top_p", (int, float), SAMPLING["top_p"], lambda v: 0 < v <= 1, "above 0 and at most 1"),
-        top_k=field("top_k", int, SAMPLING["top_k"], lambda v: v >= 0, "0 (every token) or more"),
-        seed=field("seed", int, None, want="an integer"),
-        stop=stop,
-        stream=field("stream", bool, False, want="true or false"),
-    )
+    req = dict(prompts=prompts, echo=echo,
+               logprobs=field(req, "logprobs", int, None, lambda v: 0 <= v <= 5, "an integer from 0 to 5"),
+               **parse_sampling(req, max_tokens))
     if req["stream"] and (len(prompts) > 1 or echo or req["logprobs"] is not None):
         raise APIError(400, "stream=true is for one prompt, without echo or logprobs; leave stream out to get "
                             "the whole reply at once", "stream")
     return req
+
+
+def parse_chat_request(body):
+    """The messages and settings of a /v1/chat/completions body (parse_sampling's, and messages, checked by
+    chat.problem); APIError (400) if one is wrong. max_completion_tokens, OpenAI's newer name, may stand for
+    max_tokens."""
+    req = load_json(body)
+    refuse_unsupported(req, CHAT_UNSUPPORTED)
+    messages = req.get("messages")
+    reason = chat.problem(messages)
+    if reason:
+        raise APIError(400, f"{reason}; messages must be a list of {{\"role\": \"system\", \"user\" or "
+                            f"\"assistant\", \"content\": a string}}", "messages")
+    for i, message in enumerate(messages, 1):
+        try:
+            message["content"].encode()
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800") is valid JSON, but not text
+            raise APIError(400, f"message {i}'s content is not text: {e.reason} at character {e.start}",
+                           "messages") from None
+    name = "max_tokens" if req.get("max_tokens") is not None else "max_completion_tokens"
+    max_tokens = field(req, name, int, CHAT_MAX_TOKENS, lambda v: 1 <= v <= MAX_TOKENS,
+                       f"an integer from 1 to {MAX_TOKENS}")
+    return dict(messages=messages, **parse_sampling(req, max_tokens))
 
 
 def token_text(enc, token):
@@ -219,17 +263,19 @@ class Server(ThreadingHTTPServer):
                     self.running -= 1
 
     def encode(self, prompt):
-        """A prompt's token ids: a string's ("" is <|endoftext|>, which a string may also name), or the ids given."""
+        """A prompt's token ids: a string's ("" is <|endoftext|>, which a string may also name; inference.encode),
+        or the ids given."""
         if isinstance(prompt, list):
             return prompt
-        return self.enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT]
+        return encode(self.model, prompt) or [EOT]
 
-    def complete(self, req, tokens, gone):
+    def complete(self, req, tokens, gone, ends=(EOT,)):
         """Yields (text, finish_reason, usage) for one prompt's tokens: text pieces as they are made safe to send
-        (never part of a stop string), and last a ("", reason, usage) with finish_reason "stop" or "length"."""
+        (never part of a stop string), and last a ("", reason, usage) with finish_reason "stop" (at a token of
+        `ends` or a stop string) or "length"."""
         block_size = self.model.config.block_size
         cropped, tokens = max(0, len(tokens) - block_size), tokens[-block_size:]
-        pieces = stream_text(self.model, tokens, req["max_tokens"], req["stop"], temperature=req["temperature"],
+        pieces = stream_text(self.model, tokens, req["max_tokens"], req["stop"], ends, temperature=req["temperature"],
                              top_k=req["top_k"], top_p=req["top_p"], seed=req["seed"])
         with contextlib.closing(pieces):
             for made, (text, reason) in enumerate(pieces, 1):  # max_tokens >= 1: at least the one with a reason
@@ -447,15 +493,17 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_body(200, f.read(), "text/html; charset=utf-8")
         elif self.path == "/health":
             s = self.server
-            self.send_json(200, {"status": "ok", "model": s.name, "running": s.running, "waiting": s.waiting,
+            self.send_json(200, {"status": "ok", "model": s.name, "chat": s.model.config.chat, "running": s.running,
+                                 "waiting": s.waiting,
                                  "threads": threading.active_count()})  # back to its idle count once clients leave
         elif self.path == "/tokenizer_info":  # vLLM's, which lm-eval's local-completions looks for
             self.send_json(200, {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>",
                                  "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "vocab_size": EOT + 1,
                                  "model_max_length": self.server.model.config.block_size})
         elif self.path == "/v1/models":
-            self.send_json(200, {"object": "list", "data": [
-                {"id": self.server.name, "object": "model", "created": 0, "owned_by": "train_gpt2"}]})
+            self.send_json(200, {"object": "list", "data": [  # chat: whether /v1/chat/completions takes it
+                {"id": self.server.name, "object": "model", "created": 0, "owned_by": "train_gpt2",
+                 "chat": self.server.model.config.chat}]})
         else:
             raise APIError(404, f"no such endpoint: GET {self.path}", kind="not_found_error")
 
@@ -476,8 +524,8 @@ class Handler(BaseHTTPRequestHandler):
     def post(self):
         body = self.read_body()  # read whole before any answer: a reply to a half-read request may be reset
         self.check_origin()
-        handle = {"/v1/completions": self.completions, "/tokenize": self.tokenize,
-                  "/detokenize": self.detokenize}.get(self.path)
+        handle = {"/v1/completions": self.completions, "/v1/chat/completions": self.chat_completions,
+                  "/tokenize": self.tokenize, "/detokenize": self.detokenize}.get(self.path)
         if handle is None:
             raise APIError(404, f"no such endpoint: POST {self.path}; completions are POST /v1/completions",
                            kind="not_found_error")
@@ -485,16 +533,43 @@ class Handler(BaseHTTPRequestHandler):
 
     def completions(self, body):
         s = self.server
-        req = parse_request(body, min(EOT + 1, s.model.config.vocab_size))
+        req = parse_request(body, s.model.config.real_tokens)
         with s.turn():  # only now, with the request read and checked, wait for the model
             if req["stream"]:
-                self.stream(s.complete(req, s.encode(req["prompts"][0]), self.client_gone))
+                self.stream(self.completion_events(s.complete(req, s.encode(req["prompts"][0]), self.client_gone)))
                 return
             reply = s.completions(req, self.client_gone)
             if reply is not None:  # else the client left before the end
                 choices, usage, warning = reply
                 body = {**self.completion("", None, usage), "choices": choices}
                 self.send_json(200, {**body, "warning": warning} if warning else body)
+
+    def chat_completions(self, body):
+        """OpenAI's chat completions: the assistant's reply to `messages`, generated from chat.prompt(messages) until
+        <|end|> (finish_reason "stop"), a stop string, or max_tokens ("length"). A base model gets 400."""
+        s = self.server
+        refusal = not_chat(s.model, s.name)
+        if refusal:
+            raise APIError(400, refusal, "model")
+        req = parse_chat_request(body)
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        with s.turn():  # only now, with the request read and checked, wait for the model
+            pieces = s.complete(req, chat.prompt(req["messages"]), self.client_gone, chat.STOP)
+            if req["stream"]:
+                self.stream(self.chat_events(pieces))
+                return
+            text, reason, usage = "", None, None
+            for piece, reason, usage in pieces:
+                text += piece
+            if usage is None:
+                return  # the client left before the end
+            body = {**self.chat_chunk(None, reason, usage), "object": "chat.completion"}
+            body["choices"][0]["message"] = {"role": "assistant", "content": text}
+            if usage["prompt_tokens_cropped"]:
+                seen = usage["prompt_tokens"]
+                body["warning"] = (f"the conversation has {seen + usage['prompt_tokens_cropped']} tokens, more than "
+                                   f"block_size={seen}: the model saw its last {seen}")
+            self.send_json(200, body)
 
     def tokenize(self, body):
         """vLLM's POST /tokenize, which lm-eval's local-completions asks for the tokenizer (add_special_tokens
@@ -503,7 +578,7 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(prompt, str):
             raise APIError(400, f"prompt={json.dumps(prompt)[:80]} is invalid; prompt must be a string", "prompt")
         parse_prompt(prompt, EOT + 1)  # refuses what is not text
-        tokens = self.server.enc.encode(prompt, allowed_special={"<|endoftext|>"})
+        tokens = encode(self.server.model, prompt)
         self.send_json(200, {"count": len(tokens), "max_model_len": self.server.model.config.block_size,
                              "tokens": tokens, "token_strs": None})
 
@@ -516,18 +591,43 @@ class Handler(BaseHTTPRequestHandler):
                                 f"from 0 to {EOT}", "tokens")
         self.send_json(200, {"prompt": self.server.enc.decode(tokens)})
 
-    def stream(self, pieces):
-        """Server-sent events: a chunk per piece of text, the last with finish_reason and usage, then [DONE]."""
+    def stream(self, events):
+        """Server-sent events: each chunk of `events` as it is made, the last with finish_reason and usage, then
+        [DONE] (unless the client left before the end)."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
+        reason = None
+        for chunk in events:
+            self.event(json.dumps(chunk))
+            reason = chunk["choices"][0]["finish_reason"]
+        if reason:
+            self.event("[DONE]")
+
+    def completion_events(self, pieces):
+        """complete()'s pieces as text_completion chunks: one per piece of text, the last with finish_reason."""
         for text, reason, usage in pieces:
             if text or reason:
-                self.event(json.dumps(self.completion(text, reason, usage)))
-            if reason:  # else the client left before the end
-                self.event("[DONE]")
+                yield self.completion(text, reason, usage)
+
+    def chat_events(self, pieces):
+        """complete()'s pieces as OpenAI's chat.completion.chunk objects: the role first, a delta per piece of text,
+        then an empty delta with finish_reason and usage."""
+        yield self.chat_chunk({"role": "assistant", "content": ""})
+        for text, reason, usage in pieces:
+            if text:
+                yield self.chat_chunk({"content": text})
+            if reason:
+                yield self.chat_chunk({}, reason, usage)
+
+    def chat_chunk(self, delta, reason=None, usage=None):
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.server.name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+        if delta is None:  # a whole reply: the caller puts its message in place of the delta
+            del body["choices"][0]["delta"]
+        return {**body, "usage": usage} if usage else body
 
     def event(self, data):
         self.wfile.write(f"data: {data}\n\n".encode())

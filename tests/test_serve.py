@@ -116,8 +116,8 @@ def test_malformed_json_gets_a_400_json_error_and_the_server_keeps_serving(serve
 
 def test_unknown_paths_get_404_and_oversized_bodies_413(server):
     with pytest.raises(openai.NotFoundError) as e:
-        server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}])
-    assert "no such endpoint: POST /v1/chat/completions" in e.value.message
+        server.client.embeddings.create(model="tiny", input="Hi")
+    assert "no such endpoint: POST /v1/embeddings" in e.value.message
     assert request(server.url, "GET", "/v2/nothing")[0] == 404
     with pytest.raises(openai.APIStatusError) as e:
         server.client.completions.create(model="tiny", prompt="x" * (1 << 20), max_tokens=4)
@@ -125,7 +125,7 @@ def test_unknown_paths_get_404_and_oversized_bodies_413(server):
     name = os.path.basename(server.run_dir)
     assert [m.id for m in server.client.models.list()] == [name]
     assert {k: v for k, v in health(server).items() if k != "threads"} == {"status": "ok", "model": name,
-                                                                           "running": 0, "waiting": 0}
+                                                                           "chat": False, "running": 0, "waiting": 0}
 
 
 def wait_for(condition, timeout=30):
