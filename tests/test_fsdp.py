@@ -120,7 +120,7 @@ def test_a_rank_short_of_memory_reduces_every_micro_step_to_the_same_losses(args
     r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
              *args, "--fsdp=True", f"--log_dir={tmp_path / 'log'}"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert set(re.findall(r"lean step (\w+)", r.stdout)) == {"True"}
+    assert set(re.findall(r"lean step (True|False)", r.stdout)) == {"True"}  # two ranks' prints may interleave
     assert_same_run(str(tmp_path / "log"), single[0])
 
 
