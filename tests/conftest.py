@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random shards and a tiny, exact (fp32, uncompiled) training configuration; subprocesses
 that can never outlive their test."""
+import http.client
 import itertools
 import json
 import os
@@ -229,3 +230,18 @@ def start_server(model, log_path, *args):
     line = proc.stdout.readline()
     assert line.startswith("serving "), open(log_path).read()
     return proc, re.search(r"http://127\.0\.0\.1:\d+", line)[0]
+
+
+def request(url, method, path, body=None, headers=None):
+    """(status, parsed JSON body) of one raw HTTP request to serve.py, for what the openai client would never send;
+    headers may replace Host."""
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    status, data = response.status, json.loads(response.read())
+    conn.close()
+    return status, data
+
+
+def health(server):
+    return request(server.url, "GET", "/health")[1]

@@ -1,7 +1,6 @@
 """serve.py through the real openai client: its completions are inference.generate's, streamed or not; its errors
 are OpenAI's JSON and it keeps serving; a client that hangs up frees the model; a full queue gets 503; echo and
 logprobs give a plain forward's log-probabilities, for every form of prompt."""
-import http.client
 import json
 import os
 import socket
@@ -13,7 +12,7 @@ import types
 import openai
 import pytest
 import torch
-from conftest import ROOT, run, start_server
+from conftest import ROOT, health, request, run, start_server
 
 from inference import generate
 from serve import MAX_TOKENS
@@ -32,20 +31,6 @@ def server(serve_run, tmp_path_factory):
                                 enc=get_tokenizer())
     proc.terminate()
     proc.wait(timeout=10)
-
-
-def request(url, method, path, body=None, headers=None):
-    """(status, parsed JSON body) of one raw HTTP request, for what the openai client would never send."""
-    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
-    conn.request(method, path, body=body, headers=headers or {})
-    response = conn.getresponse()
-    status, data = response.status, json.loads(response.read())
-    conn.close()
-    return status, data
-
-
-def health(server):
-    return request(server.url, "GET", "/health")[1]
 
 
 def expected_text(server, prompt, max_tokens, **sampling):

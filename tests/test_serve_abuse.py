@@ -1,6 +1,5 @@
 """serve.py under abuse: every request is bounded, a slow client holds neither the model nor anyone else, a crowd
 gets answers or clean 503s and leaves no thread behind, and web pages of other sites are refused."""
-import http.client
 import json
 import socket
 import threading
@@ -10,7 +9,7 @@ import types
 import openai
 import pytest
 import torch
-from conftest import start_server
+from conftest import health, request, start_server
 
 from inference import generate
 from serve import MAX_TOKENS
@@ -32,20 +31,6 @@ def server(serve_run, tmp_path_factory):
 
 def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def request(url, method, path, body=None, headers=None):
-    """(status, parsed JSON body) of one raw HTTP request; headers may replace Host."""
-    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
-    conn.request(method, path, body=body, headers=headers or {})
-    response = conn.getresponse()
-    status, data = response.status, json.loads(response.read())
-    conn.close()
-    return status, data
-
-
-def health(server):
-    return request(server.url, "GET", "/health")[1]
 
 
 def greedy(server, prompt, n):
