@@ -268,7 +268,8 @@ def test_the_page_holds_a_conversation(server, tmp_path):
         first, _ = reply(server.model, ASK, 12)
         assert bubbles() == [("msg user", "What is 2+3?"), ("msg assistant", first)]
         lengths = driver.execute_script("return window.lengths")
-        assert len(set(lengths)) > 5 and lengths == sorted(lengths)  # the reply grew in many steps as it streamed
+        # The reply only grew; how many steps the browser shows depends on how reads batch the stream's events.
+        assert lengths == sorted(lengths) and len(set(lengths)) > 1
 
         fill(max_tokens=64)
         driver.find_element(By.ID, "message").send_keys("And 4+4?", Keys.ENTER)
@@ -277,6 +278,7 @@ def test_the_page_holds_a_conversation(server, tmp_path):
         turns = [*ASK, {"role": "assistant", "content": first}, {"role": "user", "content": "And 4+4?"}]
         (_, asked), (url, body) = driver.execute_script("return window.bodies")
         assert url == "/v1/chat/completions" and asked["messages"] == ASK and body["messages"] == turns
+        assert asked["stream"] is True and body["stream"] is True
         second, _ = reply(server.model, turns)
         assert second and second != reply(server.model, turns[-1:])[0]  # and it depends on the first turn
         assert bubbles()[2:] == [("msg user", "And 4+4?"), ("msg assistant", second)]
