@@ -274,6 +274,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, dtype, tokens=None):
         counted, need_grad = targets >= 0, any(ctx.needs_input_grad[:2])
         n = ctx.n = counted.sum().clamp(min=1)  # the row count when all count: then nothing changes
+        trained, whole = None, x.shape
+        if not torch.compiler.is_compiling() and not counted.all():  # eager only: a data-dependent shape would break
+            trained = counted.nonzero().squeeze(1)  # the graph. An SFT batch's untrained rows then cost no logits
+            x, targets, counted = x[trained], targets[trained], counted[trained]
         ctx.x_dtype, targets, counted = x.dtype, targets.clamp(min=0), counted[:, None].float()
         xd, wd = x.to(dtype), weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -299,6 +303,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_x[i:i + LOSS_CHUNK_ROWS] = g @ wd
                 grad_w += (g.t() @ xc).float()
         if need_grad:
+            if trained is not None:
+                grad_x = grad_x.new_zeros(whole).index_copy_(0, trained, grad_x)
             ctx.save_for_backward(grad_x, grad_w)
         return loss / n
 

@@ -55,6 +55,20 @@ def test_bf16_matches_plain_cross_entropy_and_gradients_stay_fp32():
         assert (g - e).norm() <= 1.05 * (r - e).norm()
 
 
+def test_ignored_targets_take_no_loss_and_their_rows_no_gradient():
+    """SFT's masked targets (IGNORE), which the eager loss skips before any logit: F.cross_entropy's ignore_index."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2 * CHUNK + 88, 48, generator=gen)
+    weight = torch.randn(1000, 48, generator=gen) * 0.3
+    targets = torch.randint(0, 1000, (x.size(0),), generator=gen)
+    targets[torch.rand(x.size(0), generator=gen) < 0.7] = train_gpt2.IGNORE
+    got = loss_and_grads(LinearCrossEntropy.apply, x, weight, targets, torch.float32, 3.0)
+    want = loss_and_grads(reference, x, weight, targets, torch.float32, 3.0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert not got[1][targets < 0].any() and got[1][targets >= 0].abs().min() > 0
+
+
 @pytest.mark.parametrize("rows", [CHUNK - 1, 2 * CHUNK + 188])
 def test_padded_rows_take_no_probability_and_get_no_gradient(rows):
     """tokens < weight rows: the loss and gradients of F.cross_entropy over the real rows alone, and the
