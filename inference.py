@@ -12,10 +12,10 @@ import codecs
 import contextlib
 import math
 
-import chat
 import torch
 import torch.nn as nn
 
+import chat
 from train_gpt2 import EOT, UserError, get_tokenizer, load_model, model_from_state
 
 SAMPLING = dict(temperature=1.0, top_k=50, top_p=1.0)  # the defaults of sample.py, serve.py and sample_next
