@@ -552,9 +552,9 @@ class Handler(BaseHTTPRequestHandler):
         if refusal:
             raise APIError(400, refusal, "model")
         req = parse_chat_request(body)
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.id, tokens = f"chatcmpl-{uuid.uuid4().hex}", chat.prompt(req["messages"])
         with s.turn():  # only now, with the request read and checked, wait for the model
-            pieces = s.complete(req, chat.prompt(req["messages"]), self.client_gone, chat.STOP)
+            pieces = s.complete(req, tokens, self.client_gone, chat.STOP)
             if req["stream"]:
                 self.stream(self.chat_events(pieces))
                 return

@@ -18,10 +18,11 @@ import sys
 import types
 import urllib.request
 
+import numpy as np
 import openai
 import pytest
 import torch
-from conftest import ROOT, run, start_server
+from conftest import ARITHMETIC_QUESTIONS, ROOT, WORDS, run, start_server, stop, train, write_arithmetic_chats
 
 import chat
 from inference import stream_reply
@@ -145,6 +146,16 @@ def test_earlier_turns_a_system_message_a_stop_string_and_a_seed(server):
     sampled = [server.client.chat.completions.create(model="tiny", messages=ASK, temperature=0.9, top_p=0.9, seed=5)
                .choices[0].message.content for _ in range(2)]
     assert sampled[0] == sampled[1] == reply(server.model, ASK, temperature=0.9, top_p=0.9, seed=5)[0] != first
+
+
+def test_a_conversation_longer_than_block_size_is_cropped_from_the_left_and_the_reply_says_so(server):
+    long = [{"role": "user", "content": " ".join(f"w{i}" for i in range(40))}, *ASK]
+    n = len(chat.prompt(long))
+    assert n > 64
+    r = server.client.chat.completions.create(model="tiny", messages=long, temperature=0, max_tokens=4)
+    assert (r.usage.prompt_tokens, r.usage.prompt_tokens_cropped) == (64, n - 64)
+    assert r.warning == f"the conversation has {n} tokens, more than block_size=64: the model saw its last 64"
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == reply(server.model, long, 4)
 
 
 def test_a_bad_field_gets_a_400_naming_it_and_the_server_keeps_serving(server):
@@ -295,3 +306,56 @@ def test_the_page_holds_a_conversation(server, tmp_path):
         assert bubbles() == [("msg user", "What is 2+3?"), ("msg assistant", first)]
     finally:
         driver.quit()
+
+
+@pytest.mark.skipif(not os.environ.get("CHAT_E2E"), reason="minutes of CPU: CHAT_E2E=1 runs it (see its docstring)")
+def test_sft_teaches_a_tiny_model_to_answer_sums(tmp_path):
+    """End to end, as a user would: a tiny model pretrained briefly on plain text (prepare_fineweb.py on a .txt of
+    sentences), then --preset=sft on conftest's single-digit arithmetic chats; through /v1/chat/completions and the
+    openai client, at least 90 of the 100 sums (each phrasing in turn) get the right number and finish_reason stop,
+    while the base model, served the same way, gets a 400 on the chat endpoint and almost none right as a
+    completion of the question. CHAT_E2E_STEPS sets the SFT steps (default 150). Skipped unless CHAT_E2E=1: on a
+    2-core CPU its default run takes minutes and, measured, does not reach 90% (docs/serving.md)."""
+    steps = int(os.environ.get("CHAT_E2E_STEPS", 150))
+    rng = np.random.default_rng(0)
+    (tmp_path / "text.txt").write_text("".join(" ".join(rng.choice(WORDS, rng.integers(4, 12))).capitalize() + ".\n"
+                                               for _ in range(3000)))
+    data = write_arithmetic_chats(tmp_path / "chats.jsonl", 4000, seed=1)
+    for source, out in ((tmp_path / "text.txt", "text"), (data, "chats")):
+        r = run([sys.executable, f"{ROOT}/prepare_fineweb.py", f"--data_files={source}", f"--out={tmp_path / out}",
+                 "--shard_size=20000", "--num_proc=1"], timeout=300)
+        assert r.returncode == 0, r.stderr
+    common = ["--B=8", "--T=64", "--total_batch_size=512", "--compile=False", "--dtype=float32", "--device=cpu",
+              "--sample_count=0", "--hella_data=", "--val_tokens=512"]
+    r = train([*common, "--n_layer=2", "--n_head=4", "--n_embd=64", "--vocab_size=50304", "--block_size=64",
+               "--warmup_steps=5", "--max_steps=30", "--eval_interval=30", "--checkpoint_interval=30", "--max_lr=3e-3",
+               "--min_lr=3e-4", f"--data_dir={tmp_path / 'text'}", f"--log_dir={tmp_path / 'base'}"], timeout=900)
+    assert r.returncode == 0, r.stderr
+    r = train([*common, "--preset=sft", f"--init_from={tmp_path / 'base' / 'model_000030.pt'}",
+               f"--data_dir={tmp_path / 'chats'}", "--warmup_steps=0", "--max_lr=3e-3", "--min_lr=3e-3",
+               f"--max_steps={steps}", f"--eval_interval={steps}", f"--checkpoint_interval={steps}",
+               f"--log_dir={tmp_path / 'sft'}"], timeout=3600)
+    assert r.returncode == 0, r.stderr
+    sums = [(a, b, ARITHMETIC_QUESTIONS[(10 * a + b) % len(ARITHMETIC_QUESTIONS)].format(a=a, b=b))
+            for a in range(10) for b in range(10)]
+
+    proc, url = start_server(tmp_path / "sft", tmp_path / "sft.log")
+    try:
+        replies = [client(url).chat.completions.create(model="sft", messages=[{"role": "user", "content": q}],
+                                                       temperature=0, max_tokens=4).choices[0] for _, _, q in sums]
+    finally:
+        stop(proc)
+    sft = sum(c.message.content.strip() == str(a + b) and c.finish_reason == "stop"
+              for (a, b, _), c in zip(sums, replies))
+    proc, url = start_server(tmp_path / "base", tmp_path / "base.log")
+    try:
+        base_client = client(url)
+        with pytest.raises(openai.BadRequestError):
+            base_client.chat.completions.create(model="base", messages=[{"role": "user", "content": sums[0][2]}])
+        texts = [base_client.completions.create(model="base", prompt=q, temperature=0, max_tokens=4).choices[0].text
+                 for _, _, q in sums]
+    finally:
+        stop(proc)
+    base = sum(text.strip().startswith(str(a + b)) for (a, b, _), text in zip(sums, texts))
+    print(f"sums right: base {base}/100, after {steps} SFT steps {sft}/100")
+    assert sft >= 90 and base <= 10, (base, sft)
