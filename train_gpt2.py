@@ -274,9 +274,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, dtype, tokens=None):
         counted, need_grad = targets >= 0, any(ctx.needs_input_grad[:2])
         n = ctx.n = counted.sum().clamp(min=1)  # the row count when all count: then nothing changes
-        trained, whole = None, x.shape
-        if not torch.compiler.is_compiling() and not counted.all():  # eager only: a data-dependent shape would break
-            trained = counted.nonzero().squeeze(1)  # the graph. An SFT batch's untrained rows then cost no logits
+        # Eager only (a data-dependent shape would break a compiled graph): an SFT batch's untrained rows cost no logits
+        whole, trained = x.shape, None if torch.compiler.is_compiling() or counted.all() else counted.nonzero()[:, 0]
+        if trained is not None:
             x, targets, counted = x[trained], targets[trained], counted[trained]
         ctx.x_dtype, targets, counted = x.dtype, targets.clamp(min=0), counted[:, None].float()
         xd, wd = x.to(dtype), weight.to(dtype)
@@ -303,8 +303,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_x[i:i + LOSS_CHUNK_ROWS] = g @ wd
                 grad_w += (g.t() @ xc).float()
         if need_grad:
-            if trained is not None:
-                grad_x = grad_x.new_zeros(whole).index_copy_(0, trained, grad_x)
+            grad_x = grad_x if trained is None else grad_x.new_zeros(whole).index_copy_(0, trained, grad_x)
             ctx.save_for_backward(grad_x, grad_w)
         return loss / n
 
@@ -913,11 +912,10 @@ def print_samples(model, cfg, autocast, log):
     if max(prompt) >= model.config.vocab_size:
         raise UserError(f"--sample_prompt holds token {max(prompt)}, outside the model's vocab_size="
                         f"{model.config.vocab_size}; change --sample_prompt, or pass --sample_count=0")
-    device = next(model.parameters()).device
-    idx = torch.tensor([prompt] * cfg.sample_count, device=device)
+    idx = torch.tensor([prompt] * cfg.sample_count, device=next(model.parameters()).device)
     with autocast:
         out = model.generate(idx, cfg.sample_tokens - len(prompt), top_k=50,
-                             generator=torch.Generator(device).manual_seed(42))
+                             generator=torch.Generator(idx.device).manual_seed(42))
     for i, row in enumerate(out[:, len(prompt):].tolist()):
         log(f"sample {i}: {enc.decode(prompt + (row[:row.index(EOT)] if EOT in row else row))!r}")
 
@@ -928,8 +926,7 @@ HELLA_FIELDS = {  # the fields scoring reads: check, what the check wants
     "endings": (lambda v: isinstance(v, list) and len(v) == 4 and all(isinstance(e, str) for e in v),
                 "a list of 4 strings"),
     "label": (lambda v: str(v) in ("0", "1", "2", "3"), "0, 1, 2 or 3"),
-    "split_type": (lambda v: isinstance(v, str), "a string"),
-}
+    "split_type": (lambda v: isinstance(v, str), "a string")}
 HELLA_LSE_ROWS = 8  # rows of logits a CPU turns to fp32 and normalizes at once (8 x 50304 fp32 = 1.6 MB, in cache)
 def read_hellaswag(path, limit=0):
     """The examples of a HellaSwag jsonl file (its first `limit` if > 0), checked: a bad line fails here, by line."""
@@ -1104,11 +1101,10 @@ def remove_stale_temp_files(log_dir):
 
 def process_alive(pid):
     try:
-        os.kill(pid, 0)
+        with contextlib.suppress(PermissionError):  # another user's process: alive
+            os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        pass
     return True
 
 @contextlib.contextmanager
@@ -1714,15 +1710,14 @@ def train_step(run, lr):
     return loss, norm
 
 def log_step(run, step, loss, norm, lr, dt):
-    cfg, scaler = run.cfg, run.scaler
+    scaler, tokens_per_s = run.scaler, run.cfg.total_batch_size / dt
     mfu = run.peak_step_time / dt if run.peak_step_time else None
     skipped = (" | loss not finite: step skipped" if not math.isfinite(loss) else "" if math.isfinite(norm) else
                f" | inf gradients: step skipped, gradient scale now {scaler.get_scale():g}" if scaler.is_enabled()
                else " | grad norm not finite: step skipped")
     run.log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms | "
-            f"tok/sec {cfg.total_batch_size / dt:.0f} | mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{skipped}")
-    metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
-               "train/tokens_per_s": cfg.total_batch_size / dt}
+            f"tok/sec {tokens_per_s:.0f} | mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{skipped}")
+    metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm, "train/tokens_per_s": tokens_per_s}
     if mfu:
         metrics["train/mfu"] = 100 * mfu
     if run.device.startswith("cuda"):
@@ -1783,8 +1778,7 @@ def train(cfg):
                         raise preemption_exit(run, step)
                     if last:
                         break
-                    t0 = time.perf_counter()
-                    lr = get_lr(step, cfg)
+                    t0, lr = time.perf_counter(), get_lr(step, cfg)
                     loss, norm = train_step(run, lr)
                     log_step(run, step, loss, norm, lr, time.perf_counter() - t0)
                     count_bad_step(run, step, loss, norm)
