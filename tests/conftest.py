@@ -190,6 +190,20 @@ def tiny_run(tmp_path_factory):
     return types.SimpleNamespace(checkpoint=str(log_dir / "model_000008.pt"), stdout=result.stdout)
 
 
+def tiny_model(block_size=16, vocab_size=64, seed=0):
+    """A 2-layer, 32-wide GPT in eval mode with its weights scaled 4x: a random init gives near-uniform logits, and
+    sharper ones make greedy paths vary, so that decoders that differ give different tokens."""
+    import torch
+
+    from train_gpt2 import GPT, GPTConfig
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    return model
+
+
 def hf_gpt2(path, n_positions=96, n_embd=40, n_layer=2, n_head=5, seed=0):
     """A random transformers GPT2LMHeadModel of GPT-2's vocabulary saved with save_pretrained at path, standing in
     for the hub's gpt2, which this machine cannot download; returned in eval mode."""

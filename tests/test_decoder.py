@@ -6,22 +6,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, tiny_model
 
 import inference
 from inference import KVCache, decode_path, generate, generate_stream, sample_next
-from train_gpt2 import EOT, GPT, GPTConfig
+from train_gpt2 import EOT
 
 torch.set_num_threads(1)  # these models are tiny: threads would only contend for the 2 cores
-
-
-def tiny_model(block_size=16, vocab_size=64, seed=0):
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
-    with torch.no_grad():  # a random init gives near-uniform logits; sharpen them so greedy paths vary
-        for p in model.parameters():
-            p.mul_(4)
-    return model
 
 
 @torch.no_grad()

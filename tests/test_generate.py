@@ -6,22 +6,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run
+from conftest import ROOT, run, tiny_model
 
 import sample
 from inference import PackedLinear, generate, generate_stream, hold_for_inference, load_for_inference, sample_next
-from train_gpt2 import EOT, GPT, GPTConfig, UserError, get_tokenizer, load_model
+from train_gpt2 import EOT, GPT, UserError, get_tokenizer, load_model
 
 torch.set_num_threads(1)  # these models are tiny: threads would only contend for the 2 cores
-
-
-def tiny_model(block_size=16, vocab_size=64, seed=0):
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
-    with torch.no_grad():  # a random init gives near-uniform logits; sharpen them so greedy paths vary
-        for p in model.parameters():
-            p.mul_(4)
-    return model
 
 
 def greedy_recompute(model, prompt, new_tokens, num_samples=1):
