@@ -358,8 +358,9 @@ def pack_windows(windows, capacity):
     the longer first, so that a window that starts another is read off it for free), each window after the first
     of its group keeps only what follows the part it shares with that first, its trunk, while the group stays
     within `capacity` positions. Groups then fill rows as long as the longest group, largest first: as long as
-    plain padded rows, and a short text fills the room a longer row leaves. Returns rows, each a list of groups
-    (trunk window index, [(window index, shared length)])."""
+    plain padded rows, and a short text fills the room a longer row leaves. Or, where that takes more positions
+    (rows x the longest), each window is a row of its own. Returns rows, each a list of groups (trunk window index,
+    [(window index, shared length)])."""
     order = sorted(range(len(windows)), key=lambda i: (*windows[i], math.inf))
     groups, sizes = [], []
     for i in order:
@@ -382,7 +383,10 @@ def pack_windows(windows, capacity):
             r = len(rows) - 1
         rows[r].append(groups[g])
         room[r] -= sizes[g]
-    return rows
+    # Texts that share little (a batch of unrelated prompts, as lm-eval sends them sorted by length) fill rows of
+    # the longest group's length unevenly: 30% more positions than a row each, measured on a HellaSwag-like batch.
+    alone = [[(i, [])] for i in order]
+    return min(rows, alone, key=lambda rows: len(rows) * max(row_length(windows, row) for row in rows))
 
 
 def row_length(windows, row):

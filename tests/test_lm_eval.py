@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, run, start_server
 
 import inference
-from inference import generate, score
+from inference import generate, pack_windows, row_length, score
 from train_gpt2 import EOT, get_tokenizer, load_model
 
 torch.set_num_threads(1)
@@ -161,3 +161,17 @@ def test_scoring_packs_texts_into_few_forwards_and_matches_a_plain_forward(serve
         assert (last is None) == (nxt is not None)
         if last is not None:
             assert (last - logits[-1]).abs().max() < 1e-4
+
+
+def test_unrelated_texts_take_no_more_positions_than_a_padded_row_each():
+    """lm-eval sends a request's texts sorted by length, mostly unrelated: packing them into rows as long as the
+    longest group filled those rows unevenly (30% more positions than plain padded rows on a HellaSwag-like batch)."""
+    rng = random.Random(2)
+    # as English does, many start with the same word ("The ..."): a start of one token, shared
+    texts = sorted(([rng.choice((464, 32))] + [rng.randrange(EOT + 1) for _ in range(rng.randint(40, 80))]
+                    for _ in range(16)), key=len)
+    rows = pack_windows(texts, 256)
+    assert len(rows) * max(row_length(texts, row) for row in rows) <= 16 * max(map(len, texts))
+    shared = [texts[0][:30] + t[:20] for t in texts[:4]]  # a context and four endings: still shared
+    rows = pack_windows(shared, 256)
+    assert len(rows) * max(row_length(shared, row) for row in rows) <= 30 + 4 * 20  # not 4 x 50
