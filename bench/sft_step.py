@@ -32,12 +32,13 @@ def main():
     model = GPT(GPTConfig(n_layer=args.n_layer, n_head=4, n_embd=args.n_embd, vocab_size=50304, block_size=args.T,
                           chat=True))
     x = torch.randint(0, 50257, (args.B, args.T))
-    sft = x.roll(-1, 1).masked_fill(torch.rand(x.shape) >= args.trained, IGNORE)
+    y = x.roll(-1, 1)
+    sft = y.masked_fill(torch.rand(x.shape) >= args.trained, IGNORE)
     times = {"pretraining": [], "sft": []}
     for i in range(args.steps + 2):  # the first two of each warm up
-        for kind, y in (("pretraining", x.roll(-1, 1)), ("sft", sft)):
+        for kind, targets in (("pretraining", y), ("sft", sft)):
             t0 = time.perf_counter()
-            _, loss = model(x, y)
+            _, loss = model(x, targets)
             loss.backward()
             model.zero_grad(set_to_none=True)
             if i >= 2:
