@@ -340,8 +340,9 @@ def test_sft_teaches_a_tiny_model_to_answer_sums(tmp_path):
 
     proc, url = start_server(tmp_path / "sft", tmp_path / "sft.log")
     try:
-        replies = [client(url).chat.completions.create(model="sft", messages=[{"role": "user", "content": q}],
-                                                       temperature=0, max_tokens=4).choices[0] for _, _, q in sums]
+        sft_client = client(url)
+        replies = [sft_client.chat.completions.create(model="sft", messages=[{"role": "user", "content": q}],
+                                                      temperature=0, max_tokens=4).choices[0] for _, _, q in sums]
     finally:
         stop(proc)
     sft = sum(c.message.content.strip() == str(a + b) and c.finish_reason == "stop"
