@@ -106,8 +106,7 @@ POSITIVE = ("total_batch_size", "B", "T", "max_lr", "muon_lr", "grad_clip", "eva
             "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "sample_tokens")
 
 # What --preset=name changes; --name=value arguments still override it.
-SETTING_PRESETS = {
-    "": {},
+SETTING_PRESETS = {"": {},
     # GPT-2's four sizes, 124M, 350M, 774M and 1558M (the defaults are gpt2); lower B if a GPU runs out of memory.
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768), "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280), "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
@@ -673,10 +672,8 @@ GPU_PEAK_FLOPS = {
     "H100": (989e12, 989e12, 495e12), "A100": (312e12, 312e12, 156e12),  # H100: SXM
     "A10G": (125e12, 125e12, 62.5e12),  # AWS's; NVIDIA publishes no datasheet, so taken as the A10's
     "A10": (125e12, 125e12, 62.5e12), "L4": (121e12, 121e12, 60e12), "RTX 4090": (165.2e12, 165.2e12, 82.6e12),
-    "RTX 3090": (71e12, 71e12, 35.6e12),
-    # Volta and Turing: fp16 tensor cores only, no TF32; V100 is SXM2
-    "V100-PCIE": (None, 112e12, 14e12), "V100": (None, 125e12, 15.7e12), "T4": (None, 65e12, 8.1e12),
-}
+    "RTX 3090": (71e12, 71e12, 35.6e12),  # below, Volta and Turing: fp16 tensor cores only, no TF32; V100 is SXM2
+    "V100-PCIE": (None, 112e12, 14e12), "V100": (None, 125e12, 15.7e12), "T4": (None, 65e12, 8.1e12)}
 def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
     if setting > 0:
         return setting
@@ -1305,10 +1302,13 @@ def take_lock(path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+            for _ in range(100):  # a run that has just taken the lock names itself a moment later
+                if holder := os.pread(fd, 256, 0).decode(errors="replace").strip():
+                    break
+                time.sleep(0.05)
             os.close(fd)
-            raise UserError(f"log_dir {os.path.dirname(path)!r} is in use by {holder}; wait for that run to end "
-                            f"or stop it, then continue it with --resume=auto") from None
+            raise UserError(f"log_dir {os.path.dirname(path)!r} is in use by {holder or 'another process'}; wait for "
+                            f"that run to end or stop it, then continue it with --resume=auto") from None
         except OSError as e:  # a filesystem without locks (some FUSE or Lustre mounts): the run goes on unguarded
             os.close(fd)
             print(f"warning: cannot lock {path} ({e}); make sure no other run uses this log_dir")

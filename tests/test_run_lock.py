@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -94,3 +95,16 @@ def test_only_temp_files_whose_writer_is_gone_are_removed(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     tg.remove_stale_temp_files(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == sorted(n for n, kept in names.items() if kept)
+
+
+def test_a_launch_that_finds_the_lock_just_taken_waits_for_its_holder_to_name_itself(tmp_path):
+    """Two launches at once: the loser may read the lock file in the moment between the winner's flock and its
+    write; it must still name the winner, not 'another process'."""
+    path = str(tmp_path / tg.LOCK_NAME)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        namer = threading.Timer(0.3, lambda: (f.write("pid 4242 on host elsewhere (since now)"), f.flush()))
+        namer.start()
+        with pytest.raises(tg.UserError, match=r"in use by pid 4242 on host elsewhere \(since now\); wait"):
+            tg.take_lock(path)
+        namer.join()
