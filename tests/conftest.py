@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -259,3 +260,10 @@ def request(url, method, path, body=None, headers=None):
 
 def health(server):
     return request(server.url, "GET", "/health")[1]
+
+
+def wait_for(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

@@ -6,13 +6,12 @@ import os
 import socket
 import sys
 import threading
-import time
 import types
 
 import openai
 import pytest
 import torch
-from conftest import ROOT, health, request, run, start_server
+from conftest import ROOT, health, request, run, start_server, wait_for
 
 from inference import generate
 from serve import MAX_TOKENS
@@ -111,13 +110,6 @@ def test_unknown_paths_get_404_and_oversized_bodies_413(server):
     assert [m.id for m in server.client.models.list()] == [name]
     assert {k: v for k, v in health(server).items() if k != "threads"} == {"status": "ok", "model": name,
                                                                            "chat": False, "running": 0, "waiting": 0}
-
-
-def wait_for(condition, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_a_client_that_hangs_up_mid_stream_frees_the_model(server):

@@ -9,7 +9,7 @@ import types
 import openai
 import pytest
 import torch
-from conftest import health, request, start_server
+from conftest import health, request, start_server, wait_for
 
 from inference import generate
 from serve import MAX_TOKENS
@@ -35,13 +35,6 @@ def client(url):
 
 def greedy(server, prompt, n):
     return server.enc.decode(generate(server.model, server.enc.encode(prompt), n, temperature=0)[0])
-
-
-def wait_for(condition, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_max_tokens_past_the_bound_is_a_400_naming_it_and_the_bound(server):
