@@ -8,6 +8,8 @@ import shutil
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -287,10 +289,29 @@ def test_a_bad_conversation_is_refused_in_one_line_with_its_line_and_nothing_is_
     assert not out.exists() or os.listdir(out) == []
 
 
-def test_a_hub_dataset_names_its_shards_and_directory_after_itself():
-    args = prepare_fineweb.parse_args(["--dataset=HuggingFaceTB/smol-smoltalk"])
-    assert (args.out, args.prefix, args.repo, args.name) == ("smol-smoltalk", "smol-smoltalk",
-                                                             "HuggingFaceTB/smol-smoltalk", None)
+def test_a_hub_conversation_dataset_goes_through_the_hub_call_into_shards_named_after_it(tmp_path):
+    """The README's `--dataset=HuggingFaceTB/smol-smoltalk`, run beside a stand-in of that repository (its parquet
+    layout and columns: messages as a list of {content, role}, and a source): datasets.load_dataset reads a local
+    directory named like the repository as it reads the hub's, so this is the code path a node takes."""
+    chats = [json.loads(line) for line in open(write_arithmetic_chats(tmp_path / "chats.jsonl", 40))]
+    repo = tmp_path / "HuggingFaceTB" / "smol-smoltalk" / "data"
+    repo.mkdir(parents=True)
+    pq.write_table(pa.table({"messages": [[{"content": m["content"], "role": m["role"]} for m in c["messages"]]
+                                          for c in chats], "source": ["arithmetic"] * len(chats)}),
+                   repo / "train-00000-of-00001.parquet")
+    r = run([sys.executable, os.path.join(ROOT, "prepare_fineweb.py"), "--dataset=HuggingFaceTB/smol-smoltalk",
+             "--val_tokens=300", "--shard_size=300", "--num_proc=2"], cwd=tmp_path, timeout=300,
+            env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = str(tmp_path / "smol-smoltalk")
+    assert sorted(glob.glob(os.path.join(out, "*_000000.npy"))) == [os.path.join(out, "smol-smoltalk_val_000000.npy")]
+    rendered = [chat.render(c["messages"]) for c in chats]
+    tokens, masks = shards_of(out)
+    np.testing.assert_array_equal(tokens, [t for ids, _ in rendered for t in ids])
+    np.testing.assert_array_equal(masks, [int(k) for _, trained in rendered for k in trained])
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["complete"] and manifest["source"] == {"dataset": "HuggingFaceTB/smol-smoltalk", "name": None}
+    assert manifest["shards"][0]["tokens"] == 300
     assert prepare_fineweb.parse_args([]).name == "sample-10BT"  # fineweb's default subset is unchanged
     with pytest.raises(UserError, match="--dataset=smoltalk: expected fineweb-edu, fineweb, pydoc or a hub dataset"):
         prepare_fineweb.parse_args(["--dataset=smoltalk"])

@@ -234,6 +234,31 @@ def test_default_output_directories_follow_the_dataset():
     assert (args.out, args.shard_size, args.prefix) == ("pydoc_topics", prepare_fineweb.PYDOC_SHARD_SIZE, "pydoc")
 
 
+def test_the_bare_command_reads_fineweb_edus_sample_10bt_through_the_hub_call(tmp_path):
+    """The hub cannot be reached here, but datasets.load_dataset reads a local directory named like the repository
+    the same way it reads the hub's: the README's configs, the data files, the subset by --name. So the bare
+    `python prepare_fineweb.py`, run beside a stand-in of HuggingFaceFW/fineweb-edu, takes the code path it takes
+    on a node, and must read only the sample-10BT subset into edu_fineweb10B/."""
+    repo = tmp_path / "HuggingFaceFW" / "fineweb-edu"
+    (repo / "sample" / "10BT").mkdir(parents=True)
+    write_corpus(str(repo / "sample" / "10BT" / "000_00000.parquet"), DOCS[:20])
+    write_corpus(str(repo / "sample" / "10BT" / "001_00000.parquet"), DOCS[20:])
+    write_corpus(str(repo / "other.parquet"), ["A document of another subset, which must not be read."])
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files: other.parquet\n"
+                                    "- config_name: sample-10BT\n  data_files: sample/10BT/*\n---\n")
+    r = run([sys.executable, os.path.join(ROOT, "prepare_fineweb.py"), "--shard_size=100", "--num_proc=2"],
+            cwd=tmp_path, timeout=300, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = str(tmp_path / "edu_fineweb10B")
+    files = sorted(glob.glob(os.path.join(out, "*.npy")), key=lambda f: f[-10:])
+    assert [os.path.basename(f) for f in files] == [f"edufineweb_{'val' if i == 0 else 'train'}_{i:06d}.npy"
+                                                    for i in range(len(files))]
+    np.testing.assert_array_equal(np.concatenate([np.load(f) for f in files]), expected_tokens(DOCS))
+    manifest = read_manifest(out)
+    assert manifest["complete"] and manifest["source"] == {"dataset": "HuggingFaceFW/fineweb-edu",
+                                                           "name": "sample-10BT"}
+
+
 def test_a_tokenizer_with_ids_past_uint16_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     gpt2 = get_tokenizer()
     wide = tiktoken.Encoding("wide", pat_str=gpt2._pat_str, mergeable_ranks=gpt2._mergeable_ranks,
