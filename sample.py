@@ -45,7 +45,8 @@ def parse_args(argv):
                            ("max_new_tokens", args.max_new_tokens >= 1, "1 or more"),
                            ("temperature", 0 <= args.temperature < math.inf, "0 (greedy) or more, e.g. 0.8"),
                            ("top_k", args.top_k >= 0, "0 (every token) or more, e.g. 50"),
-                           ("top_p", 0 < args.top_p <= 1, "above 0 and at most 1, e.g. 0.95")):
+                           ("top_p", 0 < args.top_p <= 1, "above 0 and at most 1, e.g. 0.95"),
+                           ("seed", args.seed is None or -2 ** 63 <= args.seed < 2 ** 64, "a 64-bit integer")):
         if not ok:  # written so that nan fails too
             sys.exit(f"error: --{name}={getattr(args, name)} is out of range; --{name} must be {want}")
     if args.prompt.startswith("FILE:"):  # nanoGPT's convention, for prompts too long or odd for a shell

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -121,8 +122,8 @@ def parse_sampling(req, max_tokens):
     """The settings completions and chat completions share, with OpenAI's defaults but for temperature, top_k and
     top_p, which are inference.SAMPLING's: stop, temperature, top_p, top_k, seed, stream, and n (1 only); max_tokens
     is already checked."""
-    stop = req.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
+    stop = req.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, f"stop={json.dumps(req['stop'])} is invalid; stop must be a non-empty string or a "
                             f"list of up to 4 of them", "stop")
@@ -133,7 +134,7 @@ def parse_sampling(req, max_tokens):
                           "from 0 (greedy) to 2"),
         top_p=field(req, "top_p", (int, float), SAMPLING["top_p"], lambda v: 0 < v <= 1, "above 0 and at most 1"),
         top_k=field(req, "top_k", int, SAMPLING["top_k"], lambda v: v >= 0, "0 (every token) or more"),
-        seed=field(req, "seed", int, None, want="an integer"),
+        seed=field(req, "seed", int, None, lambda v: -2 ** 63 <= v < 2 ** 64, "a 64-bit integer"),
         stop=stop,
         stream=field(req, "stream", bool, False, want="true or false"),
     )
@@ -427,6 +428,15 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.respond(self.post)
 
+    def do_PUT(self):  # and PATCH, DELETE, OPTIONS: a JSON 405, not the library's HTML 501
+        self.close_connection = True  # a body it may have sent is never read
+        self.respond(self.refuse_method)
+    do_PATCH = do_DELETE = do_OPTIONS = do_PUT
+
+    def refuse_method(self):
+        self.check_origin()
+        raise APIError(405, f"{self.command} is not allowed: this server's endpoints take GET and POST")
+
     def setup(self):
         super().setup()
         self.id, self.created, self.answered = f"cmpl-{uuid.uuid4().hex}", int(time.time()), False
@@ -443,6 +453,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def respond(self, handle):
         self.read_done()  # the request line and headers are in
+        self.route = urllib.parse.urlsplit(self.path).path  # a query string (Azure's api-version=...) is ignored
         try:
             handle()
         except TimeoutError:  # the body did not arrive in time, or the client stopped taking the reply
@@ -462,9 +473,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.fail(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
 
     def fail(self, status, message, param=None, kind="invalid_request_error"):
-        """OpenAI's error JSON; a 503 says when to retry."""
+        """OpenAI's error JSON; a 503 says when to retry, and a 405 which methods there are."""
         self.send_json(status, {"error": {"message": message, "type": kind, "param": param, "code": None}},
-                       retry=status == 503)
+                       {503: {"Retry-After": "1"}, 405: {"Allow": "GET, POST"}}.get(status, {}))
 
     def send_response(self, *args):
         self.answered = True
@@ -488,19 +499,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def get(self):
         self.check_origin()
-        if self.path == "/":
+        if self.route == "/":
             with open(PAGE, "rb") as f:
                 self.send_body(200, f.read(), "text/html; charset=utf-8")
-        elif self.path == "/health":
+        elif self.route == "/health":
             s = self.server
             self.send_json(200, {"status": "ok", "model": s.name, "chat": s.model.config.chat, "running": s.running,
                                  "waiting": s.waiting,
                                  "threads": threading.active_count()})  # back to its idle count once clients leave
-        elif self.path == "/tokenizer_info":  # vLLM's, which lm-eval's local-completions looks for
+        elif self.route == "/tokenizer_info":  # vLLM's, which lm-eval's local-completions looks for
             self.send_json(200, {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>",
                                  "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "vocab_size": EOT + 1,
                                  "model_max_length": self.server.model.config.block_size})
-        elif self.path == "/v1/models":
+        elif self.route == "/v1/models":
             self.send_json(200, {"object": "list", "data": [  # chat: whether /v1/chat/completions takes it
                 {"id": self.server.name, "object": "model", "created": 0, "owned_by": "train_gpt2",
                  "chat": self.server.model.config.chat}]})
@@ -525,7 +536,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_body()  # read whole before any answer: a reply to a half-read request may be reset
         self.check_origin()
         handle = {"/v1/completions": self.completions, "/v1/chat/completions": self.chat_completions,
-                  "/tokenize": self.tokenize, "/detokenize": self.detokenize}.get(self.path)
+                  "/tokenize": self.tokenize, "/detokenize": self.detokenize}.get(self.route)
         if handle is None:
             raise APIError(404, f"no such endpoint: POST {self.path}; completions are POST /v1/completions",
                            kind="not_found_error")
@@ -653,8 +664,8 @@ class Handler(BaseHTTPRequestHandler):
                 break
             length -= len(chunk)
 
-    def send_json(self, status, obj, retry=False):
-        self.send_body(status, json.dumps(obj).encode(), "application/json", {"Retry-After": "1"} if retry else {})
+    def send_json(self, status, obj, headers={}):
+        self.send_body(status, json.dumps(obj).encode(), "application/json", headers)
 
     def send_body(self, status, body, content_type, headers={}):
         self.send_response(status)

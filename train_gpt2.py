@@ -129,8 +129,7 @@ SETTING_PRESETS = {"": {},
         max_lr=3e-5, min_lr=3e-5, warmup_steps=0, total_batch_size=32768, B=4,  # as finetune, for finetune's reasons
         max_steps=3000, eval_interval=100, val_tokens=262144,  # ~98M tokens; val: the val split's first 256 rows
         checkpoint_interval=500, hella_data="",  # no dropout: big data, seen about once; HellaSwag scores completions
-        sample_count=2, sample_tokens=64, sample_prompt="<|endoftext|><|user|>Who are you?<|end|><|assistant|>"),
-}
+        sample_count=2, sample_tokens=64, sample_prompt="<|endoftext|><|user|>Who are you?<|end|><|assistant|>")}
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 TRACKERS = ("tensorboard", "wandb")  # each also the name of its package, to import and to pip install
@@ -176,7 +175,8 @@ def parse_args(argv):
             raise UserError(f"--{name}={cfg[name]}: expected one of {', '.join(choices)}")
     for name, bad, want in (("decay_frac", cfg["decay_frac"] > 1, "at most 1 (the share of max_steps that decays)"),
                             ("muon_momentum", cfg["muon_momentum"] >= 1, "below 1"),
-                            ("dropout", not 0 <= cfg["dropout"] < 1, "in [0, 1)")):
+                            ("dropout", not 0 <= cfg["dropout"] < 1, "in [0, 1)"),
+                            ("seed", cfg["seed"] >= 2 ** 64, "below 2**64 (a seed is 64 bits)")):
         if bad:
             raise UserError(f"--{name}={cfg[name]}: must be {want}")
     if cfg["fsdp"] and not OPTIMIZERS[cfg["optimizer"]].shardable:

@@ -33,3 +33,13 @@ def test_an_unreadable_prompt_file_is_one_line(tmp_path, capsys, kind, reason):
                                else f"error: --prompt=FILE:{path}: not UTF-8 text; save the prompt as UTF-8")
     assert capsys.readouterr().out == ""
     assert os.path.exists(path) == (kind != "missing")
+
+
+@pytest.mark.parametrize("arg, message", [("--seed=18446744073709551616", "--seed must be a 64-bit integer"),
+                                          ("--top_p=1.5", "--top_p must be above 0 and at most 1, e.g. 0.95"),
+                                          ("--temperature=nan", "--temperature must be 0 (greedy) or more, e.g. 0.8")])
+def test_a_setting_out_of_range_is_one_line(capsys, arg, message):
+    with pytest.raises(SystemExit) as exit:  # refused before any model is loaded: --model need not exist
+        sample.main(["--model=no_such_model.pt", arg])
+    assert exit.value.code == f"error: {arg} is out of range; {message}"
+    assert capsys.readouterr().out == ""

@@ -1,6 +1,7 @@
 """serve.py through the real openai client: its completions are inference.generate's, streamed or not; its errors
 are OpenAI's JSON and it keeps serving; a client that hangs up frees the model; a full queue gets 503; echo and
 logprobs give a plain forward's log-probabilities, for every form of prompt."""
+import http.client
 import json
 import os
 import socket
@@ -91,7 +92,8 @@ def test_malformed_json_gets_a_400_json_error_and_the_server_keeps_serving(serve
     assert body["error"]["type"] == "invalid_request_error" and "not valid JSON" in body["error"]["message"]
     for field, value in (("temperature", -1), ("top_p", 0), ("max_tokens", 0), ("stop", 5), ("top_k", -2),
                          ("prompt", [["a"]]), ("prompt", []), ("prompt", [1, "a"]), ("prompt", [[1], [50257]]),
-                         ("logprobs", 6), ("logprobs", True), ("echo", "yes"), ("best_of", 2)):
+                         ("logprobs", 6), ("logprobs", True), ("echo", "yes"), ("best_of", 2), ("stop", ""),
+                         ("seed", 2 ** 64), ("seed", -2 ** 63 - 1)):
         with pytest.raises(openai.BadRequestError) as e:
             server.client.completions.create(model="tiny", prompt="Hi", max_tokens=4, extra_body={field: value})
         assert e.value.param == field and f"{field}=" in e.value.message
@@ -110,6 +112,24 @@ def test_unknown_paths_get_404_and_oversized_bodies_413(server):
     assert [m.id for m in server.client.models.list()] == [name]
     assert {k: v for k, v in health(server).items() if k != "threads"} == {"status": "ok", "model": name,
                                                                            "chat": False, "running": 0, "waiting": 0}
+
+
+def test_other_methods_get_a_json_405_naming_the_allowed_ones_and_a_query_string_is_ignored(server):
+    for method in ("PUT", "PATCH", "DELETE", "OPTIONS"):
+        conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=60)
+        conn.request(method, "/v1/completions", body=b'{"prompt": "Hi"}', headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert (response.status, response.getheader("Allow")) == (405, "GET, POST")
+        assert json.loads(response.read())["error"]["message"] == \
+            f"{method} is not allowed: this server's endpoints take GET and POST"
+        conn.close()
+    # Azure-style clients add ?api-version=...: the path is what routes, and both 64-bit ends of seed are taken
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60,
+                           default_query={"api-version": "2024-02-01"})
+    for seed in (-2 ** 63, 2 ** 64 - 1):
+        r = client.completions.create(model="tiny", prompt="The cat", max_tokens=4, temperature=1, seed=seed)
+        assert r.choices[0].text == expected_text(server, "The cat", 4, temperature=1.0, seed=seed)
+    assert request(server.url, "GET", "/health?verbose=1")[1]["status"] == "ok"
 
 
 def test_a_client_that_hangs_up_mid_stream_frees_the_model(server):

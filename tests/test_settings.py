@@ -27,6 +27,8 @@ def test_overrides_are_typed():
                                           ("--eval_interval=0", "--eval_interval=0: must be positive"),
                                           ("--keep_checkpoints=-1", "--keep_checkpoints=-1: must be zero or more"),
                                           ("--seed=-1", "--seed=-1: must be zero or more"),
+                                          ("--seed=18446744073709551616",
+                                           "--seed=18446744073709551616: must be below 2**64 (a seed is 64 bits)"),
                                           ("--n_head=5", "n_embd=768 is not a multiple of n_head=5, so heads would "
                                                          "have unequal widths; change --n_embd or --n_head")])
 def test_bad_values_say_what_is_expected(arg, message):
