@@ -162,13 +162,34 @@ def parse_request(body, vocab=EOT + 1):
     return req
 
 
+def api_messages(messages):
+    """messages as OpenAI's API may send them, in chat.py's form: a developer message (OpenAI's newer name for a system
+    message) as system, and content as a list of text parts joined by newlines (as vLLM joins them); APIError (400)
+    for a part that is not text. What is not a list of objects is left for chat.problem to name."""
+    if not isinstance(messages, list):
+        return messages
+    plain = []
+    for i, message in enumerate(messages, 1):
+        if isinstance(message, dict) and isinstance(message.get("content"), list) and message["content"]:
+            for j, part in enumerate(message["content"], 1):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    what = f"of type {chat.short(part.get('type'))}" if isinstance(part, dict) else chat.short(part)
+                    raise APIError(400, f"message {i}'s content part {j} is {what}; this model reads text parts "
+                                        f"only: {{\"type\": \"text\", \"text\": \"...\"}}", "messages")
+            message = {**message, "content": "\n".join(part["text"] for part in message["content"])}
+        if isinstance(message, dict) and message.get("role") == "developer":
+            message = {**message, "role": "system"}
+        plain.append(message)
+    return plain
+
+
 def parse_chat_request(body):
     """The messages and settings of a /v1/chat/completions body (parse_sampling's, and messages, checked by
     chat.problem); APIError (400) if one is wrong. max_completion_tokens, OpenAI's newer name, may stand for
     max_tokens."""
     req = load_json(body)
     refuse_unsupported(req, CHAT_UNSUPPORTED)
-    messages = req.get("messages")
+    messages = api_messages(req.get("messages"))
     reason = chat.problem(messages)
     if reason:
         raise APIError(400, f"{reason}; messages must be a list of {{\"role\": \"system\", \"user\" or "

@@ -173,6 +173,22 @@ def test_a_bad_field_gets_a_400_naming_it_and_the_server_keeps_serving(server):
     assert server.client.chat.completions.create(model="tiny", messages=ASK, max_tokens=2).usage.completion_tokens == 2
 
 
+def test_text_parts_and_a_developer_message_are_read_as_openais_api_means_them(server):
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is\n2+3?"}]
+    api = [{"role": "developer", "content": "Be brief."},
+           {"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+3?"}]}]
+    r = server.client.chat.completions.create(model="tiny", messages=api, temperature=0)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == reply(server.model, plain)
+    assert r.usage.prompt_tokens == len(chat.prompt(plain))
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.chat.completions.create(model="tiny", messages=[
+            {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}])
+    assert e.value.param == "messages" and e.value.body["message"] == \
+        "message 1's content part 2 is of type 'image_url'; this model reads text parts only: " \
+        '{"type": "text", "text": "..."}'
+
+
 def test_a_completion_may_spell_the_template_on_a_chat_model(server):
     first, _ = reply(server.model, ASK)
     raw = "<|endoftext|><|user|>What is 2+3?<|end|><|assistant|>"
