@@ -100,7 +100,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         check_out_dir(args.out)  # now, rather than after loading the model
-        export_hf(load_model(args.model), args.out)
+        model, created = load_model(args.model), not os.path.exists(args.out)
+        try:
+            export_hf(model, args.out)
+        except OSError as e:  # a read-only or full disk: no half-written export is left behind
+            for name in os.listdir(args.out) if os.path.isdir(args.out) else []:
+                os.remove(os.path.join(args.out, name))
+            if created and os.path.isdir(args.out):
+                os.rmdir(args.out)
+            raise UserError(f"cannot write the export to --out={args.out} ({e.strerror}); name a writable "
+                            f"directory with room for it") from None
     except UserError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {args.out}")

@@ -18,6 +18,7 @@ never held the model. Web pages of other sites get 403 (docs/serving.md, "Web pa
 import argparse
 import codecs
 import contextlib
+import errno
 import io
 import ipaddress
 import itertools
@@ -721,7 +722,9 @@ def main(argv=None):
     try:  # the port first: a taken one fails at once, not after a long model load
         server = Server((args.host, args.port), args.queue, args.timeout)
     except OSError as e:
-        sys.exit(f"error: cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port")
+        wrong_host = isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL  # unknown, or not this machine's
+        fix = "check --host" if wrong_host else "pick another --port"
+        sys.exit(f"error: cannot listen on {args.host}:{args.port} ({e.strerror}); {fix}")
     try:
         device = pick_device(args.device)
         server.model = load_for_inference(args.model, device, args.dtype)

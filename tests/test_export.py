@@ -1,5 +1,6 @@
 """export_hf.py: a trained checkpoint becomes a directory that transformers loads offline, giving our logits
 and our tokenization, and that train_gpt2 loads back unchanged."""
+import errno
 import json
 import os
 import sys
@@ -112,3 +113,23 @@ def test_bad_arguments_are_refused_before_loading_the_model(tmp_path, monkeypatc
         export_hf.main([f"--model={model.format(tmp=tmp_path)}", f"--out={out.format(tmp=tmp_path)}"])
     assert exit.value.code == "error: " + message.format(tmp=tmp_path)
     assert (tmp_path / "afile").read_text() == "mine" and os.listdir(tmp_path) == ["afile"]
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_disk_that_fills_mid_export_leaves_no_half_export(tiny_run, tmp_path, monkeypatch, existed):
+    import safetensors.torch
+
+    import export_hf
+    out = tmp_path / "export"
+    if existed:
+        out.mkdir()  # an empty directory the user made for it: kept, and empty again
+
+    def full_disk(tensors, path, metadata=None):
+        open(path, "wb").write(b"half a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(SystemExit) as exit:
+        export_hf.main([f"--model={tiny_run.checkpoint}", f"--out={out}"])
+    assert exit.value.code == f"error: cannot write the export to --out={out} (No space left on device); name a " \
+                              f"writable directory with room for it"
+    assert os.listdir(tmp_path) == (["export"] if existed else []) and (not existed or os.listdir(out) == [])

@@ -172,6 +172,10 @@ def test_a_bad_model_or_a_taken_port_is_one_line(serve_run, tmp_path):
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use); "
                                               f"pick another --port")
+    result = run([sys.executable, f"{ROOT}/serve.py", f"--model={serve_run.dir}", "--host=192.0.2.1",  # TEST-NET-1
+                  "--device=cpu"])
+    assert (result.returncode, result.stderr) == (1, "error: cannot listen on 192.0.2.1:8000 (Cannot assign requested "
+                                                     "address); check --host\n")
 
 
 def forward_logprobs(server, tokens):
