@@ -66,6 +66,9 @@ def read_log(path):
         except UnicodeDecodeError:
             raise UserError(f"{path}: not a text log (it holds bytes that are not UTF-8); "
                             f"pass a run's log_dir or its log.txt") from None
+    if not any(steps for steps, _ in series.values()) and read_run_record(path) is None:  # a run just begun has one
+        raise UserError(f"{path}: not a train_gpt2.py log (no run record and no `step train|val|hella value` line); "
+                        f"pass a run's log_dir or its log.txt")
     return series
 
 

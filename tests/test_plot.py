@@ -75,7 +75,9 @@ def test_smoothing_is_an_exponential_moving_average():
     ("0 train 10.9\n1 tarin 10.8\n", "log.txt:2: '1 tarin 10.8' is not `step train|val|hella value`"),
     (b"0 train 10.9\n\xff\xd8\x00\x10garbled", "log.txt: not a text log (it holds bytes that are not UTF-8); "
                                            "pass a run's log_dir or its log.txt"),
-], ids=["missing", "malformed", "binary"])
+    ("a note\nand another\n", "log.txt: not a train_gpt2.py log (no run record and no `step train|val|hella value` "
+                                "line); pass a run's log_dir or its log.txt"),
+], ids=["missing", "malformed", "binary", "not a log"])
 def test_bad_logs_fail_with_one_line(tmp_path, content, message):
     if content is not None:
         log = tmp_path / "log.txt"
