@@ -191,14 +191,15 @@ def tiny_run(tmp_path_factory):
     return types.SimpleNamespace(checkpoint=str(log_dir / "model_000008.pt"), stdout=result.stdout)
 
 
-def tiny_model(block_size=16, vocab_size=64, seed=0):
+def tiny_model(block_size=16, vocab_size=64, seed=0, chat=False):
     """A 2-layer, 32-wide GPT in eval mode with its weights scaled 4x: a random init gives near-uniform logits, and
     sharper ones make greedy paths vary, so that decoders that differ give different tokens."""
     import torch
 
     from train_gpt2 import GPT, GPTConfig
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32,
+                          chat=chat)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(4)
@@ -224,12 +225,8 @@ def serve_run(tmp_path_factory):
     model_000002.pt cut short, which loading skips with a warning."""
     import torch
 
-    from train_gpt2 import GPT, MODEL_KEYS, GPTConfig
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4)
+    from train_gpt2 import MODEL_KEYS
+    model = tiny_model(block_size=64, vocab_size=50304)
     run_dir = tmp_path_factory.mktemp("serve_run")
     torch.save({"model": model.state_dict(), "config": {k: getattr(model.config, k) for k in MODEL_KEYS}},
                run_dir / "model_000001.pt")

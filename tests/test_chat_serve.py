@@ -22,11 +22,21 @@ import numpy as np
 import openai
 import pytest
 import torch
-from conftest import ARITHMETIC_QUESTIONS, ROOT, WORDS, run, start_server, stop, train, write_arithmetic_chats
+from conftest import (
+    ARITHMETIC_QUESTIONS,
+    ROOT,
+    WORDS,
+    run,
+    start_server,
+    stop,
+    tiny_model,
+    train,
+    write_arithmetic_chats,
+)
 
 import chat
 from inference import stream_reply
-from train_gpt2 import GPT, MODEL_KEYS, GPTConfig, get_tokenizer, load_model
+from train_gpt2 import MODEL_KEYS, get_tokenizer, load_model
 
 torch.set_num_threads(1)
 END_AT = 40  # the position from which the model writes <|end|>
@@ -55,12 +65,7 @@ def ends_at(model, position, dim=0, big=100.0):
 def chat_model(tmp_path_factory):
     """A checkpoint of a tiny chat model (block_size 64, GPT-2's padded vocabulary, weights sharpened so that text
     varies) that ends its replies at END_AT."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32, chat=True))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4)
-    ends_at(model, END_AT)
+    model = ends_at(tiny_model(block_size=64, vocab_size=50304, chat=True), END_AT)
     path = tmp_path_factory.mktemp("chat_model") / "model_000001.pt"
     torch.save({"model": model.state_dict(),
                 "config": {**{k: getattr(model.config, k) for k in MODEL_KEYS}, "chat": True}}, path)
