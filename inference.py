@@ -24,6 +24,11 @@ from train_gpt2 import EOT, UserError, get_tokenizer, load_model, model_from_sta
 SAMPLING = dict(temperature=1.0, top_k=50, top_p=1.0)  # the defaults of sample.py, serve.py and sample_next
 
 
+def seed_ok(seed):
+    """Whether torch.Generator.manual_seed takes seed: any 64-bit integer, signed or not."""
+    return -2 ** 63 <= seed < 2 ** 64
+
+
 class KVCache:
     """One layer's keys and values for every position generated so far, in buffers sized for block_size,
     so that each new token's forward computes only its own row and attends to the stored ones."""

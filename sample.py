@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from inference import SAMPLING, encode, generate, load_for_inference, not_chat, stream_reply, stream_text
+from inference import SAMPLING, encode, generate, load_for_inference, not_chat, seed_ok, stream_reply, stream_text
 from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
 
@@ -46,7 +46,7 @@ def parse_args(argv):
                            ("temperature", 0 <= args.temperature < math.inf, "0 (greedy) or more, e.g. 0.8"),
                            ("top_k", args.top_k >= 0, "0 (every token) or more, e.g. 50"),
                            ("top_p", 0 < args.top_p <= 1, "above 0 and at most 1, e.g. 0.95"),
-                           ("seed", args.seed is None or -2 ** 63 <= args.seed < 2 ** 64, "a 64-bit integer")):
+                           ("seed", args.seed is None or seed_ok(args.seed), "a 64-bit integer")):
         if not ok:  # written so that nan fails too
             sys.exit(f"error: --{name}={getattr(args, name)} is out of range; --{name} must be {want}")
     if args.prompt.startswith("FILE:"):  # nanoGPT's convention, for prompts too long or odd for a shell

@@ -37,7 +37,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 import chat
-from inference import SAMPLING, encode, generate_stream, load_for_inference, not_chat, sample_next, score, stream_text
+from inference import (
+    SAMPLING,
+    encode,
+    generate_stream,
+    load_for_inference,
+    not_chat,
+    sample_next,
+    score,
+    seed_ok,
+    stream_text,
+)
 from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
 MAX_BODY = 1 << 20  # bytes: a hundred full 1024-token windows as token ids; a larger body is a mistake or an abuse
@@ -135,7 +145,7 @@ def parse_sampling(req, max_tokens):
                           "from 0 (greedy) to 2"),
         top_p=field(req, "top_p", (int, float), SAMPLING["top_p"], lambda v: 0 < v <= 1, "above 0 and at most 1"),
         top_k=field(req, "top_k", int, SAMPLING["top_k"], lambda v: v >= 0, "0 (every token) or more"),
-        seed=field(req, "seed", int, None, lambda v: -2 ** 63 <= v < 2 ** 64, "a 64-bit integer"),
+        seed=field(req, "seed", int, None, seed_ok, "a 64-bit integer"),
         stop=stop,
         stream=field(req, "stream", bool, False, want="true or false"),
     )
