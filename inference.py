@@ -6,6 +6,7 @@ model, and prints its samples during training with the plain GPT.generate.
     generate(model, tokens, 64, num_samples=4, seed=1)              # each sample's new tokens, cut at <|endoftext|>
     for nxt in generate_stream(model, tokens, 64, temperature=0):    # (num_samples,) new tokens a step
     for text, reason in stream_text(model, tokens, 64, ["\n\n"]):    # text safe to show, a piece a token
+    for token, text, reason in text_stream(token_ids, 64, ["\n\n"]):  # the same, of ids from anywhere
     for text, reason in stream_reply(model, [{"role": "user", "content": "Hi"}], 64):  # a chat model's reply
 """
 import codecs
@@ -319,30 +320,42 @@ def generate(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling)
     return [row[:row.index(stop)] if stop in row else row for row in rows]
 
 
-def stream_text(model, tokens, max_new_tokens, stop=(), ends=(EOT,), **sampling):
-    """generate_stream's one sample as text: a (piece, finish_reason) per new token. piece is the text that is
-    safe to show by then: never a character still missing bytes, nor what may be the start of a stop string.
-    finish_reason is None until the last token's: "stop" at a token of `ends` (<|endoftext|>; a chat reply's
-    chat.STOP) or at a stop string, which the text ends before, else "length"."""
-    enc, decoder = get_tokenizer(), codecs.getincrementaldecoder("utf-8")(errors="replace")
+def text_stream(tokens, limit, stop=(), ends=(EOT,)):
+    """The one streamer of stop strings, sample.py's and serve.py's: new token ids as the text a reader is
+    shown. For each id taken from the iterable `tokens`, (token, piece, finish_reason). piece is the text
+    that is safe to show by then: never a character still missing bytes, nor what may be the start of a stop
+    string. finish_reason is None until the last id's: "stop" at an id of `ends` (<|endoftext|>; a chat
+    reply's chat.STOP) or at a stop string, which the text ends before (the ids taken keep the one that
+    completed it), else "length" at the limit-th id. tokens must hold that many ids, or one that ends the
+    text; the caller closes it (it may be a generate_stream, which holds its model's decoder until closed)."""
+    enc = get_tokenizer()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     hold = max(map(len, stop), default=1) - 1  # the characters a stop string may still be completing
-    text, sent = "", 0
-    with contextlib.closing(generate_stream(model, tokens, max_new_tokens, **sampling)) as stream:
-        for made, nxt in enumerate(stream, 1):
-            if nxt.item() in ends:
-                yield text[sent:] + decoder.decode(b"", final=True), "stop"
-                return
-            text += decoder.decode(enc.decode_single_token_bytes(nxt.item()))
-            hits = [i for i in (text.find(s, max(0, sent - hold)) for s in stop) if i >= 0]
-            if hits:
-                yield text[sent:min(hits)], "stop"
-                return
-            if made == max_new_tokens:
-                yield text[sent:] + decoder.decode(b"", final=True), "length"
-                return
-            piece = text[sent:max(sent, len(text) - hold)]
-            sent += len(piece)
-            yield piece, None
+    text = ""
+    sent = 0
+    for made, token in enumerate(tokens, 1):
+        if token in ends:
+            yield token, text[sent:] + decoder.decode(b"", final=True), "stop"
+            return
+        text += decoder.decode(enc.decode_single_token_bytes(token))
+        hits = [i for i in (text.find(s, max(0, sent - hold)) for s in stop) if i >= 0]
+        if hits:
+            yield token, text[sent:min(hits)], "stop"
+            return
+        if made == limit:
+            yield token, text[sent:] + decoder.decode(b"", final=True), "length"
+            return
+        piece = text[sent:max(sent, len(text) - hold)]
+        sent += len(piece)
+        yield token, piece, None
+
+
+def stream_text(model, tokens, max_new_tokens, stop=(), ends=(EOT,), **sampling):
+    """generate_stream's one sample through text_stream: a (piece, finish_reason) per new token."""
+    new = generate_stream(model, tokens, max_new_tokens, stop=None, **sampling)  # text_stream ends it
+    with contextlib.closing(new):
+        for _, piece, reason in text_stream((t.item() for t in new), max_new_tokens, stop, ends):
+            yield piece, reason
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from inference import (
     score,
     seed_ok,
     stream_text,
+    text_stream,
 )
 from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
@@ -242,28 +243,6 @@ def text_offsets(enc, tokens, start=0):
     return offsets
 
 
-def finish(enc, tokens, stop, limit, gone):
-    """New tokens, drawn from the iterator `tokens`, up to where the completion ends as stream_text ends it: at
-    <|endoftext|>, at the first stop string (the text ends before it; the tokens keep the one that completed it),
-    or after `limit`. Returns (tokens, text, finish_reason), or None once gone() says the client left."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    taken, text, longest = [], "", max(map(len, stop), default=1)
-    for token in tokens:
-        if gone():
-            return None
-        taken.append(token)
-        if token == EOT:
-            return taken, text + decoder.decode(b"", final=True), "stop"
-        start = max(0, len(text) - longest + 1)  # where a stop string completed by this token may begin
-        text += decoder.decode(enc.decode_single_token_bytes(token))
-        hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
-        if hits:
-            return taken, text[:min(hits)], "stop"
-        if len(taken) == limit:
-            break
-    return taken, text + decoder.decode(b"", final=True), "length"
-
-
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client does not keep the process alive at Ctrl-C
     request_queue_size = 128  # connections the kernel holds until accepted; socketserver's 5 had a burst reset
@@ -387,13 +366,15 @@ class Server(ThreadingHTTPServer):
                 logits = first[after][2]
                 generator = None if req["seed"] is None else torch.Generator(logits.device).manual_seed(req["seed"])
                 token = sample_next(logits[None], generator=generator, **sampling).item()
-                rest = generate_stream(model, p + [token], limit - 1, generator=generator, **sampling)
-                with contextlib.closing(rest):  # run only as far as finish reads it
-                    done = finish(self.enc, itertools.chain([token], (t.item() for t in rest)), req["stop"], limit,
-                                  gone)
-                if done is None:
-                    return None
-                new, text, reason = done
+                rest = generate_stream(model, p + [token], limit - 1, stop=None, generator=generator,
+                                       **sampling)
+                drawn = itertools.chain([token], (t.item() for t in rest))
+                with contextlib.closing(rest):  # run only as far as text_stream reads it
+                    for taken, piece, reason in text_stream(drawn, limit, req["stop"]):
+                        if gone():
+                            return None
+                        new.append(taken)
+                        text += piece
                 logp = logits.log_softmax(dim=-1)
                 lps.append(logp[token].item())
                 best = logp.topk(top)
