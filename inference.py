@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 import chat
-from train_gpt2 import EOT, UserError, get_tokenizer, load_model, model_from_state
+from train_gpt2 import EOT, UserError, get_tokenizer, load_model, model_from_state, native_bf16
 
 SAMPLING = dict(temperature=1.0, top_k=50, top_p=1.0)  # the defaults of sample.py, serve.py and sample_next
 
@@ -64,12 +64,17 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+def onednn_bf16():
+    """Whether this CPU runs oneDNN's bf16 kernels (AVX-512 or Arm's BF16; torch's own query), which PackedLinear
+    needs: elsewhere bf16 weights stay plain Linears, whose bf16 matmuls torch emulates."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def hold_for_inference(model, dtype):
     """model, in place, with its weights in dtype, in eval mode; on a CPU with oneDNN's bf16 kernels, its
     Linears become PackedLinears. For generation and scoring only: the packed weights do not train."""
     model.to(dtype).eval()
-    if (model.lm_head.weight.device.type == "cpu" and dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if model.lm_head.weight.device.type == "cpu" and dtype == torch.bfloat16 and onednn_bf16():
         for module in list(model.modules()):
             for name, child in module.named_children():
                 if type(child) is nn.Linear:
@@ -85,9 +90,32 @@ def encode(model, text):
     return enc.encode(text, allowed_special=special, disallowed_special=())
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # --dtype's choices in sample.py and serve.py
+
+
+def inference_dtype(setting, device_type, job):
+    """The weights' dtype for an inference job, "decode" (generation) or "score" (log-probabilities), on a
+    device_type ("cpu", "cuda", "mps"): setting, unless it is "auto". auto is bfloat16 where the device has
+    native bf16 (train_gpt2.native_bf16); else float16 on a GPU, whose half arithmetic is native; else, on
+    a CPU, bfloat16 to decode and float32 to score. Decoding reads every weight once a token, so it is bound
+    by memory, and half the bytes pay even where bf16 arithmetic is emulated (1.77x float32, measured on an
+    AMD EPYC without AVX-512); scoring is bound by compute, which emulation slows (docs/precision.md)."""
+    if job not in ("decode", "score"):
+        raise ValueError(f"job={job!r}; inference_dtype's jobs are decode and score")
+    if setting != "auto":
+        return setting
+    if native_bf16(device_type):
+        return "bfloat16"
+    if device_type in ("cuda", "mps"):
+        return "float16"
+    if job == "decode":
+        return "bfloat16"
+    return "float32"
+
+
 def load_for_inference(spec, device="cpu", dtype="float32"):
     """train_gpt2.load_model's GPT (any checkpoint, run directory, Hugging Face directory or hub name) on device,
-    held for inference with its weights in dtype ("bfloat16" or "float32")."""
+    held for inference with its weights in dtype ("bfloat16", "float16" or "float32")."""
     return hold_for_inference(load_model(spec).to(device), getattr(torch, dtype))
 
 

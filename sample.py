@@ -17,7 +17,18 @@ import sys
 
 import torch
 
-from inference import SAMPLING, encode, generate, load_for_inference, not_chat, seed_ok, stream_reply, stream_text
+from inference import (
+    DTYPES,
+    SAMPLING,
+    encode,
+    generate,
+    inference_dtype,
+    load_for_inference,
+    not_chat,
+    seed_ok,
+    stream_reply,
+    stream_text,
+)
 from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
 
@@ -35,7 +46,9 @@ def parse_args(argv):
                    help="nucleus: the fewest tokens holding this probability")
     p.add_argument("--seed", type=int, default=None, help="makes the samples repeatable")
     p.add_argument("--device", default="auto", help='auto picks cuda, then mps, then cpu; or name one')
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the weights' dtype")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="the weights' dtype; auto: bfloat16, or float16 on a GPU without native bf16 "
+                        "(docs/precision.md)")
     p.add_argument("--chat", action="store_true", help="talk to a chat model: a message a line, replies stream")
     p.add_argument("--system", default="", help="--chat: a system message that starts the conversation")
     args = p.parse_args(argv)
@@ -65,7 +78,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
-        model = load_for_inference(args.model, device, args.dtype)
+        dtype = inference_dtype(args.dtype, torch.device(device).type, job="decode")
+        model = load_for_inference(args.model, device, dtype)
         sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         if args.chat:
             refusal = not_chat(model, args.model)
