@@ -1,25 +1,21 @@
-"""What --dtype=auto should pick for inference on this CPU: float32 against bf16 weights (held as
-inference.hold_for_inference holds them: PackedLinear where oneDNN has bf16 kernels), in one process,
-interleaved, best of --rounds, for the two jobs inference does:
+"""What --dtype=auto should pick for inference on this CPU: float32 against bf16 weights, held as
+inference.hold_for_inference holds them (PackedLinear where oneDNN has bf16 kernels), in one
+process, interleaved, best of --rounds, for the two jobs inference does:
 
-- decode: inference.generate, batch 1, greedy, --new_tokens after a 16-token prompt (bound by memory: each
-  token reads every weight once);
+- decode: inference.generate, batch 1, greedy, --new_tokens after a 16-token prompt (bound by
+  memory: each token reads every weight once);
 - score: inference.score on --windows windows of --window_tokens random tokens, every position's
   log-probability (bound by compute: a few wide matmuls).
 
-    flock /tmp/bench.lock python bench/dtype_auto.py                     # GPT-2 124M shape, random weights
-    flock /tmp/bench.lock python bench/dtype_auto.py --no_native_bf16    # as a CPU without native bf16 would
-    python bench/dtype_auto.py --dry-run                                 # tiny shapes, seconds (the suite)
+    flock /tmp/bench.lock python bench/dtype_auto.py    # GPT-2 124M's shape, random weights
+    python bench/dtype_auto.py --dry-run                # tiny shapes, seconds (the suite runs it)
 
---no_native_bf16 runs the same measurement in a child process limited to AVX2 (ATEN_CPU_CAPABILITY=avx2,
-MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2) with oneDNN's bf16 path off, so that bf16 weights are
-plain Linears and bf16 matmuls take torch's emulated kernels, as on a CPU without AVX-512: an approximation of
-such a CPU, not one.
+Run it on the CPU in question: limiting this one to AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)
+does not reproduce a CPU without AVX-512, whose bf16 kernels differ (docs/precision.md).
 """
 import argparse
 import copy
 import os
-import subprocess
 import sys
 import time
 
@@ -27,13 +23,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import inference  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, cpu_flags  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, native_bf16  # noqa: E402
 
-AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-
-
-def no_onednn_bf16():
-    return False
+DTYPES = ("float32", "bfloat16")
 
 
 def seconds(run):
@@ -43,24 +35,30 @@ def seconds(run):
 
 
 def measure(args):
-    """{(job, dtype): tokens/s}, the dtypes interleaved within each round."""
+    """({(job, dtype): tokens/s}, the class bf16 weights are held in), the dtypes interleaved in
+    each round and each job's best round kept: the machine may be shared."""
     if args.dry_run:
         config = GPTConfig(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=32)
     else:
         config = GPTConfig(vocab_size=50304)  # GPT-2 124M, as train_gpt2.py trains it
     torch.manual_seed(0)
     model = GPT(config)
-    models = {d: inference.hold_for_inference(copy.deepcopy(model), getattr(torch, d)) for d in args.dtypes}
-    del model
+    models = {d: inference.hold_for_inference(copy.deepcopy(model), getattr(torch, d))
+              for d in DTYPES}
     gen = torch.Generator().manual_seed(1)
-    windows = [(torch.randint(0, 50257 if not args.dry_run else 512, (args.window_tokens,), generator=gen)
-                .tolist(), 1, None) for _ in range(args.windows)]
+    real = min(config.vocab_size, 50257)
+    windows = [(torch.randint(0, real, (args.window_tokens,), generator=gen).tolist(), 1, None)
+               for _ in range(args.windows)]
     prompt = list(range(16))
-    jobs = {
-        "decode": (lambda m: inference.generate(m, prompt, args.new_tokens, temperature=0, stop=None),
-                   args.new_tokens),
-        "score": (lambda m: inference.score(m, windows), args.windows * args.window_tokens),
-    }
+
+    def decode(m):
+        inference.generate(m, prompt, args.new_tokens, temperature=0, stop=None)
+
+    def score(m):
+        inference.score(m, windows)
+
+    jobs = {"decode": (decode, args.new_tokens),
+            "score": (score, args.windows * args.window_tokens)}
     for m in models.values():  # warm up: allocation, oneDNN's first calls, the decoder's cache
         for run, _ in jobs.values():
             run(m)
@@ -68,16 +66,18 @@ def measure(args):
     for _ in range(args.rounds):
         for job, (run, _) in jobs.items():
             for d, m in models.items():
-                best[job, d] = min(best.get((job, d), float("inf")), seconds(lambda: run(m)))
-    rates = {(job, d): jobs[job][1] / s for (job, d), s in best.items()}
+                took = seconds(lambda: run(m))
+                best[job, d] = min(best.get((job, d), float("inf")), took)
+    rates = {(job, d): jobs[job][1] / took for (job, d), took in best.items()}
     return rates, type(models["bfloat16"].lm_head).__name__
 
 
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return names[0]
+    except (OSError, IndexError):
         return "unknown CPU"
 
 
@@ -87,27 +87,20 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--window_tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--no_native_bf16", action="store_true", help="measure as a CPU without AVX-512 would")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="tiny shapes, one round")
     args = p.parse_args(argv)
-    args.dtypes = ("float32", "bfloat16")
     if args.dry_run:
-        args.new_tokens, args.windows, args.window_tokens, args.rounds = 4, 2, 8, 1
-    if args.no_native_bf16 and not args.child:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", *(argv or sys.argv[1:])]
-        sys.exit(subprocess.run(cmd, env={**os.environ, **AVX2_ONLY}, timeout=600).returncode)
-    if args.child:
-        inference.onednn_bf16 = no_onednn_bf16
-        torch.backends.mkldnn.enabled = False  # bf16 matmuls then take ATen's own kernels
+        args.new_tokens = 4
+        args.windows = 2
+        args.window_tokens = 8
+        args.rounds = 1
     rates, held = measure(args)
-    native = "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
-    mode = "limited to AVX2, oneDNN bf16 off" if args.child else f"native bf16: {native}"
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__} ({mode}); "
-          f"bf16 weights held as {held}")
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__} "
+          f"(native bf16: {native_bf16('cpu')}); bf16 weights held as {held}")
     print(f"{'job':<8} {'float32 tok/s':>14} {'bfloat16 tok/s':>15} {'bf16/fp32':>10}")
     for job in ("decode", "score"):
-        fp32, bf16 = rates[job, "float32"], rates[job, "bfloat16"]
+        fp32 = rates[job, "float32"]
+        bf16 = rates[job, "bfloat16"]
         print(f"{job:<8} {fp32:>14.1f} {bf16:>15.1f} {bf16 / fp32:>9.2f}x")
 
 

@@ -261,3 +261,17 @@ def test_sample_and_serve_decode_in_the_auto_dtype_by_default(script, native, se
     assert module.parse_args(args).dtype == "auto" and loaded == ["bfloat16"]
     if script == "serve":
         assert "(cpu, bfloat16)" in capsys.readouterr().out
+
+
+def test_the_dtype_bench_prints_decode_and_score_for_both_dtypes():
+    result = run([sys.executable, f"{ROOT}/bench/dtype_auto.py", "--dry-run"], timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = ["job", "float32", "tok/s", "bfloat16", "tok/s", "bf16/fp32"]
+    assert len(lines) == 4 and lines[1].split() == header
+    for line, job in zip(lines[2:], ("decode", "score")):
+        name, fp32, bf16, ratio = line.split()
+        assert name == job and float(fp32) > 0 and float(bf16) > 0
+        assert abs(float(ratio.rstrip("x")) - float(bf16) / float(fp32)) < 0.01
+    held = "PackedLinear" if inference.onednn_bf16() else "Linear"
+    assert lines[0].endswith(f"bf16 weights held as {held}")
