@@ -87,8 +87,12 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--window_tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch's threads (0: its default); 1 holds up better on a shared machine")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="tiny shapes, one round")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.dry_run:
         args.new_tokens = 4
         args.windows = 2
