@@ -6,7 +6,8 @@ on an H100 or H200).
     python bench/gpu_check.py --dry-run
 
 Rows: the training step (train_gpt2.train_step, compiled, T=1024, fused AdamW) in bf16 and in fp16
-with its gradient scaler, at the largest B of 64, 32, 16 that fits, as tokens/s; beside it the
+with its gradient scaler, and in bf16 with --optimizer=muon (train_gpt2.Muon: Muon for the blocks'
+matrices, AdamW for the rest), at the largest B of 64, 32, 16 that fits, as tokens/s; beside it the
 baseline, transformers' GPT2LMHeadModel compiled under bf16 autocast with fused AdamW
 (hf_train_step, which a training row can also call at its own B); HellaSwag scoring
 (train_gpt2.hellaswag_losses on synthetic examples in the real format) in examples/s; generation
@@ -82,9 +83,14 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def train_row(shape, device, dtype):
-    """The training step at the largest B that fits."""
-    row = {"what": "train step", "dtype": dtype, "unit": "tokens/s"}
+# Our training rows' names, by optimizer (train_gpt2.OPTIMIZERS): against_ceilings finds them by it.
+TRAIN_ROWS = {"adamw": "train step", "muon": "train step, Muon"}
+
+
+def train_row(shape, device, dtype, optimizer="adamw"):
+    """The training step at the largest B that fits, with optimizer (an OPTIMIZERS key)."""
+    row = {"what": TRAIN_ROWS[optimizer], "dtype": dtype, "unit": "tokens/s"}
+    settings = tg.Settings(optimizer=optimizer)
     device_type = device.split(":")[0]
     if device_type == "cuda" and dtype == "bfloat16" and not tg.native_bf16(device_type):
         return {**row, "note": "no native bf16 on this device"}
@@ -93,8 +99,8 @@ def train_row(shape, device, dtype):
         torch.manual_seed(0)
         raw = tg.GPT(shape["model"]).to(device)
         model = tg.CompiledOrEager(raw, print) if shape["compile"] else raw
-        optimizer = tg.build_optimizer(raw, tg.Settings(), device_type)
-        run = tg.Run(tg.Settings(), device=device, trained=model, optimizer=optimizer,
+        built = tg.build_optimizer(raw, settings, device_type)
+        run = tg.Run(settings, device=device, trained=model, optimizer=built,
                      train_loader=SyntheticLoader(B, shape["T"], shape["model"].vocab_size),
                      autocast=tg.autocast_context(device_type, dtype),
                      scaler=tg.grad_scaler(device_type, dtype))
@@ -105,24 +111,24 @@ def train_row(shape, device, dtype):
                 tg.train_step(run, 6e-4)
                 times.append(time.perf_counter() - t0)
         except torch.OutOfMemoryError:
-            del raw, model, optimizer, run
+            del raw, model, built, run
             continue
         rate = B * shape["T"] / statistics.median(times[shape["warmup"]:])
         peak = tg.device_peak_flops(device_type, 0.0, dtype)
         return {**row, "shape": f"{B} x {shape['T']}", "rate": rate, "memory": peak_memory(device),
                 "mfu": tg.flops_per_token(raw, shape["T"]) * rate / peak if peak else None,
-                "estimate": estimate(shape, B, dtype, raw)}
+                "estimate": estimate(shape, B, dtype, raw, optimizer)}
     return {**row, "note": f"out of memory at B={shape['batch_sizes'][-1]}"}
 
 
-def estimate(shape, B, dtype, model):
+def estimate(shape, B, dtype, model, optimizer="adamw"):
     """train_gpt2.estimate_memory's total for this step, in GiB: what the peak memory column checks
     it against."""
     m = shape["model"]
     cfg = tg.parse_args([f"--B={B}", f"--T={shape['T']}", f"--total_batch_size={B * shape['T']}",
-                         f"--dtype={dtype}", f"--n_layer={m.n_layer}", f"--n_head={m.n_head}",
-                         f"--n_embd={m.n_embd}", f"--block_size={m.block_size}",
-                         f"--vocab_size={m.vocab_size}"])
+                         f"--dtype={dtype}", f"--optimizer={optimizer}", f"--n_layer={m.n_layer}",
+                         f"--n_head={m.n_head}", f"--n_embd={m.n_embd}",
+                         f"--block_size={m.block_size}", f"--vocab_size={m.vocab_size}"])
     n_params = sum(p.numel() for p in model.parameters())
     return sum(tg.estimate_memory(cfg, n_params, 1).values()) / 2**30
 
@@ -206,7 +212,7 @@ def against_ceilings(rows, ceilings, shape):
     with torch.device("meta"):
         per_token = tg.flops_per_token(tg.GPT(shape["model"]), shape["T"])
     for row in rows:
-        if row.get("what") == "train step" and row.get("rate"):
+        if row.get("what") in TRAIN_ROWS.values() and row.get("rate"):
             if row.get("mfu") is not None:
                 row["note"] = (row.get("note", "") + f" datasheet MFU {row['mfu']:.1%}").strip()
             row["flops"] = row["rate"] * per_token
@@ -464,7 +470,8 @@ def main():
     auto = tg.resolve_dtype("auto", device.split(":")[0], lambda s: None)
     params = sum(p.numel() for p in tg.GPT(shape["model"]).parameters())
     print(f"{name}, torch {torch.__version__}, {params / 1e6:.0f}M parameters, dtype auto = {auto}")
-    rows = [train_row(shape, device, "bfloat16"), train_row(shape, device, "float16")]
+    rows = [train_row(shape, device, "bfloat16"), train_row(shape, device, "float16"),
+            train_row(shape, device, "bfloat16", "muon")]
     hf_row, hf_kinds = hf_train_row(shape, device, "bfloat16")
     rows += [hf_row, hellaswag_row(shape, device, auto), generate_row(shape, device, auto)]
     decoding, profiles = decode_rows(shape, device)

@@ -22,19 +22,23 @@ def test_dry_run_prints_both_tables_with_every_measurement():
     decoding = [(who, f"B={b}, {mode}") for who in ("ours, eager step", "ours", "transformers generate")
                 for b in (1, 8) for mode in ("greedy", "top-k 50")]
     assert [(row[0], row[4]) for row in rows] == [
-        ("train step", "tokens/s"), ("train step", "tokens/s"), ("train step, transformers", "tokens/s"),
-        ("HellaSwag", "examples/s"), ("generation, KV cache", "new tokens/s")] + [
+        ("train step", "tokens/s"), ("train step", "tokens/s"), ("train step, Muon", "tokens/s"),
+        ("train step, transformers", "tokens/s"), ("HellaSwag", "examples/s"),
+        ("generation, KV cache", "new tokens/s")] + [
         (f"decode, {who}", "new tokens/s") for who, _ in decoding] + [
         ("matmul (MFU's ceiling)", "GFLOP/s"), ("copy (bandwidth's ceiling)", "GB/s")]
-    assert [row[2] for row in rows[5:17]] == [shape for _, shape in decoding]
-    assert [row[1] for row in rows[:3]] == ["bfloat16", "float16", "bfloat16"] and rows[0][2] == "4 x 32"
+    assert [row[2] for row in rows[6:18]] == [shape for _, shape in decoding]
+    assert [row[1] for row in rows[:4]] == ["bfloat16", "float16", "bfloat16", "bfloat16"]
+    assert [row[2] for row in rows[:3]] == ["4 x 32"] * 3  # ours, AdamW in bf16 and fp16, and Muon
     assert all(float(row[3].replace(",", "")) > 0 for row in rows)
     # MFU against the measured matmul for the training and decoding rows, the datasheet's in a training note
-    assert all(re.fullmatch(r"\d+\.\d%", row[5]) for row in rows[:3] + rows[5:17])
-    assert all(re.fullmatch(r"\d+%", row[6]) for row in rows[5:17])  # the share of the measured copy bandwidth
-    assert all(re.fullmatch(r"datasheet MFU \d+\.\d%", row[9]) for row in rows[:2])
-    assert all(float(row[8]) > 0 for row in rows[:2])  # the estimate, next to the peak a GPU measures
-    assert all(float(row[8]) >= 0 and row[9].startswith("eager; 8 tokens a sample") for row in rows[5:13])
+    assert all(re.fullmatch(r"\d+\.\d%", row[5]) for row in rows[:4] + rows[6:18])
+    # the share of the measured copy bandwidth
+    assert all(re.fullmatch(r"\d+%", row[6]) for row in rows[6:18])
+    assert all(re.fullmatch(r"datasheet MFU \d+\.\d%", row[9]) for row in rows[:3])
+    assert all(float(row[8]) > 0 for row in rows[:3])  # the estimate, beside a GPU's measured peak
+    assert all(float(row[8]) >= 0 and row[9].startswith("eager; 8 tokens a sample")
+               for row in rows[6:14])
     assert [row[0] for row in kinds] == ["train step, transformers (one step)",
                                          "decode, ours, eager step, batch 1 greedy, 8 tokens",
                                          "decode, ours, batch 1 greedy, 8 tokens"]
