@@ -1,4 +1,4 @@
-"""The speed-up ladder: build-nanogpt's steps in its order, each timed against the one before it.
+"""The speed-up ladder: build-nanogpt's speed-ups one by one, each timed against the one before it.
 
     python bench/ladder.py                # a small GPT on this machine (minutes on 2 cores)
     python bench/ladder.py --preset=gpt2  # GPT-2 124M at B=16, T=1024: for a GPU
@@ -22,11 +22,13 @@ hand-written attention (HandAttention) and the unfused loss (UnfusedLoss); tests
 checks that they give the numbers of what replaces them. The padded model is the unpadded one with
 zero rows added (GPT.resize_vocab), so every rung computes the same loss: the table's "loss" is each
 rung's first step's. The rungs take turns, one step each, until each has --steps timed steps, and
-each counts its median, so that a machine busy with other work slows all rungs alike (the load
-average, before and after, is printed beside the table: above the core count, other work shared the
-cores, and the ratios are the figures to trust). --dry-run compiles with
-the aot_eager backend (the graph is captured and split into forward and backward as inductor's is,
-but no kernel is generated): a cold inductor compile takes minutes on 2 cores.
+each counts its median, so that a machine busy with other work slows all rungs alike; the load
+average before and after is printed under the table (above the core count, other work shared the
+cores: trust the ratios more than the rates). build-nanogpt compiles before it swaps in flash
+attention; here flash attention comes first, so the compile rung shows what compiling adds to a
+model that has it. --dry-run compiles with the aot_eager backend (the graph is captured and split
+into forward and backward as for inductor, but no kernel is generated): a cold inductor compile
+takes minutes on 2 cores.
 """
 import argparse
 import functools
