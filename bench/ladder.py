@@ -153,7 +153,9 @@ class Rung:
     change: what this rung added to the one before it."""
 
     def __init__(self, change, recipe, shape, device):
-        self.change, self.recipe, self.device = change, recipe, device
+        self.change = change  # what this rung added to the one before it
+        self.recipe = recipe  # what it is: BASELINE's keys
+        self.device = device
         device_type = device.split(":")[0]
         torch.manual_seed(0)
         config = tg.GPTConfig(block_size=shape["T"], vocab_size=tg.EOT + 1,
@@ -176,7 +178,9 @@ class Rung:
                           autocast=tg.autocast_context(device_type, dtype),
                           scaler=tg.grad_scaler(device_type, dtype))
         self.tokens = shape["B"] * shape["T"]
-        self.times, self.loss, self.warmup = [], None, None
+        self.times = []  # seconds of each timed step
+        self.loss = None  # its first step's
+        self.warmup = None  # seconds of its warm-up steps, compiling included
 
     def step(self):
         """Seconds of one train_step, TF32 as this rung has it (a global the rungs share)."""
