@@ -1,6 +1,7 @@
 """serve.py's continuous batching through the real openai client: requests in company get exactly the tokens
 they get alone (greedy or seeded, joining mid-way, one cut short by a stop string), and a client that hangs up
-frees its slot for the next request within a step or two."""
+frees its slot for the next request within a step or two; bench/serve_concurrency.py runs."""
+import sys
 import threading
 import time
 import types
@@ -8,7 +9,7 @@ import types
 import openai
 import pytest
 import torch
-from conftest import health, start_server, wait_for
+from conftest import ROOT, health, run, start_server, wait_for
 
 from api import MAX_TOKENS
 
@@ -117,3 +118,11 @@ def test_a_client_that_hangs_up_frees_its_slot_for_a_waiting_request(server):
     for stream in streams[1:]:
         stream.close()
     wait_for(lambda: health(server)["running"] == 0)
+
+
+def test_the_concurrency_bench_runs():
+    """bench/serve_concurrency.py --dry-run: both servers start, and every K gets a row for each."""
+    result = run([sys.executable, f"{ROOT}/bench/serve_concurrency.py", "--dry-run"], timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 4 and all(float(row.split("|")[3]) > 0 for row in rows)
