@@ -1,14 +1,16 @@
-"""Export a model to Hugging Face format, for transformers pipelines, the EleutherAI harness and the hub.
+"""Export a model to Hugging Face format, for transformers pipelines, the EleutherAI harness and
+the hub.
 
     python export_hf.py --model=log/model_019073.pt --out=gpt2-repro
 
 writes OUT/config.json, OUT/model.safetensors and GPT-2's tokenizer files, so that
-transformers.GPT2LMHeadModel.from_pretrained(OUT) and GPT2TokenizerFast.from_pretrained(OUT) load with no
-network, as does train_gpt2.GPT.from_pretrained(OUT) and sample.py --model=OUT.
+transformers.GPT2LMHeadModel.from_pretrained(OUT) and GPT2TokenizerFast.from_pretrained(OUT) load
+with no network, as does train_gpt2.GPT.from_pretrained(OUT) and sample.py --model=OUT.
 
-A chat model (--preset=sft) keeps its 4 template tokens (vocab_size 50261), which the tokenizer knows as special
-tokens; tokenizer_config.json holds the template as chat_template, so apply_chat_template gives chat.render's ids,
-and generation_config.json ends a reply at <|end|>: transformers' text-generation pipeline takes messages.
+A chat model (--preset=sft) keeps its 4 template tokens (vocab_size 50261), which the tokenizer
+knows as special tokens; tokenizer_config.json holds the template as chat_template, so
+apply_chat_template gives chat.render's ids, and generation_config.json ends a reply at <|end|>:
+transformers' text-generation pipeline takes messages.
 """
 import argparse
 import json
@@ -23,7 +25,8 @@ GPT2_VOCAB = EOT + 1  # 50257; our default 50304 pads it for faster matmuls
 
 
 def check_out_dir(out_dir):
-    """Refuses an --out that os.makedirs could not create, or whose files the export would overwrite."""
+    """Refuses an --out that os.makedirs could not create, or whose files the export would
+    overwrite."""
     if not out_dir:
         raise UserError("--out is empty; name a new directory to write")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -44,10 +47,12 @@ def export_hf(model, out_dir):
     vocab = c.real_tokens  # GPT-2's 50257 tokens, and a chat model's template tokens after them
     if c.vocab_size < GPT2_VOCAB:
         raise UserError(f"the model's vocab_size {c.vocab_size} is below GPT-2's {GPT2_VOCAB}, "
-                        f"so the GPT-2 tokenizer would produce ids it lacks; train with --vocab_size=50304")
+                        f"so the GPT-2 tokenizer would produce ids it lacks; "
+                        f"train with --vocab_size=50304")
     if not c.bias:
-        raise UserError("the model was trained with --bias=False, and GPT-2's Hugging Face format has biases in "
-                        "every Linear and LayerNorm layer; only a --bias=True model can be exported")
+        raise UserError("the model was trained with --bias=False, and GPT-2's Hugging Face format "
+                        "has biases in every Linear and LayerNorm layer; only a --bias=True model "
+                        "can be exported")
     check_out_dir(out_dir)
     try:
         vocab_bpe, encoder_json = gpt2_bpe_files()
@@ -66,24 +71,32 @@ def export_hf(model, out_dir):
     save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
     config = dict(
-        architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=vocab, n_positions=c.block_size,
-        n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=None,
+        architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=vocab,
+        n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+        n_head=c.n_head, n_inner=None,
         activation_function="gelu_new",  # the tanh approximation our MLP uses
         layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=EOT, eos_token_id=EOT,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # trained without dropout
         tie_word_embeddings=True, torch_dtype="float32")
-    tokenizer_config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=c.block_size, add_prefix_space=False,
-                            bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer_config = dict(
+        tokenizer_class="GPT2Tokenizer", model_max_length=c.block_size, add_prefix_space=False,
+        bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     special_tokens = {k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")}
     files = [("config.json", config), ("tokenizer_config.json", tokenizer_config),
              ("special_tokens_map.json", special_tokens)]
-    if c.chat:  # the template's tokens, special (never split, skipped by skip_special_tokens), and the template
+    # a chat model: the template's tokens, special (never split, skipped by skip_special_tokens),
+    # and the template
+    if c.chat:
         tokenizer_config["added_tokens_decoder"] = {
-            str(i): dict(content=t, special=True, lstrip=False, rstrip=False, normalized=False, single_word=False)
+            str(i): dict(content=t, special=True, lstrip=False, rstrip=False, normalized=False,
+                         single_word=False)
             for t, i in {"<|endoftext|>": EOT, **CHAT_TOKENS}.items()}
-        tokenizer_config["additional_special_tokens"] = special_tokens["additional_special_tokens"] = [*CHAT_TOKENS]
+        chat_tokens = [*CHAT_TOKENS]
+        tokenizer_config["additional_special_tokens"] = chat_tokens
+        special_tokens["additional_special_tokens"] = chat_tokens
         tokenizer_config["chat_template"] = chat.JINJA
-        files.append(("generation_config.json", dict(bos_token_id=EOT, eos_token_id=list(chat.STOP))))
+        generation_config = dict(bos_token_id=EOT, eos_token_id=list(chat.STOP))
+        files.append(("generation_config.json", generation_config))
     for name, content in files:
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(content, f, indent=2)
@@ -92,15 +105,17 @@ def export_hf(model, out_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # the docstring's first sentence, which runs over two lines
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--model", required=True,
-                   help="checkpoint file (model_NNNNNN.pt), run directory (its newest checkpoint), HF directory or "
-                        "hub name")
+                   help="checkpoint file (model_NNNNNN.pt), run directory (its newest checkpoint), "
+                        "HF directory or hub name")
     p.add_argument("--out", required=True, help="new directory to write")
     args = p.parse_args(argv)
     try:
         check_out_dir(args.out)  # now, rather than after loading the model
-        model, created = load_model(args.model), not os.path.exists(args.out)
+        model = load_model(args.model)
+        created = not os.path.exists(args.out)
         try:
             export_hf(model, args.out)
         except OSError as e:  # a read-only or full disk: no half-written export is left behind
@@ -108,8 +123,8 @@ def main(argv=None):
                 os.remove(os.path.join(args.out, name))
             if created and os.path.isdir(args.out):
                 os.rmdir(args.out)
-            raise UserError(f"cannot write the export to --out={args.out} ({e.strerror}); name a writable "
-                            f"directory with room for it") from None
+            raise UserError(f"cannot write the export to --out={args.out} ({e.strerror}); "
+                            f"name a writable directory with room for it") from None
     except UserError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {args.out}")

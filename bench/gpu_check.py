@@ -1,23 +1,28 @@
-"""What a GPU does with this project, in one command and two tables (meant to take under 5 minutes on an H100 or H200).
+"""What a GPU does with this project, in one command and two tables (meant to take under 5 minutes
+on an H100 or H200).
 
     python bench/gpu_check.py             # GPT-2 124M on the first CUDA GPU
-    python bench/gpu_check.py --dry-run   # tiny shapes on CPU: what the test suite runs, so the script never rots
+    # tiny shapes on CPU: what the test suite runs, so the script never rots
+    python bench/gpu_check.py --dry-run
 
-Rows: the training step (train_gpt2.train_step, compiled, T=1024, fused AdamW) in bf16 and in fp16 with its
-gradient scaler, at the largest B of 64, 32, 16 that fits, as tokens/s; beside it the baseline, transformers'
-GPT2LMHeadModel compiled under bf16 autocast with fused AdamW (hf_train_step, which a training row can also
-call at its own B); HellaSwag scoring (train_gpt2.hellaswag_losses on synthetic examples in the real format) in
-examples/s; generation with the KV cache in new tokens/s (bf16 autocast over fp32 weights); decoding at batch 1
-and 8, greedy and top-k 50, 16-token prompt, 128 new tokens, bf16 weights: inference's decoder (its CUDA graph,
-and its eager step) against transformers' generate; and the ceilings, a bf16 matmul's FLOP/s and a copy's
-bandwidth, measured in the same run. MFU is against that matmul (a training row's datasheet MFU goes to its
-note), the bandwidth share against that copy. Every row has the peak memory that its measurement allocated
-(torch.cuda.max_memory_allocated); a training row also has train_gpt2.estimate_memory's figure, a decoding
-row of ours its weights + cache + logits. A dtype the GPU lacks (bf16 before Ampere) is a row that says so.
-The second table splits a step's time by kind (matmul, attention, elementwise, optimizer, other) from
-torch.profiler: GPU kernel time, or on CPU (--dry-run) each op's own CPU time.
+Rows: the training step (train_gpt2.train_step, compiled, T=1024, fused AdamW) in bf16 and in fp16
+with its gradient scaler, at the largest B of 64, 32, 16 that fits, as tokens/s; beside it the
+baseline, transformers' GPT2LMHeadModel compiled under bf16 autocast with fused AdamW
+(hf_train_step, which a training row can also call at its own B); HellaSwag scoring
+(train_gpt2.hellaswag_losses on synthetic examples in the real format) in examples/s; generation
+with the KV cache in new tokens/s (bf16 autocast over fp32 weights); decoding at batch 1 and 8,
+greedy and top-k 50, 16-token prompt, 128 new tokens, bf16 weights: inference's decoder (its CUDA
+graph, and its eager step) against transformers' generate; and the ceilings, a bf16 matmul's FLOP/s
+and a copy's bandwidth, measured in the same run. MFU is against that matmul (a training row's
+datasheet MFU goes to its note), the bandwidth share against that copy. Every row has the peak
+memory that its measurement allocated (torch.cuda.max_memory_allocated); a training row also has
+train_gpt2.estimate_memory's figure, a decoding row of ours its weights + cache + logits. A dtype
+the GPU lacks (bf16 before Ampere) is a row that says so. The second table splits a step's time by
+kind (matmul, attention, elementwise, optimizer, other) from torch.profiler: GPU kernel time, or on
+CPU (--dry-run) each op's own CPU time.
 """
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -40,24 +45,28 @@ import inference  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 from inference import generate  # noqa: E402
 
-# The table's columns: (header, the row's key, how a value prints). A measurement fills the keys it has.
+# The table's columns: (header, the row's key, how a value prints). A measurement fills the keys
+# it has.
 COLUMNS = [("measurement", "what", "{}"), ("dtype", "dtype", "{}"), ("B x T", "shape", "{}"),
            ("throughput", "rate", "{:,.0f}"), ("unit", "unit", "{}"), ("MFU", "mfu", "{:.1%}"),
            ("bandwidth", "bandwidth", "{:.0%}"), ("peak memory GiB", "memory", "{:.2f}"),
            ("estimate GiB", "estimate", "{:.2f}"), ("note", "note", "{}")]
 KINDS = ("matmul", "attention", "elementwise", "optimizer", "other")  # the second table's columns
 
-FULL = dict(model=tg.GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768), T=1024,
-            batch_sizes=(64, 32, 16), warmup=3, steps=10, hella_examples=500, gen_samples=8, gen_tokens=256,
-            compile=True, decode_batches=(1, 8), decode_tokens=128, matmul_n=8192, copy_bytes=1 << 30)
-DRY = dict(model=tg.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32), T=32,
-           batch_sizes=(4, 2), warmup=1, steps=2, hella_examples=8, gen_samples=2, gen_tokens=8, compile=False,
-           decode_batches=(1, 8), decode_tokens=8, matmul_n=256, copy_bytes=16 << 20)
+FULL = dict(model=tg.GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12,
+                               n_embd=768),
+            T=1024, batch_sizes=(64, 32, 16), warmup=3, steps=10, hella_examples=500,
+            gen_samples=8, gen_tokens=256, compile=True, decode_batches=(1, 8), decode_tokens=128,
+            matmul_n=8192, copy_bytes=1 << 30)
+DRY = dict(model=tg.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32),
+           T=32, batch_sizes=(4, 2), warmup=1, steps=2, hella_examples=8,
+           gen_samples=2, gen_tokens=8, compile=False, decode_batches=(1, 8), decode_tokens=8,
+           matmul_n=256, copy_bytes=16 << 20)
 
 
 def start(device):
-    """Frees what the last measurement left (its compiled graphs hold its weights) and sets the peak-memory
-    mark to what is allocated now."""
+    """Frees what the last measurement left (its compiled graphs hold its weights) and sets the
+    peak-memory mark to what is allocated now."""
     torch._dynamo.reset()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -87,7 +96,8 @@ def train_row(shape, device, dtype):
         optimizer = tg.build_optimizer(raw, tg.Settings(), device_type)
         run = tg.Run(tg.Settings(), device=device, trained=model, optimizer=optimizer,
                      train_loader=SyntheticLoader(B, shape["T"], shape["model"].vocab_size),
-                     autocast=tg.autocast_context(device_type, dtype), scaler=tg.grad_scaler(device_type, dtype))
+                     autocast=tg.autocast_context(device_type, dtype),
+                     scaler=tg.grad_scaler(device_type, dtype))
         try:
             times = []
             for i in range(shape["warmup"] + shape["steps"]):
@@ -106,43 +116,51 @@ def train_row(shape, device, dtype):
 
 
 def estimate(shape, B, dtype, model):
-    """train_gpt2.estimate_memory's total for this step, in GiB: what the peak memory column checks it against."""
+    """train_gpt2.estimate_memory's total for this step, in GiB: what the peak memory column checks
+    it against."""
     m = shape["model"]
-    cfg = tg.parse_args([f"--B={B}", f"--T={shape['T']}", f"--total_batch_size={B * shape['T']}", f"--dtype={dtype}",
-                         f"--n_layer={m.n_layer}", f"--n_head={m.n_head}", f"--n_embd={m.n_embd}",
-                         f"--block_size={m.block_size}", f"--vocab_size={m.vocab_size}"])
-    return sum(tg.estimate_memory(cfg, sum(p.numel() for p in model.parameters()), 1).values()) / 2**30
+    cfg = tg.parse_args([f"--B={B}", f"--T={shape['T']}", f"--total_batch_size={B * shape['T']}",
+                         f"--dtype={dtype}", f"--n_layer={m.n_layer}", f"--n_head={m.n_head}",
+                         f"--n_embd={m.n_embd}", f"--block_size={m.block_size}",
+                         f"--vocab_size={m.vocab_size}"])
+    n_params = sum(p.numel() for p in model.parameters())
+    return sum(tg.estimate_memory(cfg, n_params, 1).values()) / 2**30
 
 
 def hellaswag_row(shape, device, dtype):
     with tempfile.TemporaryDirectory() as tmp:
-        examples = tg.read_hellaswag(write_hellaswag(os.path.join(tmp, "hella.jsonl"), shape["hella_examples"]))
+        path = write_hellaswag(os.path.join(tmp, "hella.jsonl"), shape["hella_examples"])
+        examples = tg.read_hellaswag(path)
     data = tg.hellaswag_tokens(examples, shape["model"].block_size)
     torch.manual_seed(0)
     model = tg.GPT(shape["model"]).to(device).eval()
-    autocast, batch_tokens = tg.autocast_context(device.split(":")[0], dtype), 8 * shape["T"]
+    autocast = tg.autocast_context(device.split(":")[0], dtype)
+    batch_tokens = 8 * shape["T"]
     start(device)
     tg.hellaswag_losses(model, data[:8], batch_tokens, autocast)  # warm-up
     t0 = time.perf_counter()
     tg.hellaswag_losses(model, data, batch_tokens, autocast)
     synchronize(device)
-    return {"what": "HellaSwag", "dtype": dtype, "shape": f"{batch_tokens} tokens", "unit": "examples/s",
-            "rate": len(data) / (time.perf_counter() - t0), "mfu": None, "memory": peak_memory(device)}
+    rate = len(data) / (time.perf_counter() - t0)
+    return {"what": "HellaSwag", "dtype": dtype, "shape": f"{batch_tokens} tokens",
+            "unit": "examples/s", "rate": rate, "mfu": None, "memory": peak_memory(device)}
 
 
 def generate_row(shape, device, dtype):
     torch.manual_seed(0)
     model = tg.GPT(shape["model"]).to(device).eval()
-    autocast, prompt = tg.autocast_context(device.split(":")[0], dtype), [tg.EOT] * 16
+    autocast = tg.autocast_context(device.split(":")[0], dtype)
+    prompt = [tg.EOT] * 16
+    samples = shape["gen_samples"]
     start(device)
     with autocast:
-        generate(model, prompt, 4, num_samples=shape["gen_samples"], seed=0, stop=None)  # warm-up
+        generate(model, prompt, 4, num_samples=samples, seed=0, stop=None)  # warm-up
         t0 = time.perf_counter()
-        generate(model, prompt, shape["gen_tokens"], num_samples=shape["gen_samples"], seed=0, stop=None)
+        generate(model, prompt, shape["gen_tokens"], num_samples=samples, seed=0, stop=None)
         synchronize(device)
-    return {"what": "generation, KV cache", "dtype": dtype, "shape": f"{shape['gen_samples']} samples",
-            "unit": "new tokens/s", "rate": shape["gen_samples"] * shape["gen_tokens"] / (time.perf_counter() - t0),
-            "mfu": None, "memory": peak_memory(device)}
+    rate = samples * shape["gen_tokens"] / (time.perf_counter() - t0)
+    return {"what": "generation, KV cache", "dtype": dtype, "shape": f"{samples} samples",
+            "unit": "new tokens/s", "rate": rate, "mfu": None, "memory": peak_memory(device)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +168,8 @@ def generate_row(shape, device, dtype):
 
 
 def matmul_rate(device, n, seconds=0.5):
-    """FLOP/s of a bf16 n x n matmul on device: what a matmul really reaches here, the MFU column's ceiling."""
+    """FLOP/s of a bf16 n x n matmul on device: what a matmul really reaches here, the MFU column's
+    ceiling."""
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
 
     def run(count):
@@ -171,17 +190,19 @@ def ceiling_rows(shape, device):
     """The two rows of ceilings, {"flops", "bytes"} for the others' MFU and bandwidth columns."""
     flops = matmul_rate(device, shape["matmul_n"])
     bandwidth = max(copy_bandwidth(device, shape["copy_bytes"]) for _ in range(3))
-    rows = [{"what": "matmul (MFU's ceiling)", "dtype": "bfloat16", "shape": f"{shape['matmul_n']} square",
-             "rate": flops / 1e9, "unit": "GFLOP/s"},
-            {"what": "copy (bandwidth's ceiling)", "shape": f"{shape['copy_bytes'] >> 20} MiB", "rate": bandwidth / 1e9,
-             "unit": "GB/s", "note": "read + write bytes, as STREAM's copy counts them"}]
+    rows = [{"what": "matmul (MFU's ceiling)", "dtype": "bfloat16",
+             "shape": f"{shape['matmul_n']} square", "rate": flops / 1e9, "unit": "GFLOP/s"},
+            {"what": "copy (bandwidth's ceiling)", "shape": f"{shape['copy_bytes'] >> 20} MiB",
+             "rate": bandwidth / 1e9, "unit": "GB/s",
+             "note": "read + write bytes, as STREAM's copy counts them"}]
     return rows, {"flops": flops, "bytes": bandwidth}
 
 
 def against_ceilings(rows, ceilings, shape):
-    """Each row's MFU and bandwidth share against this run's measured ceilings, from the FLOP/s and bytes/s it
-    carries. The training rows come with MFU against the datasheet (train_row): it moves to their note, and
-    their MFU is recomputed from their tokens/s, so that every MFU in the table has the same ceiling."""
+    """Each row's MFU and bandwidth share against this run's measured ceilings, from the FLOP/s and
+    bytes/s it carries. The training rows come with MFU against the datasheet (train_row): it moves
+    to their note, and their MFU is recomputed from their tokens/s, so that every MFU in the table
+    has the same ceiling."""
     with torch.device("meta"):
         per_token = tg.flops_per_token(tg.GPT(shape["model"]), shape["T"])
     for row in rows:
@@ -201,15 +222,16 @@ def against_ceilings(rows, ceilings, shape):
 
 
 def kind_of(name):
-    """matmul, attention, elementwise (which holds the norms, softmaxes and fused Triton kernels), optimizer
-    (AdamW and the gradient clipping's norms) or other (copies, memsets), from a kernel's or an op's name."""
+    """matmul, attention, elementwise (which holds the norms, softmaxes and fused Triton kernels),
+    optimizer (AdamW and the gradient clipping's norms) or other (copies, memsets), from a kernel's
+    or an op's name."""
     name = name.lower()
     if any(s in name for s in ("adam", "multi_tensor", "foreach", "optimizer")):
         return "optimizer"
     if any(s in name for s in ("flash", "attention", "fmha", "sdpa")):
         return "attention"
-    if any(s in name for s in ("gemm", "gemv", "cublas", "cutlass", "nvjet", "xmma", "triton_tem", "aten::mm",
-                               "addmm", "bmm", "linear", "matmul")):
+    if any(s in name for s in ("gemm", "gemv", "cublas", "cutlass", "nvjet", "xmma", "triton_tem",
+                               "aten::mm", "addmm", "bmm", "linear", "matmul")):
         return "matmul"
     if any(s in name for s in ("memcpy", "memset", "profilerstep")):
         return "other"
@@ -217,9 +239,9 @@ def kind_of(name):
 
 
 def time_by_kind(step, device):
-    """Seconds of one step() by kind (kind_of): on a GPU the kernels' time as the profiler records it, on a CPU
-    each op's own CPU time (its children's excluded, so that nothing counts twice). The training rows may call
-    it with their own step."""
+    """Seconds of one step() by kind (kind_of): on a GPU the kernels' time as the profiler records
+    it, on a CPU each op's own CPU time (its children's excluded, so that nothing counts twice). The
+    training rows may call it with their own step."""
     gpu = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     with profile(activities=activities) as prof:
@@ -235,9 +257,11 @@ def time_by_kind(step, device):
 
 
 def kind_table(profiles, device):
-    """profiles: {measurement: {kind: seconds}} as one table, each kind's ms and share of the step."""
+    """profiles: {measurement: {kind: seconds}} as one table, each kind's ms and share of the
+    step."""
     clock = "GPU kernel time" if device.startswith("cuda") else "CPU time (each op's own)"
-    lines = [f"| step ({clock}) | total ms | " + " | ".join(KINDS) + " |", "|" + "---|" * (len(KINDS) + 2)]
+    lines = [f"| step ({clock}) | total ms | " + " | ".join(KINDS) + " |",
+             "|" + "---|" * (len(KINDS) + 2)]
     for what, kinds in profiles.items():
         total = sum(kinds.values())
         cells = [f"{1e3 * s:.2f} ({s / total:.0%})" if total else "n/a" for s in kinds.values()]
@@ -250,20 +274,24 @@ def kind_table(profiles, device):
 
 
 def hf_train_step(shape, B, device, dtype):
-    """step() for one training step of transformers' GPT2LMHeadModel of shape's model: compiled (where shape
-    compiles), under dtype autocast over fp32 weights, fused AdamW, the loss from full fp32 logits, gradients
-    clipped at 1.0; and the model. A training row can time it at its own B beside train_gpt2's step."""
-    m, device_type = shape["model"], device.split(":")[0]
+    """step() for one training step of transformers' GPT2LMHeadModel of shape's model: compiled
+    (where shape compiles), under dtype autocast over fp32 weights, fused AdamW, the loss from full
+    fp32 logits, gradients clipped at 1.0; and the model. A training row can time it at its own B
+    beside train_gpt2's step."""
+    m = shape["model"]
+    device_type = device.split(":")[0]
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.n_embd,
-                                    n_layer=m.n_layer, n_head=m.n_head, activation_function="gelu_new",
-                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                    attn_implementation="sdpa")).to(device)
+    config = GPT2Config(vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.n_embd,
+                        n_layer=m.n_layer, n_head=m.n_head, activation_function="gelu_new",
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        attn_implementation="sdpa")
+    hf = GPT2LMHeadModel(config).to(device)
     model = HFAdapter(hf)
     model = torch.compile(model) if shape["compile"] else model
     optimizer = torch.optim.AdamW(hf.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=tg.use_fused_adamw(device_type))
-    loader = SyntheticLoader(B, shape["T"], min(m.vocab_size, tg.EOT + 1))  # GPT-2's ids; the rest pads
+    # GPT-2's ids; the rest pads
+    loader = SyntheticLoader(B, shape["T"], min(m.vocab_size, tg.EOT + 1))
     loader.batches = [b.to(device) for b in loader.batches]
     autocast = tg.autocast_context(device_type, dtype)
     return lambda: usual_step(model, optimizer, loader, 1, 1.0, autocast), hf
@@ -293,65 +321,78 @@ def hf_train_row(shape, device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding: inference's decoder (its CUDA graph, and its eager step) against transformers' generate
+# Decoding: inference's decoder (its CUDA graph, and its eager step) against transformers'
+# generate
 
 
 def decode_estimate(config, B):
-    """Bytes decoding needs at its peak: bf16 weights, the static cache (keys and values, every layer, block_size
-    rows of B samples), and a few (B, vocab) rows of logits in fp32 for sampling."""
+    """Bytes decoding needs at its peak: bf16 weights, the static cache (keys and values, every
+    layer, block_size rows of B samples), and a few (B, vocab) rows of logits in fp32 for
+    sampling."""
     weights = 2 * n_params(config)
     cache = 2 * 2 * config.n_layer * B * config.block_size * config.n_embd
     return weights + cache + 4 * 4 * B * config.vocab_size
 
 
 def n_params(config):
-    """The parameters of a GPT of config, the tied embedding counted once, as a token reads it once."""
+    """The parameters of a GPT of config, the tied embedding counted once, as a token reads it
+    once."""
     with torch.device("meta"):
         return sum(p.numel() for p in tg.GPT(config).parameters())
 
 
 def decode_rows(shape, device):
-    """Batch 1 and 8, greedy and top-k 50, a 16-token prompt of <|endoftext|> (the greedy report's: bench/NOTES.md,
-    "Greedy at 19 tokens/s"), decode_tokens new tokens each, weights in bf16: ours with CUDA_GRAPHS off (the
-    eager step), ours as sample.py and serve.py run it (the CUDA graph where there is CUDA), and transformers'
-    generate on a model of the same shape. A greedy row of the graph says whether its tokens are the eager
-    step's. Returns the rows and the time by kind of ours at batch 1, greedy."""
-    rows, tokens, profiles = [], {}, {}
-    for who in ("ours, eager step", "ours", "transformers generate"):  # eager first: the graph is checked on it
+    """Batch 1 and 8, greedy and top-k 50, a 16-token prompt of <|endoftext|> (the greedy report's:
+    bench/NOTES.md, "Greedy at 19 tokens/s"), decode_tokens new tokens each, weights in bf16: ours
+    with CUDA_GRAPHS off (the eager step), ours as sample.py and serve.py run it (the CUDA graph
+    where there is CUDA), and transformers' generate on a model of the same shape. A greedy row of
+    the graph says whether its tokens are the eager step's. Returns the rows and the time by kind of
+    ours at batch 1, greedy."""
+    rows = []
+    tokens = {}  # (who, B, mode): the tokens each sample made
+    profiles = {}
+    # eager first: the graph is checked on it
+    for who in ("ours, eager step", "ours", "transformers generate"):
         inference.CUDA_GRAPHS = who != "ours, eager step"
         model = decode_model(who, shape["model"], device)
         path = inference.decode_path(device) if who.startswith("ours") else "transformers"
         for B in shape["decode_batches"]:
             for mode, sampling in (("greedy", dict(temperature=0)), ("top-k 50", dict(top_k=50))):
                 row, tokens[who, B, mode] = decode_row(model, B, sampling, shape, device)
-                row.update(what=f"decode, {who}", shape=f"B={B}, {mode}", note=f"{path}; {row['note']}")
-                if who == "ours" and mode == "greedy" and tokens[who, B, mode] != tokens["ours, eager step", B, mode]:
+                row.update(what=f"decode, {who}", shape=f"B={B}, {mode}",
+                           note=f"{path}; {row['note']}")
+                if (who == "ours" and mode == "greedy"
+                        and tokens[who, B, mode] != tokens["ours, eager step", B, mode]):
                     row["note"] += "; greedy tokens differ from the eager step's"
                 rows.append(row)
                 if B == 1 and mode == "greedy" and who.startswith("ours"):
-                    run = lambda: decode(model, B, sampling, shape["decode_tokens"])
-                    profiles[f"decode, {who}, batch 1 greedy, {shape['decode_tokens']} tokens"] = time_by_kind(
-                        run, device)
+                    run = functools.partial(decode, model, B, sampling, shape["decode_tokens"])
+                    what = f"decode, {who}, batch 1 greedy, {shape['decode_tokens']} tokens"
+                    profiles[what] = time_by_kind(run, device)
     inference.CUDA_GRAPHS = True
     return rows, profiles
 
 
 def decode_model(who, config, device):
-    """A random model of config in bf16 on device: ours held for inference, or transformers' GPT2LMHeadModel."""
+    """A random model of config in bf16 on device: ours held for inference, or transformers'
+    GPT2LMHeadModel."""
     torch.manual_seed(0)
     if who.startswith("ours"):
         return inference.hold_for_inference(tg.GPT(config).to(device), torch.bfloat16)
     hf_logging.set_verbosity_error()
-    hf = GPT2LMHeadModel(GPT2Config(n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
-                                    n_head=config.n_head, vocab_size=config.vocab_size))
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=config.block_size, n_embd=config.n_embd,
+                                    n_layer=config.n_layer, n_head=config.n_head,
+                                    vocab_size=config.vocab_size))
     return hf.to(device, torch.bfloat16).eval()
 
 
 def decode_row(model, B, sampling, shape, device):
-    """One decoding measurement after a warm-up call (which, on CUDA, captures our graph): the row and the
-    tokens. MFU counts 2 FLOPs per weight of a token's matmuls and 4 * n_layer * n_embd per position it attends
-    to; the bandwidth share counts a step (B tokens) reading every bf16 weight once and the cache's rows in use."""
-    config, n = shape["model"], shape["decode_tokens"]
+    """One decoding measurement after a warm-up call (which, on CUDA, captures our graph): the row
+    and the tokens. MFU counts 2 FLOPs per weight of a token's matmuls and 4 * n_layer * n_embd per
+    position it attends to; the bandwidth share counts a step (B tokens) reading every bf16 weight
+    once and the cache's rows in use."""
+    config = shape["model"]
+    n = shape["decode_tokens"]
     start(device)
     decode(model, B, sampling, 4)
     synchronize(device)
@@ -359,11 +400,14 @@ def decode_row(model, B, sampling, shape, device):
     out = decode(model, B, sampling, n)
     synchronize(device)
     rate = B * n / (time.perf_counter() - t0)
-    C, L, ctx = config.n_embd, config.n_layer, 16 + n / 2  # ctx: the mean length attended to
+    C = config.n_embd
+    L = config.n_layer
+    ctx = 16 + n / 2  # the mean length attended to
     weights = n_params(config)
+    matmul_weights = weights - config.block_size * C  # wpe is only looked up
     row = {"dtype": "bfloat16", "rate": rate, "unit": "new tokens/s", "memory": peak_memory(device),
            "note": f"{sum(map(len, out)) // B} tokens a sample",
-           "flops": rate * (2 * (weights - config.block_size * C) + 4 * L * C * ctx),  # wpe is only looked up
+           "flops": rate * (2 * matmul_weights + 4 * L * C * ctx),
            "bytes": rate / B * (2 * weights + 2 * 2 * L * B * ctx * C)}
     if isinstance(model, tg.GPT):
         row["estimate"] = decode_estimate(config, B) / 2**30
@@ -371,8 +415,8 @@ def decode_row(model, B, sampling, shape, device):
 
 
 def decode(model, B, sampling, n):
-    """n new tokens for each of B copies of the 16-token prompt of <|endoftext|>, never stopping early, from ours
-    or from transformers (which min_new_tokens keeps from stopping)."""
+    """n new tokens for each of B copies of the 16-token prompt of <|endoftext|>, never stopping
+    early, from ours or from transformers (which min_new_tokens keeps from stopping)."""
     prompt = [tg.EOT] * 16
     if isinstance(model, tg.GPT):
         return generate(model, prompt, n, num_samples=B, stop=None, seed=0, **sampling)
@@ -380,13 +424,22 @@ def decode(model, B, sampling, n):
     torch.manual_seed(0)
     greedy = sampling.get("temperature") == 0
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=not greedy, top_k=None if greedy else sampling["top_k"], pad_token_id=tg.EOT)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=not greedy,
+                             top_k=None if greedy else sampling["top_k"], pad_token_id=tg.EOT)
     return out[:, len(prompt):].tolist()
 
 
+def cell(row, key, fmt):
+    """A table cell: empty where the row has no such key, n/a where its value is None."""
+    if key not in row:
+        return ""
+    if row[key] is None:
+        return "n/a"
+    return fmt.format(row[key])
+
+
 def table(rows):
-    cell = lambda row, key, fmt: "" if key not in row else "n/a" if row[key] is None else fmt.format(row[key])
     lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
@@ -394,8 +447,10 @@ def table(rows):
 
 def main():
     tg.tune_allocator()  # as train_gpt2.main() does
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, to check the script itself")
+    # the docstring's first sentence, which runs over two lines
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny shapes on CPU, to check the script itself")
     args = p.parse_args()
     if args.dry_run:
         shape, device = DRY, "cpu"

@@ -1,9 +1,12 @@
 """HellaSwag scoring throughput: this project's batched scoring against one example per forward, the
-reference's way, in the same run, on the same small random GPT, on the same HellaSwag-shaped examples.
-Each is timed 3 times, in turns; the fastest run counts, since other load on the machine only slows runs.
+reference's way, in the same run, on the same small random GPT, on the same HellaSwag-shaped
+examples. Each is timed 3 times, in turns; the fastest run counts, since other load on the machine
+only slows runs.
 
-    python bench/hellaswag_throughput.py        # 4 layers x 256 wide, bf16, 128 examples, 2048 tokens a batch
-    python bench/hellaswag_throughput.py --data=hellaswag/hellaswag_val.jsonl --n_layer=12 --n_head=12 --n_embd=768
+    # 4 layers x 256 wide, bf16, 128 examples, 2048 tokens a batch
+    python bench/hellaswag_throughput.py
+    python bench/hellaswag_throughput.py --data=hellaswag/hellaswag_val.jsonl \
+        --n_layer=12 --n_head=12 --n_embd=768
 """
 import argparse
 import math
@@ -19,13 +22,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from hellaswag import hellaswag_predictions  # noqa: E402
 from tests.conftest import write_hellaswag  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, autocast_context, hellaswag_tokens, read_hellaswag  # noqa: E402
+from train_gpt2 import (  # noqa: E402
+    GPT,
+    GPTConfig,
+    autocast_context,
+    hellaswag_tokens,
+    read_hellaswag,
+)
 
 
 @torch.no_grad()
 def one_per_forward(model, data, autocast):
-    """As build-nanogpt's hellaswag.py scores: per example a forward of 4 right-padded rows, context + ending
-    each, the logits of every position, the cross-entropy of every position, then the ending's share of it."""
+    """As build-nanogpt's hellaswag.py scores: per example a forward of 4 right-padded rows, context
+    + ending each, the logits of every position, the cross-entropy of every position, then the
+    ending's share of it."""
     preds = []
     with autocast:
         for ctx, ends, chars in data:
@@ -35,7 +45,8 @@ def one_per_forward(model, data, autocast):
                 tokens[k, :len(ctx) + len(end)] = torch.tensor(ctx + end)
                 mask[k, len(ctx):len(ctx) + len(end)] = 1
             logits, _ = model(tokens)
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(),
+                                  reduction="none")
             mask = mask[:, 1:]
             total = (nll.view(4, -1) * mask).sum(1)
             per_char = total / torch.tensor(chars).clamp(min=1)
@@ -44,11 +55,13 @@ def one_per_forward(model, data, autocast):
 
 
 def fastest(scorers, data, repeats):
-    """Each scorer's predictions and its fastest of `repeats` timed runs, taken in turns, so that a burst of
-    load from elsewhere on the machine slows one run of each rather than every run of one."""
+    """Each scorer's predictions and its fastest of `repeats` timed runs, taken in turns, so that a
+    burst of load from elsewhere on the machine slows one run of each rather than every run of
+    one."""
     for score in scorers:
         score(data[:8])  # warm up the kernels and allocator
-    preds, seconds = [None] * len(scorers), [math.inf] * len(scorers)
+    preds = [None] * len(scorers)
+    seconds = [math.inf] * len(scorers)
     for _ in range(repeats):
         for i, score in enumerate(scorers):
             t0 = time.perf_counter()
@@ -59,7 +72,8 @@ def fastest(scorers, data, repeats):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--data", default="", help="a HellaSwag jsonl; default: random examples of HellaSwag's lengths")
+    p.add_argument("--data", default="",
+                   help="a HellaSwag jsonl; default: random examples of HellaSwag's lengths")
     p.add_argument("--examples", type=int, default=128)
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_head", type=int, default=4)
@@ -73,10 +87,12 @@ def main():
         examples = read_hellaswag(args.data, args.examples)
     else:  # HellaSwag val averages about 40 words of context and 20 per ending
         with tempfile.TemporaryDirectory() as tmp:
-            examples = read_hellaswag(write_hellaswag(os.path.join(tmp, "h.jsonl"), args.examples, seed=0,
-                                                      ctx_words=(20, 80), ending_words=(8, 32)))
+            path = write_hellaswag(os.path.join(tmp, "h.jsonl"), args.examples, seed=0,
+                                   ctx_words=(20, 80), ending_words=(8, 32))
+            examples = read_hellaswag(path)
     torch.manual_seed(0)
-    config = GPTConfig(block_size=1024, vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    config = GPTConfig(block_size=1024, vocab_size=50304, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).eval()
     data = hellaswag_tokens(examples, config.block_size)
     autocast = autocast_context("cpu", args.dtype)
@@ -84,15 +100,15 @@ def main():
     packed = sum(len(c) + sum(map(len, ends)) for c, ends, _ in data) / len(data)
     print(f"model: {args.n_layer} layers x {args.n_embd} wide, vocab 50304, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; cpu {args.dtype}, "
-          f"{torch.get_num_threads()} threads; {len(data)} examples, 4 rows of {row:.0f} tokens on average "
-          f"(packed into one: {packed:.0f})")
+          f"{torch.get_num_threads()} threads; {len(data)} examples, 4 rows of {row:.0f} tokens "
+          f"on average (packed into one: {packed:.0f})")
     scorers = [lambda d: one_per_forward(model, d, autocast),
                lambda d: hellaswag_predictions(model, d, args.batch_tokens, autocast)]
     (single, batched), (t_single, t_batched) = fastest(scorers, data, args.repeats)
     print(f"one example per forward: {len(data) / t_single:7.1f} examples/s "
           f"({t_single:.2f} s, the fastest of {args.repeats} runs)")
-    print(f"batched, {args.batch_tokens} tokens per forward: {len(data) / t_batched:7.1f} examples/s "
-          f"({t_batched:.2f} s)")
+    print(f"batched, {args.batch_tokens} tokens per forward: "
+          f"{len(data) / t_batched:7.1f} examples/s ({t_batched:.2f} s)")
     agree = (single == batched).all(dim=1).double().mean().item()
     print(f"ratio batched / one per forward: {t_single / t_batched:.2f}x "
           f"(same predictions for {100 * agree:.1f}% of examples)")

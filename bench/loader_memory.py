@@ -1,5 +1,5 @@
-"""Resident memory of train_gpt2.DataLoaderLite reading a whole 100M-token shard, against a process that
-only imports torch. Goal: growth under 64 MB (a whole-shard int64 load would cost 800 MB).
+"""Resident memory of train_gpt2.DataLoaderLite reading a whole 100M-token shard, against a process
+that only imports torch. Goal: growth under 64 MB (a whole-shard int64 load would cost 800 MB).
 
     python bench/loader_memory.py                    # 100M tokens, B=64, T=1024
     python bench/loader_memory.py --tokens=20000000 --B=8 --T=256
@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def memory_status():
-    """Peak and current resident memory of this process, and the current anonymous and file-backed parts, in bytes."""
+    """Peak and current resident memory of this process, and the current anonymous and file-backed
+    parts, in bytes."""
     with open("/proc/self/status") as f:
         fields = dict(line.split(":", 1) for line in f)
     return {k: int(fields[k].split()[0]) * 1024 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
@@ -37,7 +38,8 @@ def read_shard(data_dir, B, T):
     import train_gpt2
     loader = train_gpt2.DataLoaderLite(train_gpt2.Settings(B=B, T=T, data_dir=data_dir), "train")
     steps = loader.steps_per_epoch()
-    t0, checksum = time.perf_counter(), 0
+    t0 = time.perf_counter()
+    checksum = 0
     for _ in range(steps):
         x, y = loader.next_batch()
         checksum += int(y[-1, -1])  # touch every batch so none can be skipped
@@ -48,12 +50,14 @@ def read_shard(data_dir, B, T):
 
 def in_child(*args):
     """Runs this file with args in a fresh interpreter and returns the dict it prints."""
-    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True,
+                         text=True).stdout
     return eval(out.strip().splitlines()[-1])
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=100_000_000)
     p.add_argument("--B", type=int, default=64)
     p.add_argument("--T", type=int, default=1024)
@@ -76,14 +80,16 @@ def main():
         shard.flush()
         del shard
         base = in_child("--child=baseline")
-        used = in_child("--child=loader", f"--data_dir={data_dir}", f"--B={args.B}", f"--T={args.T}")
+        used = in_child("--child=loader", f"--data_dir={data_dir}", f"--B={args.B}",
+                        f"--T={args.T}")
     growth = used["VmHWM"] - base["VmHWM"]
-    print(f"shard: {args.tokens:,} uint16 tokens ({2 * args.tokens / mib:,.0f} MiB); read {used['batches']:,} "
-          f"batches of B={args.B} T={args.T} in {used['seconds']:.1f}s")
+    print(f"shard: {args.tokens:,} uint16 tokens ({2 * args.tokens / mib:,.0f} MiB); "
+          f"read {used['batches']:,} batches of B={args.B} T={args.T} in {used['seconds']:.1f}s")
     for name, r in (("import torch only", base), ("loader over the whole shard", used)):
-        print(f"peak RSS, {name}: {r['VmHWM'] / mib:,.1f} MiB (at the end: anonymous {r['RssAnon'] / mib:,.1f} MiB, "
-              f"file-backed {r['RssFile'] / mib:,.1f} MiB)")
-    print(f"growth: {growth / mib:,.1f} MiB (goal < 64 MiB): {'ok' if growth < 64 * mib else 'OVER'}")
+        print(f"peak RSS, {name}: {r['VmHWM'] / mib:,.1f} MiB (at the end: anonymous "
+              f"{r['RssAnon'] / mib:,.1f} MiB, file-backed {r['RssFile'] / mib:,.1f} MiB)")
+    verdict = "ok" if growth < 64 * mib else "OVER"
+    print(f"growth: {growth / mib:,.1f} MiB (goal < 64 MiB): {verdict}")
 
 
 if __name__ == "__main__":

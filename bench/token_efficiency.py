@@ -1,18 +1,22 @@
-"""Token efficiency of --optimizer=muon against AdamW: a small GPT trained by train_gpt2.train() on a text corpus,
-each optimizer at its best learning rate from a small grid, for the same token budget and 3 seeds.
+"""Token efficiency of --optimizer=muon against AdamW: a small GPT trained by train_gpt2.train() on
+a text corpus, each optimizer at its best learning rate from a small grid, for the same token budget
+and 3 seeds.
 
-    flock /tmp/bench.lock python bench/token_efficiency.py tinyshakespeare.txt    # ~3 min on 2 shared cores
+    # ~3 min on 2 shared cores
+    flock /tmp/bench.lock python bench/token_efficiency.py tinyshakespeare.txt
 
-The corpus is tokenized with GPT-2's BPE and written as train_gpt2.py shards (the first 10% val, the rest in 8
-train shards that each seed orders differently), with the ids it uses renumbered 0..n-1: the model's vocabulary
-is then those n rounded up to 128 (11,776 for tiny Shakespeare) rather than 50,304. Renumbering is a symmetry of
-the model, and the 38K rows no text uses would only be pushed down; at this size they would also take most of
-each step's time. Every run is train_gpt2.train() itself, in this process: the real optimizer construction,
-schedule (cosine, min_lr = max_lr / 10), train_step and val loss.
+The corpus is tokenized with GPT-2's BPE and written as train_gpt2.py shards (the first 10% val, the
+rest in 8 train shards that each seed orders differently), with the ids it uses renumbered 0..n-1:
+the model's vocabulary is then those n rounded up to 128 (11,776 for tiny Shakespeare) rather than
+50,304. Renumbering is a symmetry of the model, and the 38K rows no text uses would only be pushed
+down; at this size they would also take most of each step's time. Every run is train_gpt2.train()
+itself, in this process: the real optimizer construction, schedule (cosine, min_lr = max_lr / 10),
+train_step and val loss.
 1. Grid, seed 0: AdamW's max_lr; then Muon's muon_lr, with its AdamW part at AdamW's best max_lr.
 2. Seeds 1 and 2 for each optimizer at its best learning rate.
-3. Time per step of the two, taken in turns on one model shape (so the machine's drift hits both alike), at the
-   runs' tokens per step and at 8x as many, since Muon's extra work is per step and not per token.
+3. Time per step of the two, taken in turns on one model shape (so the machine's drift hits both
+   alike), at the runs' tokens per step and at 8x as many, since Muon's extra work is per step and
+   not per token.
 Prints the tables; writes the val-loss curves (mean of the seeds, min-max shaded) to --plot.
 """
 import argparse
@@ -38,7 +42,8 @@ STEP_DT = re.compile(r"step +\d+ \| loss .* \| dt ([\d.]+)ms")
 
 
 def write_corpus(corpus, out, train_shards=8):
-    """The corpus as train_gpt2.py shards with its token ids renumbered densely; returns the vocab size to train."""
+    """The corpus as train_gpt2.py shards with its token ids renumbered densely; returns the vocab
+    size to train."""
     with open(corpus, encoding="utf-8") as f:
         tokens = np.array([tg.EOT, *tg.get_tokenizer().encode_ordinary(f.read())])
     used, dense = np.unique(tokens, return_inverse=True)
@@ -52,17 +57,23 @@ def write_corpus(corpus, out, train_shards=8):
     return -(-len(used) // 128) * 128
 
 
-def settings(args, data_dir, vocab, log_dir, optimizer, lr, seed, max_lr=None, total_batch_size=None):
-    lrs = [f"--max_lr={lr}", f"--min_lr={lr / 10}"] if optimizer == "adamw" else [
-        f"--max_lr={max_lr}", f"--min_lr={max_lr / 10}", f"--muon_lr={lr}"]
+def settings(args, data_dir, vocab, log_dir, optimizer, lr, seed, max_lr=None,
+             total_batch_size=None):
+    if optimizer == "adamw":
+        lrs = [f"--max_lr={lr}", f"--min_lr={lr / 10}"]
+    else:
+        lrs = [f"--max_lr={max_lr}", f"--min_lr={max_lr / 10}", f"--muon_lr={lr}"]
     return tg.parse_args([
-        f"--data_dir={data_dir}", f"--log_dir={log_dir}", f"--vocab_size={vocab}", f"--optimizer={optimizer}",
-        *lrs, f"--seed={seed}", f"--max_steps={args.steps}", f"--warmup_steps={args.warmup}",
-        f"--total_batch_size={total_batch_size or args.B * args.T}", f"--B={args.B}", f"--T={args.T}",
-        f"--block_size={args.T}", "--n_layer=4", "--n_head=4", f"--n_embd={args.n_embd}",
-        f"--eval_interval={args.eval_interval}", f"--val_tokens={args.val_tokens}", f"--checkpoint_interval={10**9}",
-        "--keep_checkpoints=1", "--sample_count=0", "--hella_data=", "--compile=False", f"--dtype={args.dtype}",
-        "--device=cpu", "--peak_flops=1e12"])  # a peak given: no matmul measured at every start
+        f"--data_dir={data_dir}", f"--log_dir={log_dir}", f"--vocab_size={vocab}",
+        f"--optimizer={optimizer}", *lrs, f"--seed={seed}", f"--max_steps={args.steps}",
+        f"--warmup_steps={args.warmup}",
+        f"--total_batch_size={total_batch_size or args.B * args.T}", f"--B={args.B}",
+        f"--T={args.T}", f"--block_size={args.T}", "--n_layer=4", "--n_head=4",
+        f"--n_embd={args.n_embd}", f"--eval_interval={args.eval_interval}",
+        f"--val_tokens={args.val_tokens}", f"--checkpoint_interval={10**9}",
+        "--keep_checkpoints=1", "--sample_count=0", "--hella_data=", "--compile=False",
+        f"--dtype={args.dtype}", "--device=cpu",
+        "--peak_flops=1e12"])  # a peak given: no matmul measured at every start
 
 
 def train_run(cfg):
@@ -75,10 +86,11 @@ def train_run(cfg):
 
 
 def step_times(args, data_dir, vocab, total_batch_size, best, rounds=3, steps=2):
-    """Median seconds of train_gpt2.train_step with each optimizer (the model and optimizer made by build_model),
-    taken in turns: a round times `steps` steps of each."""
+    """Median seconds of train_gpt2.train_step with each optimizer (the model and optimizer made by
+    build_model), taken in turns: a round times `steps` steps of each."""
     runs = {}
-    for optimizer, lr, max_lr in (("adamw", best["adamw"], None), ("muon", best["muon"], best["adamw"])):
+    for optimizer, lr, max_lr in (("adamw", best["adamw"], None),
+                                  ("muon", best["muon"], best["adamw"])):
         log_dir = os.path.join(os.path.dirname(data_dir), f"timing_{optimizer}_{total_batch_size}")
         cfg = settings(args, data_dir, vocab, log_dir, optimizer, lr, 0, max_lr, total_batch_size)
         with contextlib.redirect_stdout(io.StringIO()):
@@ -97,10 +109,12 @@ def step_times(args, data_dir, vocab, total_batch_size, best, rounds=3, steps=2)
 
 
 def reach(tokens, curve, target):
-    """Tokens at which the curve first reaches target, linearly interpolated between evals; None if it never does."""
+    """Tokens at which the curve first reaches target, linearly interpolated between evals; None if
+    it never does."""
     for i in range(1, len(curve)):
         if curve[i] <= target:
-            return tokens[i - 1] + (curve[i - 1] - target) / (curve[i - 1] - curve[i]) * (tokens[i] - tokens[i - 1])
+            share = (curve[i - 1] - target) / (curve[i - 1] - curve[i])
+            return tokens[i - 1] + share * (tokens[i] - tokens[i - 1])
     return None
 
 
@@ -128,7 +142,8 @@ def spread(values):
 
 def main():
     tg.tune_allocator()  # as train_gpt2.main() does
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # the docstring's first paragraph
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("corpus", help="a UTF-8 text file, e.g. tiny Shakespeare")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
@@ -149,13 +164,14 @@ def main():
         sys.exit(f"error: --plot={args.plot}: {problem}")
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = re.search(r"Model name:\s*(.*)", cpu)[1] if "Model name" in cpu else "unknown CPU"
-    print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     t_start, cpu_start = time.time(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="token_efficiency_") as work:
         report(args, work)
     print(f"\nwrote {args.plot}; wall {(time.time() - t_start) / 60:.1f} min, this process's CPU "
-          f"{(time.process_time() - cpu_start) / 60:.1f} min, load average now {os.getloadavg()[0]:.1f}")
+          f"{(time.process_time() - cpu_start) / 60:.1f} min, "
+          f"load average now {os.getloadavg()[0]:.1f}")
 
 
 def report(args, work):
@@ -165,46 +181,53 @@ def report(args, work):
     runs = {}  # (optimizer, lr, seed) -> (val steps, val losses, ms per step)
 
     def run(optimizer, lr, seed, max_lr=None):
-        cfg = settings(args, data_dir, vocab, os.path.join(work, f"{optimizer}_{lr}_{seed}"), optimizer, lr, seed,
-                       max_lr)
+        log_dir = os.path.join(work, f"{optimizer}_{lr}_{seed}")
+        cfg = settings(args, data_dir, vocab, log_dir, optimizer, lr, seed, max_lr)
         t0 = time.time()
         runs[optimizer, lr, seed] = train_run(cfg)
         steps, losses, ms = runs[optimizer, lr, seed]
-        print(f"{optimizer:5s} lr {lr:g} seed {seed}: val {losses[0]:.4f} -> {losses[-1]:.4f}, {ms:.0f} ms a step, "
-              f"{time.time() - t0:.0f} s", flush=True)
+        print(f"{optimizer:5s} lr {lr:g} seed {seed}: val {losses[0]:.4f} -> {losses[-1]:.4f}, "
+              f"{ms:.0f} ms a step, {time.time() - t0:.0f} s", flush=True)
         return losses[-1]
 
-    best = {"adamw": min(map(float, args.adamw_lrs.split(",")), key=lambda lr: run("adamw", lr, 0))}
-    best["muon"] = min(map(float, args.muon_lrs.split(",")), key=lambda lr: run("muon", lr, 0, best["adamw"]))
+    best = {"adamw": min(map(float, args.adamw_lrs.split(",")),
+                         key=lambda lr: run("adamw", lr, 0))}
+    best["muon"] = min(map(float, args.muon_lrs.split(",")),
+                       key=lambda lr: run("muon", lr, 0, best["adamw"]))
     for seed in range(1, args.seeds):
         run("adamw", best["adamw"], seed)
         run("muon", best["muon"], seed, best["adamw"])
     tokens_per_step = args.B * args.T
     tokens = [s * tokens_per_step for s in runs["adamw", best["adamw"], 0][0]]
-    curves = {name: [runs[name, best[name], seed][1] for seed in range(args.seeds)] for name in best}
+    curves = {name: [runs[name, best[name], seed][1] for seed in range(args.seeds)]
+              for name in best}
     final = {name: [c[-1] for c in curves[name]] for name in best}
     target = statistics.mean(final["adamw"])
     needed = reach(tokens, np.mean(curves["muon"], axis=0), target)
 
-    print(f"\n{args.steps} steps of {tokens_per_step} tokens ({tokens[-1]:,} tokens), n_layer=4 n_embd={args.n_embd} "
-          f"T={args.T} vocab {vocab}, {args.dtype}, cosine schedule, warmup {args.warmup}\n")
+    print(f"\n{args.steps} steps of {tokens_per_step} tokens ({tokens[-1]:,} tokens), n_layer=4 "
+          f"n_embd={args.n_embd} T={args.T} vocab {vocab}, {args.dtype}, cosine schedule, "
+          f"warmup {args.warmup}\n")
     print("| optimizer | lr | final val loss, seed 0 |\n|---|---|---|")
     for (name, lr, seed), (_, losses, _) in runs.items():
         if seed == 0:
             extra = f" (AdamW part at max_lr {best['adamw']:g})" if name == "muon" else ""
-            print(f"| {name} | {lr:g}{extra} | {losses[-1]:.4f}{' (best)' if lr == best[name] else ''} |")
-    times = {name: statistics.median(runs[name, best[name], s][2] for s in range(args.seeds)) for name in best}
-    print(f"\n| optimizer (best lr) | final val loss, {args.seeds} seeds: mean ± sd | ms a step, median of the runs |"
-          f"\n|---|---|---|")
+            mark = " (best)" if lr == best[name] else ""
+            print(f"| {name} | {lr:g}{extra} | {losses[-1]:.4f}{mark} |")
+    times = {name: statistics.median(runs[name, best[name], s][2] for s in range(args.seeds))
+             for name in best}
+    print(f"\n| optimizer (best lr) | final val loss, {args.seeds} seeds: mean ± sd "
+          f"| ms a step, median of the runs |\n|---|---|---|")
     for name in best:
         print(f"| {name} ({best[name]:g}) | {spread(final[name])} | {times[name]:.0f} |")
     ratio = f"{tokens[-1] / needed:.2f}x fewer" if needed else "not reached"
-    print(f"\nMuon reaches AdamW's final val loss ({target:.4f}) at {needed or float('nan'):,.0f} tokens of "
-          f"{tokens[-1]:,}: {ratio} (goal: 1.5x or more)")
+    print(f"\nMuon reaches AdamW's final val loss ({target:.4f}) at "
+          f"{needed or float('nan'):,.0f} tokens of {tokens[-1]:,}: {ratio} (goal: 1.5x or more)")
     print("\n| tokens a step | AdamW ms | Muon ms | Muon / AdamW |\n|---|---|---|---|")
     for total in (tokens_per_step, 8 * tokens_per_step):
         t = step_times(args, data_dir, vocab, total, best)
-        print(f"| {total} | {1000 * t['adamw']:.0f} | {1000 * t['muon']:.0f} | {t['muon'] / t['adamw']:.3f} |")
+        print(f"| {total} | {1000 * t['adamw']:.0f} | {1000 * t['muon']:.0f} "
+              f"| {t['muon'] / t['adamw']:.3f} |")
     labels = {name: f"{name} (lr {best[name]:g}), {args.seeds} seeds" for name in best}
     plot(args.plot, tokens, curves, labels, target)
 
