@@ -63,7 +63,8 @@ def test_requests_in_company_get_the_tokens_they_get_alone(server):
         prompt, n, sampling = asks[i]
         stream = client(server.url).completions.create(model="tiny", prompt=prompt, max_tokens=n, stream=True,
                                                        **sampling)
-        text, reason, usage = "", None, None
+        text = ""
+        reason = usage = None
         for k, chunk in enumerate(stream):
             if i < 4 and k == 3:
                 first_half.wait(timeout=60)  # the second four start only now, with these mid-way
