@@ -121,12 +121,13 @@ def prompt_rows(model, tokens, num_samples):
 
 
 class StaticKVCache(KVCache):
-    """One layer's keys and values for an Engine's slots: a row of block_size positions for each slot, allocated
-    at the first prompt. A prompt (or the one-token step of a request alone) goes into the rows from `row` on,
-    after position `pos`, by KVCache's arithmetic. While `at` holds every row's position (a (slots,) long tensor
-    on the model's device), a step writes each row's new key and value at its own position and returns the
-    whole buffers, which the step's mask limits, row by row, to the positions that row has written. Shapes then
-    never change from step to step, as a CUDA graph needs."""
+    """One layer's keys and values for an Engine's slots: a row of block_size positions for each
+    slot, allocated at the first prompt. A prompt (or the one-token step of a request alone) goes
+    into the rows from `row` on, after position `pos`, by KVCache's arithmetic. While `at` holds
+    every row's position (a (slots,) long tensor on the model's device), a step writes each row's
+    new key and value at its own position and returns the whole buffers, which the step's mask
+    limits, row by row, to the positions that row has written. Shapes then never change from step to
+    step, as a CUDA graph needs."""
 
     row, at = 0, None
 
@@ -136,8 +137,9 @@ class StaticKVCache(KVCache):
 
     def update(self, k, v):
         if self.k is None:
-            # Zeros, not KVCache's empty rows: the step's mask hides the positions a row has not written, but
-            # a NaN left there by the allocator would still reach the output (its weight is 0; 0 * NaN = NaN).
+            # Zeros, not KVCache's empty rows: the step's mask hides the positions a row has not
+            # written, but a NaN left there by the allocator would still reach the output (its
+            # weight is 0, and 0 * NaN = NaN).
             shape = (self.slots, k.size(1), self.block_size, k.size(3))
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
             self.every = torch.arange(self.slots, device=k.device)
@@ -146,21 +148,24 @@ class StaticKVCache(KVCache):
             start, self.pos = self.pos, self.pos + k.size(2)
             self.k[rows, :, start:self.pos], self.v[rows, :, start:self.pos] = k, v
             return self.k[rows, :, :self.pos], self.v[rows, :, :self.pos]
-        self.k[self.every, :, self.at] = k[:, :, 0]  # (slots, n_head, head_size): each at its own position
+        # (slots, n_head, head_size): each row's at its own position
+        self.k[self.every, :, self.at] = k[:, :, 0]
         self.v[self.every, :, self.at] = v[:, :, 0]
         return self.k, self.v
 
 
-CUDA_GRAPHS = True  # False: CUDA decodes with the eager step too (benches compare the two in one process)
+# False: CUDA decodes with the eager step too (benches compare the two in one process)
+CUDA_GRAPHS = True
 GRAPH_WARMUP = 2  # eager steps on a side stream before the capture, as CUDA graph capture needs
 
 
 def decode_path(device, shared=True):
-    """How an Engine on device runs its step: "graph" (the fixed-width step replayed as a CUDA graph) where CUDA
-    is; elsewhere (CPU, MPS: their ops run on the calling thread anyway, so a graph would save no launches)
-    "fixed", the same step run op by op, for an engine whose requests share the batch, and "eager" for one
-    that runs one request at a time: GPT.forward over the rows that request has filled, which costs less
-    than attending to all block_size positions, and has no company to be independent of."""
+    """How an Engine on device runs its step: "graph" (the fixed-width step replayed as a CUDA
+    graph) where CUDA is; elsewhere (CPU, MPS: their ops run on the calling thread anyway, so a
+    graph would save no launches) "fixed", the same step run op by op, for an engine whose requests
+    share the batch, and "eager" for one that runs one request at a time: GPT.forward over the rows
+    that request has filled, which costs less than attending to all block_size positions, and has no
+    company to be independent of."""
     if CUDA_GRAPHS and torch.device(device).type == "cuda" and torch.cuda.is_available():
         return "graph"
     if shared:
@@ -169,19 +174,20 @@ def decode_path(device, shared=True):
 
 
 def next_logits(model, logits):
-    """The last position's float logits (B, tokens) of a forward's (B, T, vocab): ids past the real tokens
-    (GPT-2's 50257, and a chat model's template tokens) are vocabulary padding, never tokens."""
+    """The last position's float logits (B, tokens) of a forward's (B, T, vocab): ids past the real
+    tokens (GPT-2's 50257, and a chat model's template tokens) are vocabulary padding, never tokens.
+    """
     return logits[:, -1, :model.config.real_tokens].float()
 
 
 class Sequences:
-    """One request to an Engine: num_samples continuations of the prompt `tokens`, each in a slot of its own,
-    drawn together (one sample_next over their rows) from the request's own generator when it has one (seed
-    or generator; else torch's global one). stop: a token id or a tuple of them that ends a row; the request
-    ends when every row has made one, after max_new_tokens, when on_token says so or once cancelled.
-    on_token(tokens) gets each step's (num_samples,) new tokens on the engine's thread, and returns True to
-    end the request there (a stop string); on_end(error) is called once at the end, error the exception of a
-    step that failed, else None."""
+    """One request to an Engine: num_samples continuations of the prompt `tokens`, each in a slot of
+    its own, drawn together (one sample_next over their rows) from the request's own generator when
+    it has one (seed or generator; else torch's global one). stop: a token id or a tuple of them
+    that ends a row; the request ends when every row has made one, after max_new_tokens, when
+    on_token says so or once cancelled. on_token(tokens) gets each step's (num_samples,) new tokens
+    on the engine's thread, and returns True to end the request there (a stop string); on_end(error)
+    is called once at the end, error the exception of a step that failed, else None."""
 
     def __init__(self, tokens, max_new_tokens, num_samples=1, stop=EOT, on_token=None, on_end=None,
                  **sampling):
@@ -189,7 +195,9 @@ class Sequences:
         self.seed = sampling.pop("seed", None)
         self.generator = sampling.pop("generator", None)
         self.sampling = sampling
-        self.tokens, self.max_new_tokens, self.num_samples = tokens, max_new_tokens, num_samples
+        self.tokens = tokens
+        self.max_new_tokens = max_new_tokens
+        self.num_samples = num_samples
         self.stop = stop
         self.on_token, self.on_end = on_token, on_end
         self.slots, self.made = [], 0
@@ -202,44 +210,55 @@ class Sequences:
 
 
 class Engine:
-    """Continuous batching over one model held for inference: a StaticKVCache per layer with `slots` rows, each
-    holding one sequence at its own position. Each step() first runs the jobs waiting (scoring, between two
-    steps), then decodes one token for every running sequence in one batched forward, where each row attends
-    to its own positions only, then prefills waiting requests into free slots, each alone, and draws their
-    first token from that prefill: they join the next step. A request that ends frees its slots at once.
+    """Continuous batching over one model held for inference: a StaticKVCache per layer with `slots`
+    rows, each holding one sequence at its own position. Each step() first runs the jobs waiting
+    (scoring, between two steps), then decodes one token for every running sequence in one batched
+    forward, where each row attends to its own positions only, then prefills waiting requests into
+    free slots, each alone, and draws their first token from that prefill: they join the next step.
+    A request that ends frees its slots at once.
 
-    Where requests share it, the step is fixed-width (decode_path's "fixed", and "graph" on CUDA): every
-    slot's row is computed, running or not, over all block_size positions under a mask. A row's arithmetic is
-    then the same alone as in any company, so a request's tokens never depend on who shares the batch (on a
-    CPU a float32 matmul over 1 row and over 8 differ in the last bits, and so does attention over 40
-    positions and over 64), and on CUDA the step is one graph, captured once, where a width per count of
-    running slots would need a graph for each and its own memory pool. An engine for one request at a time
-    (engine_for's, or one slot) runs GPT.forward over the rows filled ("eager"), today's batch decoding.
+    Where requests share it, the step is fixed-width (decode_path's "fixed", and "graph" on CUDA):
+    every slot's row is computed, running or not, over all block_size positions under a mask. A
+    row's arithmetic is then the same alone as in any company, so a request's tokens never depend on
+    who shares the batch (on a CPU a float32 matmul over 1 row and over 8 differ in the last bits,
+    and so does attention over 40 positions and over 64), and on CUDA the step is one graph,
+    captured once, where a width per count of running slots would need a graph for each and its own
+    memory pool. An engine for one request at a time (engine_for's, or one slot) runs GPT.forward
+    over the rows filled ("eager"), today's batch decoding.
 
-    One thread steps it: run() for a server, or a caller's loop of step(). submit, call, cancel and load may
-    be called from any thread."""
+    One thread steps it: run() for a server, or a caller's loop of step(). submit, call, cancel and
+    load may be called from any thread."""
 
     def __init__(self, model, slots, key=None, shared=True):
-        self.model, self.slots, self.key = model, slots, key
+        self.model = model
+        self.slots = slots
+        self.key = key  # what engine_for keys it by
         self.device = model.lm_head.weight.device
         self.path = decode_path(self.device, shared and slots > 1)
         self.bs = model.config.block_size
         self.caches = [StaticKVCache(self.bs, slots) for _ in model.transformer.h]
-        self.tok = torch.zeros(slots, 1, dtype=torch.long, device=self.device)  # the step's input tokens ...
-        self.at = torch.zeros(slots, dtype=torch.long, device=self.device)  # ... and their positions
+        # the step's input tokens and their positions, rewritten before each step
+        self.tok = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
+        self.at = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.arange(self.bs, device=self.device)
-        self.graph, self.out, self.warm, self.stream = None, None, 0, None
+        self.graph = None  # on CUDA, the step's graph, once captured ...
+        self.out = None  # ... the logits each replay writes,
+        self.warm = 0  # the eager steps run before the capture,
+        self.stream = None  # and the side stream they ran on
         self.free, self.running = list(range(slots)), []
-        self.waiting, self.jobs = collections.deque(), collections.deque()
+        self.waiting = collections.deque()  # requests for a slot, oldest first
+        self.jobs = collections.deque()  # (fn, future) to run between steps
         self.wake = threading.Condition()  # guards free, running, waiting and jobs across threads
         self.lock = threading.Lock()  # held by whoever steps it, for engine_for's callers
         self.steps = 0  # batched decoding steps so far
 
     def submit(self, seq):
-        """Queues seq for a slot; UserError for a prompt the model cannot take or more samples than slots."""
+        """Queues seq for a slot; UserError for a prompt the model cannot take or more samples than
+        slots."""
         idx = prompt_rows(self.model, seq.tokens, 1)
         if seq.num_samples > self.slots:
-            raise UserError(f"{seq.num_samples} samples need as many slots; this engine has {self.slots}")
+            raise UserError(f"{seq.num_samples} samples need as many slots; this engine has "
+                            f"{self.slots}")
         if seq.generator is None and seq.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(seq.seed)
         seq.idx = idx.repeat(seq.num_samples, 1)
@@ -268,24 +287,26 @@ class Engine:
     def load(self):
         """(slots running, rows and jobs waiting for the engine)."""
         with self.wake:
-            return self.slots - len(self.free), sum(s.num_samples for s in self.waiting) + len(self.jobs)
+            waiting = sum(s.num_samples for s in self.waiting) + len(self.jobs)
+            return self.slots - len(self.free), waiting
 
     def run(self, on_error=None):
-        """Steps whenever there is work, for as long as the process lives: a server's engine thread. A step
-        that fails ends the requests it ran with the error (on_error(exception) hears of it), and the engine
-        goes on with the next ones."""
+        """Steps whenever there is work, for as long as the process lives: a server's engine thread.
+        A step that fails ends the requests it ran with the error (on_error(exception) hears of it),
+        and the engine goes on with the next ones."""
         while True:
             with self.wake:
                 self.wake.wait_for(lambda: self.running or self.waiting or self.jobs)
             try:
                 self.step()
-            except Exception as e:  # noqa: BLE001 - the requests were told; the server keeps serving
+            except Exception as e:  # noqa: BLE001 - its requests were told; the engine goes on
                 if on_error is not None:
                     on_error(e)
 
     @torch.no_grad()
     def step(self):
-        """The jobs waiting, then one token for every running request, then the waiting requests that fit."""
+        """The jobs waiting, then one token for every running request, then the waiting requests
+        that fit."""
         while self.jobs:
             with self.wake:
                 fn, future = self.jobs.popleft()
@@ -316,7 +337,7 @@ class Engine:
             seq.pos += 1
             self.steps += 1
         elif stepping:
-            self.tok.zero_()  # a free slot's row decodes token 0 at position 0: its output is never read
+            self.tok.zero_()  # a free slot's row decodes token 0 at position 0, never read
             self.at.zero_()
             for seq in stepping:
                 self.tok[seq.rows] = seq.idx[:, -1:]
@@ -328,8 +349,9 @@ class Engine:
             self.steps += 1
         for seq in running:
             if seq not in logits:
-                # Positions are learned and absolute: once the window slides, every kept token sits at a new
-                # position, so the stored keys and values are stale and the window is recomputed, row by row.
+                # Positions are learned and absolute: once the window slides, every kept token sits
+                # at a new position, so the stored keys and values are stale and the window is
+                # recomputed, row by row.
                 # After the step, which wrote its rows' position 0.
                 logits[seq] = torch.cat([self.prefill(seq.idx[i:i + 1, -self.bs:], slot)
                                          for i, slot in enumerate(seq.slots)])
@@ -360,7 +382,8 @@ class Engine:
             self.emit(seq, logits.expand(seq.num_samples, -1))
 
     def prefill(self, idx, slot):
-        """Logits for the token after idx (1, T <= block_size), which fills slot's row from position 0."""
+        """Logits for the token after idx (1, T <= block_size), which fills slot's row from position
+        0."""
         for cache in self.caches:
             cache.row, cache.pos = slot, 0
         return next_logits(self.model, self.model(idx, cache=self.caches)[0])
@@ -369,8 +392,9 @@ class Engine:
         nxt = sample_next(logits, generator=seq.generator, **seq.sampling)
         seq.idx = torch.cat((seq.idx, nxt[:, None]), dim=1)
         seq.made += 1
-        ended = (seq.on_token is not None and bool(seq.on_token(nxt))) or seq.made == seq.max_new_tokens
-        if not ended and len(seq.stop_ids):  # the check waits for a GPU: only where a stop can end it
+        said = seq.on_token is not None and bool(seq.on_token(nxt))
+        ended = said or seq.made == seq.max_new_tokens
+        if not ended and len(seq.stop_ids):  # waits for a GPU: only where a stop token may end it
             seq.done |= torch.isin(nxt, seq.stop_ids)
             ended = bool(seq.done.all())
         if ended:
@@ -390,8 +414,8 @@ class Engine:
                 seq.on_end(error)
 
     def fixed_step(self):
-        """One token for every slot: self.tok at positions self.at (tensors, so that a graph reads them
-        afresh), each row attending to the cache rows up to its own position through a mask."""
+        """One token for every slot: self.tok at positions self.at (tensors, so that a graph reads
+        them afresh), each row attending to the cache rows up to its own position through a mask."""
         t = self.model.transformer
         mask = (self.positions[None] <= self.at[:, None]).view(self.slots, 1, 1, self.bs)
         for cache in self.caches:
@@ -406,11 +430,11 @@ class Engine:
                 cache.at = None
 
     def graph_step(self):
-        """fixed_step replayed as a CUDA graph: one launch for the whole step instead of ~15 a layer, which
-        at small batches take longer to issue than the GPU takes to run them. The first GRAPH_WARMUP steps run
-        eagerly on a side stream (capture needs cuBLAS's workspace and the allocator warmed up on it); the
-        next is captured, then replayed. Its logits land in the same buffer each replay, read before the next
-        one is queued."""
+        """fixed_step replayed as a CUDA graph: one launch for the whole step instead of ~15 a
+        layer, which at small batches take longer to issue than the GPU takes to run them. The first
+        GRAPH_WARMUP steps run eagerly on a side stream (capture needs cuBLAS's workspace and the
+        allocator warmed up on it); the next is captured, then replayed. Its logits land in the same
+        buffer each replay, read before the next one is queued."""
         if self.graph is None and self.warm < GRAPH_WARMUP:
             self.warm += 1
             self.stream = self.stream or torch.cuda.Stream()
@@ -420,8 +444,9 @@ class Engine:
             torch.cuda.current_stream().wait_stream(self.stream)
             return out
         if self.graph is None:
-            # Autocast's cache of cast weights would hand the graph tensors that are freed when the caller's
-            # autocast ends; a held model has no casts to cache, and this keeps it so whatever the caller holds.
+            # Autocast's cache of cast weights would hand the graph tensors that are freed when the
+            # caller's autocast ends; a held model has no casts to cache, and this keeps it so
+            # whatever the caller holds.
             enabled = torch.is_autocast_enabled("cuda")
             dtype = torch.get_autocast_dtype("cuda")
             graph = torch.cuda.CUDAGraph()
@@ -429,8 +454,9 @@ class Engine:
                 with torch.autocast("cuda", enabled=enabled, dtype=dtype, cache_enabled=False), \
                         torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.out = self.fixed_step()
-            except RuntimeError as e:  # e.g. an attention kernel that cannot be captured: the same step, eagerly
-                warnings.warn(f"CUDA graph capture of the decoding step failed ({e}); decoding without it")
+            except RuntimeError as e:  # e.g. an attention kernel that cannot be captured
+                warnings.warn(f"CUDA graph capture of the decoding step failed ({e}); decoding "
+                              f"without it")
                 self.path = "eager"
                 return self.fixed_step()
             self.graph = graph
@@ -438,15 +464,16 @@ class Engine:
         return self.out
 
 
-_ENGINES = weakref.WeakKeyDictionary()  # model -> its Engine; none holds its model, so a model can be freed
+# model -> its Engine; none holds its model, so a model can be freed
+_ENGINES = weakref.WeakKeyDictionary()
 
 
 def engine_for(model, slots):
-    """The model's kept Engine for this many slots, for one request at a time (decode_path's "eager" on a CPU),
-    locked for the caller, who steps it; a new one (which
-    replaces it) if anything it depends on changed: the slots, the autocast state (the cache's dtype) or where
-    any weight lives (a captured graph reads weights by address). A caller while another steps it gets an
-    engine of its own."""
+    """The model's kept Engine for this many slots, for one request at a time (decode_path's "eager"
+    on a CPU), locked for the caller, who steps it; a new one (which replaces it) if anything it
+    depends on changed: the slots, the autocast state (the cache's dtype) or where any weight lives
+    (a captured graph reads weights by address). A caller while another steps it gets an engine of
+    its own."""
     device = model.lm_head.weight.device
     key = (slots, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
            tuple(p.data_ptr() for p in model.parameters()))
@@ -461,9 +488,10 @@ def engine_for(model, slots):
 
 
 def inference_model(model):
-    """The GPT to decode with: unwrapped from torch.compile's wrapper and from train_gpt2.CompiledOrEager (whose
-    attribute forwarding does not reach `_orig_mod`), since a compiled model would trace and recompile as
-    the cache grows; under autocast to a dtype other than its weights', a copy held in that dtype."""
+    """The GPT to decode with: unwrapped from torch.compile's wrapper and from
+    train_gpt2.CompiledOrEager (whose attribute forwarding does not reach `_orig_mod`), since a
+    compiled model would trace and recompile as the cache grows; under autocast to a dtype other
+    than its weights', a copy held in that dtype."""
     model = getattr(model, "compiled", model)  # CompiledOrEager's torch.compile wrapper
     model = getattr(model, "_orig_mod", model)
     device = model.lm_head.weight.device
@@ -478,12 +506,13 @@ def inference_model(model):
 
 @torch.no_grad()
 def generate_stream(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling):
-    """Continues the prompt `tokens` num_samples times, yielding each new position's (num_samples,) tokens,
-    until max_new_tokens or until every sample has produced `stop` (None: never stops). sampling: sample_next's
-    temperature (0: greedy), top_k and top_p, SAMPLING's unless given, and seed or generator, which make the
-    draws repeatable. The samples decode side by side in an Engine of num_samples slots, the model's own
-    (engine_for), which keeps its cache, and on CUDA the graph of its step, from call to call. A compiled
-    model decodes uncompiled: it would recompile as the sequence grows."""
+    """Continues the prompt `tokens` num_samples times, yielding each new position's (num_samples,)
+    tokens, until max_new_tokens or until every sample has produced `stop` (None: never stops).
+    sampling: sample_next's temperature (0: greedy), top_k and top_p, SAMPLING's unless given, and
+    seed or generator, which make the draws repeatable. The samples decode side by side in an Engine
+    of num_samples slots, the model's own (engine_for), which keeps its cache, and on CUDA the graph
+    of its step, from call to call. A compiled model decodes uncompiled: it would recompile as the
+    sequence grows."""
     model = inference_model(model)
     made = []
     seq = Sequences(tokens, max_new_tokens, num_samples, stop, on_token=made.append, **sampling)
@@ -495,37 +524,46 @@ def generate_stream(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sa
             yield from made
             made.clear()
     finally:
-        engine.end(seq)  # a caller that stopped reading: its slots are free for the engine's next user
+        engine.end(seq)  # a caller that stopped reading: its slots are free for the next user
         engine.lock.release()
 
 
 def generate(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling):
-    """generate_stream's tokens gathered: one list of new tokens per sample, each cut before `stop`. Read from
-    the device once, at the end, so that a GPU is never waited on between tokens that nothing stops."""
+    """generate_stream's tokens gathered: one list of new tokens per sample, each cut before `stop`.
+    Read from the device once, at the end, so that a GPU is never waited on between tokens that
+    nothing stops."""
     steps = list(generate_stream(model, tokens, max_new_tokens, num_samples, stop, **sampling))
     rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(num_samples)]
     return [row[:row.index(stop)] if stop in row else row for row in rows]
 
 
 class TextStream:
-    """New tokens as the text a reader should see, a token at a time: feed(token) gives (piece, finish_reason),
-    piece the text safe to show by then (never a character still missing bytes, nor what may be the start of
-    a stop string), finish_reason None until the text ends: "stop" at a token of `ends` (<|endoftext|>; a chat
-    reply's chat.STOP) or at a stop string, which the text ends before, "length" at the limit-th token.
-    taken: the tokens fed, up to the one that ended the text."""
+    """New tokens as the text a reader should see, a token at a time: feed(token) gives (piece,
+    finish_reason), piece the text safe to show by then (never a character still missing bytes, nor
+    what may be the start of a stop string), finish_reason None until the text ends: "stop" at a
+    token of `ends` (<|endoftext|>; a chat reply's chat.STOP) or at a stop string, which the text
+    ends before, "length" at the limit-th token. taken: the tokens fed, up to the one that ended the
+    text."""
 
     def __init__(self, limit, stop=(), ends=(EOT,)):
-        self.enc, self.decoder = get_tokenizer(), codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.limit, self.stop, self.ends = limit, stop, ends
-        self.hold = max(map(len, stop), default=1) - 1  # the characters a stop string may still be completing
-        self.text, self.sent, self.taken = "", 0, []
+        self.enc = get_tokenizer()
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.limit = limit
+        self.stop = stop
+        self.ends = ends
+        # the characters a stop string may still be completing
+        self.hold = max(map(len, stop), default=1) - 1
+        self.text = ""
+        self.sent = 0  # characters of text given out
+        self.taken = []
 
     def feed(self, token):
         self.taken.append(token)
         if token in self.ends:
             return self.text[self.sent:] + self.decoder.decode(b"", final=True), "stop"
         self.text += self.decoder.decode(self.enc.decode_single_token_bytes(token))
-        hits = [i for i in (self.text.find(s, max(0, self.sent - self.hold)) for s in self.stop) if i >= 0]
+        start = max(0, self.sent - self.hold)  # where a stop string this token completes may begin
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             return self.text[self.sent:min(hits)], "stop"
         if len(self.taken) == self.limit:
@@ -536,9 +574,11 @@ class TextStream:
 
 
 def stream_text(model, tokens, max_new_tokens, stop=(), ends=(EOT,), **sampling):
-    """generate_stream's one sample as text: TextStream's (piece, finish_reason) for each new token."""
+    """generate_stream's one sample as text: TextStream's (piece, finish_reason) for each new token.
+    """
     text = TextStream(max_new_tokens, stop, ends)
-    with contextlib.closing(generate_stream(model, tokens, max_new_tokens, stop=ends, **sampling)) as stream:
+    stream = generate_stream(model, tokens, max_new_tokens, stop=ends, **sampling)
+    with contextlib.closing(stream):
         for nxt in stream:
             piece, reason = text.feed(nxt.item())
             yield piece, reason
