@@ -16,7 +16,7 @@ import time
 import uuid
 
 import chat
-from inference import SAMPLING, Sequences, TextStream, encode, not_chat, score, seed_ok
+from inference import SAMPLING, Sequences, encode, not_chat, score, seed_ok, text_feed
 from train_gpt2 import EOT, get_tokenizer
 
 # The most new tokens a request may ask for: four windows of GPT-2's 1024 positions. Past
@@ -425,18 +425,23 @@ class API:
 
 
 class Completion:
-    """One prompt's completion on the engine: its text, as TextStream's (piece, finish_reason)
-    pieces, arrives on an asyncio queue from the engine's thread, then None when the sequence ends
-    (an exception if its step failed)."""
+    """One prompt's completion on the engine: its text, as inference.text_stream's (piece,
+    finish_reason) pieces, arrives on an asyncio queue from the engine's thread, then None when the
+    sequence ends (an exception if its step failed). taken: its new tokens, up to the one that ended
+    the text."""
 
     def __init__(self, api, tokens, req, ends=(EOT,)):
         bs = api.model.config.block_size
-        self.cropped, self.tokens = max(0, len(tokens) - bs), tokens[-bs:]
-        self.text = TextStream(req["max_tokens"], req["stop"], ends)
-        self.queue, loop = asyncio.Queue(), asyncio.get_running_loop()
+        self.cropped = max(0, len(tokens) - bs)
+        self.tokens = tokens[-bs:]
+        self.taken = []
+        self.queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        feed = text_feed(req["max_tokens"], req["stop"], ends)
 
         def on_token(nxt):
-            piece, reason = self.text.feed(nxt.item())
+            self.taken.append(nxt.item())
+            piece, reason = feed(self.taken[-1])
             loop.call_soon_threadsafe(self.queue.put_nowait, (piece, reason))
             return reason is not None
 
@@ -469,7 +474,7 @@ class Completion:
             yield piece, None, None
             if reason:
                 break
-        made, seen = len(self.text.taken), len(self.tokens)
+        made, seen = len(self.taken), len(self.tokens)
         usage = dict(
             prompt_tokens=seen,
             completion_tokens=made,
@@ -574,7 +579,7 @@ class Call:
         if any(w is None for w in wholes):
             return None
         return [
-            (usage["completion_tokens"], text, reason, c.text.taken)
+            (usage["completion_tokens"], text, reason, c.taken)
             for c, (text, reason, usage) in zip(completions, wholes)
         ]
 

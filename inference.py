@@ -1,12 +1,22 @@
-"""Inference: decoding with a KV cache, streaming, stop strings/tokens, top-k/top-p, weights held for inference,
-loading for inference. What sample.py, serve.py and bench/generate_throughput.py share; train_gpt2.py trains the
-model, and prints its samples during training with the plain GPT.generate.
+"""Inference: decoding with a KV cache (the Engine: continuous batching over slots), streaming,
+stop strings/tokens, top-k/top-p, weights held for inference, loading for inference. What sample.py,
+serve.py and bench/generate_throughput.py share; train_gpt2.py trains the model, and prints its
+samples during training with the plain GPT.generate.
 
     model = load_for_inference("log/model_019073.pt", dtype="bfloat16")
-    generate(model, tokens, 64, num_samples=4, seed=1)              # each sample's new tokens, cut at <|endoftext|>
-    for nxt in generate_stream(model, tokens, 64, temperature=0):    # (num_samples,) new tokens a step
-    for text, reason in stream_text(model, tokens, 64, ["\n\n"]):    # text safe to show, a piece a token
-    for text, reason in stream_reply(model, [{"role": "user", "content": "Hi"}], 64):  # a chat model's reply
+    # each sample's new tokens, cut at <|endoftext|>
+    generate(model, tokens, 64, num_samples=4, seed=1)
+    # (num_samples,) new tokens a step
+    for nxt in generate_stream(model, tokens, 64, temperature=0):
+    # text safe to show, a piece a token
+    for text, reason in stream_text(model, tokens, 64, ["\n\n"]):
+    # the same, of ids from anywhere (the one streamer of stop strings)
+    for token, text, reason in text_stream(token_ids, 64, ["\n\n"]):
+    # many requests decoded together, each in a slot, a thread stepping the engine (serve.py)
+    engine = Engine(model, slots=8)
+    engine.submit(Sequences(tokens, 64, on_token=print))  # then engine.step() until it ends
+    # a chat model's reply
+    for text, reason in stream_reply(model, [{"role": "user", "content": "Hi"}], 64):
 """
 import codecs
 import collections
@@ -21,9 +31,10 @@ import torch
 import torch.nn as nn
 
 import chat
-from train_gpt2 import EOT, UserError, get_tokenizer, load_model, model_from_state
+from train_gpt2 import EOT, UserError, get_tokenizer, load_model, model_from_state, native_bf16
 
-SAMPLING = dict(temperature=1.0, top_k=50, top_p=1.0)  # the defaults of sample.py, serve.py and sample_next
+# the defaults of sample.py, serve.py and sample_next
+SAMPLING = dict(temperature=1.0, top_k=50, top_p=1.0)
 
 
 def seed_ok(seed):
@@ -32,15 +43,20 @@ def seed_ok(seed):
 
 
 class KVCache:
-    """One layer's keys and values for every position generated so far, in buffers sized for block_size,
-    so that each new token's forward computes only its own row and attends to the stored ones."""
+    """One layer's keys and values for every position generated so far, in buffers sized for
+    block_size, so that each new token's forward computes only its own row and attends to the stored
+    ones."""
 
     def __init__(self, block_size):
-        self.block_size, self.pos, self.k, self.v = block_size, 0, None, None
+        self.block_size = block_size
+        self.pos = 0
+        self.k, self.v = None, None
 
     def update(self, k, v):
-        """Stores k, v (B, n_head, T, head_size) after the earlier positions; returns all of them."""
-        assert self.pos == 0 or k.size(2) == 1, "a cache takes the whole prompt first, then one token a call"
+        """Stores k, v (B, n_head, T, head_size) after the earlier positions; returns all of
+        them."""
+        assert self.pos == 0 or k.size(2) == 1, \
+            "a cache takes the whole prompt first, then one token a call"
         if self.k is None:  # allocated at first use, in the dtype autocast gives k and v
             shape = (*k.shape[:2], self.block_size, k.size(3))
             self.k, self.v = k.new_empty(shape), v.new_empty(shape)
@@ -50,27 +66,36 @@ class KVCache:
 
 
 class PackedLinear(nn.Module):
-    """A Linear for inference on CPU in bf16, its weight also held reordered into oneDNN's blocked layout. A
-    one-token step is a matrix-vector product per weight, bound by memory bandwidth; at the 124M shape plain bf16
-    F.linear reads the weights at about half the speed of this op, which is the one torch.compile's freezing pass
-    emits for CPU, and gives the same numbers bit for bit. weight stays a parameter, so that state_dict, weight
-    tying and the parameter count are unchanged."""
+    """A Linear for inference on CPU in bf16, its weight also held reordered into oneDNN's blocked
+    layout. A one-token step is a matrix-vector product per weight, bound by memory bandwidth; at
+    the 124M shape plain bf16 F.linear reads the weights at about half the speed of this op, which
+    is the one torch.compile's freezing pass emits for CPU, and gives the same numbers bit for bit.
+    weight stays a parameter, so that state_dict, weight tying and the parameter count are
+    unchanged."""
 
     def __init__(self, linear):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # laid out for batch 1
+        # laid out for batch 1
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
 
     def forward(self, x):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+def onednn_bf16():
+    """Whether this CPU runs oneDNN's bf16 kernels (AVX-512 or Arm's BF16; torch's own query), which
+    PackedLinear needs: elsewhere bf16 weights stay plain Linears, whose bf16 matmuls torch
+    emulates."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def hold_for_inference(model, dtype):
-    """model, in place, with its weights in dtype, in eval mode; on a CPU with oneDNN's bf16 kernels, its
-    Linears become PackedLinears. For generation and scoring only: the packed weights do not train."""
+    """model, in place, with its weights in dtype, in eval mode; on a CPU with oneDNN's bf16
+    kernels, its Linears become PackedLinears. For generation and scoring only: the packed weights
+    do not train."""
     model.to(dtype).eval()
-    if (model.lm_head.weight.device.type == "cpu" and dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if model.lm_head.weight.device.type == "cpu" and dtype == torch.bfloat16 and onednn_bf16():
         for module in list(model.modules()):
             for name, child in module.named_children():
                 if type(child) is nn.Linear:
@@ -79,23 +104,49 @@ def hold_for_inference(model, dtype):
 
 
 def encode(model, text):
-    """text's token ids for model: "<|endoftext|>" is that token, as are a chat model's template tokens ("<|user|>",
-    "<|end|>"...: the raw chat template); any other special token's name is plain text."""
+    """text's token ids for model: "<|endoftext|>" is that token, as are a chat model's template
+    tokens ("<|user|>", "<|end|>"...: the raw chat template); any other special token's name is
+    plain text."""
     enc = get_tokenizer()
     special = enc.special_tokens_set if model.config.chat else {"<|endoftext|>"}
     return enc.encode(text, allowed_special=special, disallowed_special=())
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # --dtype's choices in sample.py and serve.py
+
+
+def inference_dtype(setting, device_type, job):
+    """The weights' dtype for an inference job, "decode" (generation) or "score"
+    (log-probabilities), on a device_type ("cpu", "cuda", "mps"): setting, unless it is "auto". auto
+    is bfloat16 where the device has native bf16 (train_gpt2.native_bf16); else float16 on a GPU,
+    whose half arithmetic is native; else, on a CPU, bfloat16 to decode and float32 to score.
+    Decoding reads every weight once a token, so it is bound by memory, and half the bytes pay even
+    where bf16 arithmetic is emulated (1.77x float32, measured on an AMD EPYC without AVX-512);
+    scoring is bound by compute, which emulation slows (docs/precision.md)."""
+    if job not in ("decode", "score"):
+        raise ValueError(f"job={job!r}; inference_dtype's jobs are decode and score")
+    if setting != "auto":
+        return setting
+    if native_bf16(device_type):
+        return "bfloat16"
+    if device_type in ("cuda", "mps"):
+        return "float16"
+    if job == "decode":
+        return "bfloat16"
+    return "float32"
+
+
 def load_for_inference(spec, device="cpu", dtype="float32"):
-    """train_gpt2.load_model's GPT (any checkpoint, run directory, Hugging Face directory or hub name) on device,
-    held for inference with its weights in dtype ("bfloat16" or "float32")."""
+    """train_gpt2.load_model's GPT (any checkpoint, run directory, Hugging Face directory or hub
+    name) on device, held for inference with its weights in dtype ("bfloat16", "float16" or
+    "float32")."""
     return hold_for_inference(load_model(spec).to(device), getattr(torch, dtype))
 
 
-def sample_next(logits, temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"],
-                generator=None):
-    """One token per row of (B, vocab) float logits: the argmax at temperature 0, else a draw from the
-    top_k likeliest tokens (0: all), narrowed to the fewest whose probabilities sum to top_p."""
+def sample_next(logits, temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"],
+                top_p=SAMPLING["top_p"], generator=None):
+    """One token per row of (B, vocab) float logits: the argmax at temperature 0, else a draw from
+    the top_k likeliest tokens (0: all), narrowed to the fewest whose probabilities sum to top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -111,12 +162,15 @@ def sample_next(logits, temperature=SAMPLING["temperature"], top_k=SAMPLING["top
 
 
 def prompt_rows(model, tokens, num_samples):
-    """The prompt as a (num_samples, T) tensor on the model's device; UserError for what the model cannot take."""
+    """The prompt as a (num_samples, T) tensor on the model's device; UserError for what the model
+    cannot take."""
     idx = torch.as_tensor(tokens, dtype=torch.long, device=model.lm_head.weight.device)
     if idx.numel() == 0:
-        raise UserError("the prompt is empty; start it with <|endoftext|> for an unconditioned sample")
+        raise UserError("the prompt is empty; start it with <|endoftext|> for an unconditioned "
+                        "sample")
     if idx.max() >= model.config.vocab_size:
-        raise UserError(f"the prompt holds token {idx.max().item()}, outside the model's {model.config.vocab_size}")
+        raise UserError(f"the prompt holds token {idx.max().item()}, outside the model's "
+                        f"{model.config.vocab_size}")
     return idx.view(1, -1).repeat(num_samples, 1)
 
 
@@ -495,12 +549,16 @@ def inference_model(model):
     model = getattr(model, "compiled", model)  # CompiledOrEager's torch.compile wrapper
     model = getattr(model, "_orig_mod", model)
     device = model.lm_head.weight.device
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    dtype = None
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
     if dtype not in (None, model.lm_head.weight.dtype):
-        # Autocast would cast all the weights again for every token: three times the memory traffic of a
-        # decoder that reads them once, already cast. So decode with a copy held in autocast's dtype, built
-        # each call (tens of ms): kept, it would hold a stale second copy of the weights through training.
-        model = hold_for_inference(model_from_state(model.config, model.state_dict(), device, dtype), dtype)
+        # Autocast would cast all the weights again for every token: three times the memory traffic
+        # of a decoder that reads them once, already cast. So decode with a copy held in autocast's
+        # dtype, built each call (tens of ms): kept, it would hold a stale second copy of the
+        # weights through training.
+        fresh = model_from_state(model.config, model.state_dict(), device, dtype)
+        model = hold_for_inference(fresh, dtype)
     return model
 
 
@@ -537,53 +595,59 @@ def generate(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling)
     return [row[:row.index(stop)] if stop in row else row for row in rows]
 
 
-class TextStream:
-    """New tokens as the text a reader should see, a token at a time: feed(token) gives (piece,
-    finish_reason), piece the text safe to show by then (never a character still missing bytes, nor
-    what may be the start of a stop string), finish_reason None until the text ends: "stop" at a
-    token of `ends` (<|endoftext|>; a chat reply's chat.STOP) or at a stop string, which the text
-    ends before, "length" at the limit-th token. taken: the tokens fed, up to the one that ended the
-    text."""
-
-    def __init__(self, limit, stop=(), ends=(EOT,)):
-        self.enc = get_tokenizer()
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.limit = limit
-        self.stop = stop
-        self.ends = ends
-        # the characters a stop string may still be completing
-        self.hold = max(map(len, stop), default=1) - 1
-        self.text = ""
-        self.sent = 0  # characters of text given out
-        self.taken = []
-
-    def feed(self, token):
-        self.taken.append(token)
-        if token in self.ends:
-            return self.text[self.sent:] + self.decoder.decode(b"", final=True), "stop"
-        self.text += self.decoder.decode(self.enc.decode_single_token_bytes(token))
-        start = max(0, self.sent - self.hold)  # where a stop string this token completes may begin
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+def text_stream(tokens, limit, stop=(), ends=(EOT,)):
+    """The one streamer of stop strings, sample.py's and serve.py's: new token ids as the text a
+    reader is shown. For each id taken from the iterable `tokens`, (token, piece, finish_reason).
+    piece is the text that is safe to show by then: never a character still missing bytes, nor what
+    may be the start of a stop string. finish_reason is None until the last id's: "stop" at an id of
+    `ends` (<|endoftext|>; a chat reply's chat.STOP) or at a stop string, which the text ends before
+    (the ids taken keep the one that completed it), else "length" at the limit-th id. tokens must
+    hold that many ids, or one that ends the text; the caller closes it (it may be a
+    generate_stream, which holds its model's decoder until closed)."""
+    enc = get_tokenizer()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    # the characters a stop string may still be completing
+    hold = max(map(len, stop), default=1) - 1
+    text = ""
+    sent = 0
+    for made, token in enumerate(tokens, 1):
+        if token in ends:
+            yield token, text[sent:] + decoder.decode(b"", final=True), "stop"
+            return
+        text += decoder.decode(enc.decode_single_token_bytes(token))
+        hits = [i for i in (text.find(s, max(0, sent - hold)) for s in stop) if i >= 0]
         if hits:
-            return self.text[self.sent:min(hits)], "stop"
-        if len(self.taken) == self.limit:
-            return self.text[self.sent:] + self.decoder.decode(b"", final=True), "length"
-        piece = self.text[self.sent:max(self.sent, len(self.text) - self.hold)]
-        self.sent += len(piece)
-        return piece, None
+            yield token, text[sent:min(hits)], "stop"
+            return
+        if made == limit:
+            yield token, text[sent:] + decoder.decode(b"", final=True), "length"
+            return
+        piece = text[sent:max(sent, len(text) - hold)]
+        sent += len(piece)
+        yield token, piece, None
+
+
+def text_feed(limit, stop=(), ends=(EOT,)):
+    """text_stream driven a token at a time, for a caller that is handed each token rather than
+    iterating them (serve.py's engine callback): feed(token) gives its (piece, finish_reason)."""
+    box = []
+    stream = text_stream(iter(box.pop, None), limit, stop, ends)
+
+    def feed(token):
+        box.append(token)
+        _, piece, reason = next(stream)
+        return piece, reason
+
+    return feed
 
 
 def stream_text(model, tokens, max_new_tokens, stop=(), ends=(EOT,), **sampling):
-    """generate_stream's one sample as text: TextStream's (piece, finish_reason) for each new token.
-    """
-    text = TextStream(max_new_tokens, stop, ends)
-    stream = generate_stream(model, tokens, max_new_tokens, stop=ends, **sampling)
-    with contextlib.closing(stream):
-        for nxt in stream:
-            piece, reason = text.feed(nxt.item())
+    """generate_stream's one sample through text_stream: a (piece, finish_reason) per new token."""
+    # text_stream decides where the text ends
+    new = generate_stream(model, tokens, max_new_tokens, stop=None, **sampling)
+    with contextlib.closing(new):
+        for _, piece, reason in text_stream((t.item() for t in new), max_new_tokens, stop, ends):
             yield piece, reason
-            if reason:
-                return
 
 
 # ----------------------------------------------------------------------------------------------
@@ -730,24 +794,26 @@ def score(model, windows, top=0, gone=lambda: False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Chat: a chat model's reply to a conversation (chat.py's template), for serve.py's /v1/chat/completions and
-# sample.py --chat.
+# Chat: a chat model's reply to a conversation (chat.py's template), for serve.py's
+# /v1/chat/completions and sample.py --chat.
+
 
 def not_chat(model, name):
-    """None for a chat model (its config has chat=True: fine-tuned on conversations); else why it cannot chat, and
-    the fix, in one line."""
+    """None for a chat model (its config has chat=True: fine-tuned on conversations); else why it
+    cannot chat, and the fix, in one line."""
     if model.config.chat:
         return None
-    return (f"{name} is a base model, not a chat model: it was never fine-tuned on conversations (its config has no "
-            f"chat=True), so it has not learnt the chat template's tokens and cannot reply to messages; fine-tune it "
-            f"first (python train_gpt2.py --preset=sft --init_from=... on conversations, docs/training.md), or "
-            f"continue text with /v1/completions")
+    return (f"{name} is a base model, not a chat model: it was never fine-tuned on conversations "
+            f"(its config has no chat=True), so it has not learnt the chat template's tokens and "
+            f"cannot reply to messages; fine-tune it first (python train_gpt2.py --preset=sft "
+            f"--init_from=... on conversations, docs/training.md), or continue text with "
+            f"/v1/completions")
 
 
 def stream_reply(model, messages, max_new_tokens, stop=(), **sampling):
-    """stream_text's (piece, finish_reason) of a chat model's reply to messages: what it writes after
-    chat.prompt(messages) (its last block_size ids), ending at <|end|> (or <|endoftext|>: chat.STOP) or a stop string
-    with "stop", or after max_new_tokens with "length". ValueError with chat.problem's reason for what is not a
-    conversation."""
+    """stream_text's (piece, finish_reason) of a chat model's reply to messages: what it writes
+    after chat.prompt(messages) (its last block_size ids), ending at <|end|> (or <|endoftext|>:
+    chat.STOP) or a stop string with "stop", or after max_new_tokens with "length". ValueError with
+    chat.problem's reason for what is not a conversation."""
     tokens = chat.prompt(messages)[-model.config.block_size:]
     return stream_text(model, tokens, max_new_tokens, stop, ends=chat.STOP, **sampling)

@@ -1,15 +1,16 @@
 """Sample from a train_gpt2.py checkpoint, a Hugging Face directory or a hub name.
 
-    python sample.py --model=log/model_019073.pt --prompt="Hello, I'm a language model," --max_new_tokens=64
+    python sample.py --model=log/model_019073.pt --prompt="Hello, I'm a language model,"
     python sample.py --model=hf_out --num_samples=4 --temperature=0.8 --top_p=0.95 --seed=1
-    python sample.py --model=log                                # a run directory: its newest readable checkpoint
-    python sample.py --model=log/model_019073.pt --prompt=""    # unconditioned: starts at <|endoftext|>
-    python sample.py --model=log/model_019073.pt --prompt=FILE:prompt.txt   # the prompt is the file's text
-    python sample.py --model=log_sft --chat --system="Be brief."   # a conversation with a chat model (--preset=sft)
+    python sample.py --model=log                  # a run directory: its newest readable checkpoint
+    python sample.py --model=log --prompt=""      # unconditioned: starts at <|endoftext|>
+    python sample.py --model=log --prompt=FILE:prompt.txt     # the prompt is the file's text
+    python sample.py --model=log_sft --chat --system="Be brief."   # a chat model (--preset=sft)
 
 One sample streams token by token; several are printed in turn once all are done. Each stops at
-<|endoftext|> or after max_new_tokens. --chat reads a message a line and streams the reply, which ends at <|end|>;
-the next message carries the whole conversation. /clear starts over; /quit, Ctrl-D or Ctrl-C ends it.
+<|endoftext|> or after max_new_tokens. --chat reads a message a line and streams the reply, which
+ends at <|end|>; the next message carries the whole conversation. /clear starts over; /quit, Ctrl-D
+or Ctrl-C ends it.
 """
 import argparse
 import math
@@ -17,14 +18,26 @@ import sys
 
 import torch
 
-from inference import SAMPLING, encode, generate, load_for_inference, not_chat, seed_ok, stream_reply, stream_text
+from inference import (
+    DTYPES,
+    SAMPLING,
+    encode,
+    generate,
+    inference_dtype,
+    load_for_inference,
+    not_chat,
+    seed_ok,
+    stream_reply,
+    stream_text,
+)
 from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True,
-                   help="checkpoint file (model_NNNNNN.pt), run directory (its newest), HF directory or hub name")
+                   help="checkpoint file (model_NNNNNN.pt), run directory (its newest), "
+                        "HF directory or hub name")
     p.add_argument("--prompt", default="Hello, I'm a language model,",
                    help='text to continue ("" for none; FILE:path reads it from a file)')
     p.add_argument("--num_samples", type=int, default=1)
@@ -34,22 +47,31 @@ def parse_args(argv):
     p.add_argument("--top_p", type=float, default=SAMPLING["top_p"],
                    help="nucleus: the fewest tokens holding this probability")
     p.add_argument("--seed", type=int, default=None, help="makes the samples repeatable")
-    p.add_argument("--device", default="auto", help='auto picks cuda, then mps, then cpu; or name one')
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the weights' dtype")
-    p.add_argument("--chat", action="store_true", help="talk to a chat model: a message a line, replies stream")
-    p.add_argument("--system", default="", help="--chat: a system message that starts the conversation")
+    p.add_argument("--device", default="auto",
+                   help="auto picks cuda, then mps, then cpu; or name one")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="the weights' dtype; auto: bfloat16, or float16 on a GPU without native "
+                        "bf16 (docs/precision.md)")
+    p.add_argument("--chat", action="store_true",
+                   help="talk to a chat model: a message a line, replies stream")
+    p.add_argument("--system", default="",
+                   help="--chat: a system message that starts the conversation")
     args = p.parse_args(argv)
     if args.chat and args.num_samples != 1:
-        sys.exit(f"error: --num_samples={args.num_samples} with --chat; a conversation has one reply a turn")
-    for name, ok, want in (("num_samples", args.num_samples >= 1, "1 or more"),
-                           ("max_new_tokens", args.max_new_tokens >= 1, "1 or more"),
-                           ("temperature", 0 <= args.temperature < math.inf, "0 (greedy) or more, e.g. 0.8"),
-                           ("top_k", args.top_k >= 0, "0 (every token) or more, e.g. 50"),
-                           ("top_p", 0 < args.top_p <= 1, "above 0 and at most 1, e.g. 0.95"),
-                           ("seed", args.seed is None or seed_ok(args.seed), "a 64-bit integer")):
+        sys.exit(f"error: --num_samples={args.num_samples} with --chat; "
+                 f"a conversation has one reply a turn")
+    checks = (("num_samples", args.num_samples >= 1, "1 or more"),
+              ("max_new_tokens", args.max_new_tokens >= 1, "1 or more"),
+              ("temperature", 0 <= args.temperature < math.inf, "0 (greedy) or more, e.g. 0.8"),
+              ("top_k", args.top_k >= 0, "0 (every token) or more, e.g. 50"),
+              ("top_p", 0 < args.top_p <= 1, "above 0 and at most 1, e.g. 0.95"),
+              ("seed", args.seed is None or seed_ok(args.seed), "a 64-bit integer"))
+    for name, ok, want in checks:
         if not ok:  # written so that nan fails too
-            sys.exit(f"error: --{name}={getattr(args, name)} is out of range; --{name} must be {want}")
-    if args.prompt.startswith("FILE:"):  # nanoGPT's convention, for prompts too long or odd for a shell
+            sys.exit(f"error: --{name}={getattr(args, name)} is out of range; "
+                     f"--{name} must be {want}")
+    # FILE:path is nanoGPT's convention, for prompts too long or odd for a shell
+    if args.prompt.startswith("FILE:"):
         path = args.prompt[len("FILE:"):]
         try:
             with open(path, encoding="utf-8") as f:
@@ -65,8 +87,10 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
-        model = load_for_inference(args.model, device, args.dtype)
-        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        dtype = inference_dtype(args.dtype, torch.device(device).type, job="decode")
+        model = load_for_inference(args.model, device, dtype)
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed)
         if args.chat:
             refusal = not_chat(model, args.model)
             if refusal:
@@ -78,7 +102,8 @@ def main(argv=None):
         if args.num_samples == 1:
             stream(model, enc, prompt, args.max_new_tokens, sampling)
         else:
-            samples = generate(model, prompt, args.max_new_tokens, num_samples=args.num_samples, **sampling)
+            samples = generate(model, prompt, args.max_new_tokens, num_samples=args.num_samples,
+                               **sampling)
             for i, tokens in enumerate(samples):
                 print(f"--- sample {i}\n{enc.decode(prompt + tokens)}")
     except UserError as e:
@@ -94,8 +119,9 @@ def stream(model, enc, prompt, max_new_tokens, sampling):
 
 
 def converse(model, system, max_new_tokens, sampling):
-    """The terminal chat: reads a message a line from stdin, streams the reply, keeps the conversation. A seed
-    makes the whole conversation repeatable: each reply draws from the generator the earlier ones left."""
+    """The terminal chat: reads a message a line from stdin, streams the reply, keeps the
+    conversation. A seed makes the whole conversation repeatable: each reply draws from the
+    generator the earlier ones left."""
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     if sampling["seed"] is not None:

@@ -32,6 +32,7 @@ import sys
 import time
 import traceback
 
+import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
@@ -39,7 +40,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from api import API, MAX_TOKENS, APIError, Call, error_body
-from inference import Engine, load_for_inference
+from inference import DTYPES, Engine, inference_dtype, load_for_inference
 from train_gpt2 import UserError, pick_device
 
 __all__ = ["MAX_TOKENS", "main"]
@@ -312,7 +313,11 @@ def parse_args(argv):
         "--device", default="auto", help="auto picks cuda, then mps, then cpu; or name one"
     )
     p.add_argument(
-        "--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="inference dtype"
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="the weights' dtype; auto: sample.py's, which serves generation best "
+        "(docs/precision.md); float32 gives lm-eval the hf backend's numbers",
     )
     p.add_argument(
         "--slots",
@@ -371,7 +376,10 @@ def main(argv=None):
     )  # the port first: a taken one fails at once, not after a long load
     try:
         device = pick_device(args.device)
-        model = load_for_inference(args.model, device, args.dtype)
+        # One model serves both jobs: auto takes decoding's dtype, since generation is what a
+        # served model does most (docs/precision.md, "--dtype=auto")
+        dtype = inference_dtype(args.dtype, torch.device(device).type, job="decode")
+        model = load_for_inference(args.model, device, dtype)
     except UserError as e:
         sock.close()
         sys.exit(f"error: {e}")
@@ -390,9 +398,12 @@ def main(argv=None):
         timeout_graceful_shutdown=2,
         lifespan="off",
     )
-    settings = f"{device}, {args.dtype}, {args.slots} slots"
-    print(f"serving {args.model} on http://{host}:{port} ({settings})", flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    where = f"http://{host}:{port}"
+    print(f"serving {args.model} on {where} ({device}, {dtype}), {args.slots} slots", flush=True)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 if __name__ == "__main__":

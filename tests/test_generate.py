@@ -8,8 +8,17 @@ import pytest
 import torch
 from conftest import ROOT, run, tiny_model
 
+import inference
 import sample
-from inference import PackedLinear, generate, generate_stream, hold_for_inference, load_for_inference, sample_next
+from inference import (
+    PackedLinear,
+    generate,
+    generate_stream,
+    hold_for_inference,
+    inference_dtype,
+    load_for_inference,
+    sample_next,
+)
 from train_gpt2 import EOT, GPT, UserError, get_tokenizer, load_model
 
 torch.set_num_threads(1)  # these models are tiny: threads would only contend for the 2 cores
@@ -169,11 +178,21 @@ def test_sample_cli_says_a_mistyped_checkpoint_path_does_not_exist(tiny_run, tmp
         assert result.stderr == f"error: --model={spec}: no such file or directory; {hint}\n"
 
 
-def test_bf16_inference_holds_packed_weights_that_change_no_number():
+def held_linear():
+    """The Linear this CPU holds bf16 weights in: oneDNN's PackedLinear where it has bf16 kernels (AVX-512, Arm
+    BF16), else the plain nn.Linear, whose bf16 matmuls torch emulates."""
+    return PackedLinear if inference.onednn_bf16() else torch.nn.Linear
+
+
+@pytest.mark.parametrize("onednn", ["this CPU", "no oneDNN bf16"])
+def test_bf16_inference_holds_packed_weights_that_change_no_number(onednn, monkeypatch):
+    if onednn == "no oneDNN bf16":  # as on a CPU without AVX-512: the weights stay plain bf16 Linears
+        monkeypatch.setattr(inference, "onednn_bf16", lambda: False)
     model = tiny_model(vocab_size=50304)
     plain = copy.deepcopy(model).to(torch.bfloat16)
     held = hold_for_inference(copy.deepcopy(model), torch.bfloat16)
-    assert isinstance(held.lm_head, PackedLinear) and isinstance(held.transformer.h[0].mlp.c_fc, PackedLinear)
+    for linear in (held.lm_head, held.transformer.h[0].mlp.c_fc):
+        assert type(linear) is held_linear() and linear.weight.dtype == torch.bfloat16
     assert held.lm_head.weight is held.transformer.wte.weight  # still tied, still in state_dict
     assert held.state_dict().keys() == model.state_dict().keys()
     idx = torch.tensor([[1, 2, 3, 4, 5]])
@@ -192,6 +211,67 @@ def test_load_model_takes_a_run_directory_and_a_dtype(serve_run, capsys):
     expected = load_model(serve_run.checkpoint)
     assert all(torch.equal(a, b) for a, b in zip(newest.state_dict().values(), expected.state_dict().values()))
     held = load_for_inference(serve_run.dir, dtype="bfloat16")
-    assert held.lm_head.weight.dtype == torch.bfloat16 and isinstance(held.lm_head, PackedLinear)
+    assert held.lm_head.weight.dtype == torch.bfloat16 and type(held.lm_head) is held_linear()
     assert generate(held, [1, 2], 10, temperature=0) == generate(hold_for_inference(expected, torch.bfloat16),
                                                                  [1, 2], 10, temperature=0)
+
+
+@pytest.mark.parametrize("device, hardware, decode, score", [
+    ("cpu", {"avx512_bf16"}, "bfloat16", "bfloat16"),  # AMD Zen 4, Intel Cooper Lake: native bf16
+    ("cpu", {"amx_bf16"}, "bfloat16", "bfloat16"),  # Intel Sapphire Rapids
+    ("cpu", {"avx2", "fma"}, "bfloat16", "float32"),  # no native bf16: decoding still gains, scoring does not
+    ("cpu", {"avx512f", "avx512bw"}, "bfloat16", "float32"),  # AVX-512 without its BF16 extension
+    ("cuda", (8, 0), "bfloat16", "bfloat16"),  # Ampere and later
+    ("cuda", (7, 5), "float16", "float16"),  # T4: bf16 emulated, fp16 native
+    ("mps", True, "bfloat16", "bfloat16"),  # macOS 14 or later
+    ("mps", False, "float16", "float16"),
+])
+def test_auto_dtype_is_chosen_per_job_from_what_the_hardware_has(monkeypatch, device, hardware, decode, score):
+    import train_gpt2
+    monkeypatch.setattr(train_gpt2, "cpu_flags", lambda: hardware if device == "cpu" else set())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: hardware)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda *a: hardware)
+    assert inference_dtype("auto", device, job="decode") == decode
+    assert inference_dtype("auto", device, job="score") == score
+    for named in ("bfloat16", "float16", "float32"):  # a named dtype is taken as it is
+        assert inference_dtype(named, device, job="decode") == named == inference_dtype(named, device, job="score")
+    with pytest.raises(ValueError, match="jobs are decode and score"):
+        inference_dtype("auto", device, job="train")
+
+
+@pytest.mark.parametrize("script", ["sample", "serve"])
+@pytest.mark.parametrize("native", [True, False])
+def test_sample_and_serve_decode_in_the_auto_dtype_by_default(script, native, serve_run, monkeypatch, capsys):
+    """Both scripts take --dtype=auto by default and load the model in decoding's auto dtype: bf16 on any CPU
+    (halving the bytes each token reads pays even where bf16 arithmetic is emulated)."""
+    import serve
+    import train_gpt2
+    monkeypatch.setattr(train_gpt2, "cpu_flags", lambda: {"avx512_bf16"} if native else {"avx2"})
+    loaded = []
+
+    def load(spec, device, dtype):
+        loaded.append(dtype)
+        return load_for_inference(spec, device, dtype)
+
+    module = {"sample": sample, "serve": serve}[script]
+    monkeypatch.setattr(module, "load_for_inference", load)
+    monkeypatch.setattr(serve.uvicorn.Server, "run", lambda self, sockets: None)  # returns once loaded
+    args = [f"--model={serve_run.checkpoint}", "--device=cpu"]
+    module.main(args + (["--max_new_tokens=2", "--temperature=0"] if script == "sample" else ["--port=0"]))
+    assert module.parse_args(args).dtype == "auto" and loaded == ["bfloat16"]
+    if script == "serve":
+        assert "(cpu, bfloat16)" in capsys.readouterr().out
+
+
+def test_the_dtype_bench_prints_decode_and_score_for_both_dtypes():
+    result = run([sys.executable, f"{ROOT}/bench/dtype_auto.py", "--dry-run"], timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = ["job", "float32", "tok/s", "bfloat16", "tok/s", "bf16/fp32"]
+    assert len(lines) == 4 and lines[1].split() == header
+    for line, job in zip(lines[2:], ("decode", "score")):
+        name, fp32, bf16, ratio = line.split()
+        assert name == job and float(fp32) > 0 and float(bf16) > 0
+        assert abs(float(ratio.rstrip("x")) - float(bf16) / float(fp32)) < 0.01
+    held = "PackedLinear" if inference.onednn_bf16() else "Linear"
+    assert lines[0].endswith(f"bf16 weights held as {held}")
