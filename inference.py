@@ -1,7 +1,7 @@
-"""Inference: decoding with a KV cache, streaming, stop strings/tokens, top-k/top-p, weights held
-for inference, loading for inference. What sample.py, serve.py and bench/generate_throughput.py
-share; train_gpt2.py trains the model, and prints its samples during training with the plain
-GPT.generate.
+"""Inference: decoding with a KV cache (the Engine: continuous batching over slots), streaming,
+stop strings/tokens, top-k/top-p, weights held for inference, loading for inference. What sample.py,
+serve.py and bench/generate_throughput.py share; train_gpt2.py trains the model, and prints its
+samples during training with the plain GPT.generate.
 
     model = load_for_inference("log/model_019073.pt", dtype="bfloat16")
     # each sample's new tokens, cut at <|endoftext|>
@@ -12,10 +12,15 @@ GPT.generate.
     for text, reason in stream_text(model, tokens, 64, ["\n\n"]):
     # the same, of ids from anywhere (the one streamer of stop strings)
     for token, text, reason in text_stream(token_ids, 64, ["\n\n"]):
+    # many requests decoded together, each in a slot, a thread stepping the engine (serve.py)
+    engine = Engine(model, slots=8)
+    engine.submit(Sequences(tokens, 64, on_token=print))  # then engine.step() until it ends
     # a chat model's reply
     for text, reason in stream_reply(model, [{"role": "user", "content": "Hi"}], 64):
 """
 import codecs
+import collections
+import concurrent.futures
 import contextlib
 import math
 import threading
@@ -170,113 +175,317 @@ def prompt_rows(model, tokens, num_samples):
 
 
 class StaticKVCache(KVCache):
-    """A KVCache that a Decoder keeps from call to call, its buffers allocated at the first prompt,
-    and that also serves the fixed-shape step: while `at` holds a position (a (1,) long tensor on
-    the model's device), update writes the new token's keys and values at that row and returns the
-    whole buffers, which the step's mask limits to the rows written so far. Shapes then never change
-    from step to step, as a CUDA graph needs."""
+    """One layer's keys and values for an Engine's slots: a row of block_size positions for each
+    slot, allocated at the first prompt. A prompt (or the one-token step of a request alone) goes
+    into the rows from `row` on, after position `pos`, by KVCache's arithmetic. While `at` holds
+    every row's position (a (slots,) long tensor on the model's device), a step writes each row's
+    new key and value at its own position and returns the whole buffers, which the step's mask
+    limits, row by row, to the positions that row has written. Shapes then never change from step to
+    step, as a CUDA graph needs."""
 
-    at = None
+    row, at = 0, None
+
+    def __init__(self, block_size, slots):
+        super().__init__(block_size)
+        self.slots = slots
 
     def update(self, k, v):
         if self.k is None:
-            # Zeros, not KVCache's empty rows: the fixed-shape step's mask hides the rows not yet
+            # Zeros, not KVCache's empty rows: the step's mask hides the positions a row has not
             # written, but a NaN left there by the allocator would still reach the output (its
             # weight is 0, and 0 * NaN = NaN).
-            shape = (*k.shape[:2], self.block_size, k.size(3))
+            shape = (self.slots, k.size(1), self.block_size, k.size(3))
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
-        if self.at is None:  # the prompt, or a step at a known position: KVCache's arithmetic
-            return super().update(k, v)
-        self.k.index_copy_(2, self.at, k)
-        self.v.index_copy_(2, self.at, v)
+            self.every = torch.arange(self.slots, device=k.device)
+        if self.at is None:
+            rows = slice(self.row, self.row + k.size(0))
+            start, self.pos = self.pos, self.pos + k.size(2)
+            self.k[rows, :, start:self.pos], self.v[rows, :, start:self.pos] = k, v
+            return self.k[rows, :, :self.pos], self.v[rows, :, :self.pos]
+        # (slots, n_head, head_size): each row's at its own position
+        self.k[self.every, :, self.at] = k[:, :, 0]
+        self.v[self.every, :, self.at] = v[:, :, 0]
         return self.k, self.v
 
 
 # False: CUDA decodes with the eager step too (benches compare the two in one process)
 CUDA_GRAPHS = True
-# eager fixed-shape steps on a side stream before the capture, as CUDA graph capture needs
-GRAPH_WARMUP = 2
+GRAPH_WARMUP = 2  # eager steps on a side stream before the capture, as CUDA graph capture needs
 
 
-def decode_path(device):
-    """How a model on device runs its one-token step: "graph" (the fixed-shape step, replayed as a
-    CUDA graph) where CUDA is, else "eager" (GPT.forward over the cache's filled rows, today's
-    arithmetic), for CPU and MPS, where a graph would save no launches: their ops run on the calling
-    thread anyway. "fixed" (the graph's fixed-shape step, run eagerly) is only chosen by tests and
-    benches, to check the graph's arithmetic."""
-    use = CUDA_GRAPHS and torch.device(device).type == "cuda" and torch.cuda.is_available()
-    return "graph" if use else "eager"
+def decode_path(device, shared=True):
+    """How an Engine on device runs its step: "graph" (the fixed-width step replayed as a CUDA
+    graph) where CUDA is; elsewhere (CPU, MPS: their ops run on the calling thread anyway, so a
+    graph would save no launches) "fixed", the same step run op by op, for an engine whose requests
+    share the batch, and "eager" for one that runs one request at a time: GPT.forward over the rows
+    that request has filled, which costs less than attending to all block_size positions, and has no
+    company to be independent of."""
+    if CUDA_GRAPHS and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return "graph"
+    if shared:
+        return "fixed"
+    return "eager"
 
 
 def next_logits(model, logits):
     """The last position's float logits (B, tokens) of a forward's (B, T, vocab): ids past the real
-    tokens (GPT-2's 50257, and a chat model's template tokens) are vocabulary padding, never
-    tokens."""
+    tokens (GPT-2's 50257, and a chat model's template tokens) are vocabulary padding, never tokens.
+    """
     return logits[:, -1, :model.config.real_tokens].float()
 
 
-class Decoder:
-    """What decoding keeps between calls for one model held for inference and one batch size: a
-    StaticKVCache per layer, sized for block_size once, and on CUDA the one-token step captured as a
-    CUDA graph, replayed for every token after. One stream uses it at a time (lock); decoder_for
-    gives any other stream a decoder of its own."""
+class Sequences:
+    """One request to an Engine: num_samples continuations of the prompt `tokens`, each in a slot of
+    its own, drawn together (one sample_next over their rows) from the request's own generator when
+    it has one (seed or generator; else torch's global one). stop: a token id or a tuple of them
+    that ends a row; the request ends when every row has made one, after max_new_tokens, when
+    on_token says so or once cancelled. on_token(tokens) gets each step's (num_samples,) new tokens
+    on the engine's thread, and returns True to end the request there (a stop string); on_end(error)
+    is called once at the end, error the exception of a step that failed, else None."""
 
-    def __init__(self, model, batch, path, key=None):
-        device = model.lm_head.weight.device
-        self.path = path
-        self.key = key
-        self.pos = 0
-        self.lock = threading.Lock()
-        self.caches = [StaticKVCache(model.config.block_size) for _ in model.transformer.h]
-        # the step's input token and its position, written before each step
-        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.at = torch.zeros(1, dtype=torch.long, device=device)
-        self.rows = torch.arange(model.config.block_size, device=device)
-        self.graph = None  # the captured step, its output buffer, and the eager steps before it
-        self.out = None
-        self.warm = 0
-        self.stream = None
+    def __init__(self, tokens, max_new_tokens, num_samples=1, stop=EOT, on_token=None, on_end=None,
+                 **sampling):
+        sampling = {**SAMPLING, **sampling}
+        self.seed = sampling.pop("seed", None)
+        self.generator = sampling.pop("generator", None)
+        self.sampling = sampling
+        self.tokens = tokens
+        self.max_new_tokens = max_new_tokens
+        self.num_samples = num_samples
+        self.stop = stop
+        self.on_token, self.on_end = on_token, on_end
+        self.slots, self.made = [], 0
+        self.cancelled = False
+        self.ended = False
 
-    def prefill(self, model, idx):
-        """Logits for the token after idx (B, T <= block_size), which fills the cache's rows
-        0..T-1."""
+    def cancel(self):
+        """Ends the request at the engine's next step, from any thread: its client has left."""
+        self.cancelled = True
+
+
+class Engine:
+    """Continuous batching over one model held for inference: a StaticKVCache per layer with `slots`
+    rows, each holding one sequence at its own position. Each step() first runs the jobs waiting
+    (scoring, between two steps), then decodes one token for every running sequence in one batched
+    forward, where each row attends to its own positions only, then prefills waiting requests into
+    free slots, each alone, and draws their first token from that prefill: they join the next step.
+    A request that ends frees its slots at once.
+
+    Where requests share it, the step is fixed-width (decode_path's "fixed", and "graph" on CUDA):
+    every slot's row is computed, running or not, over all block_size positions under a mask. A
+    row's arithmetic is then the same alone as in any company, so a request's tokens never depend on
+    who shares the batch (on a CPU a float32 matmul over 1 row and over 8 differ in the last bits,
+    and so does attention over 40 positions and over 64), and on CUDA the step is one graph,
+    captured once, where a width per count of running slots would need a graph for each and its own
+    memory pool. An engine for one request at a time (engine_for's, or one slot) runs GPT.forward
+    over the rows filled ("eager"), today's batch decoding.
+
+    One thread steps it: run() for a server, or a caller's loop of step(). submit, call, cancel and
+    load may be called from any thread."""
+
+    def __init__(self, model, slots, key=None, shared=True):
+        self.model = model
+        self.slots = slots
+        self.key = key  # what engine_for keys it by
+        self.device = model.lm_head.weight.device
+        self.path = decode_path(self.device, shared and slots > 1)
+        self.bs = model.config.block_size
+        self.caches = [StaticKVCache(self.bs, slots) for _ in model.transformer.h]
+        # the step's input tokens and their positions, rewritten before each step
+        self.tok = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
+        self.at = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.positions = torch.arange(self.bs, device=self.device)
+        self.graph = None  # on CUDA, the step's graph, once captured ...
+        self.out = None  # ... the logits each replay writes,
+        self.warm = 0  # the eager steps run before the capture,
+        self.stream = None  # and the side stream they ran on
+        self.free, self.running = list(range(slots)), []
+        self.waiting = collections.deque()  # requests for a slot, oldest first
+        self.jobs = collections.deque()  # (fn, future) to run between steps
+        self.wake = threading.Condition()  # guards free, running, waiting and jobs across threads
+        self.lock = threading.Lock()  # held by whoever steps it, for engine_for's callers
+        self.steps = 0  # batched decoding steps so far
+
+    def submit(self, seq):
+        """Queues seq for a slot; UserError for a prompt the model cannot take or more samples than
+        slots."""
+        idx = prompt_rows(self.model, seq.tokens, 1)
+        if seq.num_samples > self.slots:
+            raise UserError(f"{seq.num_samples} samples need as many slots; this engine has "
+                            f"{self.slots}")
+        if seq.generator is None and seq.seed is not None:
+            seq.generator = torch.Generator(self.device).manual_seed(seq.seed)
+        seq.idx = idx.repeat(seq.num_samples, 1)
+        stop = () if seq.stop is None else seq.stop
+        seq.stop_ids = torch.tensor(stop, dtype=torch.long, device=self.device).view(-1)
+        seq.done = torch.zeros(seq.num_samples, dtype=torch.bool, device=self.device)
+        with self.wake:
+            self.waiting.append(seq)
+            self.wake.notify()
+        return seq
+
+    def call(self, fn):
+        """fn() run on the engine's thread between two steps; returns a Future of its result."""
+        future = concurrent.futures.Future()
+        with self.wake:
+            self.jobs.append((fn, future))
+            self.wake.notify()
+        return future
+
+    def cancel(self, seq):
+        """seq.cancel(), and the engine woken to free its slot."""
+        seq.cancel()
+        with self.wake:
+            self.wake.notify()
+
+    def load(self):
+        """(slots running, rows and jobs waiting for the engine)."""
+        with self.wake:
+            waiting = sum(s.num_samples for s in self.waiting) + len(self.jobs)
+            return self.slots - len(self.free), waiting
+
+    def run(self, on_error=None):
+        """Steps whenever there is work, for as long as the process lives: a server's engine thread.
+        A step that fails ends the requests it ran with the error (on_error(exception) hears of it),
+        and the engine goes on with the next ones."""
+        while True:
+            with self.wake:
+                self.wake.wait_for(lambda: self.running or self.waiting or self.jobs)
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - its requests were told; the engine goes on
+                if on_error is not None:
+                    on_error(e)
+
+    @torch.no_grad()
+    def step(self):
+        """The jobs waiting, then one token for every running request, then the waiting requests
+        that fit."""
+        while self.jobs:
+            with self.wake:
+                fn, future = self.jobs.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - the caller gets it from the future
+                    future.set_exception(e)
+        for seq in [s for s in self.running if s.cancelled]:
+            self.end(seq)
+        try:
+            if self.running:
+                self.decode()
+            self.join()
+        except Exception as e:
+            for seq in list(self.running):
+                self.end(seq, e)
+            raise
+
+    def decode(self):
+        running, logits = list(self.running), {}
+        stepping = [s for s in running if s.pos < self.bs]
+        if stepping and self.path == "eager":  # one request, in the slots from its first on
+            (seq,) = stepping
+            for cache in self.caches:
+                cache.row, cache.pos = seq.slots[0], seq.pos
+            logits[seq] = next_logits(self.model, self.model(seq.idx[:, -1:], cache=self.caches)[0])
+            seq.pos += 1
+            self.steps += 1
+        elif stepping:
+            self.tok.zero_()  # a free slot's row decodes token 0 at position 0, never read
+            self.at.zero_()
+            for seq in stepping:
+                self.tok[seq.rows] = seq.idx[:, -1:]
+                self.at[seq.rows] = seq.pos
+                seq.pos += 1
+            out = self.graph_step() if self.path == "graph" else self.fixed_step()
+            for seq in stepping:
+                logits[seq] = out[seq.rows]
+            self.steps += 1
+        for seq in running:
+            if seq not in logits:
+                # Positions are learned and absolute: once the window slides, every kept token sits
+                # at a new position, so the stored keys and values are stale and the window is
+                # recomputed, row by row.
+                # After the step, which wrote its rows' position 0.
+                logits[seq] = torch.cat([self.prefill(seq.idx[i:i + 1, -self.bs:], slot)
+                                         for i, slot in enumerate(seq.slots)])
+        for seq in running:
+            self.emit(seq, logits[seq])
+
+    def join(self):
+        while True:
+            with self.wake:
+                seq = self.waiting[0] if self.waiting else None
+                if seq is None or not (seq.cancelled or seq.num_samples <= len(self.free)):
+                    return
+                self.waiting.popleft()
+                if not seq.cancelled:
+                    seq.slots = [self.free.pop(0) for _ in range(seq.num_samples)]
+                    self.running.append(seq)
+            if seq.cancelled:
+                self.end(seq)
+                continue
+            seq.rows = torch.tensor(seq.slots, device=self.device)
+            first, *others = seq.slots
+            prompt = seq.idx[:1, -self.bs:]
+            logits = self.prefill(prompt, first)
+            seq.pos = prompt.size(1)
+            for cache in self.caches:  # the samples of one prompt share its keys and values
+                cache.k[others, :, :seq.pos] = cache.k[first, :, :seq.pos].clone()
+                cache.v[others, :, :seq.pos] = cache.v[first, :, :seq.pos].clone()
+            self.emit(seq, logits.expand(seq.num_samples, -1))
+
+    def prefill(self, idx, slot):
+        """Logits for the token after idx (1, T <= block_size), which fills slot's row from position
+        0."""
         for cache in self.caches:
-            cache.pos = 0
-        self.pos = idx.size(1)
-        return next_logits(model, model(idx, cache=self.caches)[0])
+            cache.row, cache.pos = slot, 0
+        return next_logits(self.model, self.model(idx, cache=self.caches)[0])
 
-    def step(self, model, nxt):
-        """Logits for the token after nxt (B,), which goes at position self.pos (< block_size)."""
-        self.pos += 1
-        if self.path == "eager":
-            return next_logits(model, model(nxt[:, None], cache=self.caches)[0])
-        self.tok.copy_(nxt[:, None])
-        self.at.fill_(self.pos - 1)  # a kernel with the value as its argument: no wait for the GPU
-        for cache in self.caches:
-            cache.pos = self.pos  # kept true, so that a prompt or an eager step may follow
-        if self.path == "fixed":
-            return self.fixed_step(model)
-        return self.graph_step(model)
+    def emit(self, seq, logits):
+        nxt = sample_next(logits, generator=seq.generator, **seq.sampling)
+        seq.idx = torch.cat((seq.idx, nxt[:, None]), dim=1)
+        seq.made += 1
+        said = seq.on_token is not None and bool(seq.on_token(nxt))
+        ended = said or seq.made == seq.max_new_tokens
+        if not ended and len(seq.stop_ids):  # waits for a GPU: only where a stop token may end it
+            seq.done |= torch.isin(nxt, seq.stop_ids)
+            ended = bool(seq.done.all())
+        if ended:
+            self.end(seq)
 
-    def fixed_step(self, model):
-        """GPT.forward's one-token step on fixed shapes: self.tok at position self.at (a tensor, so that a graph
-        reads it afresh), attending to every cache row through a mask of the rows written."""
-        t = model.transformer
-        mask = (self.rows <= self.at).view(1, 1, 1, -1)
+    def end(self, seq, error=None):
+        """Ends seq where it is, waiting or running: its slots are free for the next step."""
+        with self.wake:
+            if seq in self.running:
+                self.running.remove(seq)
+                self.free = sorted(self.free + seq.slots)
+            elif seq in self.waiting:
+                self.waiting.remove(seq)
+        if not seq.ended:
+            seq.ended = True
+            if seq.on_end is not None:
+                seq.on_end(error)
+
+    def fixed_step(self):
+        """One token for every slot: self.tok at positions self.at (tensors, so that a graph reads
+        them afresh), each row attending to the cache rows up to its own position through a mask."""
+        t = self.model.transformer
+        mask = (self.positions[None] <= self.at[:, None]).view(self.slots, 1, 1, self.bs)
         for cache in self.caches:
             cache.at = self.at
         try:
-            x = t.drop(t.wte(self.tok) + t.wpe(self.at))
+            x = t.drop(t.wte(self.tok) + t.wpe(self.at[:, None]))
             for block, cache in zip(t.h, self.caches):
                 x = block(x, cache, mask)
-            return next_logits(model, model.lm_head(t.ln_f(x)))
+            return next_logits(self.model, self.model.lm_head(t.ln_f(x)))
         finally:
             for cache in self.caches:
                 cache.at = None
 
-    def graph_step(self, model):
+    def graph_step(self):
         """fixed_step replayed as a CUDA graph: one launch for the whole step instead of ~15 a
-        layer, which at batch 1 take longer to issue than the GPU takes to run them. The first
+        layer, which at small batches take longer to issue than the GPU takes to run them. The first
         GRAPH_WARMUP steps run eagerly on a side stream (capture needs cuBLAS's workspace and the
         allocator warmed up on it); the next is captured, then replayed. Its logits land in the same
         buffer each replay, read before the next one is queued."""
@@ -285,51 +494,51 @@ class Decoder:
             self.stream = self.stream or torch.cuda.Stream()
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
-                out = self.fixed_step(model)
+                out = self.fixed_step()
             torch.cuda.current_stream().wait_stream(self.stream)
             return out
         if self.graph is None:
             # Autocast's cache of cast weights would hand the graph tensors that are freed when the
             # caller's autocast ends; a held model has no casts to cache, and this keeps it so
             # whatever the caller holds.
-            autocast = dict(enabled=torch.is_autocast_enabled("cuda"),
-                            dtype=torch.get_autocast_dtype("cuda"))
+            enabled = torch.is_autocast_enabled("cuda")
+            dtype = torch.get_autocast_dtype("cuda")
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.autocast("cuda", cache_enabled=False, **autocast), \
+                with torch.autocast("cuda", enabled=enabled, dtype=dtype, cache_enabled=False), \
                         torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    self.out = self.fixed_step(model)
-            # e.g. an attention kernel that cannot be captured: the same step, eagerly
-            except RuntimeError as e:
+                    self.out = self.fixed_step()
+            except RuntimeError as e:  # e.g. an attention kernel that cannot be captured
                 warnings.warn(f"CUDA graph capture of the decoding step failed ({e}); decoding "
                               f"without it")
-                self.path = "fixed"
-                return self.fixed_step(model)
+                self.path = "eager"
+                return self.fixed_step()
             self.graph = graph
         self.graph.replay()
         return self.out
 
 
-# model -> its Decoder; none holds its model, so a model can be freed
-_DECODERS = weakref.WeakKeyDictionary()
+# model -> its Engine; none holds its model, so a model can be freed
+_ENGINES = weakref.WeakKeyDictionary()
 
 
-def decoder_for(model, batch):
-    """The model's kept Decoder for this batch size, a new one (which replaces it) if anything it
-    depends on changed: the batch size, the autocast state (the cache's dtype) or where any weight
-    lives (a captured graph reads weights by address). A second stream while the first is still open
-    gets a decoder of its own."""
+def engine_for(model, slots):
+    """The model's kept Engine for this many slots, for one request at a time (decode_path's "eager"
+    on a CPU), locked for the caller, who steps it; a new one (which replaces it) if anything it
+    depends on changed: the slots, the autocast state (the cache's dtype) or where any weight lives
+    (a captured graph reads weights by address). A caller while another steps it gets an engine of
+    its own."""
     device = model.lm_head.weight.device
-    key = (batch, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
+    key = (slots, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
            tuple(p.data_ptr() for p in model.parameters()))
-    decoder = _DECODERS.get(model)
-    if decoder is None or decoder.key != key:
-        decoder = _DECODERS[model] = Decoder(model, batch, decode_path(device), key)
-    if decoder.lock.acquire(blocking=False):
-        return decoder
-    decoder = Decoder(model, batch, decode_path(device))
-    decoder.lock.acquire()
-    return decoder
+    engine = _ENGINES.get(model)
+    if engine is None or engine.key != key:
+        engine = _ENGINES[model] = Engine(model, slots, key, shared=False)
+    if engine.lock.acquire(blocking=False):
+        return engine
+    engine = Engine(model, slots, shared=False)
+    engine.lock.acquire()
+    return engine
 
 
 def inference_model(model):
@@ -358,38 +567,23 @@ def generate_stream(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sa
     """Continues the prompt `tokens` num_samples times, yielding each new position's (num_samples,)
     tokens, until max_new_tokens or until every sample has produced `stop` (None: never stops).
     sampling: sample_next's temperature (0: greedy), top_k and top_p, SAMPLING's unless given, and
-    seed or generator, which make the draws repeatable. A compiled model decodes uncompiled: it
-    would recompile as the sequence grows. The model's Decoder (decoder_for) holds the cache, and on
-    CUDA the graph of the step, from call to call."""
+    seed or generator, which make the draws repeatable. The samples decode side by side in an Engine
+    of num_samples slots, the model's own (engine_for), which keeps its cache, and on CUDA the graph
+    of its step, from call to call. A compiled model decodes uncompiled: it would recompile as the
+    sequence grows."""
     model = inference_model(model)
-    device = model.lm_head.weight.device
-    idx = prompt_rows(model, tokens, num_samples)
-    sampling = {**SAMPLING, **sampling}
-    seed = sampling.pop("seed", None)
-    if sampling.get("generator") is None and seed is not None:
-        sampling["generator"] = torch.Generator(device).manual_seed(seed)
-    bs = model.config.block_size
-    done = torch.zeros(num_samples, dtype=torch.bool, device=device)
-    decoder = decoder_for(model, num_samples)
+    made = []
+    seq = Sequences(tokens, max_new_tokens, num_samples, stop, on_token=made.append, **sampling)
+    engine = engine_for(model, num_samples)
     try:
-        logits = decoder.prefill(model, idx[:, -bs:])
-        for made in range(1, max_new_tokens + 1):
-            nxt = sample_next(logits, **sampling)
-            idx = torch.cat((idx, nxt[:, None]), dim=1)
-            yield nxt
-            # the check waits for the GPU: only where a stop can end the stream
-            if stop is not None:
-                done |= nxt == stop
-                if done.all():
-                    return
-            if made < max_new_tokens:
-                # Positions are learned and absolute: once the window slides, every kept token sits
-                # at a new position, so the stored keys and values are stale and the window is
-                # recomputed.
-                full = decoder.pos == bs
-                logits = decoder.prefill(model, idx[:, -bs:]) if full else decoder.step(model, nxt)
+        engine.submit(seq)
+        while not seq.ended:
+            engine.step()
+            yield from made
+            made.clear()
     finally:
-        decoder.lock.release()
+        engine.end(seq)  # a caller that stopped reading: its slots are free for the next user
+        engine.lock.release()
 
 
 def generate(model, tokens, max_new_tokens, num_samples=1, stop=EOT, **sampling):
@@ -431,6 +625,20 @@ def text_stream(tokens, limit, stop=(), ends=(EOT,)):
         piece = text[sent:max(sent, len(text) - hold)]
         sent += len(piece)
         yield token, piece, None
+
+
+def text_feed(limit, stop=(), ends=(EOT,)):
+    """text_stream driven a token at a time, for a caller that is handed each token rather than
+    iterating them (serve.py's engine callback): feed(token) gives its (piece, finish_reason)."""
+    box = []
+    stream = text_stream(iter(box.pop, None), limit, stop, ends)
+
+    def feed(token):
+        box.append(token)
+        _, piece, reason = next(stream)
+        return piece, reason
+
+    return feed
 
 
 def stream_text(model, tokens, max_new_tokens, stop=(), ends=(EOT,), **sampling):

@@ -1,6 +1,7 @@
-"""inference's Decoder: the static KV cache kept from call to call, the fixed-shape step a CUDA graph replays, and
-how the path is chosen. No CUDA here: the "fixed" path is the graph's step run eagerly, the arithmetic a graph
-replays; the capture itself is left to bench/gpu_check.py on a GPU."""
+"""inference's Engine: continuous batching over a static KV cache of slots kept from call to call, a request's
+tokens the same alone and in any company, slots freed and filled step by step, and the fixed-shape step a CUDA
+graph replays. No CUDA here: the eager path is the graph's step run op by op, the arithmetic a graph replays; the
+capture itself is left to bench/gpu_check.py on a GPU."""
 import os
 import sys
 
@@ -9,7 +10,7 @@ import torch
 from conftest import ROOT, tiny_model
 
 import inference
-from inference import KVCache, decode_path, generate, generate_stream, sample_next
+from inference import Engine, KVCache, Sequences, decode_path, generate, generate_stream, sample_next
 from train_gpt2 import EOT
 
 torch.set_num_threads(1)  # these models are tiny: threads would only contend for the 2 cores
@@ -31,53 +32,46 @@ def old_decoder(model, prompt, new_tokens, num_samples, generator=None, **sampli
     return idx[:, len(prompt):].tolist()
 
 
-@pytest.fixture(params=["eager", "fixed"])
-def path(request, monkeypatch):
-    """Each test once with the CPU's eager step and once with the fixed-shape step that CUDA replays."""
-    monkeypatch.setattr(inference, "decode_path", lambda device: request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("prompt", [[1, 2, 3], list(range(40, 60))], ids=["short", "longer_than_block"])
-def test_greedy_equals_generate_and_the_old_decoder_across_the_window_fill(path, batch, prompt):
+def test_greedy_equals_generate_and_the_old_decoder_across_the_window_fill(batch, prompt):
     model = tiny_model(block_size=16)
     new = 30  # 3 + 30 > 16: the window fills, then slides (and is recomputed) every token
     expected = model.generate(torch.tensor([prompt] * batch), new, top_k=1)[:, len(prompt):].tolist()
     assert len(set(expected[0])) > 5  # the path really varies, so a stale cache row would show
     assert old_decoder(model, prompt, new, batch, temperature=0) == expected
     assert generate(model, prompt, new, num_samples=batch, temperature=0, stop=None) == expected
-    decoder = inference._DECODERS[model]
-    assert decoder.path == path and decoder.caches[0].k.shape == (batch, 2, 16, 16)  # (B, heads, block, head)
-    # the kept decoder again, its cache holding the last call's rows: nothing of them leaks into this call
+    engine = inference._ENGINES[model]
+    assert engine.path == "eager" and engine.caches[0].k.shape == (batch, 2, 16, 16)  # (slots, heads, block, head)
+    # the kept engine again, its cache holding the last call's rows: nothing of them leaks into this call
     assert generate(model, prompt, new, num_samples=batch, temperature=0, stop=None) == expected
-    assert inference._DECODERS[model] is decoder
+    assert inference._ENGINES[model] is engine
 
 
-def test_seeded_sampling_repeats(path):
+def test_seeded_sampling_repeats():
     model = tiny_model()
     a = generate(model, [5, 6], 40, num_samples=3, seed=123, stop=None)
     assert a == generate(model, [5, 6], 40, num_samples=3, seed=123, stop=None)
     assert a != generate(model, [5, 6], 40, num_samples=3, seed=124, stop=None)
-    if path == "eager":  # the same arithmetic as before, so the same draws from the same generator
-        assert a == old_decoder(model, [5, 6], 40, 3, generator=torch.Generator().manual_seed(123))
+    # one request at a time: the eager step's arithmetic, so the same draws as before from the same generator
+    assert a == old_decoder(model, [5, 6], 40, 3, generator=torch.Generator().manual_seed(123))
 
 
-def test_the_cache_is_allocated_once_for_a_batch_size():
+def test_the_cache_is_allocated_once_for_a_slot_count():
     model = tiny_model()
     generate(model, [1, 2], 20, temperature=0)
-    decoder = inference._DECODERS[model]
-    k = decoder.caches[0].k
+    engine = inference._ENGINES[model]
+    k = engine.caches[0].k
     generate(model, [3], 20, temperature=0)
-    assert inference._DECODERS[model] is decoder and decoder.caches[0].k is k
-    generate(model, [3], 20, temperature=0, num_samples=2)  # a new batch size: a new decoder, which is kept
-    assert inference._DECODERS[model] is not decoder and inference._DECODERS[model].caches[0].k.size(0) == 2
+    assert inference._ENGINES[model] is engine and engine.caches[0].k is k
+    generate(model, [3], 20, temperature=0, num_samples=2)  # another slot count: a new engine, which is kept
+    assert inference._ENGINES[model] is not engine and inference._ENGINES[model].caches[0].k.size(0) == 2
     model.to(torch.float64)  # weights somewhere else: a graph captured over the old ones would read freed memory
     generate(model, [3], 5, temperature=0, num_samples=2)
-    assert inference._DECODERS[model].caches[0].k.dtype == torch.float64
+    assert inference._ENGINES[model].caches[0].k.dtype == torch.float64
 
 
-def test_two_open_streams_each_get_a_cache(path):
+def test_two_open_streams_each_get_an_engine():
     model = tiny_model()
     first = [t.tolist() for t in generate_stream(model, [1, 2, 3], 20, temperature=0, stop=None)]
     second = [t.tolist() for t in generate_stream(model, [9, 8], 20, top_k=0, seed=5, stop=None)]
@@ -87,7 +81,89 @@ def test_two_open_streams_each_get_a_cache(path):
     assert [x for x, _ in together] == first and [y for _, y in together] == second
     a.close()
     b.close()
-    assert inference._DECODERS[model].lock.acquire(blocking=False)  # a closed stream gives its decoder back
+    assert inference._ENGINES[model].lock.acquire(blocking=False)  # a closed stream gives its engine back
+
+
+def collect(engine, requests):
+    """Each request's new tokens, a list per sample, stepping the engine until all have ended; requests:
+    (step at which it is submitted, Sequences arguments)."""
+    made, seqs, step = {}, [], 0
+    for i, (_, args, kwargs) in enumerate(requests):
+        made[i] = []
+        seqs.append(Sequences(*args, on_token=lambda t, i=i: made[i].append(t.tolist()), **kwargs))
+    while step == 0 or engine.running or engine.waiting or any(not s.ended for s in seqs):
+        for (at, _, _), seq in zip(requests, seqs):
+            if at == step:
+                engine.submit(seq)
+        engine.step()
+        step += 1
+    return [[list(row) for row in zip(*made[i])] for i in range(len(requests))]
+
+
+def test_a_requests_tokens_are_the_same_alone_and_in_any_company():
+    """Twelve requests on 8 slots, greedy and seeded, of different prompts and lengths, some sharing the start
+    of a prompt, joining while others are mid-way or waiting for a slot, one past the window: each gets the
+    tokens it gets alone on the same engine, exactly, and greedy ones GPT.generate's."""
+    model = tiny_model(block_size=16)
+    requests = []
+    for i in range(12):
+        prompt = [1 + i, 7, 2 * i + 3][:1 + i % 3] if i != 5 else list(range(20, 40))
+        sampling = dict(temperature=0) if i % 2 else dict(temperature=0.9, top_p=0.9, seed=100 + i)
+        requests.append((0 if i < 6 else 3 * i - 12, (prompt, 5 + 3 * i), dict(stop=None, **sampling)))
+    together = collect(Engine(model, 8), requests)
+    for (at, args, kwargs), got in zip(requests, together):
+        alone = collect(Engine(model, 8), [(0, args, kwargs)])[0]
+        assert got == alone and len(got[0]) == args[1]
+        if kwargs.get("temperature") == 0:
+            prompt = torch.tensor([args[0]])
+            assert got[0] == model.generate(prompt, args[1], top_k=1)[0, prompt.size(1):].tolist()
+    assert len({tuple(t[0]) for t in together}) == 12
+
+
+def test_samples_of_one_prompt_draw_together_from_its_generator():
+    model = tiny_model()
+    engine = Engine(model, 4)
+    a = collect(engine, [(0, ([5, 6], 30, 3), dict(seed=1, stop=None)), (2, ([9], 10), dict(seed=2, stop=None))])
+    assert a[0] == generate(model, [5, 6], 30, num_samples=3, seed=1, stop=None)
+    assert len({tuple(row) for row in a[0]}) == 3
+
+
+def test_an_ended_request_frees_its_slot_for_the_next_step():
+    model = tiny_model()
+    engine = Engine(model, 2)
+    stopped = []
+    long = [Sequences([i + 1], 50, stop=None, temperature=0) for i in range(2)]
+    short = Sequences([9], 3, stop=None, temperature=0, on_token=lambda t: stopped.append(t.item()) or True)
+    waiting = Sequences([7], 5, stop=None, temperature=0)
+    for seq in long:
+        engine.submit(seq)
+    engine.step()
+    engine.submit(short)
+    engine.submit(waiting)
+    engine.step()
+    assert engine.load() == (2, 2) and not short.slots  # both wait: every slot runs
+    long[0].cancel()  # a client that left: its slot is free at the next step, which prefills the next request
+    engine.step()
+    assert long[0].ended and short.slots == [0] and stopped and short.ended  # on_token ended it at once
+    engine.step()
+    assert waiting.slots == [0] and engine.load() == (2, 0)
+
+
+def test_jobs_run_between_steps_and_a_failing_step_ends_its_requests():
+    model = tiny_model()
+    engine = Engine(model, 2)
+    seq = engine.submit(Sequences([1, 2], 100, stop=None, temperature=0))
+    engine.step()
+    seen = []
+    job = engine.call(lambda: seen.append(seq.made) or "scored")
+    engine.step()
+    assert job.result(timeout=0) == "scored" and seen == [1]  # before this step's token
+    errors = []
+    seq.on_end = errors.append
+    engine.caches[0].k = engine.caches[0].k[:, :, :3]  # a broken cache: the step fails
+    with pytest.raises(IndexError):
+        engine.step()
+    assert seq.ended and isinstance(errors[0], IndexError) and engine.load() == (0, 0)
 
 
 def test_the_fixed_step_has_no_host_sync_nor_python_branch_on_a_tensor():
@@ -95,30 +171,35 @@ def test_the_fixed_step_has_no_host_sync_nor_python_branch_on_a_tensor():
     fullgraph breaks at any .item(), bool(tensor) or data-dependent branch), its inputs being the tensors
     tok and at that each step rewrites."""
     model = tiny_model()
-    decoder = inference.Decoder(model, 2, "fixed")
+    engine = Engine(model, 2)
     with torch.no_grad():
-        decoder.prefill(model, torch.tensor([[1, 2, 3]] * 2))
-        decoder.tok.fill_(4)
-        decoder.at.fill_(3)
+        engine.prefill(torch.tensor([[1, 2, 3]]), 0)
+        engine.prefill(torch.tensor([[4, 5]]), 1)
+        engine.tok.fill_(4)
+        engine.at.copy_(torch.tensor([3, 2]))  # each row at its own position
         torch._dynamo.reset()
-        traced = torch.compile(decoder.fixed_step, fullgraph=True, backend="eager")(model)
-        decoder.caches[0].k[:, :, 3].zero_()  # the row the step writes, so that the second run must write it again
-        assert torch.equal(traced, decoder.fixed_step(model))
+        traced = torch.compile(engine.fixed_step, fullgraph=True, backend="eager")()
+        engine.caches[0].k[0, :, 3].zero_()  # the rows the step writes, so that the second run must write them again
+        engine.caches[0].k[1, :, 2].zero_()
+        assert torch.equal(traced, engine.fixed_step())
     torch._dynamo.reset()
 
 
 def test_cuda_graphs_are_chosen_only_where_cuda_is(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert [decode_path(d) for d in ("cuda", "cuda:0", "cpu", "mps")] == ["eager"] * 4
+    assert [decode_path(d) for d in ("cuda", "cuda:0", "cpu", "mps")] == ["fixed"] * 4
+    assert [decode_path(d, shared=False) for d in ("cuda", "cpu")] == ["eager"] * 2
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert [decode_path(d) for d in ("cuda", torch.device("cuda", 1), "cpu", "mps")] == [
-        "graph", "graph", "eager", "eager"]
+        "graph", "graph", "fixed", "fixed"]
+    assert decode_path("cuda", shared=False) == "graph"
     monkeypatch.setattr(inference, "CUDA_GRAPHS", False)
-    assert decode_path("cuda:0") == "eager"
+    assert decode_path("cuda:0") == "fixed"
     monkeypatch.setattr(inference, "CUDA_GRAPHS", True)
     model = tiny_model()  # on the CPU, where CUDA is said to be there: still the eager step, and no CUDA call
     assert generate(model, [1, 2], 20, temperature=0, stop=None) == old_decoder(model, [1, 2], 20, 1, temperature=0)
-    assert inference._DECODERS[model].path == "eager"
+    assert inference._ENGINES[model].path == "eager"
+    assert Engine(model, 2).path == "fixed" and Engine(model, 1).path == "eager"
 
 
 def test_a_compiled_wrapper_is_unwrapped(monkeypatch):

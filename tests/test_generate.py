@@ -255,7 +255,7 @@ def test_sample_and_serve_decode_in_the_auto_dtype_by_default(script, native, se
 
     module = {"sample": sample, "serve": serve}[script]
     monkeypatch.setattr(module, "load_for_inference", load)
-    monkeypatch.setattr(serve.Server, "serve_forever", lambda self: None)  # serve.main returns once loaded
+    monkeypatch.setattr(serve.uvicorn.Server, "run", lambda self, sockets: None)  # returns once loaded
     args = [f"--model={serve_run.checkpoint}", "--device=cpu"]
     module.main(args + (["--max_new_tokens=2", "--temperature=0"] if script == "sample" else ["--port=0"]))
     assert module.parse_args(args).dtype == "auto" and loaded == ["bfloat16"]

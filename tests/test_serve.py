@@ -24,7 +24,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def server(serve_run, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "log"
-    proc, url = start_server(serve_run.dir, log, "--queue=1")  # a run directory: its newest readable checkpoint
+    # a run directory: its newest readable checkpoint; one slot, so that a second request waits
+    proc, url = start_server(serve_run.dir, log, "--slots=1", "--queue=1")
     assert "warning: skipping" in log.read_text() and "model_000002.pt" in log.read_text()
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
     yield types.SimpleNamespace(url=url, client=client, run_dir=serve_run.dir, model=load_model(serve_run.checkpoint),
@@ -110,8 +111,9 @@ def test_unknown_paths_get_404_and_oversized_bodies_413(server):
     assert e.value.status_code == 413 and "the limit is 1048576" in e.value.message
     name = os.path.basename(server.run_dir)
     assert [m.id for m in server.client.models.list()] == [name]
-    assert {k: v for k, v in health(server).items() if k != "threads"} == {"status": "ok", "model": name,
-                                                                           "chat": False, "running": 0, "waiting": 0}
+    counts = ("threads", "tasks", "steps")
+    assert {k: v for k, v in health(server).items() if k not in counts} == {
+        "status": "ok", "model": name, "chat": False, "slots": 1, "running": 0, "waiting": 0}
 
 
 def test_other_methods_get_a_json_405_naming_the_allowed_ones_and_a_query_string_is_ignored(server):

@@ -21,7 +21,6 @@ PLACES = ("*.py", "bench/*.py", "tests/*.py")
 PENDING = {
     "train_gpt2.py",
     "inference.py",
-    "serve.py",
     "tests/conftest.py",
     "tests/faulty_run.py",
     "tests/test_chat.py",
