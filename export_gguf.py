@@ -87,7 +87,7 @@ def gpt2_tokenizer():
     tokens = sorted(encoder, key=encoder.get)
     assert [encoder[t] for t in tokens] == list(range(GPT2_VOCAB)), "not GPT-2's encoder.json"
     with open(vocab_bpe, encoding="utf-8") as f:
-        merges = [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#")]
+        merges = [line for line in f.read().split("\n")[1:] if line]  # after its #version line
     return tokens, merges
 
 
