@@ -108,7 +108,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     import llama_cpp
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's log, as it passes it
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # what llama.cpp logs
     llama_cpp.llama_backend_init()
 
     shape = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
