@@ -1,7 +1,7 @@
 """Decoding speed on a CPU: llama.cpp on export_gguf.py's GGUFs against inference.generate, on the
 same weights, in one process.
 
-    flock /tmp/bench.lock python bench/llamacpp_decode.py            # GPT-2 124M's shape: ~4 min
+    flock /tmp/bench.lock python bench/llamacpp_decode.py            # GPT-2 124M's shape
     python bench/llamacpp_decode.py --dry-run                         # tiny shapes, seconds
 
 A GPT of 124M's shape with random weights (seed 0) is exported as f32, f16 and q8_0 GGUFs. Each

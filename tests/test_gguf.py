@@ -79,7 +79,8 @@ def trained(tiny_run, tmp_path_factory):
     """conftest's trained tiny model (block_size 64, GPT-2's padded vocabulary) and its GGUFs."""
     out = tmp_path_factory.mktemp("gguf_trained")
     return types.SimpleNamespace(model=load_model(tiny_run.checkpoint),
-                                 gguf=export(tiny_run.checkpoint, str(out), command_line=True))
+                                 gguf=export(tiny_run.checkpoint, str(out), OUTTYPES + ("bf16",),
+                                             command_line=True))
 
 
 @pytest.fixture(scope="module")
@@ -146,39 +147,43 @@ def llama_logits(llm, ids):
     return np.array(llm.scores[:len(ids)])
 
 
-def round_to_f16(module, args):
-    return (args[0].half().float(),)
-
-
-def f16_rounded(model):
-    """A copy of model with the rounding an f16 GGUF brings: each weight matrix (every Linear's, and
-    the token embedding tied to lm_head) stored in f16, and each matrix product's input rounded to
-    f16, as ggml's f16 matmul takes it; sums stay float32, and norms, biases and the position
-    embedding, f32 in the file, are untouched."""
+def rounded(model, dtype):
+    """A copy of model with the rounding a GGUF of dtype (f16, bf16) brings: each weight matrix
+    (every Linear's, and the token embedding tied to lm_head) stored in dtype, and each matrix
+    product's input rounded to dtype, as ggml's matmul converts it; sums stay float32, and norms,
+    biases and the position embedding, f32 in the file, are untouched."""
     model = copy.deepcopy(model)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(module.weight.half().float())
-                module.register_forward_pre_hook(round_to_f16)
+                module.weight.copy_(module.weight.to(dtype).float())
+                module.register_forward_pre_hook(
+                    lambda module, args: (args[0].to(dtype).float(),))
     return model
 
 
-def test_llama_cpp_gives_our_logits_within_1e_4_in_f32_and_f16s_rounding_in_f16(trained, llama_cpp):
+def test_llama_cpp_gives_our_logits_within_1e_4_in_f32(trained, llama_cpp):
     ids = encode(trained.model, TEXT)[:64]  # the whole context
-    ours = our_logits(trained.model, ids)
     with closing(llama(llama_cpp, trained.gguf["f32"], 64)) as llm:
-        np.testing.assert_allclose(llama_logits(llm, ids), ours, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(llama_logits(llm, ids), our_logits(trained.model, ids),
+                                   atol=1e-4, rtol=0)
 
-    # f16's rounding: what storing the weights in f16 and rounding each matmul's input to f16 does
-    # to our own logits; llama.cpp's f16 logits are within twice that of ours (its rounding and
-    # ours may go opposite ways), and q8_0's, which round to 8 bits, are not.
-    rounding = np.abs(our_logits(f16_rounded(trained.model), ids) - ours).max()
-    assert 1e-5 < rounding < 1e-3
-    with closing(llama(llama_cpp, trained.gguf["f16"], 64)) as llm:
+
+@pytest.mark.parametrize("outtype, dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
+def test_llama_cpp_gives_our_logits_within_the_rounding_of_f16_and_bf16(trained, llama_cpp, outtype,
+                                                                        dtype):
+    # The rounding: what storing the weights in the outtype and rounding each matmul's input to it
+    # does to our own logits. llama.cpp's logits are within twice that of ours (its rounding and
+    # the one measured may err in opposite ways); q8_0's, which round to 8 bits, are not.
+    ids = encode(trained.model, TEXT)[:64]
+    ours = our_logits(trained.model, ids)
+    rounding = np.abs(our_logits(rounded(trained.model, dtype), ids) - ours).max()
+    assert 1e-5 < rounding < 1e-2
+    with closing(llama(llama_cpp, trained.gguf[outtype], 64)) as llm:
         np.testing.assert_allclose(llama_logits(llm, ids), ours, atol=2 * rounding, rtol=0)
-    with closing(llama(llama_cpp, trained.gguf["q8_0"], 64)) as llm:
-        assert np.abs(llama_logits(llm, ids) - ours).max() > 4 * rounding
+    if outtype == "f16":
+        with closing(llama(llama_cpp, trained.gguf["q8_0"], 64)) as llm:
+            assert np.abs(llama_logits(llm, ids) - ours).max() > 4 * rounding
 
 
 def llama_greedy(llm, prompt, new):
