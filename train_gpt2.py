@@ -45,6 +45,8 @@ import torch.utils.checkpoint
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
+import hellaswag
+
 # ----------------------------------------------------------------------------------------------
 # Settings: the run's whole configuration. Every name here can be overridden as --name=value.
 data_dir = "edu_fineweb10B"      # shards *_train_NNNNNN.npy / *_val_NNNNNN.npy (or llm.c .bin) from prepare_fineweb.py
@@ -916,125 +918,6 @@ def print_samples(model, cfg, autocast, log):
     for i, row in enumerate(out[:, len(prompt):].tolist()):
         log(f"sample {i}: {enc.decode(prompt + (row[:row.index(EOT)] if EOT in row else row))!r}")
 
-# HellaSwag, scored completion-style as in the GPT-2 reproductions: each of the 4 endings follows the context, and
-# only the ending's tokens are scored. hellaswag.py is the command line around these, and adds two more metrics.
-HELLA_FIELDS = {  # the fields scoring reads: check, what the check wants
-    "ctx": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "endings": (lambda v: isinstance(v, list) and len(v) == 4 and all(isinstance(e, str) for e in v),
-                "a list of 4 strings"),
-    "label": (lambda v: str(v) in ("0", "1", "2", "3"), "0, 1, 2 or 3"),
-    "split_type": (lambda v: isinstance(v, str), "a string")}
-HELLA_LSE_ROWS = 8  # rows of logits a CPU turns to fp32 and normalizes at once (8 x 50304 fp32 = 1.6 MB, in cache)
-def read_hellaswag(path, limit=0):
-    """The examples of a HellaSwag jsonl file (its first `limit` if > 0), checked: a bad line fails here, by line."""
-    examples = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if limit and len(examples) == limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    example = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(example, dict):
-                    raise UserError(f"{path}, line {lineno}: expected a JSON object, got {type(example).__name__}")
-                for field, (ok, want) in HELLA_FIELDS.items():
-                    if field not in example:
-                        raise UserError(f"{path}, line {lineno}: field {field!r} is missing")
-                    if not ok(example[field]):
-                        raise UserError(f"{path}, line {lineno}: field {field!r} should be {want}, "
-                                        f"got {example[field]!r}")
-                example["label"] = int(example["label"])  # Hugging Face's copy stores it as a string
-                examples.append(example)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason}); HellaSwag's jsonl is UTF-8, uncompressed") from None
-    return examples
-
-def hellaswag_tokens(examples, block_size):
-    """Per example: context tokens (cut to fit block_size), each ending's tokens with its space, endings' lengths."""
-    enc = get_tokenizer()
-    data = []
-    for i, example in enumerate(examples):
-        ends = [enc.encode(" " + e) for e in example["endings"]]
-        room = block_size - max(map(len, ends))
-        if room < 1:
-            raise UserError(f"HellaSwag example {i}: an ending is longer than block_size={block_size} tokens")
-        data.append((enc.encode(example["ctx"])[-room:], ends, [len(e) for e in example["endings"]]))
-    return data
-
-def hellaswag_groups(data, batch_tokens, fixed_shape):
-    """hellaswag_batches' batches as (example indices, row length, rows)."""
-    sizes = [len(ctx) + sum(map(len, ends)) for ctx, ends, _ in data]
-    order = sorted(range(len(data)), key=lambda i: -sizes[i])
-    longest = max(sizes, default=1)
-    groups, start = [], 0
-    while start < len(order):
-        length = longest if fixed_shape else sizes[order[start]]
-        count = max(1, batch_tokens // length)
-        idx = order[start:start + count]
-        start += count
-        groups.append((idx, length, count if fixed_shape else len(idx)))
-    return groups
-
-def hellaswag_batches(data, batch_tokens, fixed_shape=False):
-    """Batches of ~batch_tokens tokens, a right-padded row per example: the context, then the 4 endings, each placed
-    after the context, attending to it and itself only. Longest first; fixed_shape: one shape, one compile. Yields
-    (indices, (tokens, positions, mask), (states to project; per ending token: its state, id, ending 4j + k))."""
-    for idx, length, rows in hellaswag_groups(data, batch_tokens, fixed_shape):
-        tokens, pos = (torch.zeros(rows, length, dtype=torch.long) for _ in range(2))
-        part = torch.full((rows, length), 5)  # 0: context, k + 1: ending k, 5: padding, which is never scored
-        states, pick, targets, ending = [], [], [], []
-        for j, i in enumerate(idx):
-            ctx, ends, _ = data[i]
-            c = len(ctx)
-            tokens[j, :c], pos[j, :c], part[j, :c] = torch.tensor(ctx), torch.arange(c), 0
-            shared = len(states)  # the last context token predicts every ending's first token: projected once
-            states.append(j * length + c - 1)
-            at = c
-            for k, end in enumerate(ends):
-                n = len(end)
-                span = slice(at, at + n)
-                tokens[j, span], pos[j, span], part[j, span] = torch.tensor(end), torch.arange(c, c + n), k + 1
-                pick += [shared, *range(len(states), len(states) + n - 1)]
-                states += range(j * length + at, j * length + at + n - 1)  # token t predicts token t + 1
-                targets += end
-                ending += [4 * j + k] * n
-                at += n
-        # Padding sees the context and the padding before it: never an empty row, so never a NaN.
-        mask = (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])
-        mask &= torch.ones(length, length, dtype=torch.bool).tril()
-        yield idx, (tokens, pos, mask[:, None]), tuple(map(torch.tensor, (states, pick, targets, ending)))
-
-@torch.no_grad()
-def hellaswag_losses(model, data, batch_tokens, autocast, fixed_shape=False, forwards=0):
-    """(N, 4) float64 summed ending losses, projecting only states that predict an ending token (all logits cost most of
-    the time); sharded, a rank runs one-token forwards up to `forwards`."""
-    device = next(model.parameters()).device
-    losses = torch.zeros(len(data), 4, dtype=torch.float64)
-    with autocast:  # one region for all batches, so that autocast casts each weight once, not once a forward
-        zero, sees_itself = (torch.zeros(1, 1, dtype=torch.long, device=device),
-                             torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device))
-        for _ in range(forwards - len(hellaswag_groups(data, batch_tokens, fixed_shape))):
-            model.hidden_states(zero, zero, sees_itself)
-        for idx, inputs, scored in hellaswag_batches(data, batch_tokens, fixed_shape):
-            tokens, pos, mask = (t.to(device) for t in inputs)
-            states, pick, targets, ending = (t.to(device) for t in scored)
-            h = model.hidden_states(tokens, pos, mask)
-            # Real tokens' rows only: at logit 0 the padding ids would take much of a pretrained model's probability.
-            logits = F.linear(h.flatten(0, 1)[states], model.lm_head.weight[:EOT + 1])  # (N, real tokens)
-            # Each row's log-sum-exp in fp32 as x - log_softmax(x) at any column: one fused pass, logsumexp makes four.
-            # A few rows at a time stay in a CPU's cache: an fp32 copy of all logits took longer than the matmul.
-            chunk = HELLA_LSE_ROWS if device.type == "cpu" else LOSS_CHUNK_ROWS
-            chunks = (x.float() for x in logits.split(chunk))
-            lse = torch.cat([x[:, 0] - F.log_softmax(x, dim=1)[:, 0] for x in chunks])
-            nll = lse[pick] - logits[pick, targets].float()
-            total = torch.zeros(4 * len(idx), device=device).index_add_(0, ending, nll)
-            losses[idx] = total.view(-1, 4).double().cpu()
-    return losses
-
 def training_hellaswag(cfg, world, rank, log):
     """This rank's HellaSwag examples, tokenized, and their labels; or None and a warning: never stops a run."""
     path = cfg.hella_data
@@ -1047,27 +930,12 @@ def training_hellaswag(cfg, world, rank, log):
     if cfg.vocab_size <= EOT:
         log(f"warning: no HellaSwag evals, since vocab_size={cfg.vocab_size} cannot hold GPT-2's tokens")
         return None
-    examples = read_hellaswag(path, cfg.hella_examples)[rank::world]
-    return hellaswag_tokens(examples, cfg.block_size), torch.tensor([e["label"] for e in examples])
-
-def ending_lengths(data):
-    """(N, 4) float64: each ending's length in tokens, what acc_norm divides its summed loss by."""
-    return torch.tensor([list(map(len, ends)) for _, ends, _ in data], dtype=torch.float64).view(-1, 4)
-
-def evaluate_hellaswag(model, data, labels, batch_tokens, autocast):
-    """(acc_norm, examples) over all ranks: the pick is the ending with the lowest mean loss per token."""
-    device = next(model.parameters()).device
-    forwards = 0
-    if sharded(model):  # every rank runs the most batches any rank has
-        forwards = torch.tensor(len(hellaswag_groups(data, batch_tokens, True)), device=device)
-        dist.all_reduce(forwards, op=dist.ReduceOp.MAX)
-    losses = hellaswag_losses(model, data, batch_tokens, autocast, True, int(forwards))
-    picks = (losses / ending_lengths(data)).argmin(dim=1)
-    counts = torch.tensor([len(labels), (picks == labels).sum().item()], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    n, correct = counts.tolist()
-    return correct / max(n, 1), n
+    try:
+        examples = hellaswag.read_hellaswag(path, cfg.hella_examples)[rank::world]
+        data = hellaswag.hellaswag_tokens(examples, cfg.block_size, get_tokenizer())
+    except ValueError as e:  # a bad file: said in one line, as a bad setting is
+        raise UserError(str(e)) from None
+    return data, torch.tensor([e["label"] for e in examples])
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: atomic, so a kill leaves every model_NNNNNN.pt whole; older ones go once a newer one is on disk.
@@ -1666,7 +1534,8 @@ def run_evals(run, step):
         if is_master():
             print_samples(sampled, cfg, run.autocast, log)
     if run.hella:
-        acc_norm, count = evaluate_hellaswag(run.eval_model, *run.hella, cfg.B * cfg.T, run.autocast)
+        acc_norm, count = hellaswag.evaluate_hellaswag(run.eval_model, *run.hella, cfg.B * cfg.T, run.autocast,
+                                                       sharded(run.model))
         log(f"step {step:5d} | hella acc_norm {acc_norm:.4f} ({count} examples)")
         log.metrics(step, {"hella/acc_norm": acc_norm})
     run.trained.train()

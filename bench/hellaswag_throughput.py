@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from hellaswag import hellaswag_predictions  # noqa: E402
+from hellaswag import hellaswag_predictions, hellaswag_tokens, read_hellaswag  # noqa: E402
 from tests.conftest import write_hellaswag  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, autocast_context, hellaswag_tokens, read_hellaswag  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, autocast_context, get_tokenizer  # noqa: E402
 
 
 @torch.no_grad()
@@ -78,7 +78,7 @@ def main():
     torch.manual_seed(0)
     config = GPTConfig(block_size=1024, vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).eval()
-    data = hellaswag_tokens(examples, config.block_size)
+    data = hellaswag_tokens(examples, config.block_size, get_tokenizer())
     autocast = autocast_context("cpu", args.dtype)
     row = sum(len(c) + len(e) for c, ends, _ in data for e in ends) / (4 * len(data))
     packed = sum(len(c) + sum(map(len, ends)) for c, ends, _ in data) / len(data)

@@ -12,17 +12,13 @@ import torch.nn.functional as F
 from conftest import run, write_hellaswag
 
 import hellaswag
-from hellaswag import hellaswag_predictions
-from train_gpt2 import (
-    GPT,
-    GPTConfig,
-    UserError,
-    get_tokenizer,
-    hellaswag_batches,
-    hellaswag_losses,
-    hellaswag_tokens,
-    read_hellaswag,
-)
+from hellaswag import hellaswag_batches, hellaswag_losses, hellaswag_predictions, read_hellaswag
+from train_gpt2 import GPT, GPTConfig, UserError, get_tokenizer
+
+
+def hellaswag_tokens(examples, block_size):
+    """hellaswag.hellaswag_tokens with GPT-2's tokenizer, as train_gpt2.py and hellaswag.py call it."""
+    return hellaswag.hellaswag_tokens(examples, block_size, get_tokenizer())
 
 EXACT = contextlib.nullcontext()  # fp32, no autocast
 
@@ -143,7 +139,7 @@ def test_long_context_loses_its_start():
                  "label": 0, "split_type": "x"}]
     (ctx, ends, chars), = hellaswag_tokens(examples, block_size=5)
     assert ctx == get_tokenizer().encode(examples[0]["ctx"])[-3:] and chars == [1, 3, 1, 1]
-    with pytest.raises(UserError, match="longer than block_size"):
+    with pytest.raises(ValueError, match="longer than block_size"):
         hellaswag_tokens(examples, block_size=2)
 
 
@@ -181,7 +177,7 @@ def test_malformed_line_names_line_and_field(tmp_path, line, message):
     write_hellaswag(str(path), 1)
     with open(path, "a") as f:
         f.write(line + "\n")
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(ValueError, match=message):
         read_hellaswag(str(path))
 
 
@@ -189,7 +185,7 @@ def test_a_file_that_is_not_utf8_says_so(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"ctx": "K\u00f6ln", "endings": ["a", "b", "c", "d"], "label": 0, "split_type": "s"}\n'
                      .encode("latin-1"))
-    with pytest.raises(UserError) as e:
+    with pytest.raises(ValueError) as e:
         read_hellaswag(str(path))
     assert str(e.value) == f"{path}: not UTF-8 text (invalid start byte); HellaSwag's jsonl is UTF-8, uncompressed"
 
