@@ -195,15 +195,11 @@ class Decoder:
     def fixed_step(self, model):
         """GPT.forward's one-token step on fixed shapes: self.tok at position self.at (a tensor, so that a graph
         reads it afresh), attending to every cache row through a mask of the rows written."""
-        t = model.transformer
         mask = (self.rows <= self.at).view(1, 1, 1, -1)
         for cache in self.caches:
             cache.at = self.at
         try:
-            x = t.drop(t.wte(self.tok) + t.wpe(self.at))
-            for block, cache in zip(t.h, self.caches):
-                x = block(x, cache, mask)
-            return next_logits(model, model.lm_head(t.ln_f(x)))
+            return next_logits(model, model.lm_head(model.hidden_states(self.tok, self.at, mask, self.caches)))
         finally:
             for cache in self.caches:
                 cache.at = None

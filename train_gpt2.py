@@ -343,20 +343,11 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())  # the tied wte/lm_head once, as GPT-2's 124M counts it
 
     def forward(self, idx, targets=None, cache=None):
-        """cache: a KVCache per layer (inference.py's); idx then continues the cached positions, last logits only."""
-        start = cache[0].pos if cache else 0
-        Tlen = start + idx.size(1)
-        assert Tlen <= self.config.block_size, f"sequence length {Tlen} exceeds block_size {self.config.block_size}"
-        pos = torch.arange(start, Tlen, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
-        for i, block in enumerate(self.transformer.h):
-            if self.recompute and torch.is_grad_enabled():  # keep only x; the backward runs the block again
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x, cache[i] if cache else None)
+        """(logits, loss) for idx (B, T). targets (B, T): the loss alone (logits None), fused with the head.
+        cache: a KVCache per layer (inference.py's); idx then continues the cached positions, last logits only."""
+        x = self.hidden_states(idx, cache=cache)  # (B, T, n_embd)
         if cache:
             x = x[:, -1:]  # (B, 1, n_embd): decoding needs only the next token's logits
-        x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x), None  # (B, T, vocab_size)
         # With targets only the loss (logits None), fused: all rows in the matmul, padding masked inside, as a slice
@@ -365,11 +356,23 @@ class GPT(nn.Module):
         return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), dtype,
                                               self.config.real_tokens)
 
-    def hidden_states(self, idx, pos, mask):
-        """ln_f's output at pos (B, T) under mask (B, 1, T, T), True where attending: HellaSwag's shared contexts."""
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x, mask=mask)
+    def hidden_states(self, idx, pos=None, mask=None, cache=None):
+        """ln_f's output (B, T, n_embd) for idx (B, T): embeddings, blocks, final LayerNorm, the one pass that
+        training, decoding and scoring share. pos: each token's position, (T,) or (B, T); by default the T after
+        the cache's filled rows (or from 0). mask (B or 1, 1, T, keys): True where a query attends (default:
+        causal). cache: a KVCache per layer, which each block's attention extends."""
+        if pos is None:
+            start = cache[0].pos if cache else 0
+            end = start + idx.size(1)
+            assert end <= self.config.block_size, f"sequence length {end} exceeds block_size {self.config.block_size}"
+            pos = torch.arange(start, end, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
+        for i, block in enumerate(self.transformer.h):
+            layer_cache = cache[i] if cache else None
+            if self.recompute and torch.is_grad_enabled():  # keep only x; the backward runs the block again
+                x = torch.utils.checkpoint.checkpoint(block, x, layer_cache, mask, use_reentrant=False)
+            else:
+                x = block(x, layer_cache, mask)
         return self.transformer.ln_f(x)
 
     @torch.no_grad()
