@@ -3,7 +3,7 @@ checkpoint, a local Hugging Face directory, or a hub name). train_gpt2.py import
 acc_norm at each eval, as build-nanogpt's train_gpt2.py imports its hellaswag.py.
 
     python hellaswag.py --model=log/model_019073.pt          # downloads the val set once, into hellaswag/
-    python hellaswag.py --model=gpt2 --data=hellaswag_val.jsonl --limit=500 --json=out.json
+    python hellaswag.py --model=gpt2 --hella_data=hellaswag_val.jsonl --hella_examples=500 --json=out.json
 
 Scoring is completion-style, as in the GPT-2 reproductions: each of the 4 endings follows the context, and
 only the ending's tokens are scored; see HELLA_METRICS for the three ways to pick an ending. The library
@@ -277,7 +277,7 @@ def download(url, path):
                 bar.update(f.write(chunk))
     except OSError as e:  # urllib's URLError and HTTPError are OSErrors
         raise tg.UserError(f"cannot download {url} ({e}); put hellaswag_val.jsonl at {path} "
-                        f"or pass --data=path.jsonl") from None
+                        f"or pass --hella_data=path.jsonl") from None
 
 
 def parse_args(argv):
@@ -285,17 +285,24 @@ def parse_args(argv):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="train_gpt2.py checkpoint, Hugging Face directory, or hub name")
-    p.add_argument("--data", default="",
-                   help=f"HellaSwag jsonl (default: {tg.SETTINGS['hella_data']}, downloaded there if missing)")
-    p.add_argument("--limit", type=int, default=0, help="score only the first N examples (0: all)")
+    p.add_argument("--hella_data", default=tg.SETTINGS["hella_data"],
+                   help="HellaSwag jsonl (default: %(default)s, downloaded there if missing)")
+    p.add_argument("--hella_examples", type=int, default=tg.SETTINGS["hella_examples"],
+                   help="score only the file's first N examples (0: all)")
     p.add_argument("--batch_tokens", type=int, default=0, help="tokens per forward pass, padding included "
                    "(default 8192 on a GPU; 2048 on CPU, where more gains nothing)")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu; or name one")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="autocast dtype")
+    p.add_argument("--dtype", default="auto", choices=tg.DTYPES,
+                   help="autocast dtype; auto: bfloat16 where the device has it natively, else float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (one shape, compiled once)")
     p.add_argument("--json", default="", help="also write the results to this file")
+    for arg in argv:  # train_gpt2.py's names, so that a flag means one thing in both
+        old = arg.split("=")[0]
+        if old in ("--data", "--limit"):
+            new = {"--data": "--hella_data", "--limit": "--hella_examples"}[old]
+            sys.exit(f"error: {old} is now {new}, as train_gpt2.py names it")
     args = p.parse_args(argv)
-    for name in ("limit", "batch_tokens"):
+    for name in ("hella_examples", "batch_tokens"):
         if getattr(args, name) < 0:
             sys.exit(f"error: --{name}={getattr(args, name)} is negative; pass 0 for the default or a positive number")
     # checked now, as the results come only after the whole evaluation
@@ -317,13 +324,13 @@ def accuracies(correct):
 def evaluate(args):
     import train_gpt2 as tg
 
-    path = args.data or tg.SETTINGS["hella_data"]
-    if not args.data and not os.path.isfile(path):
+    path = args.hella_data
+    if path == tg.SETTINGS["hella_data"] and not os.path.isfile(path):
         download(URL, path)
     if not os.path.isfile(path):
-        raise tg.UserError(f"--data={path}: no such file")
+        raise tg.UserError(f"--hella_data={path}: no such file")
     try:
-        examples = read_hellaswag(path, args.limit)
+        examples = read_hellaswag(path, args.hella_examples)
     except ValueError as e:
         raise tg.UserError(str(e)) from None
     if not examples:
@@ -340,13 +347,14 @@ def evaluate(args):
     batch_tokens = args.batch_tokens or (2048 if device == "cpu" else 8192)
     if args.compile:  # scoring runs hidden_states, not forward
         model.hidden_states = torch.compile(model.hidden_states)
-    preds = hellaswag_predictions(model, data, batch_tokens, tg.autocast_context(device.split(":")[0], args.dtype),
+    dtype = tg.resolve_dtype(args.dtype, device.split(":")[0], None, job="score")
+    preds = hellaswag_predictions(model, data, batch_tokens, tg.autocast_context(device.split(":")[0], dtype),
                                   fixed_shape=args.compile)
     seconds = time.perf_counter() - t0
     correct = preds == torch.tensor([e["label"] for e in examples])[:, None]
     split_types = sorted({e["split_type"] for e in examples})
     by_split = {s: torch.tensor([e["split_type"] == s for e in examples]) for s in split_types}
-    return {"model": args.model, "data": path, "examples": len(examples), "device": device, "dtype": args.dtype,
+    return {"model": args.model, "data": path, "examples": len(examples), "device": device, "dtype": dtype,
             "seconds": seconds, **accuracies(correct), "metrics": HELLA_METRICS,
             "split_type": {s: {"examples": int(m.sum()), **accuracies(correct[m])} for s, m in by_split.items()}}
 

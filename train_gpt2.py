@@ -67,13 +67,13 @@ muon_momentum = 0.95             # Muon's Nesterov momentum
 muon_weight_decay = 0.1          # Muon's decoupled weight decay, in AdamW's units: p -= lr * wd * p
 grad_clip = 1.0                  # global gradient-norm clip
 eval_interval = 250              # steps between val-loss evaluations (and samples); also at the last step
-val_tokens = 10485760            # tokens per val evaluation, whatever the world size and B (20 * 2**19)
+eval_tokens = 10485760           # val tokens scored at each eval, whatever the world size and B (20 * 2**19)
 checkpoint_interval = 5000       # steps between checkpoints; one is always written at the end
 keep_checkpoints = 3             # newest checkpoints kept; older ones go once a newer one is on disk (0: keep all)
 max_bad_steps = 0                # steps with a non-finite loss or grad norm to skip (not apply) before stopping
 sample_count = 4                 # completions of sample_prompt printed at each eval after step 0
 sample_prompt = "Hello, I'm a language model,"  # what the samples printed during training continue
-sample_tokens = 32               # length in tokens of each sample, prompt included
+max_new_tokens = 24              # tokens each sample adds to the prompt (sample.py's --max_new_tokens)
 hella_data = "hellaswag/hellaswag_val.jsonl"  # scored at each eval if present; `python hellaswag.py` downloads it here
 hella_examples = 0               # HellaSwag examples scored at each eval: the file's first N (0: all 10,042)
 tracker = ""                     # where metrics go besides log.txt: tensorboard, wandb or tensorboard,wandb
@@ -105,7 +105,7 @@ Settings = dataclasses.make_dataclass("Settings", [(k, type(v), v) for k, v in S
 
 # Numeric settings that must be above 0; every other number must be at least 0.
 POSITIVE = ("total_batch_size", "B", "T", "max_lr", "muon_lr", "grad_clip", "eval_interval", "checkpoint_interval",
-            "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "sample_tokens")
+            "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "max_new_tokens")
 
 # What --preset=name changes; --name=value arguments still override it.
 SETTING_PRESETS = {"": {},
@@ -114,26 +114,31 @@ SETTING_PRESETS = {"": {},
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280), "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
     # A few minutes on a laptop CPU: a 4-layer GPT on the ~139K tokens of Python's pydoc topics.
     "quickstart": dict(data_dir="pydoc_topics", log_dir="log_quickstart", total_batch_size=512, B=4, T=128, max_lr=3e-3,
-                       min_lr=3e-4, warmup_steps=10, max_steps=80, eval_interval=40, val_tokens=2048, compile=False,
-                       checkpoint_interval=80, sample_count=2, sample_tokens=48, n_layer=4, n_head=4, n_embd=128,
+                       min_lr=3e-4, warmup_steps=10, max_steps=80, eval_interval=40, eval_tokens=2048, compile=False,
+                       checkpoint_interval=80, sample_count=2, max_new_tokens=40, n_layer=4, n_head=4, n_embd=128,
                        block_size=128, hella_data=""),
     # Fine-tune GPT-2 on your own text (prepare_fineweb.py --data_files=input.txt --out_dir=... first).
     "finetune": dict(
         init_from="gpt2", log_dir="log_finetune",    # the shape comes from it too: --init_from=gpt2-xl
         max_lr=3e-5, min_lr=3e-5, warmup_steps=0,    # constant, small, no warmup: the weights are already good
         total_batch_size=32768, B=4, max_steps=200,  # 32 rows of 1024, so many steps; ~6.5M tokens, a few epochs
-        eval_interval=20, val_tokens=65536,          # a small text overfits within tens of steps; a small val split
+        eval_interval=20, eval_tokens=65536,         # a small text overfits within tens of steps; a small val split
         checkpoint_interval=200, dropout=0.1,        # one checkpoint, at the end; dropout as GPT-2's slows overfitting
         hella_data=""),                              # HellaSwag measures GPT-2's general English, not your text
     # Make GPT-2 an assistant (chat.py): conversations from prepare_fineweb.py, rows with a messages column.
     "sft": dict(
         init_from="gpt2", log_dir="log_sft", chat=True,  # the template's tokens start as the base model's mean token
         max_lr=3e-5, min_lr=3e-5, warmup_steps=0, total_batch_size=32768, B=4,  # as finetune, for finetune's reasons
-        max_steps=3000, eval_interval=100, val_tokens=262144,  # ~98M tokens; val: the val split's first 256 rows
+        max_steps=3000, eval_interval=100, eval_tokens=262144,  # ~98M tokens; val: the val split's first 256 rows
         checkpoint_interval=500, hella_data="",  # no dropout: big data, seen about once; HellaSwag scores completions
-        sample_count=2, sample_tokens=64, sample_prompt="<|endoftext|><|user|>Who are you?<|end|><|assistant|>")}
+        sample_count=2, max_new_tokens=56, sample_prompt="<|endoftext|><|user|>Who are you?<|end|><|assistant|>")}
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# Settings renamed so that a flag two scripts share means one thing: old name -> (new name, why)
+RENAMED = {"val_tokens": ("eval_tokens", "the val tokens each eval scores (prepare_fineweb.py's --val_tokens is "
+                                         "the size of the val split)"),
+           "sample_tokens": ("max_new_tokens", "the tokens each sample adds, the prompt not counted, as sample.py's "
+                                               "--max_new_tokens")}
 TRACKERS = ("tensorboard", "wandb")  # each also the name of its package, to import and to pip install
 EOT = 50256  # <|endoftext|>, which starts every document in the shards
 LOGGED_STEP = re.compile(r"\d+ ")  # how a step's line in log.txt starts; other lines are notes a person added
@@ -150,6 +155,8 @@ def parse_args(argv):
     given = {}
     for arg in argv:
         name, eq, value = arg.removeprefix("--").partition("=")
+        if arg.startswith("--") and name in RENAMED:
+            raise UserError(f"--{name} is now --{RENAMED[name][0]}: {RENAMED[name][1]}")
         if not arg.startswith("--") or not eq or name not in SETTINGS:
             raise UserError(f"unknown setting {arg!r}; use --name=value with a name from: {', '.join(SETTINGS)}")
         kind = type(SETTINGS[name])
@@ -630,14 +637,25 @@ def cpu_flags():
     except OSError:
         return set()
 
-def resolve_dtype(setting, device_type, log=print):
-    """Said once. auto: bf16 if native, else float16 (scaled) on a GPU, float32 on a CPU (emulation is slower)."""
+# What auto picks for each job where the device has no native bf16 (resolve_dtype); float32 where unnamed
+AUTO_WITHOUT_BF16 = {"train": {"cuda": "float16", "mps": "float16"}, "score": {}, "decode": {"cpu": "bfloat16"}}
+def resolve_dtype(setting, device_type, log=print, job="train"):
+    """The dtype `setting` names, "auto" chosen for the job on this kind of device: bf16 where the device has
+    it natively. Without: training takes float16 (scaled) on a GPU and float32 on a CPU, where emulated bf16
+    is slower; scoring (bound by compute, as training) float32; decoding (bound by memory: reading half the
+    bytes pays even where bf16 is emulated, 1.77x float32 at 124M batch 1, docs/precision.md) bf16 on a CPU.
+    Said once, through log (None: silent)."""
     if setting != "auto":
-        log(f"dtype {setting} (as set)")
-        return setting
-    dtype = "bfloat16" if native_bf16(device_type) else "float16" if device_type in ("cuda", "mps") else "float32"
-    log(f"dtype {dtype} (auto: {'native' if dtype == 'bfloat16' else 'no native'} bf16 on this {device_type})")
+        dtype, why = setting, "as set"
+    elif native_bf16(device_type):
+        dtype, why = "bfloat16", f"auto: native bf16 on this {device_type}"
+    else:
+        dtype = AUTO_WITHOUT_BF16[job].get(device_type, "float32")
+        why = f"auto: no native bf16 on this {device_type}"
+    if log:
+        log(f"dtype {dtype} ({why})")
     return dtype
+
 
 def autocast_context(device_type, dtype):
     return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, getattr(torch, dtype))
@@ -916,7 +934,7 @@ def print_samples(model, cfg, autocast, log):
                         f"{model.config.vocab_size}; change --sample_prompt, or pass --sample_count=0")
     idx = torch.tensor([prompt] * cfg.sample_count, device=next(model.parameters()).device)
     with autocast:
-        out = model.generate(idx, cfg.sample_tokens - len(prompt), top_k=50,
+        out = model.generate(idx, cfg.max_new_tokens, top_k=50,
                              generator=torch.Generator(idx.device).manual_seed(42))
     for i, row in enumerate(out[:, len(prompt):].tolist()):
         log(f"sample {i}: {enc.decode(prompt + (row[:row.index(EOT)] if EOT in row else row))!r}")
@@ -1052,7 +1070,10 @@ def load_checkpoint(path):
             raise ValueError(f"record {bad} fails its CRC check")
         with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt["config"] = {**SETTINGS, **{k: v for k, v in ckpt["config"].items() if k in SETTINGS}}
+        saved = {k: v for k, v in ckpt["config"].items() if k in SETTINGS}
+        if "val_tokens" in ckpt["config"]:  # its name before RENAMED; sample_tokens meant another length
+            saved.setdefault("eval_tokens", ckpt["config"]["val_tokens"])
+        ckpt["config"] = {**SETTINGS, **saved}
         model_config(ckpt["config"])
         return ckpt
     except pickle.UnpicklingError as e:
@@ -1410,10 +1431,10 @@ def open_data(run):
         raise UserError(f"the train shards in {cfg.data_dir!r} hold {sum(run.train_loader.sizes)} tokens, fewer than "
                         f"one step's total_batch_size+1 = {cfg.total_batch_size + 1}; lower --total_batch_size")
     run.val_loader = DataLoaderLite(cfg, "val", (rank, world))
-    run.val_rows = min(cfg.val_tokens // cfg.T, (sum(run.val_loader.sizes) - 1) // cfg.T)
+    run.val_rows = min(cfg.eval_tokens // cfg.T, (sum(run.val_loader.sizes) - 1) // cfg.T)
     if run.val_rows == 0:
         raise UserError(f"the val shards in {cfg.data_dir!r} hold fewer than T+1 = {cfg.T + 1} tokens")
-    run.log(f"val loss over {run.val_rows * cfg.T} tokens (val_tokens={cfg.val_tokens} in whole rows of T, capped at "
+    run.log(f"val loss over {run.val_rows * cfg.T} tokens (eval_tokens={cfg.eval_tokens} in whole rows of T, capped at "
             f"the val split's size)")
     run.hella = training_hellaswag(cfg, world, rank, run.log)
 

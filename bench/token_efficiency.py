@@ -60,7 +60,7 @@ def settings(args, data_dir, vocab, log_dir, optimizer, lr, seed, max_lr=None, t
         *lrs, f"--seed={seed}", f"--max_steps={args.steps}", f"--warmup_steps={args.warmup}",
         f"--total_batch_size={total_batch_size or args.B * args.T}", f"--B={args.B}", f"--T={args.T}",
         f"--block_size={args.T}", "--n_layer=4", "--n_head=4", f"--n_embd={args.n_embd}",
-        f"--eval_interval={args.eval_interval}", f"--val_tokens={args.val_tokens}", f"--checkpoint_interval={10**9}",
+        f"--eval_interval={args.eval_interval}", f"--eval_tokens={args.val_tokens}", f"--checkpoint_interval={10**9}",
         "--keep_checkpoints=1", "--sample_count=0", "--hella_data=", "--compile=False", f"--dtype={args.dtype}",
         "--device=cpu", "--peak_flops=1e12"])  # a peak given: no matmul measured at every start
 

@@ -43,6 +43,22 @@ def test_unknown_or_malformed_names_list_the_valid_ones(arg):
         tg.parse_args([arg])
 
 
+@pytest.mark.parametrize("old, new", [("val_tokens", "eval_tokens"), ("sample_tokens", "max_new_tokens")])
+def test_a_renamed_setting_is_refused_naming_its_new_name(old, new):
+    with pytest.raises(tg.UserError) as err:
+        tg.parse_args([f"--{old}=64"])
+    assert str(err.value).startswith(f"--{old} is now --{new}: ") and "\n" not in str(err.value)
+
+
+def test_a_checkpoint_saved_with_val_tokens_resumes_with_it_as_eval_tokens(tmp_path):
+    path = str(tmp_path / "model_000001.pt")
+    old = {k: v for k, v in tg.SETTINGS.items() if k != "eval_tokens"}
+    torch.save({"config": {**old, "val_tokens": 4096, "sample_tokens": 32}, "step": 1}, path)
+    config = tg.load_checkpoint(path)["config"]
+    assert config["eval_tokens"] == 4096 and "val_tokens" not in config and "sample_tokens" not in config
+    assert tg.Settings(**config).eval_tokens == 4096
+
+
 def test_every_setting_is_in_the_docs_table():
     readme = open(f"{ROOT}/docs/settings.md").read()
     rows = dict(re.findall(r"^\| `(\w+)` \| `(.*?)` \|", readme, re.M))
