@@ -497,8 +497,7 @@ def main(argv=None):
     n = results["examples"]
     print(
         f"HellaSwag: {n} examples of {results['data']}, model {results['model']}, "
-        f"{results['device']} "
-        f"{results['dtype']}, {n / results['seconds']:.1f} examples/s"
+        f"{results['device']} {results['dtype']}, {n / results['seconds']:.1f} examples/s"
     )
     for name, meaning in HELLA_METRICS.items():
         print(f"{name:17s} {results[name]:.4f}  {meaning}")

@@ -777,8 +777,7 @@ class DataLoaderLite:
                 f"the checkpoint's loader stands at token {pos} of shard {shard} of an epoch, "
                 "which the "
                 f"{len(self.shards)} {self.split} shards in {os.path.dirname(self.shards[0])} do "
-                "not "
-                f"have; resume with the data_dir the run was trained on"
+                f"not have; resume with the data_dir the run was trained on"
             )
         self.epoch = epoch
         self.shard = shard
@@ -830,8 +829,7 @@ class DataLoaderLite:
                 bad = int(np.argmax(chunk >= self.vocab_size))
                 raise UserError(
                     f"{self.shards[i]}: token {chunk[bad]} at position {start + bad} is >= "
-                    "vocab_size "
-                    f"{self.vocab_size}; the shard is corrupt or from another tokenizer"
+                    f"vocab_size {self.vocab_size}; the shard is corrupt or from another tokenizer"
                 )
             chunks.append(chunk)
             if self.masks:
@@ -1215,8 +1213,7 @@ def training_hellaswag(cfg, world, rank, log):
     if not os.path.isfile(path):
         log(
             f"warning: no HellaSwag file at {path}, so no HellaSwag evals; run `python "
-            "hellaswag.py` once "
-            f"to download it there, or pass --hella_data=path.jsonl"
+            f"hellaswag.py` once to download it there, or pass --hella_data=path.jsonl"
         )
         return None
     if cfg.vocab_size <= EOT:
@@ -1340,8 +1337,7 @@ def open_data(run):
         )
     run.log(
         f"val loss over {run.val_rows * cfg.T} tokens (eval_tokens={cfg.eval_tokens} in whole "
-        "rows of T, capped at "
-        f"the val split's size)"
+        f"rows of T, capped at the val split's size)"
     )
     run.hella = training_hellaswag(cfg, world, rank, run.log)
 
@@ -1377,8 +1373,7 @@ def build_model(run):
     if cfg.fsdp and cfg.dtype == "float16":
         raise UserError(
             "--fsdp=True has no float16 gradient scaler here (its ranks could disagree on "
-            "skipping a "
-            "step); use --dtype=bfloat16 or float32, or --fsdp=False"
+            "skipping a step); use --dtype=bfloat16 or float32, or --fsdp=False"
         )
     if cfg.fsdp and dist.is_initialized():
         # after loading: every rank holds the whole checkpoint, then its shard
@@ -1502,8 +1497,7 @@ def log_step(run, step, loss, norm, lr, dt):
         skipped = " | grad norm not finite: step skipped"
     run.log(
         f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {1000 * dt:.2f}ms "
-        "| "
-        f"tok/sec {tokens_per_s:.0f} | mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{skipped}"
+        f"| tok/sec {tokens_per_s:.0f} | mfu {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{skipped}"
     )
     metrics = {
         "train/loss": loss,
@@ -1532,8 +1526,7 @@ def count_bad_step(run, step, loss, norm):
         raise UserError(
             f"step {step}: loss {loss} or grad norm {norm} is not finite; the step was not "
             "applied and "
-            "no checkpoint was written. Restart from the last good one with a lower learning "
-            "rate: "
+            "no checkpoint was written. Restart from the last good one with a lower learning rate: "
             f"{resume} --max_lr={cfg.max_lr / 2:g} --min_lr={cfg.min_lr / 2:g} "
             f"(or allow skipping with --max_bad_steps)"
         )
@@ -1707,8 +1700,7 @@ def save_checkpoint(run, step):
         previous = [p for s, p in list_checkpoints(cfg.log_dir) if s < step]
         raise UserError(
             f"cannot write checkpoint {path} ({reason}); free disk space or fix log_dir, then "
-            "resume; "
-            f"{previous[-1] if previous else 'no earlier checkpoint'} is untouched"
+            f"resume; {previous[-1] if previous else 'no earlier checkpoint'} is untouched"
         ) from None
     keep = cfg.keep_checkpoints
     for _, old in (
@@ -1753,8 +1745,7 @@ def load_checkpoint(path):
         wanted = re.search(r"GLOBAL (\S+)", str(e))
         raise UserError(
             f"{path}: refused: it holds {wanted[1] if wanted else 'a type'}, which only running "
-            "code "
-            f"from the file could build, and a checkpoint is data; load only a train_gpt2.py "
+            f"code from the file could build, and a checkpoint is data; load only a train_gpt2.py "
             f"checkpoint you trust the source of"
         ) from None
     except (
@@ -1769,8 +1760,7 @@ def load_checkpoint(path):
     ) as e:
         raise UserError(
             f"{path}: not a readable train_gpt2.py checkpoint, it is truncated, corrupt or "
-            "another kind "
-            f"of file ({type(e).__name__}: {e})"
+            f"another kind of file ({type(e).__name__}: {e})"
         ) from None
 
 
@@ -1845,8 +1835,7 @@ def check_resume(run, path, ckpt):
         # written before the world-independent stream: its position means the same in it
         log(
             f"note: {path} predates the recorded data order; from its loader position on, every "
-            "step reads the "
-            f"same tokens on any world size and B"
+            f"step reads the same tokens on any world size and B"
         )
     elif [tuple(s) for s in ckpt["shards"]] != loader.manifest():
         changes.append(
@@ -1867,8 +1856,7 @@ def check_resume(run, path, ckpt):
             )
         log(
             f"note: {was} -> {now}, as --allow_changes={cfg.allow_changes} lets it: the data "
-            "order differs "
-            f"from step {step} on"
+            f"order differs from step {step} on"
         )
     shape = [
         f"{k} {a} -> {b}"
@@ -1965,8 +1953,7 @@ def take_lock(path):
             os.close(fd)
             raise UserError(
                 f"log_dir {os.path.dirname(path)!r} is in use by {holder or 'another process'}; "
-                "wait for "
-                f"that run to end or stop it, then continue it with --resume=auto"
+                f"wait for that run to end or stop it, then continue it with --resume=auto"
             ) from None
         # a filesystem without locks (some FUSE or Lustre mounts): the run goes on unguarded
         except OSError as e:
@@ -2224,8 +2211,7 @@ class CompiledOrEager(nn.Module):
                 line = next((s for s in str(reason).splitlines() if s.strip()), "")
                 self.log(
                     f"warning: torch.compile failed ({type(reason).__name__}: {line}); running "
-                    "without it, "
-                    f"the same maths, slower. --compile=False skips the attempt"
+                    f"without it, the same maths, slower. --compile=False skips the attempt"
                 )
         return eager(*args, **kwargs)
 
@@ -2490,8 +2476,7 @@ def load_model(spec):
         except OSError as e:  # what transformers raises for a hub name it cannot fetch
             raise UserError(
                 f"--model={spec}: not a checkpoint file, a model directory, or a reachable hub "
-                "name "
-                f"({str(e).splitlines()[0]})"
+                f"name ({str(e).splitlines()[0]})"
             ) from None
     return model.eval()
 
@@ -2514,8 +2499,7 @@ def pretrained_shape(cfg, explicit):
         if cfg["block_size"] > shape["block_size"]:
             raise UserError(
                 f"--block_size={cfg['block_size']} is longer than {spec}'s {shape['block_size']}, "
-                "which has no positions past it; crop it with a smaller --block_size, never grow "
-                "it"
+                "which has no positions past it; crop it with a smaller --block_size, never grow it"
             )
         shape["block_size"] = cfg["block_size"]
     if shape["vocab_size"] > EOT and cfg["vocab_size"] > EOT:
@@ -2526,8 +2510,7 @@ def pretrained_shape(cfg, explicit):
         raise UserError(
             f"--init_from={spec} has {', '.join(f'{k}={shape[k]}' for k in conflicts)}, which "
             f"--{', --'.join(f'{k}={cfg[k]}' for k in conflicts)} contradicts; the pretrained "
-            "model sets "
-            f"these, drop them"
+            f"model sets these, drop them"
         )
     return shape
 
@@ -2591,8 +2574,7 @@ def parse_args(argv):
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(
             f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}, so heads would "
-            "have "
-            f"unequal widths; change --n_embd or --n_head"
+            f"have unequal widths; change --n_embd or --n_head"
         )
     for name, choices in (
         ("dtype", DTYPES),
@@ -2612,8 +2594,7 @@ def parse_args(argv):
     if cfg["fsdp"] and not OPTIMIZERS[cfg["optimizer"]].shardable:
         raise UserError(
             f"--optimizer={cfg['optimizer']} does not work with --fsdp=True; use DDP "
-            "(--fsdp=False) or "
-            f"--optimizer=adamw"
+            f"(--fsdp=False) or --optimizer=adamw"
         )
     if cfg["chat"] and cfg["vocab_size"] < EOT + 1 + len(CHAT_TOKENS):
         raise UserError(
