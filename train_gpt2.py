@@ -12,7 +12,7 @@ fused loss LinearCrossEntropy); the tokenizer; the data loader (DataLoaderLite);
 precision; the optimizers (AdamW, Muon) and the schedule (get_lr); MFU; the evals a run prints (val
 loss, samples, and HellaSwag, which hellaswag.py scores); the training step and train().
 
-Below the marked line (line 1577, "machinery below") comes what keeps long runs safe and big runs
+Below the marked line (line 1570, "machinery below") comes what keeps long runs safe and big runs
 fit: checkpoint files and resume checks, the lock on log_dir, sharding (FSDP2) and the memory plan,
 the run log's sinks, stopping on a signal, the process group, what other scripts import (load_model,
 local_model_path, ...), and the command line (parse_args, --help, main). A learner may stop there.
