@@ -462,7 +462,7 @@ class GPT(nn.Module):
         """(logits, loss) for idx (B, T). targets (B, T): the loss alone (logits None), fused with
         the head. cache: a KVCache per layer (inference.py's); idx then continues the cached
         positions, last logits only."""
-        x = self.hidden_states(idx, cache=cache)  # (B, T, n_embd)
+        x = self.hidden_states(idx, None, None, cache)  # default positions, causal: (B, T, n_embd)
         if cache:
             x = x[:, -1:]  # (B, 1, n_embd): decoding needs only the next token's logits
         if targets is None:
