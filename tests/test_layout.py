@@ -51,3 +51,10 @@ def test_train_gpt2_imports_hellaswag_and_not_the_other_way_at_module_level():
 
     assert "hellaswag" in top_imports("train_gpt2.py")
     assert "train_gpt2" not in top_imports("hellaswag.py")
+
+
+def test_hellaswag_scores_over_gpt2s_tokens_as_train_gpt2_counts_them():
+    import hellaswag
+    import train_gpt2
+
+    assert hellaswag.GPT2_TOKENS == train_gpt2.EOT + 1
