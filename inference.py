@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 
 import chat
-from train_gpt2 import EOT, UserError, get_tokenizer, load_model, model_from_state, native_bf16
+from hellaswag import batched_rows, pack_windows, packed_inputs
+from train_gpt2 import EOT, UserError, get_tokenizer, load_model, model_from_state
 
 # the defaults of sample.py, serve.py and sample_next
 SAMPLING = dict(temperature=1.0, top_k=50, top_p=1.0)
@@ -112,28 +113,6 @@ def encode(model, text):
     return enc.encode(text, allowed_special=special, disallowed_special=())
 
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")  # --dtype's choices in sample.py and serve.py
-
-
-def inference_dtype(setting, device_type, job):
-    """The weights' dtype for an inference job, "decode" (generation) or "score"
-    (log-probabilities), on a device_type ("cpu", "cuda", "mps"): setting, unless it is "auto". auto
-    is bfloat16 where the device has native bf16 (train_gpt2.native_bf16); else float16 on a GPU,
-    whose half arithmetic is native; else, on a CPU, bfloat16 to decode and float32 to score.
-    Decoding reads every weight once a token, so it is bound by memory, and half the bytes pay even
-    where bf16 arithmetic is emulated (1.77x float32, measured on an AMD EPYC without AVX-512);
-    scoring is bound by compute, which emulation slows (docs/precision.md)."""
-    if job not in ("decode", "score"):
-        raise ValueError(f"job={job!r}; inference_dtype's jobs are decode and score")
-    if setting != "auto":
-        return setting
-    if native_bf16(device_type):
-        return "bfloat16"
-    if device_type in ("cuda", "mps"):
-        return "float16"
-    if job == "decode":
-        return "bfloat16"
-    return "float32"
 
 
 def load_for_inference(spec, device="cpu", dtype="float32"):
@@ -470,15 +449,13 @@ class Engine:
     def fixed_step(self):
         """One token for every slot: self.tok at positions self.at (tensors, so that a graph reads
         them afresh), each row attending to the cache rows up to its own position through a mask."""
-        t = self.model.transformer
+        model = self.model
         mask = (self.positions[None] <= self.at[:, None]).view(self.slots, 1, 1, self.bs)
         for cache in self.caches:
             cache.at = self.at
         try:
-            x = t.drop(t.wte(self.tok) + t.wpe(self.at[:, None]))
-            for block, cache in zip(t.h, self.caches):
-                x = block(x, cache, mask)
-            return next_logits(self.model, self.model.lm_head(t.ln_f(x)))
+            x = model.hidden_states(self.tok, self.at[:, None], mask, self.caches)
+            return next_logits(model, model.lm_head(x))
         finally:
             for cache in self.caches:
                 cache.at = None
@@ -662,78 +639,6 @@ SCORE_ROW = 256
 SCORE_CHUNK = 256  # positions projected to logits at a time: 256 x 50257 fp32 is 51 MB
 
 
-def pack_windows(windows, capacity):
-    """Windows (lists of token ids) packed into rows. Windows that share a start share its positions, as
-    hellaswag_batches' endings share their context: sorted, so that texts with a common start are neighbours (and
-    the longer first, so that a window that starts another is read off it for free), each window after the first
-    of its group keeps only what follows the part it shares with that first, its trunk, while the group stays
-    within `capacity` positions. Groups then fill rows as long as the longest group, largest first: as long as
-    plain padded rows, and a short text fills the room a longer row leaves. Or, where that takes more positions
-    (rows x the longest), each window is a row of its own. Returns rows, each a list of groups (trunk window index,
-    [(window index, shared length)])."""
-    order = sorted(range(len(windows)), key=lambda i: (*windows[i], math.inf))
-    groups, sizes = [], []
-    for i in order:
-        w = windows[i]
-        if groups:
-            trunk = windows[groups[-1][0]]
-            shared = next((n for n, (a, b) in enumerate(zip(trunk, w)) if a != b), min(len(trunk), len(w)))
-            if shared and sizes[-1] + len(w) - shared <= capacity:
-                groups[-1][1].append((i, shared))
-                sizes[-1] += len(w) - shared
-                continue
-        groups.append((i, []))
-        sizes.append(len(w))
-    rows, room = [], []  # first fit, largest groups first
-    for g in sorted(range(len(groups)), key=lambda g: -sizes[g]):
-        r = next((r for r in range(len(rows)) if room[r] >= sizes[g]), None)
-        if r is None:
-            rows.append([])
-            room.append(max(sizes))
-            r = len(rows) - 1
-        rows[r].append(groups[g])
-        room[r] -= sizes[g]
-    # Texts that share little (a batch of unrelated prompts, as lm-eval sends them sorted by length) fill rows of
-    # the longest group's length unevenly: 30% more positions than a row each, measured on a HellaSwag-like batch.
-    alone = [[(i, [])] for i in order]
-    return min(rows, alone, key=lambda rows: len(rows) * max(row_length(windows, row) for row in rows))
-
-
-def row_length(windows, row):
-    return sum(len(windows[t]) + sum(len(windows[i]) - n for i, n in branches) for t, branches in row)
-
-
-def packed_inputs(windows, rows):
-    """(tokens, positions, attention mask) of packed rows, right-padded to the longest, and for each window the
-    flat index of the hidden state at each of its positions. A trunk's tokens attend causally within it; a window
-    that shares a trunk's first n tokens attends to those and, causally, to its own; padding, to itself."""
-    B, T = len(rows), max(row_length(windows, row) for row in rows)
-    tokens, pos = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
-    seg = -1 - torch.arange(B * T).view(B, T)  # padding: a segment of its own for each position
-    trunk_of, shared = torch.full((B, T), -1), torch.zeros(B, T, dtype=torch.long)
-    states, segments = {}, 0
-    for r, row in enumerate(rows):
-        at = 0
-        for t, branches in row:
-            n = len(windows[t])
-            tokens[r, at:at + n], pos[r, at:at + n] = torch.tensor(windows[t]), torch.arange(n)
-            seg[r, at:at + n], trunk_of[r, at:at + n] = segments, segments
-            trunk_states = list(range(r * T + at, r * T + at + n))
-            states[t], trunk, at, segments = trunk_states, segments, at + n, segments + 1
-            for i, k in branches:
-                rest = windows[i][k:]
-                span = slice(at, at + len(rest))
-                tokens[r, span], pos[r, span] = torch.tensor(rest, dtype=torch.long), torch.arange(k, k + len(rest))
-                seg[r, span], trunk_of[r, span], shared[r, span] = segments, trunk, k
-                states[i] = trunk_states[:k] + list(range(r * T + at, r * T + at + len(rest)))
-                at, segments = at + len(rest), segments + 1
-    is_trunk = ((seg == trunk_of) & (seg >= 0))[:, None, :]
-    mask = (seg[:, None, :] == seg[:, :, None]) | (is_trunk & (trunk_of[:, None, :] == trunk_of[:, :, None])
-                                                   & (pos[:, None, :] < shared[:, :, None]))
-    mask &= torch.ones(T, T, dtype=torch.bool).tril()
-    return (tokens, pos, mask[:, None]), states
-
-
 @torch.no_grad()
 def score(model, windows, top=0, gone=lambda: False):
     """Log-probabilities of many texts in few forwards. windows: (tokens, first, nxt), tokens at most block_size
@@ -742,21 +647,18 @@ def score(model, windows, top=0, gone=lambda: False):
     after the last token. Returns for each window (log-probabilities, the `top` likeliest tokens at each of those
     positions as (ids, log-probabilities), and when nxt is None the float32 logits after the last token, on the
     model's device); or None once gone() says the client left, checked before each forward. Over GPT-2's 50257
-    tokens only: ids past them pad the vocabulary. Windows are packed by pack_windows."""
+    tokens only: ids past them pad the vocabulary. Windows are packed by hellaswag.pack_windows, HellaSwag's
+    packer too."""
     model = getattr(model, "_orig_mod", model)
     device, bs = model.lm_head.weight.device, model.config.block_size
     texts = [list(tokens) for tokens, _, _ in windows]
     assert all(1 <= len(t) <= bs for t in texts) and all(1 <= f <= len(t) for t, (_, f, _) in zip(texts, windows))
     capacity = max(SCORE_ROW, 2 * max(map(len, texts)))  # room for a context and its endings in one row
-    rows = sorted(pack_windows(texts, capacity), key=lambda row: -row_length(texts, row))
     results = [None] * len(windows)
-    start = 0
-    while start < len(rows):
-        batch = rows[start:start + max(1, SCORE_TOKENS // row_length(texts, rows[start]))]
-        start += len(batch)
+    for batch, shape in batched_rows(texts, pack_windows(texts, capacity), SCORE_TOKENS):
         if gone():
             return None
-        (tokens, pos, mask), states = packed_inputs(texts, batch)
+        (tokens, pos, mask), states = packed_inputs(texts, batch, shape)
         h = model.hidden_states(tokens.to(device), pos.to(device), mask.to(device)).flatten(0, 1)
         picks, targets = [], []
         for w in states:

@@ -19,18 +19,16 @@ import sys
 import torch
 
 from inference import (
-    DTYPES,
     SAMPLING,
     encode,
     generate,
-    inference_dtype,
     load_for_inference,
     not_chat,
     seed_ok,
     stream_reply,
     stream_text,
 )
-from train_gpt2 import EOT, UserError, get_tokenizer, pick_device
+from train_gpt2 import DTYPES, EOT, UserError, get_tokenizer, pick_device, resolve_dtype
 
 
 def parse_args(argv):
@@ -87,7 +85,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
-        dtype = inference_dtype(args.dtype, torch.device(device).type, job="decode")
+        dtype = resolve_dtype(args.dtype, torch.device(device).type, None, job="decode")
         model = load_for_inference(args.model, device, dtype)
         sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed)

@@ -40,8 +40,8 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from api import API, MAX_TOKENS, APIError, Call, error_body
-from inference import DTYPES, Engine, inference_dtype, load_for_inference
-from train_gpt2 import UserError, pick_device
+from inference import Engine, load_for_inference
+from train_gpt2 import DTYPES, UserError, pick_device, resolve_dtype
 
 __all__ = ["MAX_TOKENS", "main"]
 MAX_BODY = (
@@ -378,7 +378,7 @@ def main(argv=None):
         device = pick_device(args.device)
         # One model serves both jobs: auto takes decoding's dtype, since generation is what a
         # served model does most (docs/precision.md, "--dtype=auto")
-        dtype = inference_dtype(args.dtype, torch.device(device).type, job="decode")
+        dtype = resolve_dtype(args.dtype, torch.device(device).type, None, job="decode")
         model = load_for_inference(args.model, device, dtype)
     except UserError as e:
         sock.close()

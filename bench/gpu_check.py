@@ -10,7 +10,7 @@ with its gradient scaler, and in bf16 with --optimizer=muon (train_gpt2.Muon: Mu
 matrices, AdamW for the rest), at the largest B of 64, 32, 16 that fits, as tokens/s; beside it the
 baseline, transformers' GPT2LMHeadModel compiled under bf16 autocast with fused AdamW
 (hf_train_step, which a training row can also call at its own B); HellaSwag scoring
-(train_gpt2.hellaswag_losses on synthetic examples in the real format) in examples/s; generation
+(hellaswag.hellaswag_losses on synthetic examples in the real format) in examples/s; generation
 with the KV cache in new tokens/s (bf16 autocast over fp32 weights); decoding at batch 1 and 8,
 greedy and top-k 50, 16-token prompt, 128 new tokens, bf16 weights: inference's decoder (its CUDA
 graph, and its eager step) against transformers' generate; and the ceilings, a bf16 matmul's FLOP/s
@@ -42,6 +42,7 @@ from conftest import write_hellaswag  # noqa: E402
 from generate_throughput import copy_bandwidth  # noqa: E402
 from train_throughput import HFAdapter, SyntheticLoader, usual_step  # noqa: E402
 
+import hellaswag  # noqa: E402
 import inference  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 from inference import generate  # noqa: E402
@@ -136,16 +137,16 @@ def estimate(shape, B, dtype, model, optimizer="adamw"):
 def hellaswag_row(shape, device, dtype):
     with tempfile.TemporaryDirectory() as tmp:
         path = write_hellaswag(os.path.join(tmp, "hella.jsonl"), shape["hella_examples"])
-        examples = tg.read_hellaswag(path)
-    data = tg.hellaswag_tokens(examples, shape["model"].block_size)
+        examples = hellaswag.read_hellaswag(path)
+    data = hellaswag.hellaswag_tokens(examples, shape["model"].block_size, tg.get_tokenizer())
     torch.manual_seed(0)
     model = tg.GPT(shape["model"]).to(device).eval()
     autocast = tg.autocast_context(device.split(":")[0], dtype)
     batch_tokens = 8 * shape["T"]
     start(device)
-    tg.hellaswag_losses(model, data[:8], batch_tokens, autocast)  # warm-up
+    hellaswag.hellaswag_losses(model, data[:8], batch_tokens, autocast)  # warm-up
     t0 = time.perf_counter()
-    tg.hellaswag_losses(model, data, batch_tokens, autocast)
+    hellaswag.hellaswag_losses(model, data, batch_tokens, autocast)
     synchronize(device)
     rate = len(data) / (time.perf_counter() - t0)
     return {"what": "HellaSwag", "dtype": dtype, "shape": f"{batch_tokens} tokens",

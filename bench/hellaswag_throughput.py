@@ -5,7 +5,7 @@ only slows runs.
 
     # 4 layers x 256 wide, bf16, 128 examples, 2048 tokens a batch
     python bench/hellaswag_throughput.py
-    python bench/hellaswag_throughput.py --data=hellaswag/hellaswag_val.jsonl \
+    python bench/hellaswag_throughput.py --hella_data=hellaswag/hellaswag_val.jsonl \
         --n_layer=12 --n_head=12 --n_embd=768
 """
 import argparse
@@ -20,15 +20,9 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from hellaswag import hellaswag_predictions  # noqa: E402
+from hellaswag import hellaswag_predictions, hellaswag_tokens, read_hellaswag  # noqa: E402
 from tests.conftest import write_hellaswag  # noqa: E402
-from train_gpt2 import (  # noqa: E402
-    GPT,
-    GPTConfig,
-    autocast_context,
-    hellaswag_tokens,
-    read_hellaswag,
-)
+from train_gpt2 import GPT, GPTConfig, autocast_context, get_tokenizer  # noqa: E402
 
 
 @torch.no_grad()
@@ -72,7 +66,7 @@ def fastest(scorers, data, repeats):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--data", default="",
+    p.add_argument("--hella_data", default="",
                    help="a HellaSwag jsonl; default: random examples of HellaSwag's lengths")
     p.add_argument("--examples", type=int, default=128)
     p.add_argument("--n_layer", type=int, default=4)
@@ -83,8 +77,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each; the fastest counts")
     args = p.parse_args()
 
-    if args.data:
-        examples = read_hellaswag(args.data, args.examples)
+    if args.hella_data:
+        examples = read_hellaswag(args.hella_data, args.examples)
     else:  # HellaSwag val averages about 40 words of context and 20 per ending
         with tempfile.TemporaryDirectory() as tmp:
             path = write_hellaswag(os.path.join(tmp, "h.jsonl"), args.examples, seed=0,
@@ -94,7 +88,7 @@ def main():
     config = GPTConfig(block_size=1024, vocab_size=50304, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).eval()
-    data = hellaswag_tokens(examples, config.block_size)
+    data = hellaswag_tokens(examples, config.block_size, get_tokenizer())
     autocast = autocast_context("cpu", args.dtype)
     row = sum(len(c) + len(e) for c, ends, _ in data for e in ends) / (4 * len(data))
     packed = sum(len(c) + sum(map(len, ends)) for c, ends, _ in data) / len(data)

@@ -46,7 +46,7 @@ def shape_args(data_dir, log_dir, dtype, n_layer=6, n_embd=384, B=8, T=256):
     return [f"--data_dir={data_dir}", f"--log_dir={log_dir}", f"--n_layer={n_layer}", "--n_head=6",
             f"--n_embd={n_embd}", f"--B={B}", f"--T={T}", f"--block_size={T}",
             f"--total_batch_size={2 * B * T}", f"--vocab_size={VOCAB}",
-            "--max_steps=2", "--warmup_steps=1", "--eval_interval=2", f"--val_tokens={B * T}",
+            "--max_steps=2", "--warmup_steps=1", "--eval_interval=2", f"--eval_tokens={B * T}",
             "--checkpoint_interval=1000000", "--compile=False", f"--dtype={dtype}", "--device=cpu",
             "--sample_count=0", "--hella_data=", "--peak_flops=1e12"]
 

@@ -70,7 +70,7 @@ def settings(args, data_dir, vocab, log_dir, optimizer, lr, seed, max_lr=None,
         f"--total_batch_size={total_batch_size or args.B * args.T}", f"--B={args.B}",
         f"--T={args.T}", f"--block_size={args.T}", "--n_layer=4", "--n_head=4",
         f"--n_embd={args.n_embd}", f"--eval_interval={args.eval_interval}",
-        f"--val_tokens={args.val_tokens}", f"--checkpoint_interval={10**9}",
+        f"--eval_tokens={args.eval_tokens}", f"--checkpoint_interval={10**9}",
         "--keep_checkpoints=1", "--sample_count=0", "--hella_data=", "--compile=False",
         f"--dtype={args.dtype}", "--device=cpu",
         "--peak_flops=1e12"])  # a peak given: no matmul measured at every start
@@ -151,7 +151,7 @@ def main():
     p.add_argument("--T", type=int, default=64)
     p.add_argument("--n_embd", type=int, default=128)
     p.add_argument("--eval_interval", type=int, default=10)
-    p.add_argument("--val_tokens", type=int, default=4096)
+    p.add_argument("--eval_tokens", type=int, default=4096)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--adamw_lrs", default="1e-3,2e-3,4e-3", help="AdamW's max_lr grid")
     p.add_argument("--muon_lrs", default="4e-3,8e-3,1.6e-2,3.2e-2", help="Muon's muon_lr grid")

@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 # A model small enough that a step takes milliseconds on CPU, trained in float32 so runs are exact.
 TINY = ["--B=4", "--T=32", "--total_batch_size=256", "--n_layer=2", "--n_head=2", "--n_embd=32",
         "--vocab_size=512", "--block_size=64", "--warmup_steps=2", "--max_steps=8", "--eval_interval=4",
-        "--checkpoint_interval=4", "--val_tokens=512", "--compile=False", "--dtype=float32",
+        "--checkpoint_interval=4", "--eval_tokens=512", "--compile=False", "--dtype=float32",
         "--sample_count=0", "--device=cpu", "--hella_data="]  # hermetic: no HellaSwag file a user downloaded
 
 
@@ -185,7 +185,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_run")
     write_shards(str(root / "data"), [4000, 5000])
     log_dir = root / "log"
-    result = train([*TINY, "--vocab_size=50304", "--sample_count=2", "--sample_tokens=16", "--hella_data=",
+    result = train([*TINY, "--vocab_size=50304", "--sample_count=2", "--max_new_tokens=8", "--hella_data=",
                     f"--data_dir={root / 'data'}", f"--log_dir={log_dir}"])
     assert result.returncode == 0, result.stderr
     return types.SimpleNamespace(checkpoint=str(log_dir / "model_000008.pt"), stdout=result.stdout)

@@ -327,7 +327,7 @@ def sft(tiny_run, tmp_path_factory):
     prepare_fineweb.prepare(prepare_fineweb.parse_args(
         [f"--data_files={data}", f"--out={root / 'data'}", "--shard_size=1500", "--num_proc=1"]))
     args = [*SFT, "--preset=sft", f"--init_from={tiny_run.checkpoint}", f"--data_dir={root / 'data'}",
-            "--max_lr=1e-3", "--min_lr=1e-3", "--sample_count=1", "--sample_tokens=24"]
+            "--max_lr=1e-3", "--min_lr=1e-3", "--sample_count=1", "--max_new_tokens=16"]
     straight = str(root / "straight")
     r = train([*args, f"--log_dir={straight}"])
     assert r.returncode == 0, r.stderr

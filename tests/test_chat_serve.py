@@ -346,7 +346,7 @@ def test_sft_teaches_a_tiny_model_to_answer_sums(tmp_path):
                  "--shard_size=20000", "--num_proc=1"], timeout=300)
         assert r.returncode == 0, r.stderr
     common = ["--B=8", "--T=64", "--total_batch_size=512", "--compile=False", "--dtype=float32", "--device=cpu",
-              "--sample_count=0", "--hella_data=", "--val_tokens=512"]
+              "--sample_count=0", "--hella_data=", "--eval_tokens=512"]
     r = train([*common, "--n_layer=2", "--n_head=4", "--n_embd=64", "--vocab_size=50304", "--block_size=64",
                "--warmup_steps=5", "--max_steps=30", "--eval_interval=30", "--checkpoint_interval=30", "--max_lr=3e-3",
                "--min_lr=3e-4", f"--data_dir={tmp_path / 'text'}", f"--log_dir={tmp_path / 'base'}"], timeout=900)

@@ -41,7 +41,7 @@ def entry_points(root, path):
         "sample.py": [f"{ROOT}/sample.py", f"--model={path}", "--device=cpu"],
         "export_hf.py": [f"{ROOT}/export_hf.py", f"--model={path}", f"--out={out}"],
         "hellaswag.py": [f"{ROOT}/hellaswag.py", f"--model={path}", "--device=cpu",
-                         f"--data={root / 'hellaswag.jsonl'}"],
+                         f"--hella_data={root / 'hellaswag.jsonl'}"],
         "--init_from": [f"{ROOT}/train_gpt2.py", *TINY, *data, f"--init_from={path}", f"--log_dir={root / 'a'}"],
         "--resume": [f"{ROOT}/train_gpt2.py", *TINY, *data, f"--resume={path}", f"--log_dir={root / 'b'}"],
         "--resume=auto": [f"{ROOT}/train_gpt2.py", *TINY, *data, "--resume=auto", f"--log_dir={path.parent}"],

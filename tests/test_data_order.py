@@ -9,7 +9,7 @@ from conftest import ROOT, TINY, finished_run, run, train, train_losses, write_s
 # 384 tokens a step: 6 micro-batches of 2x32, split over 1, 2 or 3 ranks. Shards of ~1000 tokens put a shard
 # end in every third step, and val rows that 2 or 3 ranks cannot share evenly.
 ARGS = TINY + ["--B=2", "--total_batch_size=384", "--max_steps=12", "--eval_interval=6", "--checkpoint_interval=6",
-               "--val_tokens=1120"]
+               "--eval_tokens=1120"]
 
 
 def torchrun(nproc, args):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY, hf_gpt2, read_log, train, train_losses, write_hellaswag, write_shards
 
+import hellaswag
 import train_gpt2
 from train_gpt2 import GPT, GPTConfig, UserError, parse_args
 
@@ -72,9 +73,10 @@ def test_padding_changes_no_loss(setup):
     idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(padded(idx, idx)[1], plain(idx, idx)[1], rtol=1e-6, atol=0)
-        data = train_gpt2.hellaswag_tokens([{"ctx": "a man", "endings": ["runs", "a b", "c", "dog"]}], 64)
-        torch.testing.assert_close(train_gpt2.hellaswag_losses(padded, data, 256, torch.autocast("cpu", enabled=False)),
-                                   train_gpt2.hellaswag_losses(plain, data, 256, torch.autocast("cpu", enabled=False)))
+        data = hellaswag.hellaswag_tokens([{"ctx": "a man", "endings": ["runs", "a b", "c", "dog"]}], 64,
+                                          train_gpt2.get_tokenizer())
+        torch.testing.assert_close(hellaswag.hellaswag_losses(padded, data, 256, torch.autocast("cpu", enabled=False)),
+                                   hellaswag.hellaswag_losses(plain, data, 256, torch.autocast("cpu", enabled=False)))
 
 
 def test_finetuning_lowers_val_loss_and_resumes_exactly(setup, tmp_path):

@@ -10,8 +10,8 @@ from conftest import ROOT, WORDS, hf_gpt2, run, train_losses
 # added to each script's README arguments where the README gives no value: the stand-in, and a run of seconds
 SHRINK = {
     "train_gpt2.py": ["--T=32", "--B=4", "--total_batch_size=128", "--max_steps=6", "--eval_interval=3",
-                      "--checkpoint_interval=6", "--val_tokens=256", "--compile=False", "--dtype=float32",
-                      "--device=cpu", "--sample_count=1", "--sample_tokens=12"],
+                      "--checkpoint_interval=6", "--eval_tokens=256", "--compile=False", "--dtype=float32",
+                      "--device=cpu", "--sample_count=1", "--max_new_tokens=4"],
     "sample.py": ["--max_new_tokens=8", "--device=cpu", "--dtype=float32"],
 }
 

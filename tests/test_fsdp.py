@@ -11,7 +11,7 @@ from conftest import ROOT, TINY, finished_run, run, train, train_losses, write_h
 
 # GPT-2's vocabulary, for samples and HellaSwag; 2 micro-steps a step at 2 ranks; 5 val rows of 32, which 2
 # ranks of B=2 cannot share evenly, so one rank runs a forward with no rows of its own.
-ARGS = TINY + ["--B=2", "--vocab_size=50304", "--val_tokens=160", "--sample_count=2", "--sample_tokens=12"]
+ARGS = TINY + ["--B=2", "--vocab_size=50304", "--eval_tokens=160", "--sample_count=2", "--max_new_tokens=4"]
 
 
 def torchrun(args, nproc=2):

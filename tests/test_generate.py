@@ -15,7 +15,6 @@ from inference import (
     generate,
     generate_stream,
     hold_for_inference,
-    inference_dtype,
     load_for_inference,
     sample_next,
 )
@@ -231,12 +230,11 @@ def test_auto_dtype_is_chosen_per_job_from_what_the_hardware_has(monkeypatch, de
     monkeypatch.setattr(train_gpt2, "cpu_flags", lambda: hardware if device == "cpu" else set())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: hardware)
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda *a: hardware)
-    assert inference_dtype("auto", device, job="decode") == decode
-    assert inference_dtype("auto", device, job="score") == score
+    assert train_gpt2.resolve_dtype("auto", device, None, job="decode") == decode
+    assert train_gpt2.resolve_dtype("auto", device, None, job="score") == score
     for named in ("bfloat16", "float16", "float32"):  # a named dtype is taken as it is
-        assert inference_dtype(named, device, job="decode") == named == inference_dtype(named, device, job="score")
-    with pytest.raises(ValueError, match="jobs are decode and score"):
-        inference_dtype("auto", device, job="train")
+        for job in ("decode", "score"):
+            assert train_gpt2.resolve_dtype(named, device, None, job=job) == named
 
 
 @pytest.mark.parametrize("script", ["sample", "serve"])

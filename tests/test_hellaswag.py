@@ -12,17 +12,13 @@ import torch.nn.functional as F
 from conftest import run, write_hellaswag
 
 import hellaswag
-from hellaswag import hellaswag_predictions
-from train_gpt2 import (
-    GPT,
-    GPTConfig,
-    UserError,
-    get_tokenizer,
-    hellaswag_batches,
-    hellaswag_losses,
-    hellaswag_tokens,
-    read_hellaswag,
-)
+from hellaswag import hellaswag_batches, hellaswag_losses, hellaswag_predictions, read_hellaswag
+from train_gpt2 import GPT, GPTConfig, UserError, get_tokenizer
+
+
+def hellaswag_tokens(examples, block_size):
+    """hellaswag.hellaswag_tokens with GPT-2's tokenizer, as train_gpt2.py and hellaswag.py call it."""
+    return hellaswag.hellaswag_tokens(examples, block_size, get_tokenizer())
 
 EXACT = contextlib.nullcontext()  # fp32, no autocast
 
@@ -143,7 +139,7 @@ def test_long_context_loses_its_start():
                  "label": 0, "split_type": "x"}]
     (ctx, ends, chars), = hellaswag_tokens(examples, block_size=5)
     assert ctx == get_tokenizer().encode(examples[0]["ctx"])[-3:] and chars == [1, 3, 1, 1]
-    with pytest.raises(UserError, match="longer than block_size"):
+    with pytest.raises(ValueError, match="longer than block_size"):
         hellaswag_tokens(examples, block_size=2)
 
 
@@ -181,7 +177,7 @@ def test_malformed_line_names_line_and_field(tmp_path, line, message):
     write_hellaswag(str(path), 1)
     with open(path, "a") as f:
         f.write(line + "\n")
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(ValueError, match=message):
         read_hellaswag(str(path))
 
 
@@ -189,7 +185,7 @@ def test_a_file_that_is_not_utf8_says_so(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"ctx": "K\u00f6ln", "endings": ["a", "b", "c", "d"], "label": 0, "split_type": "s"}\n'
                      .encode("latin-1"))
-    with pytest.raises(UserError) as e:
+    with pytest.raises(ValueError) as e:
         read_hellaswag(str(path))
     assert str(e.value) == f"{path}: not UTF-8 text (invalid start byte); HellaSwag's jsonl is UTF-8, uncompressed"
 
@@ -210,7 +206,7 @@ def test_download_goes_through_a_temp_file(tmp_path):
     hellaswag.download("file://" + source, dest)
     assert open(dest, "rb").read() == open(source, "rb").read()
     missing = str(tmp_path / "elsewhere" / "hellaswag_val.jsonl")
-    with pytest.raises(UserError, match=f"put hellaswag_val.jsonl at {missing} or pass --data=path.jsonl"):
+    with pytest.raises(UserError, match=f"put hellaswag_val.jsonl at {missing} or pass --hella_data=path.jsonl"):
         hellaswag.download("file://" + str(tmp_path / "no_such_file"), missing)
     assert os.listdir(tmp_path / "elsewhere") == []
 
@@ -222,7 +218,8 @@ def test_hf_directory_scores_as_transformers_does(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     data = write_hellaswag(str(tmp_path / "h.jsonl"), 20, seed=4, ctx_words=(3, 12), ending_words=(1, 6))
     out = tmp_path / "out.json"
-    hellaswag.main([f"--model={tmp_path / 'hf'}", f"--data={data}", "--device=cpu", "--dtype=float32", f"--json={out}"])
+    hellaswag.main([f"--model={tmp_path / 'hf'}", f"--hella_data={data}", "--device=cpu", "--dtype=float32",
+                    f"--json={out}"])
     examples = read_hellaswag(data)
     expected = reference_predictions(lambda x: (hf(x).logits, None), examples)
     correct = expected == torch.tensor([e["label"] for e in examples])[:, None]
@@ -232,7 +229,7 @@ def test_hf_directory_scores_as_transformers_does(tmp_path):
 
 def test_unknown_model_is_one_line(tmp_path):
     data = write_hellaswag(str(tmp_path / "h.jsonl"), 2)
-    proc = run([sys.executable, "hellaswag.py", "--model=no/such-model", f"--data={data}", "--device=cpu"],
+    proc = run([sys.executable, "hellaswag.py", "--model=no/such-model", f"--hella_data={data}", "--device=cpu"],
                env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1 and proc.stderr.startswith("error: --model=no/such-model: not a checkpoint file")
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -244,16 +241,19 @@ def test_unknown_model_is_one_line(tmp_path):
     ("--json={tmp}", "--json={tmp}: is a directory; name a file in an existing directory"),
     ("--json={tmp}/nowhere/out.json", "--json={tmp}/nowhere/out.json: no directory {tmp}/nowhere; "
                                       "name a file in an existing directory"),
-    ("--limit=-1", "--limit=-1 is negative; pass 0 for the default or a positive number"),
+    ("--hella_examples=-1", "--hella_examples=-1 is negative; pass 0 for the default or a positive number"),
     ("--batch_tokens=-5", "--batch_tokens=-5 is negative; pass 0 for the default or a positive number"),
     ("--model={tmp}/log/model_000099.pt", "--model={tmp}/log/model_000099.pt: no such file or directory; "
                                           "check the path"),
-], ids=["json under a file", "json is a directory", "json in no directory", "limit", "batch_tokens", "model"])
+    ("--data=x.jsonl", "--data is now --hella_data, as train_gpt2.py names it"),
+    ("--limit=5", "--limit is now --hella_examples, as train_gpt2.py names it"),
+], ids=["json under a file", "json is a directory", "json in no directory", "limit", "batch_tokens", "model",
+        "old --data", "old --limit"])
 def test_bad_arguments_are_refused_before_evaluating(tmp_path, monkeypatch, arg, message):
     (tmp_path / "afile").write_text("mine")
     monkeypatch.setattr(hellaswag, "evaluate", lambda args: pytest.fail("evaluated before checking the arguments"))
     with pytest.raises(SystemExit) as exit:  # sys.exit(message): the message on stderr, exit status 1
-        hellaswag.main(["--model=gpt2", "--data=h.jsonl", arg.format(tmp=tmp_path)])
+        hellaswag.main(["--model=gpt2", "--hella_data=h.jsonl", arg.format(tmp=tmp_path)])
     assert exit.value.code == "error: " + message.format(tmp=tmp_path)
     assert (tmp_path / "afile").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["afile"]
 
@@ -262,7 +262,7 @@ def test_bad_arguments_are_refused_before_evaluating(tmp_path, monkeypatch, arg,
 def test_a_failed_json_write_is_one_line_after_the_printed_results(tiny_run, tmp_path, capsys):
     data = write_hellaswag(str(tmp_path / "h.jsonl"), 4)
     with pytest.raises(SystemExit) as exit:
-        hellaswag.main([f"--model={tiny_run.checkpoint}", f"--data={data}", "--device=cpu", "--json=/dev/full"])
+        hellaswag.main([f"--model={tiny_run.checkpoint}", f"--hella_data={data}", "--device=cpu", "--json=/dev/full"])
     assert exit.value.code == "error: cannot write --json=/dev/full ([Errno 28] No space left on device); " \
                               "the results are printed above"
     assert capsys.readouterr().out.startswith(f"HellaSwag: 4 examples of {data}")

@@ -44,7 +44,7 @@ def test_cli_scores_a_checkpoint_as_training_did(trained, tmp_path):
     _, _, log_dir, data = trained
     out = str(tmp_path / "out.json")
     proc = run([sys.executable, "hellaswag.py", f"--model={os.path.join(log_dir, 'model_000008.pt')}",
-                f"--data={data}", "--device=cpu", "--dtype=float32", f"--json={out}"])
+                f"--hella_data={data}", "--device=cpu", "--dtype=float32", f"--json={out}"])
     assert proc.returncode == 0, proc.stderr
     assert f"HellaSwag: {N} examples" in proc.stdout
     printed = dict(re.findall(r"^(acc\w*) +([0-9.]+) ", proc.stdout, re.M))
@@ -65,7 +65,7 @@ def test_cli_rejects_malformed_file(tmp_path, trained):
     with open(bad, "a") as f:
         f.write('{"ctx": "x", "endings": ["a", "b", "c", "d"], "split_type": "s"}\n')
     proc = run([sys.executable, "hellaswag.py", f"--model={os.path.join(log_dir, 'model_000008.pt')}",
-                f"--data={bad}", "--device=cpu"])
+                f"--hella_data={bad}", "--device=cpu"])
     assert proc.returncode == 1 and proc.stderr.strip() == f"error: {bad}, line 4: field 'label' is missing"
 
 

@@ -14,7 +14,8 @@ import torch
 from conftest import ROOT, run, start_server
 
 import inference
-from inference import generate, pack_windows, row_length, score
+from hellaswag import pack_windows, row_length
+from inference import generate, score
 from train_gpt2 import EOT, get_tokenizer, load_model
 
 torch.set_num_threads(1)

@@ -42,6 +42,28 @@ def test_auto_dtype_per_device_and_capability(monkeypatch, device_type, capabili
     assert said[-1] == "dtype float32 (as set)"
 
 
+@pytest.mark.parametrize("device_type, capability, flags, macos14, train, score, decode", [
+    ("cpu", None, {"avx2", "avx512f", "avx512_bf16"}, False, "bfloat16", "bfloat16", "bfloat16"),  # native bf16
+    ("cpu", None, {"avx2"}, False, "float32", "float32", "bfloat16"),  # emulated: decoding still reads half
+    ("cuda", (8, 0), set(), False, "bfloat16", "bfloat16", "bfloat16"),  # A100
+    ("cuda", (7, 5), set(), False, "float16", "float16", "float16"),  # T4: fp16 native
+    ("mps", None, set(), True, "bfloat16", "bfloat16", "bfloat16"),
+    ("mps", None, set(), False, "float16", "float16", "float16"),  # macOS 13: no bf16 in Metal
+])
+def test_auto_dtype_per_job(monkeypatch, device_type, capability, flags, macos14, train, score, decode):
+    """Training and scoring are bound by compute, so auto takes bf16 only where it is native; decoding is bound
+    by memory, so on a CPU auto takes bf16 weights even where bf16 arithmetic is emulated."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(tg, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos14)
+    said = []
+    for job, want in (("train", train), ("score", score), ("decode", decode)):
+        assert tg.resolve_dtype("auto", device_type, said.append, job=job) == want
+        assert tg.resolve_dtype("float32", device_type, None, job=job) == "float32"  # as named, silently
+    assert tg.resolve_dtype("auto", device_type, None) == train  # the job a caller names nothing for
+    assert len(said) == 3
+
+
 def test_cpu_flags_reads_this_machine():
     flags = tg.cpu_flags()
     if os.path.exists("/proc/cpuinfo"):

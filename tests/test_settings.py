@@ -43,6 +43,22 @@ def test_unknown_or_malformed_names_list_the_valid_ones(arg):
         tg.parse_args([arg])
 
 
+@pytest.mark.parametrize("old, new", [("val_tokens", "eval_tokens"), ("sample_tokens", "max_new_tokens")])
+def test_a_renamed_setting_is_refused_naming_its_new_name(old, new):
+    with pytest.raises(tg.UserError) as err:
+        tg.parse_args([f"--{old}=64"])
+    assert str(err.value).startswith(f"--{old} is now --{new}: ") and "\n" not in str(err.value)
+
+
+def test_a_checkpoint_saved_with_val_tokens_resumes_with_it_as_eval_tokens(tmp_path):
+    path = str(tmp_path / "model_000001.pt")
+    old = {k: v for k, v in tg.SETTINGS.items() if k != "eval_tokens"}
+    torch.save({"config": {**old, "val_tokens": 4096, "sample_tokens": 32}, "step": 1}, path)
+    config = tg.load_checkpoint(path)["config"]
+    assert config["eval_tokens"] == 4096 and "val_tokens" not in config and "sample_tokens" not in config
+    assert tg.Settings(**config).eval_tokens == 4096
+
+
 def test_every_setting_is_in_the_docs_table():
     readme = open(f"{ROOT}/docs/settings.md").read()
     rows = dict(re.findall(r"^\| `(\w+)` \| `(.*?)` \|", readme, re.M))
@@ -124,3 +140,38 @@ def test_help_lists_every_setting_with_its_default():
     assert out.returncode == 0 and out.stderr == ""
     assert "torchrun --standalone --nproc_per_node=8 train_gpt2.py" in out.stdout
     assert all(f"  --{k}={v}\n" in out.stdout + "\n" for k, v in tg.SETTINGS.items())
+
+
+def settings_block_comments():
+    """Each comment of the settings block (the lines from the first "# fmt: off" to its "# fmt: on"), read
+    from the file as text: (the setting it follows or "" for a group line, its text)."""
+    lines = open(f"{ROOT}/train_gpt2.py", encoding="utf-8").read().splitlines()
+    first = lines.index("# fmt: off")
+    last = lines.index("# fmt: on", first)
+    found, setting = [], ""
+    for line in lines[first + 1:last]:
+        name = re.match(r"(\w+) = ", line)
+        setting = name[1] if name else "" if line.startswith("#") else setting
+        if "#" in line:
+            found.append((setting, line[line.index("#", line.index("=") + 1 if name else 0):][1:].strip()))
+    return found
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_explains_every_setting_in_its_group_and_the_presets(flag):
+    out = run([sys.executable, f"{ROOT}/train_gpt2.py", flag], timeout=60)
+    assert out.returncode == 0 and out.stderr == ""
+    comments = settings_block_comments()
+    assert {s for s, _ in comments} - {""} == set(tg.SETTINGS)  # every setting has its comment
+    assert len(comments) > len(tg.SETTINGS) + 5  # and the groups theirs
+    printed = out.stdout
+    for setting, text in comments:
+        assert text in printed, text
+        if setting:  # under its setting's line, not elsewhere
+            assert printed.index(text) > printed.index(f"  --{setting}={tg.SETTINGS[setting]}\n")
+    groups = [text for setting, text in comments if not setting]
+    assert [printed.index(f"\n{g}:\n") for g in groups] == sorted(printed.index(f"\n{g}:\n") for g in groups)
+    for name, changes in tg.SETTING_PRESETS.items():
+        if name:
+            assert f"  {name}: --" in printed
+            assert all(f"--{k}={v}" in " ".join(printed.split()) for k, v in changes.items()), name
