@@ -47,7 +47,9 @@ class LlamaCpp:
         self.lc, self.batch = lc, batch
         self.model = lc.llama_model_load_from_file(path.encode(), lc.llama_model_default_params())
         params = lc.llama_context_default_params()
-        params.n_ctx, params.n_batch, params.n_seq_max = n_ctx * batch, n_ctx * batch, batch
+        params.n_ctx = n_ctx * batch
+        params.n_batch = n_ctx * batch
+        params.n_seq_max = batch
         params.n_threads = params.n_threads_batch = threads
         self.ctx = lc.llama_init_from_model(self.model, params)
         assert self.model and self.ctx, f"llama.cpp could not load {path}"
@@ -59,7 +61,10 @@ class LlamaCpp:
         lb = self.lb
         lb.n_tokens = len(rows)
         for i, (token, pos, seq, wants) in enumerate(rows):
-            lb.token[i], lb.pos[i], lb.n_seq_id[i], lb.logits[i] = token, pos, 1, wants
+            lb.token[i] = token
+            lb.pos[i] = pos
+            lb.n_seq_id[i] = 1
+            lb.logits[i] = wants
             lb.seq_id[i][0] = seq
         assert self.lc.llama_decode(self.ctx, lb) == 0, "llama_decode failed"
 
@@ -112,9 +117,13 @@ def main():
     llama_cpp.llama_backend_init()
 
     shape = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
-    new, rounds, batches = 128, args.rounds, (1, 8)
+    new = 128
+    rounds = args.rounds
+    batches = (1, 8)
     if args.dry_run:
-        shape, new, rounds = dict(n_layer=2, n_head=2, n_embd=64, block_size=64), 16, 1
+        shape = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
+        new = 16
+        rounds = 1
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50304, **shape)).eval()
     prompt = get_tokenizer().encode(PROMPT)[:16]

@@ -151,7 +151,10 @@ def settings_block_comments():
     found, setting = [], ""
     for line in lines[first + 1:last]:
         name = re.match(r"(\w+) = ", line)
-        setting = name[1] if name else "" if line.startswith("#") else setting
+        if name:
+            setting = name[1]
+        elif line.startswith("#"):
+            setting = ""
         if "#" in line:
             found.append((setting, line[line.index("#", line.index("=") + 1 if name else 0):][1:].strip()))
     return found
