@@ -113,8 +113,6 @@ def encode(model, text):
     return enc.encode(text, allowed_special=special, disallowed_special=())
 
 
-
-
 def load_for_inference(spec, device="cpu", dtype="float32"):
     """train_gpt2.load_model's GPT (any checkpoint, run directory, Hugging Face directory or hub
     name) on device, held for inference with its weights in dtype ("bfloat16", "float16" or
@@ -628,32 +626,37 @@ def stream_text(model, tokens, max_new_tokens, stop=(), ends=(EOT,), **sampling)
 
 
 # ----------------------------------------------------------------------------------------------
-# Scoring: the log-probability of every token of many texts at once, for serve.py's echo and logprobs.
+# Scoring: the log-probability of every token of many texts at once, for serve.py's echo and
+# logprobs.
 
 SCORE_TOKENS = 16384  # positions a scoring forward takes at most: B x T of the packed rows
-# Positions a group of windows that share a start may take (or twice the longest window, if more): room for a
-# context and its endings. Rows are as long as the longest group: attention over a packed row is computed whole
-# and masked, so rows much longer than their texts cost more attention than padding would (16 texts of 64 packed
-# in one 1024-wide row made attention a third of a forward on CPU).
+# Positions a group of windows that share a start may take (or twice the longest window, if more):
+# room for a context and its endings. Rows are as long as the longest group: attention over a packed
+# row is computed whole and masked, so rows much longer than their texts cost more attention than
+# padding would (16 texts of 64 packed in one 1024-wide row made attention a third of a forward on
+# CPU).
 SCORE_ROW = 256
 SCORE_CHUNK = 256  # positions projected to logits at a time: 256 x 50257 fp32 is 51 MB
 
 
 @torch.no_grad()
 def score(model, windows, top=0, gone=lambda: False):
-    """Log-probabilities of many texts in few forwards. windows: (tokens, first, nxt), tokens at most block_size
-    ids, read as one text from position 0: wanted are the log-probabilities of tokens[first:] (first >= 1), each
-    given the tokens before it, and of nxt, an id, given all of them; nxt None asks instead for the distribution
-    after the last token. Returns for each window (log-probabilities, the `top` likeliest tokens at each of those
-    positions as (ids, log-probabilities), and when nxt is None the float32 logits after the last token, on the
-    model's device); or None once gone() says the client left, checked before each forward. Over GPT-2's 50257
-    tokens only: ids past them pad the vocabulary. Windows are packed by hellaswag.pack_windows, HellaSwag's
-    packer too."""
+    """Log-probabilities of many texts in few forwards. windows: (tokens, first, nxt), tokens at
+    most block_size ids, read as one text from position 0: wanted are the log-probabilities of
+    tokens[first:] (first >= 1), each given the tokens before it, and of nxt, an id, given all of
+    them; nxt None asks instead for the distribution after the last token. Returns for each window
+    (log-probabilities, the `top` likeliest tokens at each of those positions as (ids,
+    log-probabilities), and when nxt is None the float32 logits after the last token, on the model's
+    device); or None once gone() says the client left, checked before each forward. Over GPT-2's
+    50257 tokens only: ids past them pad the vocabulary. Windows are packed by
+    hellaswag.pack_windows, HellaSwag's packer too."""
     model = getattr(model, "_orig_mod", model)
     device, bs = model.lm_head.weight.device, model.config.block_size
     texts = [list(tokens) for tokens, _, _ in windows]
-    assert all(1 <= len(t) <= bs for t in texts) and all(1 <= f <= len(t) for t, (_, f, _) in zip(texts, windows))
-    capacity = max(SCORE_ROW, 2 * max(map(len, texts)))  # room for a context and its endings in one row
+    assert all(1 <= len(t) <= bs for t in texts)
+    assert all(1 <= f <= len(t) for t, (_, f, _) in zip(texts, windows))
+    # room for a context and its endings in one row
+    capacity = max(SCORE_ROW, 2 * max(map(len, texts)))
     results = [None] * len(windows)
     for batch, shape in batched_rows(texts, pack_windows(texts, capacity), SCORE_TOKENS):
         if gone():
@@ -665,15 +668,19 @@ def score(model, windows, top=0, gone=lambda: False):
             _, first, nxt = windows[w]
             picks += states[w][first - 1:]
             targets += texts[w][first:] + [-1 if nxt is None else nxt]
-        # Windows that share a start share its hidden states: each is projected to logits once (a context that
-        # four endings share, once, not four times), and every window reads its own targets off those rows.
+        # Windows that share a start share its hidden states: each is projected to logits once (a
+        # context that four endings share, once, not four times), and every window reads its own
+        # targets off those rows.
         unique, which = torch.tensor(picks, device=device).unique(return_inverse=True)
         targets = torch.tensor(targets, device=device)
-        lps, tops, lasts = torch.empty(len(picks), device=device), [], {}
+        lps = torch.empty(len(picks), device=device)
+        tops = []
+        lasts = {}
         for at in range(0, len(unique), SCORE_CHUNK):
-            # The model's own head, then the real tokens' columns: a matmul onto the 50257 rows alone is an odd
-            # shape, which on CPU took 45% longer than onto all 50304.
-            logits = model.lm_head(h[unique[at:at + SCORE_CHUNK]])[:, :model.config.real_tokens].float()
+            # The model's own head, then the real tokens' columns: a matmul onto the 50257 rows
+            # alone is an odd shape, which on CPU took 45% longer than onto all 50304.
+            rows = unique[at:at + SCORE_CHUNK]
+            logits = model.lm_head(h[rows])[:, :model.config.real_tokens].float()
             logp = logits.log_softmax(dim=-1)
             mine = ((which >= at) & (which < at + len(logits))).nonzero()[:, 0]
             lps[mine] = logp[which[mine] - at, targets[mine].clamp(min=0)]

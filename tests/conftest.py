@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny random shards and a tiny, exact (fp32, uncompiled) training configuration; subprocesses
-that can never outlive their test."""
+"""Shared fixtures: tiny random shards and a tiny, exact (fp32, uncompiled) training configuration;
+subprocesses that can never outlive their test."""
+
 import http.client
 import itertools
 import json
@@ -18,10 +19,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # A model small enough that a step takes milliseconds on CPU, trained in float32 so runs are exact.
-TINY = ["--B=4", "--T=32", "--total_batch_size=256", "--n_layer=2", "--n_head=2", "--n_embd=32",
-        "--vocab_size=512", "--block_size=64", "--warmup_steps=2", "--max_steps=8", "--eval_interval=4",
-        "--checkpoint_interval=4", "--eval_tokens=512", "--compile=False", "--dtype=float32",
-        "--sample_count=0", "--device=cpu", "--hella_data="]  # hermetic: no HellaSwag file a user downloaded
+TINY = [
+    "--B=4",
+    "--T=32",
+    "--total_batch_size=256",
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=32",
+    "--vocab_size=512",
+    "--block_size=64",
+    "--warmup_steps=2",
+    "--max_steps=8",
+    "--eval_interval=4",
+    "--checkpoint_interval=4",
+    "--eval_tokens=512",
+    "--compile=False",
+    "--dtype=float32",
+    # hermetic: no HellaSwag file a user downloaded
+    "--sample_count=0",
+    "--device=cpu",
+    "--hella_data=",
+]
 
 
 def write_shards(data_dir, sizes, vocab=500, seed=0, prefix="tiny"):
@@ -37,9 +55,9 @@ def write_shards(data_dir, sizes, vocab=500, seed=0, prefix="tiny"):
     return paths
 
 
-# Every process a test starts carries MARK in its environment, and so does everything it starts in turn. torchrun
-# gives each worker a session of its own, and an orphaned worker leaves the tree, so neither a process group nor
-# the process tree finds them all; the mark does.
+# Every process a test starts carries MARK in its environment, and so does everything it starts in
+# turn. torchrun gives each worker a session of its own, and an orphaned worker leaves the tree, so
+# neither a process group nor the process tree finds them all; the mark does.
 MARK = "GPT2_TEST_PROCESS"
 _marks = itertools.count()
 
@@ -49,7 +67,8 @@ def new_mark():
 
 
 def kill_marked(mark):
-    """SIGKILLs every process whose environment carries MARK=mark (a prefix: one test's, or the whole session's)."""
+    """SIGKILLs every process whose environment carries MARK=mark (a prefix: one test's, or the
+    whole session's)."""
     needle = f"{MARK}={mark}".encode()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -62,10 +81,12 @@ def kill_marked(mark):
 
 
 def spawn(args, env=None, **kw):
-    """subprocess.Popen with the project's thread count and a mark of its own: stop() it, or the session's end kills
-    it and all it started."""
+    """subprocess.Popen with the project's thread count and a mark of its own: stop() it, or the
+    session's end kills it and all it started."""
     mark = new_mark()
-    proc = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {}), MARK: mark}, **kw)
+    proc = subprocess.Popen(
+        args, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {}), MARK: mark}, **kw
+    )
     proc.mark = mark
     return proc
 
@@ -83,11 +104,19 @@ def _no_process_outlives_the_tests():
 
 
 def run(args, cwd=None, timeout=600, env=None, **popen):
-    """Runs a command with the project's interpreter; returns the CompletedProcess (text output). Whatever happens,
-    no process it started is left when it returns; past timeout they are all killed and TimeoutExpired is raised,
-    so a hang is a failure, never a stuck suite."""
-    proc = spawn(args, env=env, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                 start_new_session=True, **popen)
+    """Runs a command with the project's interpreter; returns the CompletedProcess (text output).
+    Whatever happens, no process it started is left when it returns; past timeout they are all
+    killed and TimeoutExpired is raised, so a hang is a failure, never a stuck suite."""
+    proc = spawn(
+        args,
+        env=env,
+        cwd=cwd or ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **popen,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -104,7 +133,8 @@ def train(args, **kw):
 
 
 def finished_run(tmp_path_factory, name, args):
-    """The log_dir of a train_gpt2.py run with args, made in a fresh temp directory, that must finish."""
+    """The log_dir of a train_gpt2.py run with args, made in a fresh temp directory, that must
+    finish."""
     log_dir = str(tmp_path_factory.mktemp(name))
     r = train([*args, f"--log_dir={log_dir}"])
     assert r.returncode == 0, r.stderr
@@ -112,7 +142,8 @@ def finished_run(tmp_path_factory, name, args):
 
 
 def read_log(log_dir):
-    """(the run record as a dict, the step lines) of log_dir/log.txt: the one place tests parse a log."""
+    """(the run record as a dict, the step lines) of log_dir/log.txt: the one place tests parse a
+    log."""
     with open(os.path.join(log_dir, "log.txt")) as f:
         lines = f.readlines()
     assert lines[0].startswith("# train_gpt2.py run {"), lines[0]
@@ -132,47 +163,74 @@ def shards(tmp_path):
     return str(data_dir)
 
 
-WORDS = ("the a man woman dog ball kitchen knife water slowly quickly then runs jumps holds shows camera "
-         "guitar plays into over under bowl paint wall car wheel rope climbs rock snow ski board hair brush "
-         "lemon cuts table smiles talks begins continues finally picks puts down up out café naïve").split()
+WORDS = (
+    "the a man woman dog ball kitchen knife water slowly quickly then runs jumps holds shows "
+    "camera guitar plays into over under bowl paint wall car wheel rope climbs rock snow ski board "
+    "hair brush lemon cuts table smiles talks begins continues finally picks puts down up out café "
+    "naïve"
+).split()
 
 
 def write_hellaswag(path, n, seed=0, ctx_words=(5, 40), ending_words=(1, 15)):
-    """n random examples in HellaSwag's real jsonl format (the val file's fields), endings of varied lengths."""
+    """n random examples in HellaSwag's real jsonl format (the val file's fields), endings of varied
+    lengths."""
     rng = np.random.default_rng(seed)
-    words = lambda lo, hi: " ".join(rng.choice(WORDS, rng.integers(lo, hi + 1)))
+
+    def words(lo, hi):
+        return " ".join(rng.choice(WORDS, rng.integers(lo, hi + 1)))
+
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
             ctx_a, ctx_b = words(ctx_words[0], ctx_words[1] // 2), words(1, ctx_words[1] // 2)
-            f.write(json.dumps({
-                "ind": 24 + i, "activity_label": words(1, 3), "ctx_a": ctx_a, "ctx_b": ctx_b,
-                "ctx": f"{ctx_a} {ctx_b}", "split": "val", "split_type": ("indomain", "zeroshot")[i % 2],
-                "label": int(rng.integers(4)), "endings": [words(*ending_words) for _ in range(4)],
-                "source_id": f"activitynet~v_{i:05d}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "ind": 24 + i,
+                        "activity_label": words(1, 3),
+                        "ctx_a": ctx_a,
+                        "ctx_b": ctx_b,
+                        "ctx": f"{ctx_a} {ctx_b}",
+                        "split": "val",
+                        "split_type": ("indomain", "zeroshot")[i % 2],
+                        "label": int(rng.integers(4)),
+                        "endings": [words(*ending_words) for _ in range(4)],
+                        "source_id": f"activitynet~v_{i:05d}",
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
-ARITHMETIC_QUESTIONS = ("What is {a}+{b}?", "What is {a} plus {b}?", "Compute {a} + {b}.", "{a}+{b}=?")
+ARITHMETIC_QUESTIONS = (
+    "What is {a}+{b}?",
+    "What is {a} plus {b}?",
+    "Compute {a} + {b}.",
+    "{a}+{b}=?",
+)
 
 
 def arithmetic_chats(n, seed=0, phrasings=ARITHMETIC_QUESTIONS):
-    """n conversations in the hub's chat format teaching single-digit addition ("What is 3+4?" -> "7"): each asks one
-    to three sums (later ones are follow-up turns) in one of `phrasings`, a third of them after a system message."""
+    """n conversations in the hub's chat format teaching single-digit addition ("What is 3+4?" ->
+    "7"): each asks one to three sums (later ones are follow-up turns) in one of `phrasings`, a
+    third of them after a system message."""
     rng = np.random.default_rng(seed)
     chats = []
     for i in range(n):
         messages = [{"role": "system", "content": "You are a calculator."}] if i % 3 == 0 else []
         for _ in range(int(rng.integers(1, 4))):
             a, b = (int(v) for v in rng.integers(0, 10, 2))
-            messages += [{"role": "user", "content": str(rng.choice(phrasings)).format(a=a, b=b)},
-                         {"role": "assistant", "content": str(a + b)}]
+            messages += [
+                {"role": "user", "content": str(rng.choice(phrasings)).format(a=a, b=b)},
+                {"role": "assistant", "content": str(a + b)},
+            ]
         chats.append({"messages": messages})
     return chats
 
 
 def write_arithmetic_chats(path, n, seed=0, phrasings=ARITHMETIC_QUESTIONS):
-    """arithmetic_chats as a chats.jsonl file, one {"messages": [...]} row a line, for prepare_fineweb.py
-    --data_files; returns path."""
+    """arithmetic_chats as a chats.jsonl file, one {"messages": [...]} row a line, for
+    prepare_fineweb.py --data_files; returns path."""
     with open(path, "w") as f:
         f.writelines(json.dumps(chat) + "\n" for chat in arithmetic_chats(n, seed, phrasings))
     return str(path)
@@ -180,26 +238,41 @@ def write_arithmetic_chats(path, n, seed=0, phrasings=ARITHMETIC_QUESTIONS):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """A tiny model trained 8 steps with GPT-2's padded vocabulary, so that every real token id exists;
-    .checkpoint is its final checkpoint, .stdout the run's output (with 2 in-training samples)."""
+    """A tiny model trained 8 steps with GPT-2's padded vocabulary, so that every real token id
+    exists; .checkpoint is its final checkpoint, .stdout the run's output (with 2 in-training
+    samples)."""
     root = tmp_path_factory.mktemp("tiny_run")
     write_shards(str(root / "data"), [4000, 5000])
     log_dir = root / "log"
-    result = train([*TINY, "--vocab_size=50304", "--sample_count=2", "--max_new_tokens=8", "--hella_data=",
-                    f"--data_dir={root / 'data'}", f"--log_dir={log_dir}"])
+    result = train(
+        [
+            *TINY,
+            "--vocab_size=50304",
+            "--sample_count=2",
+            "--max_new_tokens=8",
+            "--hella_data=",
+            f"--data_dir={root / 'data'}",
+            f"--log_dir={log_dir}",
+        ]
+    )
     assert result.returncode == 0, result.stderr
     return types.SimpleNamespace(checkpoint=str(log_dir / "model_000008.pt"), stdout=result.stdout)
 
 
 def tiny_model(block_size=16, vocab_size=64, seed=0, chat=False):
-    """A 2-layer, 32-wide GPT in eval mode with its weights scaled 4x: a random init gives near-uniform logits, and
-    sharper ones make greedy paths vary, so that decoders that differ give different tokens."""
+    """A 2-layer, 32-wide GPT in eval mode with its weights scaled 4x: a random init gives
+    near-uniform logits, and sharper ones make greedy paths vary, so that decoders that differ give
+    different tokens."""
     import torch
 
     from train_gpt2 import GPT, GPTConfig
+
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32,
-                          chat=chat)).eval()
+    model = GPT(
+        GPTConfig(
+            block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, chat=chat
+        )
+    ).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(4)
@@ -207,46 +280,67 @@ def tiny_model(block_size=16, vocab_size=64, seed=0, chat=False):
 
 
 def hf_gpt2(path, n_positions=96, n_embd=40, n_layer=2, n_head=5, seed=0):
-    """A random transformers GPT2LMHeadModel of GPT-2's vocabulary saved with save_pretrained at path, standing in
-    for the hub's gpt2, which this machine cannot download; returned in eval mode."""
+    """A random transformers GPT2LMHeadModel of GPT-2's vocabulary saved with save_pretrained at
+    path, standing in for the hub's gpt2, which this machine cannot download; returned in eval
+    mode."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                                    n_head=n_head))
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=50257, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head
+        )
+    )
     hf.save_pretrained(path)
     return hf.eval()  # built in training mode, with GPT-2's dropout
 
 
 @pytest.fixture(scope="session")
 def serve_run(tmp_path_factory):
-    """A run directory as serve.py takes it: a tiny random GPT (GPT-2's padded vocabulary, block_size 64,
-    weights sharpened so that greedy text varies) saved as its checkpoint model_000001.pt, and a newer
-    model_000002.pt cut short, which loading skips with a warning."""
+    """A run directory as serve.py takes it: a tiny random GPT (GPT-2's padded vocabulary,
+    block_size 64, weights sharpened so that greedy text varies) saved as its checkpoint
+    model_000001.pt, and a newer model_000002.pt cut short, which loading skips with a warning."""
     import torch
 
     from train_gpt2 import MODEL_KEYS
+
     model = tiny_model(block_size=64, vocab_size=50304)
     run_dir = tmp_path_factory.mktemp("serve_run")
-    torch.save({"model": model.state_dict(), "config": {k: getattr(model.config, k) for k in MODEL_KEYS}},
-               run_dir / "model_000001.pt")
+    torch.save(
+        {"model": model.state_dict(), "config": {k: getattr(model.config, k) for k in MODEL_KEYS}},
+        run_dir / "model_000001.pt",
+    )
     (run_dir / "model_000002.pt").write_bytes((run_dir / "model_000001.pt").read_bytes()[:1000])
     return types.SimpleNamespace(dir=str(run_dir), checkpoint=str(run_dir / "model_000001.pt"))
 
 
 def start_server(model, log_path, *args):
-    """serve.py on a free port of 127.0.0.1, started as a user would; (the process, its base URL)."""
+    """serve.py on a free port of 127.0.0.1, started as a user would; (the process, its base
+    URL)."""
     log = open(log_path, "w")
-    proc = spawn([sys.executable, f"{ROOT}/serve.py", f"--model={model}", "--port=0", "--device=cpu",
-                  "--dtype=float32", *args], stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = spawn(
+        [
+            sys.executable,
+            f"{ROOT}/serve.py",
+            f"--model={model}",
+            "--port=0",
+            "--device=cpu",
+            "--dtype=float32",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     line = proc.stdout.readline()
     assert line.startswith("serving "), open(log_path).read()
     return proc, re.search(r"http://127\.0\.0\.1:\d+", line)[0]
 
 
 def request(url, method, path, body=None, headers=None):
-    """(status, parsed JSON body) of one raw HTTP request to serve.py, for what the openai client would never send;
-    headers may replace Host."""
+    """(status, parsed JSON body) of one raw HTTP request to serve.py, for what the openai client
+    would never send; headers may replace Host."""
     conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
     conn.request(method, path, body=body, headers=headers or {})
     response = conn.getresponse()

@@ -1,14 +1,18 @@
-"""train_gpt2.py with faults injected at named points, for the fault tests (used as the script to run,
+"""train_gpt2.py with faults injected at named points, for the fault tests (used as the script to
+run,
 alone or under torchrun). The faults are set by environment variables:
 
-FAULT_AT=point@n    at the n-th time this process reaches `point`, send it FAULT_SIGNAL (default SIGKILL).
-                    The points: train-batch and val-batch (a micro-batch read), checkpoint-half-written,
-                    checkpoint-rename and checkpoint-renamed (just before and just after a checkpoint's rename),
-                    log-rename (log.txt's rewrite at start-up, before its rename) and checkpoint-deleted (just
-                    after an old checkpoint is deleted).
-FAULT_RANK=r        inject only on rank r, and only in the first attempt of a torchrun --max-restarts group.
-FAULT_NAN_STEPS=a,b the a-th, b-th, ... training steps of this process (counting from 1) get a NaN loss.
-"""
+FAULT_AT=point@n    at the n-th time this process reaches `point`, send it FAULT_SIGNAL (default
+SIGKILL).
+                    The points: train-batch and val-batch (a micro-batch read),
+                    checkpoint-half-written, checkpoint-rename and checkpoint-renamed (just before
+                    and just after a checkpoint's rename), log-rename (log.txt's rewrite at
+                    start-up, before its rename) and checkpoint-deleted (just after an old
+                    checkpoint is deleted).
+FAULT_RANK=r        inject only on rank r, and only in the first attempt of a torchrun
+--max-restarts group. FAULT_NAN_STEPS=a,b the a-th, b-th, ... training steps of this process
+(counting from 1) get a NaN loss."""
+
 import collections
 import io
 import os
@@ -20,11 +24,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt2 as tg  # noqa: E402
 
-active = (os.environ.get("RANK", "0") == os.environ.get("FAULT_RANK", "0")
-          and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0")
+active = (
+    os.environ.get("RANK", "0") == os.environ.get("FAULT_RANK", "0")
+    and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+)
 fault_point, _, fault_count = (os.environ.get("FAULT_AT", "") if active else "").partition("@")
 fault_signal = signal.Signals[os.environ.get("FAULT_SIGNAL", "SIGKILL")]
-nan_steps = {int(s) for s in os.environ.get("FAULT_NAN_STEPS", "").split(",") if s} if active else set()
+nan_steps = (
+    {int(s) for s in os.environ.get("FAULT_NAN_STEPS", "").split(",") if s} if active else set()
+)
 reached = collections.Counter()
 
 
@@ -47,6 +55,7 @@ def wrap(owner, attr, before=None, after=None):
         if after:
             point(after(*args))
         return result
+
     setattr(owner, attr, wrapped)
 
 
@@ -54,21 +63,27 @@ def save_in_two_halves(obj, f):
     buf = io.BytesIO()
     real_save(obj, buf)
     data = buf.getvalue()
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
     f.flush()
     point("checkpoint-half-written")
-    f.write(data[len(data) // 2:])
+    f.write(data[len(data) // 2 :])
 
 
 def renamed(dst):
-    return "checkpoint" if dst.endswith(".pt") else "log" if dst.endswith("log.txt") else ""
+    if dst.endswith(".pt"):
+        return "checkpoint"
+    return "log" if dst.endswith("log.txt") else ""
 
 
 real_save = torch.save
 torch.save = save_in_two_halves
 wrap(tg.DataLoaderLite, "read", before=lambda loader, *_: f"{loader.split}-batch")
-wrap(os, "replace", before=lambda src, dst: renamed(dst) and f"{renamed(dst)}-rename",
-     after=lambda src, dst: renamed(dst) == "checkpoint" and "checkpoint-renamed")
+wrap(
+    os,
+    "replace",
+    before=lambda src, dst: renamed(dst) and f"{renamed(dst)}-rename",
+    after=lambda src, dst: renamed(dst) == "checkpoint" and "checkpoint-renamed",
+)
 wrap(os, "remove", after=lambda path: path.endswith(".pt") and "checkpoint-deleted")
 
 train_steps = 0

@@ -1,6 +1,7 @@
-"""A checkpoint is data, never code: every entry point loads .pt files with weights_only, so a file whose
-unpickling would run a command is refused in one line and the command never runs; checkpoints written before
-numpy's RNG state became a list still load, and resume bit-identically."""
+"""A checkpoint is data, never code: every entry point loads .pt files with weights_only, so a file
+whose unpickling would run a command is refused in one line and the command never runs; checkpoints
+written before numpy's RNG state became a list still load, and resume bit-identically."""
+
 import os
 import shutil
 import sys
@@ -12,7 +13,8 @@ from conftest import ROOT, TINY, run, train, train_losses, write_hellaswag, writ
 
 
 class Payload:
-    """What an attacker pickles: unpickling it calls os.system, which appends a line to the marker file."""
+    """What an attacker pickles: unpickling it calls os.system, which appends a line to the marker
+    file."""
 
     def __init__(self, marker):
         self.marker = marker
@@ -40,16 +42,48 @@ def entry_points(root, path):
         "serve.py": [f"{ROOT}/serve.py", f"--model={path}", "--port=0", "--device=cpu"],
         "sample.py": [f"{ROOT}/sample.py", f"--model={path}", "--device=cpu"],
         "export_hf.py": [f"{ROOT}/export_hf.py", f"--model={path}", f"--out={out}"],
-        "hellaswag.py": [f"{ROOT}/hellaswag.py", f"--model={path}", "--device=cpu",
-                         f"--hella_data={root / 'hellaswag.jsonl'}"],
-        "--init_from": [f"{ROOT}/train_gpt2.py", *TINY, *data, f"--init_from={path}", f"--log_dir={root / 'a'}"],
-        "--resume": [f"{ROOT}/train_gpt2.py", *TINY, *data, f"--resume={path}", f"--log_dir={root / 'b'}"],
-        "--resume=auto": [f"{ROOT}/train_gpt2.py", *TINY, *data, "--resume=auto", f"--log_dir={path.parent}"],
+        "hellaswag.py": [
+            f"{ROOT}/hellaswag.py",
+            f"--model={path}",
+            "--device=cpu",
+            f"--hella_data={root / 'hellaswag.jsonl'}",
+        ],
+        "--init_from": [
+            f"{ROOT}/train_gpt2.py",
+            *TINY,
+            *data,
+            f"--init_from={path}",
+            f"--log_dir={root / 'a'}",
+        ],
+        "--resume": [
+            f"{ROOT}/train_gpt2.py",
+            *TINY,
+            *data,
+            f"--resume={path}",
+            f"--log_dir={root / 'b'}",
+        ],
+        "--resume=auto": [
+            f"{ROOT}/train_gpt2.py",
+            *TINY,
+            *data,
+            "--resume=auto",
+            f"--log_dir={path.parent}",
+        ],
     }
 
 
-@pytest.mark.parametrize("entry", ["serve.py", "sample.py", "export_hf.py", "hellaswag.py", "--init_from",
-                                   "--resume", "--resume=auto"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "serve.py",
+        "sample.py",
+        "export_hf.py",
+        "hellaswag.py",
+        "--init_from",
+        "--resume",
+        "--resume=auto",
+    ],
+)
 def test_a_pickled_command_is_refused_by_every_entry_point_and_never_runs(crafted, entry):
     root, path, marker = crafted
     r = run([sys.executable, *entry_points(root, path)[entry]], timeout=120)
@@ -57,7 +91,8 @@ def test_a_pickled_command_is_refused_by_every_entry_point_and_never_runs(crafte
     assert not marker.exists(), "the file's code ran"
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, r.stderr[-2000:]
-    # the refusal names what the file wanted; for --resume=auto it is the warning the error points to
+    # the refusal names what the file wanted; for --resume=auto it is the warning the error points
+    # to
     refusal = errors[0] if entry != "--resume=auto" else r.stdout
     assert f"{path}: refused: it holds posix.system" in refusal, (r.stdout + r.stderr)[-2000:]
     assert not (root / "out").exists()
@@ -66,8 +101,12 @@ def test_a_pickled_command_is_refused_by_every_entry_point_and_never_runs(crafte
 def test_plot_skips_the_file_without_running_it(crafted, tmp_path):
     root, path, marker = crafted
     shutil.copy(path, tmp_path)
-    (tmp_path / "log.txt").write_text("0 train 10.5\n0 val 10.6\n1 train 9.8\n")  # no record: plot reads a checkpoint
-    r = run([sys.executable, f"{ROOT}/plot.py", str(tmp_path), f"--out={tmp_path / 'curves.png'}"], timeout=120)
+    # no record: plot reads a checkpoint
+    (tmp_path / "log.txt").write_text("0 train 10.5\n0 val 10.6\n1 train 9.8\n")
+    r = run(
+        [sys.executable, f"{ROOT}/plot.py", str(tmp_path), f"--out={tmp_path / 'curves.png'}"],
+        timeout=120,
+    )
     assert not marker.exists(), "the file's code ran"
     assert "skipping" in r.stderr and "model_000004.pt" in r.stderr, r.stderr
 
@@ -82,19 +121,21 @@ def test_no_unsafe_load_is_left_in_the_project():
 
 
 def as_written_before(path):
-    """Rewrites a checkpoint as train_gpt2.py wrote it before checkpoints held only safe types: numpy's RNG state
-    as np.random.get_state() gives it, with its key as an ndarray."""
+    """Rewrites a checkpoint as train_gpt2.py wrote it before checkpoints held only safe types:
+    numpy's RNG state as np.random.get_state() gives it, with its key as an ndarray."""
     ckpt = torch.load(path, weights_only=True)
     name, keys, *rest = ckpt["rng"]["numpy"]
     ckpt["rng"]["numpy"] = (name, np.array(keys, dtype=np.uint32), *rest)
     torch.save(ckpt, path)
-    with pytest.raises(Exception, match="numpy"):  # what made it unsafe: it no longer loads without the allow-list
+    # what made it unsafe: it no longer loads without the allow-list
+    with pytest.raises(Exception, match="numpy"):
         torch.load(path, weights_only=True)
 
 
 def test_a_checkpoint_from_before_resumes_bit_identically(tmp_path):
     write_shards(str(tmp_path / "data"), [4000, 5000, 3000])
-    args = TINY + [f"--data_dir={tmp_path / 'data'}", "--dropout=0.1"]  # dropout: the RNG state matters
+    # dropout: the RNG state matters
+    args = TINY + [f"--data_dir={tmp_path / 'data'}", "--dropout=0.1"]
     straight = tmp_path / "straight"
     assert train(args + [f"--log_dir={straight}"]).returncode == 0
     resumed = tmp_path / "resumed"
@@ -105,4 +146,5 @@ def test_a_checkpoint_from_before_resumes_bit_identically(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout and "at step 4" in r.stdout
     full = train_losses(str(straight))
-    assert train_losses(str(resumed)) == {s: v for s, v in full.items() if s >= 4}  # bit-identical in float32
+    # bit-identical in float32
+    assert train_losses(str(resumed)) == {s: v for s, v in full.items() if s >= 4}

@@ -1,5 +1,6 @@
-"""export_hf.py: a trained checkpoint becomes a directory that transformers loads offline, giving our logits
-and our tokenization, and that train_gpt2 loads back unchanged."""
+"""export_hf.py: a trained checkpoint becomes a directory that transformers loads offline, giving
+our logits and our tokenization, and that train_gpt2 loads back unchanged."""
+
 import errno
 import json
 import os
@@ -12,14 +13,18 @@ from conftest import ROOT, run
 from export_hf import export_hf
 from train_gpt2 import GPT, GPTConfig, UserError, get_tokenizer, load_model
 
-SENTENCE = "Hello, I'm a language model: naïve café — 1,024 tokens cost $3.50!\n\n  <|endoftext|>Next."
+SENTENCE = (
+    "Hello, I'm a language model: naïve café — 1,024 tokens cost $3.50!\n\n  <|endoftext|>Next."
+)
 
 
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("export") / "hf")
-    result = run([sys.executable, f"{ROOT}/export_hf.py", f"--model={tiny_run.checkpoint}", f"--out={out}"],
-                 env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    result = run(
+        [sys.executable, f"{ROOT}/export_hf.py", f"--model={tiny_run.checkpoint}", f"--out={out}"],
+        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"wrote {out}\n"
     return out
@@ -28,6 +33,7 @@ def exported(tiny_run, tmp_path_factory):
 def test_transformers_gives_our_logits(tiny_run, exported, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from transformers import GPT2LMHeadModel
+
     hf = GPT2LMHeadModel.from_pretrained(exported).eval()
     assert hf.config.vocab_size == 50257 and hf.config.n_positions == 64
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied, as ours
@@ -43,6 +49,7 @@ def test_transformers_gives_our_logits(tiny_run, exported, monkeypatch):
 def test_tokenizer_matches_ours(exported, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from transformers import GPT2TokenizerFast
+
     tok = GPT2TokenizerFast.from_pretrained(exported)
     ids = get_tokenizer().encode(SENTENCE, allowed_special="all")
     assert tok.encode(SENTENCE) == ids
@@ -58,8 +65,14 @@ def test_round_trips_through_from_pretrained(tiny_run, exported):
         if name in ("lm_head.weight", "transformer.wte.weight"):
             expected[50257:] = 0  # the padding rows are dropped on export and come back as zeros
         assert torch.equal(back.state_dict()[name], expected), name
-    assert sorted(os.listdir(exported)) == ["config.json", "merges.txt", "model.safetensors",
-                                            "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+    assert sorted(os.listdir(exported)) == [
+        "config.json",
+        "merges.txt",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
     with open(os.path.join(exported, "config.json")) as f:
         assert json.load(f)["activation_function"] == "gelu_new"
 
@@ -68,9 +81,19 @@ def test_refuses_to_overwrite_or_to_export_a_vocab_smaller_than_gpt2s(tiny_run, 
     keep = tmp_path / "existing" / "notes.txt"
     keep.parent.mkdir()
     keep.write_text("mine")
-    result = run([sys.executable, f"{ROOT}/export_hf.py", f"--model={tiny_run.checkpoint}", f"--out={keep.parent}"])
+    result = run(
+        [
+            sys.executable,
+            f"{ROOT}/export_hf.py",
+            f"--model={tiny_run.checkpoint}",
+            f"--out={keep.parent}",
+        ]
+    )
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: --out={keep.parent} exists and is not empty; name a new directory"
+    assert (
+        result.stderr.strip()
+        == f"error: --out={keep.parent} exists and is not empty; name a new directory"
+    )
     assert os.listdir(keep.parent) == ["notes.txt"] and keep.read_text() == "mine"
 
     small = GPT(GPTConfig(block_size=16, vocab_size=512, n_layer=1, n_head=1, n_embd=8))
@@ -85,41 +108,68 @@ def test_a_broken_model_directory_is_named(exported, tmp_path):
     for name in os.listdir(exported):
         data = open(os.path.join(exported, name), "rb").read()
         (broken / name).write_bytes(data[:100] if name == "model.safetensors" else data)
-    with pytest.raises(UserError, match=f"--model={broken}: not a readable Hugging Face model directory "
-                                        r"\(SafetensorError: "):
+    with pytest.raises(
+        UserError,
+        match=f"--model={broken}: not a readable Hugging Face model directory "
+        r"\(SafetensorError: ",
+    ):
         load_model(str(broken))
-    (broken / "model.safetensors").write_bytes(open(os.path.join(exported, "model.safetensors"), "rb").read())
+    (broken / "model.safetensors").write_bytes(
+        open(os.path.join(exported, "model.safetensors"), "rb").read()
+    )
     (broken / "config.json").write_text('{"n_layer": 4}')
     with pytest.raises(UserError) as e:
         load_model(str(broken))
-    assert str(e.value) == f"--model={broken}: not a readable Hugging Face model directory (KeyError: 'n_positions')"
+    assert (
+        str(e.value) == f"--model={broken}: not a readable Hugging Face model directory "
+        "(KeyError: 'n_positions')"
+    )
     (broken / "model.safetensors").unlink()  # from_pretrained's own message comes through as it is
     with pytest.raises(UserError) as e:
         load_model(str(broken))
     assert str(e.value) == f"{broken} holds neither model.safetensors nor pytorch_model.bin"
 
 
-@pytest.mark.parametrize("out, model, message", [
-    ("{tmp}/afile", "gpt2", "--out={tmp}/afile is a file; name a new directory"),
-    ("{tmp}/afile/sub", "gpt2", "--out={tmp}/afile/sub: {tmp}/afile is a file, so nothing can be created under "
-                                "it; name a new directory elsewhere"),
-    ("", "gpt2", "--out is empty; name a new directory to write"),
-], ids=["out is a file", "out under a file", "out empty"])
-def test_bad_arguments_are_refused_before_loading_the_model(tmp_path, monkeypatch, out, model, message):
+@pytest.mark.parametrize(
+    "out, model, message",
+    [
+        ("{tmp}/afile", "gpt2", "--out={tmp}/afile is a file; name a new directory"),
+        (
+            "{tmp}/afile/sub",
+            "gpt2",
+            "--out={tmp}/afile/sub: {tmp}/afile is a file, so nothing can be created under "
+            "it; name a new directory elsewhere",
+        ),
+        ("", "gpt2", "--out is empty; name a new directory to write"),
+    ],
+    ids=["out is a file", "out under a file", "out empty"],
+)
+def test_bad_arguments_are_refused_before_loading_the_model(
+    tmp_path, monkeypatch, out, model, message
+):
     import export_hf
+
     (tmp_path / "afile").write_text("mine")
-    monkeypatch.setattr(export_hf, "load_model", lambda spec: pytest.fail("loaded before checking --out"))
-    with pytest.raises(SystemExit) as exit:  # sys.exit(message): the message on stderr, exit status 1
-        export_hf.main([f"--model={model.format(tmp=tmp_path)}", f"--out={out.format(tmp=tmp_path)}"])
+    monkeypatch.setattr(
+        export_hf, "load_model", lambda spec: pytest.fail("loaded before checking --out")
+    )
+    # sys.exit(message): the message on stderr, exit status 1
+    with pytest.raises(SystemExit) as exit:
+        export_hf.main(
+            [f"--model={model.format(tmp=tmp_path)}", f"--out={out.format(tmp=tmp_path)}"]
+        )
     assert exit.value.code == "error: " + message.format(tmp=tmp_path)
     assert (tmp_path / "afile").read_text() == "mine" and os.listdir(tmp_path) == ["afile"]
 
 
 @pytest.mark.parametrize("existed", [False, True])
-def test_a_disk_that_fills_mid_export_leaves_no_half_export(tiny_run, tmp_path, monkeypatch, existed):
+def test_a_disk_that_fills_mid_export_leaves_no_half_export(
+    tiny_run, tmp_path, monkeypatch, existed
+):
     import safetensors.torch
 
     import export_hf
+
     out = tmp_path / "export"
     if existed:
         out.mkdir()  # an empty directory the user made for it: kept, and empty again
@@ -127,9 +177,15 @@ def test_a_disk_that_fills_mid_export_leaves_no_half_export(tiny_run, tmp_path, 
     def full_disk(tensors, path, metadata=None):
         open(path, "wb").write(b"half a file")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     with pytest.raises(SystemExit) as exit:
         export_hf.main([f"--model={tiny_run.checkpoint}", f"--out={out}"])
-    assert exit.value.code == f"error: cannot write the export to --out={out} (No space left on device); name a " \
-                              f"writable directory with room for it"
-    assert os.listdir(tmp_path) == (["export"] if existed else []) and (not existed or os.listdir(out) == [])
+    assert (
+        exit.value.code
+        == f"error: cannot write the export to --out={out} (No space left on device); name a "
+        f"writable directory with room for it"
+    )
+    assert os.listdir(tmp_path) == (["export"] if existed else []) and (
+        not existed or os.listdir(out) == []
+    )

@@ -1,5 +1,7 @@
-"""--fsdp=True (FSDP2 over gloo ranks) and --recompute=True train the model one process trains: the same
-per-step losses, val losses, HellaSwag and samples; and their checkpoints resume with or without FSDP."""
+"""--fsdp=True (FSDP2 over gloo ranks) and --recompute=True train the model one process trains: the
+same per-step losses, val losses, HellaSwag and samples; and their checkpoints resume with or
+without FSDP."""
+
 import os
 import re
 import shutil
@@ -7,16 +9,40 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, finished_run, run, train, train_losses, write_hellaswag, write_shards
+from conftest import (
+    ROOT,
+    TINY,
+    finished_run,
+    run,
+    train,
+    train_losses,
+    write_hellaswag,
+    write_shards,
+)
 
-# GPT-2's vocabulary, for samples and HellaSwag; 2 micro-steps a step at 2 ranks; 5 val rows of 32, which 2
-# ranks of B=2 cannot share evenly, so one rank runs a forward with no rows of its own.
-ARGS = TINY + ["--B=2", "--vocab_size=50304", "--eval_tokens=160", "--sample_count=2", "--max_new_tokens=4"]
+# GPT-2's vocabulary, for samples and HellaSwag; 2 micro-steps a step at 2 ranks; 5 val rows of 32,
+# which 2 ranks of B=2 cannot share evenly, so one rank runs a forward with no rows of its own.
+ARGS = TINY + [
+    "--B=2",
+    "--vocab_size=50304",
+    "--eval_tokens=160",
+    "--sample_count=2",
+    "--max_new_tokens=4",
+]
 
 
 def torchrun(args, nproc=2):
-    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                os.path.join(ROOT, "train_gpt2.py"), *args])
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            os.path.join(ROOT, "train_gpt2.py"),
+            *args,
+        ]
+    )
 
 
 def assert_close(a, b, tol):
@@ -79,9 +105,17 @@ def test_a_sharded_checkpoint_is_whole_and_resumes_on_one_process(args, single, 
     r = train(args + [f"--log_dir={tmp_path}", "--resume=auto"])
     assert r.returncode == 0, r.stderr
     assert f"resumed from {tmp_path}/model_000004.pt at step 4" in r.stdout
-    assert_same_run(str(tmp_path), sharded[0], tol=1e-6, since=4)  # steps 4-7; val and HellaSwag at 4 and 8
-    r = run([sys.executable, os.path.join(ROOT, "sample.py"), f"--model={sharded[0]}", "--max_new_tokens=5",
-             "--num_samples=1"])
+    # steps 4-7; val and HellaSwag at 4 and 8
+    assert_same_run(str(tmp_path), sharded[0], tol=1e-6, since=4)
+    r = run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "sample.py"),
+            f"--model={sharded[0]}",
+            "--max_new_tokens=5",
+            "--num_samples=1",
+        ]
+    )
     assert r.returncode == 0 and r.stdout.startswith("Hello, I'm a language model,"), r.stderr
 
 
@@ -109,7 +143,14 @@ with torch.device("meta"):
 lean, whole = (sum(tg.estimate_memory(cfg, n, world, lean).values()) for lean in (True, False))
 tg.device_memory = lambda device: (lean + whole) / 2 / 0.9  # room for the lean step only
 step = tg.train_step
-tg.train_step = lambda run, lr: print("lean step", run.reshard_each_micro_step, flush=True) or step(run, lr)
+
+
+def lean_step(run, lr):
+    print("lean step", run.reshard_each_micro_step, flush=True)
+    return step(run, lr)
+
+
+tg.train_step = lean_step
 tg.main(sys.argv[1:])  # under torchrun, main ends the process
 """
 
@@ -117,10 +158,22 @@ tg.main(sys.argv[1:])  # under torchrun, main ends the process
 def test_a_rank_short_of_memory_reduces_every_micro_step_to_the_same_losses(args, single, tmp_path):
     script = tmp_path / "lean.py"
     script.write_text(LEAN.format(root=ROOT))
-    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-             *args, "--fsdp=True", f"--log_dir={tmp_path / 'log'}"])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            *args,
+            "--fsdp=True",
+            f"--log_dir={tmp_path / 'log'}",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert set(re.findall(r"lean step (True|False)", r.stdout)) == {"True"}  # two ranks' prints may interleave
+    # two ranks' prints may interleave
+    assert set(re.findall(r"lean step (True|False)", r.stdout)) == {"True"}
     assert_same_run(str(tmp_path / "log"), single[0])
 
 
@@ -132,15 +185,30 @@ def test_recompute_gives_the_same_losses(args, tmp_path_factory):
 
 
 def test_settings_fsdp_cannot_run_with_are_refused_in_one_line(args, tmp_path):
-    for extra, message in ((["--dtype=float16"], "error: --fsdp=True has no float16 gradient scaler here"),
-                           (["--optimizer=muon"], "error: --optimizer=muon does not work with --fsdp=True")):
+    for extra, message in (
+        (["--dtype=float16"], "error: --fsdp=True has no float16 gradient scaler here"),
+        (["--optimizer=muon"], "error: --optimizer=muon does not work with --fsdp=True"),
+    ):
         r = train(args + ["--fsdp=True", f"--log_dir={tmp_path}", *extra])
-        assert r.returncode == 1 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+        assert r.returncode == 1 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, (
+            r.stderr
+        )
         assert not os.path.exists(tmp_path / "log.txt")
 
 
 def test_one_process_says_there_is_nothing_to_shard(args, tmp_path):
-    r = train(args + ["--fsdp=True", f"--log_dir={tmp_path}", "--max_steps=1", "--hella_data=",
-                      "--sample_count=0"])
+    r = train(
+        args
+        + [
+            "--fsdp=True",
+            f"--log_dir={tmp_path}",
+            "--max_steps=1",
+            "--hella_data=",
+            "--sample_count=0",
+        ]
+    )
     assert r.returncode == 0, r.stderr
-    assert "note: --fsdp=True shards over torchrun's ranks; this one process holds everything" in r.stdout
+    assert (
+        "note: --fsdp=True shards over torchrun's ranks; this one process holds everything"
+        in r.stdout
+    )

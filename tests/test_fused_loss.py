@@ -1,4 +1,6 @@
-"""LinearCrossEntropy, the chunked loss GPT.forward trains with, against plain F.cross_entropy on full logits."""
+"""LinearCrossEntropy, the chunked loss GPT.forward trains with, against plain F.cross_entropy on
+full logits."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,8 @@ def reference(x, weight, targets, dtype):
 
 
 def loss_and_grads(fn, x, weight, targets, dtype, scale):
-    """The loss and its x and weight gradients after backward of scale * loss (as of loss / grad_accum)."""
+    """The loss and its x and weight gradients after backward of scale * loss (as of loss /
+    grad_accum)."""
     x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
     loss = fn(x, weight, targets, dtype)
     (scale * loss).backward()
@@ -43,7 +46,8 @@ def test_bf16_matches_plain_cross_entropy_and_gradients_stay_fp32():
     x = torch.randn(2 * CHUNK + 88, 64, generator=gen)  # two whole chunks and a part
     weight = torch.randn(3000, 64, generator=gen) * 0.1
     targets = torch.randint(0, 3000, (x.size(0),), generator=gen)
-    # 0.5 as with 2 micro-steps: a power of two scales bf16 exactly, whether before or after rounding
+    # 0.5 as with 2 micro-steps: a power of two scales bf16 exactly, whether before or after
+    # rounding
     loss, gx, gw = loss_and_grads(LinearCrossEntropy.apply, x, weight, targets, torch.bfloat16, 0.5)
     ref_loss, ref_gx, ref_gw = loss_and_grads(reference, x, weight, targets, torch.bfloat16, 0.5)
     exact = loss_and_grads(reference, x, weight, targets, torch.float32, 0.5)
@@ -51,12 +55,14 @@ def test_bf16_matches_plain_cross_entropy_and_gradients_stay_fp32():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
     for g, r, e in ((gx, ref_gx, exact[1]), (gw, ref_gw, exact[2])):
         torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2 * r.abs().max().item())
-        # fp32 summing of the chunks' weight gradient: no further from the fp32 truth than the plain loss
+        # fp32 summing of the chunks' weight gradient: no further from the fp32 truth than the plain
+        # loss
         assert (g - e).norm() <= 1.05 * (r - e).norm()
 
 
 def test_ignored_targets_take_no_loss_and_their_rows_no_gradient():
-    """SFT's masked targets (IGNORE), which the eager loss skips before any logit: F.cross_entropy's ignore_index."""
+    """SFT's masked targets (IGNORE), which the eager loss skips before any logit: F.cross_entropy's
+    ignore_index."""
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2 * CHUNK + 88, 48, generator=gen)
     weight = torch.randn(1000, 48, generator=gen) * 0.3
@@ -71,17 +77,21 @@ def test_ignored_targets_take_no_loss_and_their_rows_no_gradient():
 
 @pytest.mark.parametrize("rows", [CHUNK - 1, 2 * CHUNK + 188])
 def test_padded_rows_take_no_probability_and_get_no_gradient(rows):
-    """tokens < weight rows: the loss and gradients of F.cross_entropy over the real rows alone, and the
-    padded rows' gradient exactly zero, even with padded rows whose logits would win every row."""
+    """tokens < weight rows: the loss and gradients of F.cross_entropy over the real rows alone, and
+    the padded rows' gradient exactly zero, even with padded rows whose logits would win every
+    row."""
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 48, generator=gen)
     weight = torch.randn(1024, 48, generator=gen) * 0.3
-    weight[1000:] = x.mean(0) * 50  # logit 0 would already take probability; these would take nearly all of it
+    # logit 0 would already take probability; these would take nearly all of it
+    weight[1000:] = x.mean(0) * 50
     targets = torch.randint(0, 1000, (rows,), generator=gen)
-    loss, gx, gw = loss_and_grads(lambda *a: LinearCrossEntropy.apply(*a, 1000), x, weight, targets,
-                                  torch.float32, 3.0)
-    ref_loss, ref_gx, ref_gw = loss_and_grads(lambda x, w, t, d: reference(x, w[:1000], t, d), x, weight, targets,
-                                              torch.float32, 3.0)
+    loss, gx, gw = loss_and_grads(
+        lambda *a: LinearCrossEntropy.apply(*a, 1000), x, weight, targets, torch.float32, 3.0
+    )
+    ref_loss, ref_gx, ref_gw = loss_and_grads(
+        lambda x, w, t, d: reference(x, w[:1000], t, d), x, weight, targets, torch.float32, 3.0
+    )
     for g, r in ((loss, ref_loss), (gx, ref_gx), (gw[:1000], ref_gw[:1000])):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
     assert torch.equal(gw[1000:], torch.zeros_like(gw[1000:]))

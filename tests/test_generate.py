@@ -1,5 +1,7 @@
-"""inference.generate: the KV cache and bf16 weights held for inference change no token, sampling is repeatable
-and honours its limits, and sample.py uses it; the in-training samples are GPT.generate's."""
+"""inference.generate: the KV cache and bf16 weights held for inference change no token, sampling is
+repeatable and honours its limits, and sample.py uses it; the in-training samples are
+GPT.generate's."""
+
 import copy
 import os
 import sys
@@ -27,12 +29,14 @@ def greedy_recompute(model, prompt, new_tokens, num_samples=1):
     """The reference: every step runs the whole (cropped) window through the model, no cache."""
     idx = torch.tensor([prompt] * num_samples)
     for _ in range(new_tokens):
-        logits, _ = model(idx[:, -model.config.block_size:])
+        logits, _ = model(idx[:, -model.config.block_size :])
         idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
-    return idx[:, len(prompt):].tolist()
+    return idx[:, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("prompt", [[1, 2, 3], list(range(40, 60))], ids=["short", "longer_than_block"])
+@pytest.mark.parametrize(
+    "prompt", [[1, 2, 3], list(range(40, 60))], ids=["short", "longer_than_block"]
+)
 def test_cached_greedy_equals_full_recompute_across_the_crop(prompt):
     model = tiny_model(block_size=16)
     expected = greedy_recompute(model, prompt, 80, num_samples=2)
@@ -40,7 +44,10 @@ def test_cached_greedy_equals_full_recompute_across_the_crop(prompt):
     assert got == expected
     assert len(set(expected[0])) > 5  # the path really varies, so a stale cache would show
     # the decoder without a cache: GPT.generate, greedy as top_k=1
-    assert model.generate(torch.tensor([prompt]), 80, top_k=1)[:, len(prompt):].tolist() == expected[:1]
+    assert (
+        model.generate(torch.tensor([prompt]), 80, top_k=1)[:, len(prompt) :].tolist()
+        == expected[:1]
+    )
 
 
 def test_cache_takes_the_prompt_then_one_token_a_call(monkeypatch):
@@ -62,7 +69,9 @@ def test_seeded_sampling_repeats_and_seeds_differ():
     model = tiny_model()
     a = generate(model, [5, 6], 64, num_samples=3, seed=123, stop=None)
     assert a == generate(model, [5, 6], 64, num_samples=3, seed=123, stop=None)
-    assert a == generate(model, [5, 6], 64, num_samples=3, generator=torch.Generator().manual_seed(123), stop=None)
+    assert a == generate(
+        model, [5, 6], 64, num_samples=3, generator=torch.Generator().manual_seed(123), stop=None
+    )
     assert a != generate(model, [5, 6], 64, num_samples=3, seed=124, stop=None)
     assert a[0] != a[1]  # the samples of one call differ from each other
 
@@ -75,7 +84,8 @@ def test_top_k_and_top_p_limit_the_candidates():
     assert set(sample_next(logits, top_k=0, top_p=0.8, generator=gen).tolist()) == {0, 1}
     assert set(sample_next(logits, top_k=0, top_p=0.81, generator=gen).tolist()) == {0, 1, 2}
     assert set(sample_next(logits, top_k=0, top_p=0.01, generator=gen).tolist()) == {0}
-    low = sample_next(logits, temperature=0.1, top_k=0, generator=gen)  # 0.5^10 vs 0.3^10: almost always 0
+    # 0.5^10 vs 0.3^10: almost always 0
+    low = sample_next(logits, temperature=0.1, top_k=0, generator=gen)
     assert (low == 0).float().mean() > 0.95
     assert sample_next(logits[:1], temperature=0).tolist() == [0]
 
@@ -83,9 +93,11 @@ def test_top_k_and_top_p_limit_the_candidates():
 def test_never_samples_vocabulary_padding_and_stops_at_eot():
     model = tiny_model(vocab_size=50304)
     with torch.no_grad():
-        model.lm_head.weight[EOT + 1:] = model.lm_head.weight[7] * 100  # padding rows would win every draw
-    out = (generate(model, [1, 2], 30, temperature=0, stop=None)
-           + generate(model, [1, 2], 30, top_k=0, seed=0, stop=None))
+        # padding rows would win every draw
+        model.lm_head.weight[EOT + 1 :] = model.lm_head.weight[7] * 100
+    out = generate(model, [1, 2], 30, temperature=0, stop=None) + generate(
+        model, [1, 2], 30, top_k=0, seed=0, stop=None
+    )
     assert all(t < EOT + 1 for row in out for t in row)
 
     with torch.no_grad():
@@ -99,7 +111,7 @@ def test_each_sample_stops_at_its_own_stop_token():
     full = generate(model, [3], 40, num_samples=4, seed=1, stop=None)
     stop = full[0][5]
     cut = generate(model, [3], 40, num_samples=4, seed=1, stop=stop)
-    assert cut == [row[:row.index(stop)] if stop in row else row for row in full]
+    assert cut == [row[: row.index(stop)] if stop in row else row for row in full]
 
 
 def test_generate_on_a_compiled_model_runs_uncompiled():
@@ -109,7 +121,8 @@ def test_generate_on_a_compiled_model_runs_uncompiled():
     torch._dynamo.utils.counters.clear()
     got = generate(compiled, [1, 2, 3], 20, seed=3, stop=None)
     assert got == generate(model, [1, 2, 3], 20, seed=3, stop=None)
-    assert not torch._dynamo.utils.counters["stats"]  # nothing was traced, so nothing recompiles per token
+    # nothing was traced, so nothing recompiles per token
+    assert not torch._dynamo.utils.counters["stats"]
 
 
 def test_bad_prompts_are_refused():
@@ -122,19 +135,30 @@ def test_bad_prompts_are_refused():
 
 def test_training_prints_samples_from_generate(tiny_run):
     lines = [line for line in tiny_run.stdout.splitlines() if line.startswith("sample ")]
-    assert [line[:8] for line in lines] == ["sample 0", "sample 1"] * 2  # at the evals of steps 4 and 8
+    # at the evals of steps 4 and 8
+    assert [line[:8] for line in lines] == ["sample 0", "sample 1"] * 2
     model = load_model(tiny_run.checkpoint)
     enc = get_tokenizer()
     prompt = enc.encode("Hello, I'm a language model,")
-    out = model.generate(torch.tensor([prompt] * 2), 16 - len(prompt), top_k=50,
-                         generator=torch.Generator().manual_seed(42))[:, len(prompt):].tolist()
-    expected = [row[:row.index(EOT)] if EOT in row else row for row in out]
+    out = model.generate(
+        torch.tensor([prompt] * 2),
+        16 - len(prompt),
+        top_k=50,
+        generator=torch.Generator().manual_seed(42),
+    )[:, len(prompt) :].tolist()
+    expected = [row[: row.index(EOT)] if EOT in row else row for row in out]
     assert lines[2:] == [f"sample {i}: {enc.decode(prompt + t)!r}" for i, t in enumerate(expected)]
 
 
 def test_sample_cli_streams_one_sample_and_prints_several(tiny_run, capsys):
-    args = [f"--model={tiny_run.checkpoint}", "--prompt=The cat", "--max_new_tokens=12", "--seed=7",
-            "--dtype=float32", "--device=cpu"]
+    args = [
+        f"--model={tiny_run.checkpoint}",
+        "--prompt=The cat",
+        "--max_new_tokens=12",
+        "--seed=7",
+        "--dtype=float32",
+        "--device=cpu",
+    ]
     model, enc = load_model(tiny_run.checkpoint), get_tokenizer()
     prompt = enc.encode("The cat")
 
@@ -150,18 +174,41 @@ def test_sample_cli_streams_one_sample_and_prints_several(tiny_run, capsys):
     assert capsys.readouterr().out.startswith("<|endoftext|>")
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("--num_samples=0", "--num_samples=0 is out of range; --num_samples must be 1 or more"),
-    ("--num_samples=-1", "--num_samples=-1 is out of range; --num_samples must be 1 or more"),
-    ("--max_new_tokens=-5", "--max_new_tokens=-5 is out of range; --max_new_tokens must be 1 or more"),
-    ("--temperature=-1", "--temperature=-1.0 is out of range; --temperature must be 0 (greedy) or more, e.g. 0.8"),
-    ("--temperature=nan", "--temperature=nan is out of range; --temperature must be 0 (greedy) or more, e.g. 0.8"),
-    ("--top_k=-3", "--top_k=-3 is out of range; --top_k must be 0 (every token) or more, e.g. 50"),
-    ("--top_p=0", "--top_p=0.0 is out of range; --top_p must be above 0 and at most 1, e.g. 0.95"),
-    ("--top_p=1.5", "--top_p=1.5 is out of range; --top_p must be above 0 and at most 1, e.g. 0.95"),
-])
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--num_samples=0", "--num_samples=0 is out of range; --num_samples must be 1 or more"),
+        ("--num_samples=-1", "--num_samples=-1 is out of range; --num_samples must be 1 or more"),
+        (
+            "--max_new_tokens=-5",
+            "--max_new_tokens=-5 is out of range; --max_new_tokens must be 1 or more",
+        ),
+        (
+            "--temperature=-1",
+            "--temperature=-1.0 is out of range; --temperature must be 0 (greedy) or more, e.g. "
+            "0.8",
+        ),
+        (
+            "--temperature=nan",
+            "--temperature=nan is out of range; --temperature must be 0 (greedy) or more, e.g. 0.8",
+        ),
+        (
+            "--top_k=-3",
+            "--top_k=-3 is out of range; --top_k must be 0 (every token) or more, e.g. 50",
+        ),
+        (
+            "--top_p=0",
+            "--top_p=0.0 is out of range; --top_p must be above 0 and at most 1, e.g. 0.95",
+        ),
+        (
+            "--top_p=1.5",
+            "--top_p=1.5 is out of range; --top_p must be above 0 and at most 1, e.g. 0.95",
+        ),
+    ],
+)
 def test_sample_cli_refuses_settings_out_of_range(tiny_run, capsys, arg, message):
-    with pytest.raises(SystemExit) as exit:  # sys.exit(message): the message on stderr, exit status 1
+    # sys.exit(message): the message on stderr, exit status 1
+    with pytest.raises(SystemExit) as exit:
         sample.main([f"--model={tiny_run.checkpoint}", "--max_new_tokens=2", "--device=cpu", arg])
     assert exit.value.code == f"error: {message}"
     assert capsys.readouterr().out == ""  # refused before sampling anything
@@ -169,23 +216,30 @@ def test_sample_cli_refuses_settings_out_of_range(tiny_run, capsys, arg, message
 
 def test_sample_cli_says_a_mistyped_checkpoint_path_does_not_exist(tiny_run, tmp_path):
     log_dir = os.path.dirname(tiny_run.checkpoint)
-    for spec, hint in ((f"{log_dir}/model_000099.pt", f"the newest checkpoint there is {tiny_run.checkpoint}"),
-                       (f"{tmp_path}/nowhere/model.pt", "check the path"), ("./no_such_hf_dir", "check the path")):
-        # offline, so that without the check the hub lookup fails at once instead of retrying for 30 s
-        result = run([sys.executable, f"{ROOT}/sample.py", f"--model={spec}"], env={"HF_HUB_OFFLINE": "1"})
+    for spec, hint in (
+        (f"{log_dir}/model_000099.pt", f"the newest checkpoint there is {tiny_run.checkpoint}"),
+        (f"{tmp_path}/nowhere/model.pt", "check the path"),
+        ("./no_such_hf_dir", "check the path"),
+    ):
+        # offline, so that without the check the hub lookup fails at once instead of retrying for 30
+        # s
+        result = run(
+            [sys.executable, f"{ROOT}/sample.py", f"--model={spec}"], env={"HF_HUB_OFFLINE": "1"}
+        )
         assert result.returncode == 1
         assert result.stderr == f"error: --model={spec}: no such file or directory; {hint}\n"
 
 
 def held_linear():
-    """The Linear this CPU holds bf16 weights in: oneDNN's PackedLinear where it has bf16 kernels (AVX-512, Arm
-    BF16), else the plain nn.Linear, whose bf16 matmuls torch emulates."""
+    """The Linear this CPU holds bf16 weights in: oneDNN's PackedLinear where it has bf16 kernels
+    (AVX-512, Arm BF16), else the plain nn.Linear, whose bf16 matmuls torch emulates."""
     return PackedLinear if inference.onednn_bf16() else torch.nn.Linear
 
 
 @pytest.mark.parametrize("onednn", ["this CPU", "no oneDNN bf16"])
 def test_bf16_inference_holds_packed_weights_that_change_no_number(onednn, monkeypatch):
-    if onednn == "no oneDNN bf16":  # as on a CPU without AVX-512: the weights stay plain bf16 Linears
+    # as on a CPU without AVX-512: the weights stay plain bf16 Linears
+    if onednn == "no oneDNN bf16":
         monkeypatch.setattr(inference, "onednn_bf16", lambda: False)
     model = tiny_model(vocab_size=50304)
     plain = copy.deepcopy(model).to(torch.bfloat16)
@@ -195,38 +249,62 @@ def test_bf16_inference_holds_packed_weights_that_change_no_number(onednn, monke
     assert held.lm_head.weight is held.transformer.wte.weight  # still tied, still in state_dict
     assert held.state_dict().keys() == model.state_dict().keys()
     idx = torch.tensor([[1, 2, 3, 4, 5]])
-    assert torch.equal(held(idx)[0], plain(idx)[0])  # oneDNN's packed layout, the same bf16 arithmetic
+    # oneDNN's packed layout, the same bf16 arithmetic
+    assert torch.equal(held(idx)[0], plain(idx)[0])
     greedy = generate(plain, [1, 2, 3], 30, temperature=0, stop=None)
     assert generate(held, [1, 2, 3], 30, temperature=0, stop=None) == greedy
-    # under autocast, fp32 weights decode from such a copy, made per call; the model itself is untouched
+    # under autocast, fp32 weights decode from such a copy, made per call; the model itself is
+    # untouched
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert generate(model, [1, 2, 3], 30, temperature=0, stop=None) == greedy
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
 
 
 def test_load_model_takes_a_run_directory_and_a_dtype(serve_run, capsys):
-    newest = load_model(serve_run.dir)  # model_000002.pt is cut short: skipped, with a warning on stderr
+    # model_000002.pt is cut short: skipped, with a warning on stderr
+    newest = load_model(serve_run.dir)
     assert "warning: skipping" in capsys.readouterr().err
     expected = load_model(serve_run.checkpoint)
-    assert all(torch.equal(a, b) for a, b in zip(newest.state_dict().values(), expected.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(newest.state_dict().values(), expected.state_dict().values())
+    )
     held = load_for_inference(serve_run.dir, dtype="bfloat16")
     assert held.lm_head.weight.dtype == torch.bfloat16 and type(held.lm_head) is held_linear()
-    assert generate(held, [1, 2], 10, temperature=0) == generate(hold_for_inference(expected, torch.bfloat16),
-                                                                 [1, 2], 10, temperature=0)
+    assert generate(held, [1, 2], 10, temperature=0) == generate(
+        hold_for_inference(expected, torch.bfloat16), [1, 2], 10, temperature=0
+    )
 
 
-@pytest.mark.parametrize("device, hardware, decode, score", [
-    ("cpu", {"avx512_bf16"}, "bfloat16", "bfloat16"),  # AMD Zen 4, Intel Cooper Lake: native bf16
-    ("cpu", {"amx_bf16"}, "bfloat16", "bfloat16"),  # Intel Sapphire Rapids
-    ("cpu", {"avx2", "fma"}, "bfloat16", "float32"),  # no native bf16: decoding still gains, scoring does not
-    ("cpu", {"avx512f", "avx512bw"}, "bfloat16", "float32"),  # AVX-512 without its BF16 extension
-    ("cuda", (8, 0), "bfloat16", "bfloat16"),  # Ampere and later
-    ("cuda", (7, 5), "float16", "float16"),  # T4: bf16 emulated, fp16 native
-    ("mps", True, "bfloat16", "bfloat16"),  # macOS 14 or later
-    ("mps", False, "float16", "float16"),
-])
-def test_auto_dtype_is_chosen_per_job_from_what_the_hardware_has(monkeypatch, device, hardware, decode, score):
+@pytest.mark.parametrize(
+    "device, hardware, decode, score",
+    [
+        (
+            "cpu",
+            {"avx512_bf16"},
+            "bfloat16",
+            "bfloat16",
+        ),  # AMD Zen 4, Intel Cooper Lake: native bf16
+        ("cpu", {"amx_bf16"}, "bfloat16", "bfloat16"),  # Intel Sapphire Rapids
+        # no native bf16: decoding still gains, scoring does not
+        ("cpu", {"avx2", "fma"}, "bfloat16", "float32"),
+        (
+            "cpu",
+            {"avx512f", "avx512bw"},
+            "bfloat16",
+            "float32",
+        ),  # AVX-512 without its BF16 extension
+        ("cuda", (8, 0), "bfloat16", "bfloat16"),  # Ampere and later
+        ("cuda", (7, 5), "float16", "float16"),  # T4: bf16 emulated, fp16 native
+        ("mps", True, "bfloat16", "bfloat16"),  # macOS 14 or later
+        ("mps", False, "float16", "float16"),
+    ],
+)
+def test_auto_dtype_is_chosen_per_job_from_what_the_hardware_has(
+    monkeypatch, device, hardware, decode, score
+):
     import train_gpt2
+
     monkeypatch.setattr(train_gpt2, "cpu_flags", lambda: hardware if device == "cpu" else set())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: hardware)
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda *a: hardware)
@@ -239,11 +317,14 @@ def test_auto_dtype_is_chosen_per_job_from_what_the_hardware_has(monkeypatch, de
 
 @pytest.mark.parametrize("script", ["sample", "serve"])
 @pytest.mark.parametrize("native", [True, False])
-def test_sample_and_serve_decode_in_the_auto_dtype_by_default(script, native, serve_run, monkeypatch, capsys):
-    """Both scripts take --dtype=auto by default and load the model in decoding's auto dtype: bf16 on any CPU
-    (halving the bytes each token reads pays even where bf16 arithmetic is emulated)."""
+def test_sample_and_serve_decode_in_the_auto_dtype_by_default(
+    script, native, serve_run, monkeypatch, capsys
+):
+    """Both scripts take --dtype=auto by default and load the model in decoding's auto dtype: bf16
+    on any CPU (halving the bytes each token reads pays even where bf16 arithmetic is emulated)."""
     import serve
     import train_gpt2
+
     monkeypatch.setattr(train_gpt2, "cpu_flags", lambda: {"avx512_bf16"} if native else {"avx2"})
     loaded = []
 
@@ -253,9 +334,12 @@ def test_sample_and_serve_decode_in_the_auto_dtype_by_default(script, native, se
 
     module = {"sample": sample, "serve": serve}[script]
     monkeypatch.setattr(module, "load_for_inference", load)
-    monkeypatch.setattr(serve.uvicorn.Server, "run", lambda self, sockets: None)  # returns once loaded
+    # returns once loaded
+    monkeypatch.setattr(serve.uvicorn.Server, "run", lambda self, sockets: None)
     args = [f"--model={serve_run.checkpoint}", "--device=cpu"]
-    module.main(args + (["--max_new_tokens=2", "--temperature=0"] if script == "sample" else ["--port=0"]))
+    module.main(
+        args + (["--max_new_tokens=2", "--temperature=0"] if script == "sample" else ["--port=0"])
+    )
     assert module.parse_args(args).dtype == "auto" and loaded == ["bfloat16"]
     if script == "serve":
         assert "(cpu, bfloat16)" in capsys.readouterr().out

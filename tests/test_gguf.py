@@ -6,6 +6,7 @@ The llama.cpp tests skip where llama_cpp is not installed (its install builds ll
 README's set-up); CI installs it. llama.cpp runs on 1 thread with an f32 KV cache, so that the
 weights' type is the only rounding a GGUF adds.
 """
+
 import copy
 import errno
 import json
@@ -34,8 +35,10 @@ from train_gpt2 import (
     load_model,
 )
 
-TEXT = ("  Leading spaces,\n\nnewlines\tand tabs; digits 1234567 and 3.14159, punctuation?!... "
-        "<<>>--- naïve café Ünïcödé Ελληνικά 日本語 🦙🚀<|endoftext|> after the end.\n   ")
+TEXT = (
+    "  Leading spaces,\n\nnewlines\tand tabs; digits 1234567 and 3.14159, punctuation?!... "
+    "<<>>--- naïve café Ünïcödé Ελληνικά 日本語 🦙🚀<|endoftext|> after the end.\n   "
+)
 GREEDY_BLOCK = 160  # the greedy model's context: its longest prompt is past half of it
 OUTTYPES = ("f32", "f16", "q8_0")
 
@@ -54,8 +57,16 @@ def export(checkpoint, out_dir, outtypes=OUTTYPES, command_line=False):
     for outtype in outtypes:
         path = paths[outtype] = os.path.join(out_dir, f"model-{outtype}.gguf")
         if command_line:
-            r = run([sys.executable, f"{ROOT}/export_gguf.py", f"--model={checkpoint}",
-                     f"--out={path}", f"--outtype={outtype}"], timeout=300)
+            r = run(
+                [
+                    sys.executable,
+                    f"{ROOT}/export_gguf.py",
+                    f"--model={checkpoint}",
+                    f"--out={path}",
+                    f"--outtype={outtype}",
+                ],
+                timeout=300,
+            )
             assert (r.returncode, r.stderr, r.stdout) == (0, "", f"wrote {path}\n"), r.stderr
             command_line = False
         else:
@@ -69,18 +80,28 @@ def llama_cpp():
 
 
 def llama(llama_cpp, path, n_ctx):
-    return llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=1,
-                           n_threads_batch=1, logits_all=True, verbose=False,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    return llama_cpp.Llama(
+        path,
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        n_threads=1,
+        n_threads_batch=1,
+        logits_all=True,
+        verbose=False,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_run, tmp_path_factory):
     """conftest's trained tiny model (block_size 64, GPT-2's padded vocabulary) and its GGUFs."""
     out = tmp_path_factory.mktemp("gguf_trained")
-    return types.SimpleNamespace(model=load_model(tiny_run.checkpoint),
-                                 gguf=export(tiny_run.checkpoint, str(out), OUTTYPES + ("bf16",),
-                                             command_line=True))
+    return types.SimpleNamespace(
+        model=load_model(tiny_run.checkpoint),
+        gguf=export(tiny_run.checkpoint, str(out), OUTTYPES + ("bf16",), command_line=True),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +116,7 @@ def sharp(tmp_path_factory):
 
 def test_the_file_holds_llama_cpps_gpt2_names_types_and_only_the_real_tokens(trained, llama_cpp):
     import gguf
+
     reader = gguf.GGUFReader(trained.gguf["q8_0"])
     field = {name: f.contents() for name, f in reader.fields.items()}
     assert field["general.architecture"] == "gpt2" and field["gpt2.context_length"] == 64
@@ -114,8 +136,10 @@ def test_the_file_holds_llama_cpps_gpt2_names_types_and_only_the_real_tokens(tra
     types_ = {t.name: t.tensor_type.name for t in reader.tensors}
     assert len(types_) == 4 + 12 * 2 and "output.weight" not in types_  # tied to token_embd
     assert {n for n, t in types_.items() if t == "Q8_0"} == {"token_embd.weight"} | {
-        f"blk.{i}.{k}.weight" for i in range(2) for k in ("attn_qkv", "attn_output", "ffn_up",
-                                                          "ffn_down")}
+        f"blk.{i}.{k}.weight"
+        for i in range(2)
+        for k in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
+    }
     assert types_["position_embd.weight"] == "F32" and types_["blk.1.ffn_norm.bias"] == "F32"
     shapes = {t.name: t.shape.tolist() for t in reader.tensors}
     assert shapes["token_embd.weight"] == [32, 50257]
@@ -137,14 +161,14 @@ def test_llama_cpp_tokenizes_and_detokenizes_as_we_do(trained, llama_cpp):
 
 def our_logits(model, ids):
     with torch.no_grad():
-        return model(torch.tensor([ids]))[0][0, :, :model.config.real_tokens].numpy()
+        return model(torch.tensor([ids]))[0][0, :, : model.config.real_tokens].numpy()
 
 
 def llama_logits(llm, ids):
     """llama.cpp's logits at every position of ids, from one batch (logits_all)."""
     llm.reset()
     llm.eval(ids)
-    return np.array(llm.scores[:len(ids)])
+    return np.array(llm.scores[: len(ids)])
 
 
 def rounded(model, dtype):
@@ -157,21 +181,22 @@ def rounded(model, dtype):
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.copy_(module.weight.to(dtype).float())
-                module.register_forward_pre_hook(
-                    lambda module, args: (args[0].to(dtype).float(),))
+                module.register_forward_pre_hook(lambda module, args: (args[0].to(dtype).float(),))
     return model
 
 
 def test_llama_cpp_gives_our_logits_within_1e_4_in_f32(trained, llama_cpp):
     ids = encode(trained.model, TEXT)[:64]  # the whole context
     with closing(llama(llama_cpp, trained.gguf["f32"], 64)) as llm:
-        np.testing.assert_allclose(llama_logits(llm, ids), our_logits(trained.model, ids),
-                                   atol=1e-4, rtol=0)
+        np.testing.assert_allclose(
+            llama_logits(llm, ids), our_logits(trained.model, ids), atol=1e-4, rtol=0
+        )
 
 
 @pytest.mark.parametrize("outtype, dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
-def test_llama_cpp_gives_our_logits_within_the_rounding_of_f16_and_bf16(trained, llama_cpp, outtype,
-                                                                        dtype):
+def test_llama_cpp_gives_our_logits_within_the_rounding_of_f16_and_bf16(
+    trained, llama_cpp, outtype, dtype
+):
     # The rounding: what storing the weights in the outtype and rounding each matmul's input to it
     # does to our own logits. llama.cpp's logits are within twice that of ours (its rounding and
     # the one measured may err in opposite ways); q8_0's, which round to 8 bits, are not.
@@ -196,7 +221,7 @@ def greedy_prompts(block_size):
     enc = get_tokenizer()
     long = enc.encode(" ".join(f"line {i}: the dog runs;" for i in range(40)))
     assert len(long) > block_size // 2 + 16
-    return [[EOT], enc.encode("Hello, I'm a language model,"), long[:block_size // 2 + 10]]
+    return [[EOT], enc.encode("Hello, I'm a language model,"), long[: block_size // 2 + 10]]
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
@@ -233,12 +258,16 @@ def chat_gguf(tmp_path_factory):
 def test_a_chat_models_template_renders_our_ids_in_jinja2_and_in_llama_cpp(chat_gguf, llama_cpp):
     import gguf
     import jinja2.sandbox
+
     fields = gguf.GGUFReader(chat_gguf.path).fields
     template = fields["tokenizer.chat_template"].contents()
     assert template == chat.JINJA
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "What is 3+4?"},
-                {"role": "assistant", "content": "7"}, {"role": "user", "content": " And 2+2?\n"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 3+4?"},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": " And 2+2?\n"},
+    ]
     env = jinja2.sandbox.ImmutableSandboxedEnvironment()
     text = env.from_string(template).render(messages=messages, add_generation_prompt=True)
     enc = get_tokenizer()
@@ -249,15 +278,22 @@ def test_a_chat_models_template_renders_our_ids_in_jinja2_and_in_llama_cpp(chat_
         for token in CHAT_TOKENS.values():
             assert llama_cpp.llama_vocab_get_attr(vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
         assert (llm.n_vocab(), llm.token_eos(), llama_cpp.llama_vocab_eot(vocab)) == (
-            50261, chat.END, chat.END)
+            50261,
+            chat.END,
+            chat.END,
+        )
         assert all(llama_cpp.llama_vocab_is_eog(vocab, t) for t in chat.STOP)
     assert fields["tokenizer.ggml.token_type"].contents()[-5:] == [gguf.TokenType.CONTROL] * 5
 
 
 def test_llama_cpp_fed_chat_prompt_stops_at_end_with_serve_pys_reply(chat_gguf, llama_cpp):
-    status, served = request(chat_gguf.url, "POST", "/v1/chat/completions",
-                             body=json.dumps({"messages": ASK, "temperature": 0, "max_tokens": 60}),
-                             headers={"Content-Type": "application/json"})
+    status, served = request(
+        chat_gguf.url,
+        "POST",
+        "/v1/chat/completions",
+        body=json.dumps({"messages": ASK, "temperature": 0, "max_tokens": 60}),
+        headers={"Content-Type": "application/json"},
+    )
     assert status == 200 and served["choices"][0]["finish_reason"] == "stop"
     reply = served["choices"][0]["message"]["content"]
     prompt = chat.prompt(ASK)
@@ -273,11 +309,14 @@ def test_llama_cpp_fed_chat_prompt_stops_at_end_with_serve_pys_reply(chat_gguf, 
 def test_a_chat_models_modelfile_holds_the_template_in_ollamas_syntax(chat_gguf):
     with open(chat_gguf.modelfile) as f:
         lines = f.read().splitlines()
-    assert lines == ["FROM ./model-f32.gguf",
-                     'TEMPLATE """<|endoftext|>{{ range .Messages }}<|{{ .Role }}|>{{ .Content }}'
-                     '<|end|>{{ end }}<|assistant|>"""',
-                     'PARAMETER stop "<|end|>"', 'PARAMETER stop "<|endoftext|>"',
-                     "PARAMETER num_ctx 64"]
+    assert lines == [
+        "FROM ./model-f32.gguf",
+        'TEMPLATE """<|endoftext|>{{ range .Messages }}<|{{ .Role }}|>{{ .Content }}'
+        '<|end|>{{ end }}<|assistant|>"""',
+        'PARAMETER stop "<|end|>"',
+        'PARAMETER stop "<|endoftext|>"',
+        "PARAMETER num_ctx 64",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -285,24 +324,46 @@ def checkpoints(tmp_path_factory):
     """A tiny model's checkpoint, one with --bias=False, and a file that is no checkpoint."""
     out = tmp_path_factory.mktemp("gguf_refusals")
     (out / "garbage.pt").write_bytes(b"not a checkpoint")
-    no_bias = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=1, n_embd=8,
-                            bias=False))
-    return types.SimpleNamespace(good=save(tiny_model(vocab_size=50304), out / "good.pt"),
-                                 no_bias=save(no_bias, out / "no_bias.pt"),
-                                 garbage=str(out / "garbage.pt"))
+    no_bias = GPT(
+        GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=1, n_embd=8, bias=False)
+    )
+    return types.SimpleNamespace(
+        good=save(tiny_model(vocab_size=50304), out / "good.pt"),
+        no_bias=save(no_bias, out / "no_bias.pt"),
+        garbage=str(out / "garbage.pt"),
+    )
 
 
-@pytest.mark.parametrize("model, out, extra, message", [
-    ("good", "m.gguf", ["--outtype=q4_0"], "--outtype=q4_0 is not one of f32, f16, bf16, q8_0"),
-    ("good", "there.gguf", [], "--out={tmp}/there.gguf exists; delete it or name another file"),
-    ("good", "nodir/m.gguf", [], "--out={tmp}/nodir/m.gguf: no directory {tmp}/nodir; name a "
-                                 "file in an existing directory"),
-    ("no_bias", "m.gguf", [], "the model was trained with --bias=False, and llama.cpp's gpt2 "
-     "architecture needs biases in every Linear and LayerNorm layer; only a --bias=True model can "
-     "be exported"),
-    ("garbage", "m.gguf", [], "{garbage}: not a readable train_gpt2.py checkpoint, it is "
-     "truncated, corrupt or another kind of file (BadZipFile: File is not a zip file)"),
-], ids=["unknown outtype", "out exists", "out's directory missing", "no biases", "not a model"])
+@pytest.mark.parametrize(
+    "model, out, extra, message",
+    [
+        ("good", "m.gguf", ["--outtype=q4_0"], "--outtype=q4_0 is not one of f32, f16, bf16, q8_0"),
+        ("good", "there.gguf", [], "--out={tmp}/there.gguf exists; delete it or name another file"),
+        (
+            "good",
+            "nodir/m.gguf",
+            [],
+            "--out={tmp}/nodir/m.gguf: no directory {tmp}/nodir; name a "
+            "file in an existing directory",
+        ),
+        (
+            "no_bias",
+            "m.gguf",
+            [],
+            "the model was trained with --bias=False, and llama.cpp's gpt2 "
+            "architecture needs biases in every Linear and LayerNorm layer; only a --bias=True "
+            "model can be exported",
+        ),
+        (
+            "garbage",
+            "m.gguf",
+            [],
+            "{garbage}: not a readable train_gpt2.py checkpoint, it is "
+            "truncated, corrupt or another kind of file (BadZipFile: File is not a zip file)",
+        ),
+    ],
+    ids=["unknown outtype", "out exists", "out's directory missing", "no biases", "not a model"],
+)
 def test_bad_input_is_one_line_and_no_file(checkpoints, tmp_path, model, out, extra, message):
     (tmp_path / "there.gguf").write_bytes(b"mine")
     args = [f"--model={getattr(checkpoints, model)}", f"--out={tmp_path / out}", *extra]
@@ -323,13 +384,16 @@ def test_a_disk_that_fills_mid_write_leaves_neither_file(checkpoints, tmp_path, 
     def full_disk(self, **kw):
         self.fout[0].write(b"half a file")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
     model = tiny_model(vocab_size=50304, chat=True)
     out = str(tmp_path / "chat.gguf")
     with pytest.raises(UserError) as e:
         export_gguf.export_gguf(model, out)
-    assert str(e.value) == (f"cannot write --out={out} (No space left on device); name a writable "
-                            f"place with room for it")
+    assert str(e.value) == (
+        f"cannot write --out={out} (No space left on device); name a writable "
+        f"place with room for it"
+    )
     assert os.listdir(tmp_path) == []
     (tmp_path / "chat.Modelfile").write_text("mine")  # a chat export never overwrites one
     with pytest.raises(UserError, match="chat.Modelfile, the Modelfile a chat model's export"):

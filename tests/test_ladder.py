@@ -1,6 +1,7 @@
 """bench/ladder.py: its --dry-run climbs every rung, a step the device cannot take is a row saying
 why, and the ladder's own hand-written attention and unfused loss give the numbers of what replaces
 them, so that each rung times the same model."""
+
 import copy
 import os
 import re
@@ -26,8 +27,10 @@ def table_rows(stdout):
 
 
 def test_dry_run_climbs_every_rung_and_names_the_skipped_ones():
-    r = run([sys.executable, os.path.join(ROOT, "bench", "ladder.py"), "--dry-run", "--device=cpu"],
-            timeout=300)
+    r = run(
+        [sys.executable, os.path.join(ROOT, "bench", "ladder.py"), "--dry-run", "--device=cpu"],
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     rows = table_rows(r.stdout)
     assert [row[0] for row in rows] == [name for name, _ in ladder.RUNGS]
@@ -51,8 +54,11 @@ def test_dry_run_climbs_every_rung_and_names_the_skipped_ones():
     losses = [float(row[4]) for row in ran]  # one model at every rung: one loss, to bf16's rounding
     assert all(abs(loss - losses[0]) < 0.01 for loss in losses)
     last = r.stdout.rstrip().splitlines()[-1]
-    assert re.fullmatch(r"\d+ s in all; load average (\d+\.\d|n/a) at the start, (\d+\.\d|n/a) "
-                        r"at the end, on \d+ cores", last), last
+    assert re.fullmatch(
+        r"\d+ s in all; load average (\d+\.\d|n/a) at the start, (\d+\.\d|n/a) "
+        r"at the end, on \d+ cores",
+        last,
+    ), last
 
 
 def test_hand_written_attention_gives_flash_attentions_numbers():
@@ -140,16 +146,20 @@ def test_a_compile_that_fails_is_a_skip_and_the_rungs_after_it_run_without_it(mo
     def failing_compile(model, **kwargs):
         def fail(*args, **kw):
             raise RuntimeError("no C++ compiler (the test's)\nmore detail")
+
         return fail
+
     monkeypatch.setattr(torch, "compile", failing_compile)
     shape = {**ladder.SHAPES["dry-run"], "backend": "inductor"}
     climbed = dict(ladder.climb(shape, "cpu", log=lambda line: None))
     assert climbed["torch.compile"] == (
-        "torch.compile failed (RuntimeError: no C++ compiler (the test's))")
+        "torch.compile failed (RuntimeError: no C++ compiler (the test's))"
+    )
     after = [climbed[name] for name, _ in ladder.RUNGS[5:]]
     assert all(not rung.recipe["compile"] for rung in after)
-    assert after[-1].recipe == dict(ladder.BASELINE, bf16=True, flash=True, vocab_size=50304,
-                                    fused_adamw=True, fused_loss=True)
+    assert after[-1].recipe == dict(
+        ladder.BASELINE, bf16=True, flash=True, vocab_size=50304, fused_adamw=True, fused_loss=True
+    )
     assert "compile failed" in ladder.table(list(climbed.items()), shape, "cpu")
 
 
@@ -157,8 +167,11 @@ def test_bad_flags_are_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         ladder.parse_args(["--n_embd=65", "--n_head=2"])
     assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(
-        "--n_embd=65 is not a multiple of --n_head=2")
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith("--n_embd=65 is not a multiple of --n_head=2")
+    )
     with pytest.raises(SystemExit) as e:
         ladder.parse_args(["--B=0"])
     assert e.value.code == 2 and "0 is not a positive whole number" in capsys.readouterr().err

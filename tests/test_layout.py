@@ -1,5 +1,6 @@
-"""train_gpt2.py teaches first: its docstring says where the machinery starts, the lesson's sections come in
-the order a run needs them, and hellaswag.py, which it imports, does not import it back."""
+"""train_gpt2.py teaches first: its docstring says where the machinery starts, the lesson's sections
+come in the order a run needs them, and hellaswag.py, which it imports, does not import it back."""
+
 import ast
 import os
 import re
@@ -18,22 +19,47 @@ def test_the_docstring_gives_the_marked_line_where_it_is():
     text = source("train_gpt2.py")
     marked = [i for i, line in enumerate(text.splitlines(), 1) if line.startswith(MARK)]
     assert len(marked) == 1
-    said = re.search(r"marked line \(line (\d+), \"machinery below\"\)", ast.get_docstring(ast.parse(text)))
+    said = re.search(
+        r"marked line \(line (\d+), \"machinery below\"\)", ast.get_docstring(ast.parse(text))
+    )
     assert said and int(said[1]) == marked[0]
 
 
 def test_the_lesson_comes_in_order_and_the_machinery_after_the_mark():
     text = source("train_gpt2.py")
     mark = text.index(MARK)
-    lesson = ["# fmt: off", "class GPTConfig", "class CausalSelfAttention", "class MLP", "class Block",
-              "class GPT(", "def get_tokenizer", "class DataLoaderLite", "def resolve_dtype", "class AdamW",
-              "class Muon", "def get_lr", "def evaluate_loss", "def print_samples", "def train_step",
-              "def train("]
+    lesson = [
+        "# fmt: off",
+        "class GPTConfig",
+        "class CausalSelfAttention",
+        "class MLP",
+        "class Block",
+        "class GPT(",
+        "def get_tokenizer",
+        "class DataLoaderLite",
+        "def resolve_dtype",
+        "class AdamW",
+        "class Muon",
+        "def get_lr",
+        "def evaluate_loss",
+        "def print_samples",
+        "def train_step",
+        "def train(",
+    ]
     at = [text.index("\n" + name) for name in lesson]
     assert at == sorted(at) and at[-1] < mark
-    for name in ("def save_checkpoint", "def load_checkpoint", "def log_dir_lock", "def shard_model",
-                 "def plan_memory", "class LogFile", "def distributed", "def load_model", "def parse_args",
-                 "def main"):
+    for name in (
+        "def save_checkpoint",
+        "def load_checkpoint",
+        "def log_dir_lock",
+        "def shard_model",
+        "def plan_memory",
+        "class LogFile",
+        "def distributed",
+        "def load_model",
+        "def parse_args",
+        "def main",
+    ):
         assert text.index("\n" + name) > mark, name
     assert text.rstrip().endswith('if __name__ == "__main__":\n    main()')
 

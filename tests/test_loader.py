@@ -1,4 +1,5 @@
 """The sharded loader: coverage across ranks, shuffling, exact position state, and bad shards."""
+
 import os
 
 import numpy as np
@@ -14,16 +15,22 @@ def write_numbered_shards(data_dir, sizes):
     os.makedirs(data_dir, exist_ok=True)
     start = 0
     for i, n in enumerate(sizes):
-        np.save(os.path.join(data_dir, f"num_train_{i + 1:06d}.npy"), np.arange(start, start + n, dtype=np.uint16))
+        np.save(
+            os.path.join(data_dir, f"num_train_{i + 1:06d}.npy"),
+            np.arange(start, start + n, dtype=np.uint16),
+        )
         start += n
     np.save(os.path.join(data_dir, "num_val_000000.npy"), np.arange(0, 1000, dtype=np.uint16))
     return start
 
 
 @pytest.mark.parametrize("world, b", [(1, 2), (1, 6), (2, 3), (3, 2), (6, 1)])
-def test_every_token_is_read_once_per_epoch_across_ranks_whatever_the_world_size(tmp_path, world, b):
-    """Shards of odd sizes, some shorter than a step: over an epoch every token is an input exactly once, in
-    the stream order that does not depend on world or B, and group steps run on into the next epoch."""
+def test_every_token_is_read_once_per_epoch_across_ranks_whatever_the_world_size(
+    tmp_path, world, b
+):
+    """Shards of odd sizes, some shorter than a step: over an epoch every token is an input exactly
+    once, in the stream order that does not depend on world or B, and group steps run on into the
+    next epoch."""
     sizes = [5 * 48 + 1, 4 * 48 + 7, 11, 48 + 1, 3]
     total = write_numbered_shards(str(tmp_path), sizes)
     cfg = tg.Settings(B=b, T=T, data_dir=str(tmp_path), seed=3)
@@ -39,20 +46,31 @@ def test_every_token_is_read_once_per_epoch_across_ranks_whatever_the_world_size
     stream = np.concatenate(stream)
     epoch = stream[:total]
     assert np.array_equal(np.sort(epoch), np.arange(total))  # each token once, by one rank
-    order = tg.DataLoaderLite(tg.Settings(B=1, T=T, data_dir=str(tmp_path), seed=3), "train").order(0)
+    order = tg.DataLoaderLite(tg.Settings(B=1, T=T, data_dir=str(tmp_path), seed=3), "train").order(
+        0
+    )
     starts = np.cumsum([0] + sizes)
-    assert np.array_equal(epoch, np.concatenate([np.arange(starts[i], starts[i + 1]) for i in order]))
-    first_of_next = tg.DataLoaderLite(tg.Settings(B=1, T=T, data_dir=str(tmp_path), seed=3), "train").order(1)[0]
+    assert np.array_equal(
+        epoch, np.concatenate([np.arange(starts[i], starts[i + 1]) for i in order])
+    )
+    first_of_next = tg.DataLoaderLite(
+        tg.Settings(B=1, T=T, data_dir=str(tmp_path), seed=3), "train"
+    ).order(1)[0]
     assert stream[total] == starts[first_of_next]  # the next epoch follows with no gap
     assert all(loader.state_dict()["epoch"] == 1 for loader in loaders)
 
 
 def test_shard_order_is_permuted_per_epoch_by_seed(tmp_path):
-    write_numbered_shards(str(tmp_path), [B * T] * 8)  # one batch a shard, its last target the next one's first
+    # one batch a shard, its last target the next one's first
+    write_numbered_shards(str(tmp_path), [B * T] * 8)
 
     def first_tokens(seed, epochs=3):
-        loader = tg.DataLoaderLite(tg.Settings(B=B, T=T, data_dir=str(tmp_path), seed=seed), "train")
-        return [[int(loader.next_batch()[0][0, 0]) // (B * T) for _ in range(8)] for _ in range(epochs)]
+        loader = tg.DataLoaderLite(
+            tg.Settings(B=B, T=T, data_dir=str(tmp_path), seed=seed), "train"
+        )
+        return [
+            [int(loader.next_batch()[0][0, 0]) // (B * T) for _ in range(8)] for _ in range(epochs)
+        ]
 
     a, b = first_tokens(1), first_tokens(2)
     assert a == first_tokens(1)  # deterministic
@@ -83,11 +101,14 @@ def test_shards_are_memory_mapped_not_loaded(tmp_path):
     assert isinstance(loader.tokens, np.memmap) and loader.tokens.dtype == np.uint16
 
 
-@pytest.mark.parametrize("content, message", [
-    (np.zeros(0, np.uint16), "shard is empty"),
-    (np.arange(100, dtype=np.int32), "want 1-D uint16 tokens"),
-    (b"this is not a numpy file", "cannot read shard"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (np.zeros(0, np.uint16), "shard is empty"),
+        (np.arange(100, dtype=np.int32), "want 1-D uint16 tokens"),
+        (b"this is not a numpy file", "cannot read shard"),
+    ],
+)
 def test_bad_shards_are_named(tmp_path, content, message):
     write_numbered_shards(str(tmp_path), [100])
     bad = os.path.join(tmp_path, "bad_train_000009.npy")
@@ -107,7 +128,8 @@ def test_missing_shards_name_the_dir_and_the_prepare_command(tmp_path):
 
 
 def test_llmc_bin_shard_gives_the_same_batches_as_npy(tmp_path):
-    """Batches are read from the file at the shard's data offset: 1024 header bytes in llm.c's format."""
+    """Batches are read from the file at the shard's data offset: 1024 header bytes in llm.c's
+    format."""
     tokens = np.arange(3 * B * T + 1, dtype=np.uint16) * 7
     header = np.zeros(256, dtype="<i4")
     header[:3] = tg.LLMC_MAGIC, tg.LLMC_VERSION, len(tokens)
@@ -116,8 +138,11 @@ def test_llmc_bin_shard_gives_the_same_batches_as_npy(tmp_path):
         f.write(header.tobytes() + tokens.astype("<u2").tobytes())
     os.makedirs(tmp_path / "npy")
     np.save(tmp_path / "npy" / "c_train_000001.npy", tokens)
-    a, b = (tg.DataLoaderLite(tg.Settings(B=B, T=T, data_dir=str(tmp_path / d)), "train") for d in ("bin", "npy"))
+    a, b = (
+        tg.DataLoaderLite(tg.Settings(B=B, T=T, data_dir=str(tmp_path / d)), "train")
+        for d in ("bin", "npy")
+    )
     for i in range(3):
         (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
         assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
-        assert np.array_equal(xa.flatten(), tokens[i * B * T:(i + 1) * B * T])
+        assert np.array_equal(xa.flatten(), tokens[i * B * T : (i + 1) * B * T])

@@ -1,5 +1,7 @@
-"""The dtype a run trains in: the auto choice per device, float16 with its gradient scaler (exact gradients at
-GPT-2's row counts, finite runs, exact resume), and a torch.compile that fails falling back to eager."""
+"""The dtype a run trains in: the auto choice per device, float16 with its gradient scaler (exact
+gradients at GPT-2's row counts, finite runs, exact resume), and a torch.compile that fails falling
+back to eager."""
+
 import os
 import shutil
 import sys
@@ -15,52 +17,84 @@ FP32 = [a for a in TINY if not a.startswith("--dtype")] + ["--dtype=float32"]
 FP16 = [a for a in TINY if not a.startswith("--dtype")] + ["--dtype=float16"]
 
 
-@pytest.mark.parametrize("device_type, capability, flags, macos14, want", [
-    ("cuda", (7, 0), set(), False, "float16"),  # V100
-    ("cuda", (7, 5), set(), False, "float16"),  # T4
-    ("cuda", (8, 0), set(), False, "bfloat16"),  # A100
-    ("cuda", (9, 0), set(), False, "bfloat16"),  # H100
-    ("cpu", None, {"avx2", "avx512f", "avx512_bf16"}, False, "bfloat16"),  # Zen 4, Cooper Lake
-    ("cpu", None, {"avx2", "amx_tile", "amx_bf16"}, False, "bfloat16"),  # Sapphire Rapids
-    ("cpu", None, {"fp", "asimd", "bf16"}, False, "bfloat16"),  # Graviton 3 (Arm's Features line)
-    ("cpu", None, {"avx2", "avx512f"}, False, "float32"),  # Skylake: bf16 only emulated
-    ("mps", None, set(), True, "bfloat16"),
-    ("mps", None, set(), False, "float16"),  # macOS 13: no bf16 in Metal
-])
-def test_auto_dtype_per_device_and_capability(monkeypatch, device_type, capability, flags, macos14, want):
-    # a T4 is where torch.cuda.is_bf16_supported() says yes, counting emulation: the choice must not ask it
+@pytest.mark.parametrize(
+    "device_type, capability, flags, macos14, want",
+    [
+        ("cuda", (7, 0), set(), False, "float16"),  # V100
+        ("cuda", (7, 5), set(), False, "float16"),  # T4
+        ("cuda", (8, 0), set(), False, "bfloat16"),  # A100
+        ("cuda", (9, 0), set(), False, "bfloat16"),  # H100
+        ("cpu", None, {"avx2", "avx512f", "avx512_bf16"}, False, "bfloat16"),  # Zen 4, Cooper Lake
+        ("cpu", None, {"avx2", "amx_tile", "amx_bf16"}, False, "bfloat16"),  # Sapphire Rapids
+        (
+            "cpu",
+            None,
+            {"fp", "asimd", "bf16"},
+            False,
+            "bfloat16",
+        ),  # Graviton 3 (Arm's Features line)
+        ("cpu", None, {"avx2", "avx512f"}, False, "float32"),  # Skylake: bf16 only emulated
+        ("mps", None, set(), True, "bfloat16"),
+        ("mps", None, set(), False, "float16"),  # macOS 13: no bf16 in Metal
+    ],
+)
+def test_auto_dtype_per_device_and_capability(
+    monkeypatch, device_type, capability, flags, macos14, want
+):
+    # a T4 is where torch.cuda.is_bf16_supported() says yes, counting emulation: the choice must not
+    # ask it
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(tg, "cpu_flags", lambda: flags)
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos14)
     said = []
     assert tg.resolve_dtype("auto", device_type, said.append) == want
-    assert said == [f"dtype {want} (auto: {'native' if want == 'bfloat16' else 'no native'} bf16 on this "
-                    f"{device_type})"]
+    assert said == [
+        f"dtype {want} (auto: {'native' if want == 'bfloat16' else 'no native'} bf16 on this "
+        f"{device_type})"
+    ]
     for named in ("bfloat16", "float16", "float32"):  # a named dtype is taken as it is
         assert tg.resolve_dtype(named, device_type, said.append) == named
     assert said[-1] == "dtype float32 (as set)"
 
 
-@pytest.mark.parametrize("device_type, capability, flags, macos14, train, score, decode", [
-    ("cpu", None, {"avx2", "avx512f", "avx512_bf16"}, False, "bfloat16", "bfloat16", "bfloat16"),  # native bf16
-    ("cpu", None, {"avx2"}, False, "float32", "float32", "bfloat16"),  # emulated: decoding still reads half
-    ("cuda", (8, 0), set(), False, "bfloat16", "bfloat16", "bfloat16"),  # A100
-    ("cuda", (7, 5), set(), False, "float16", "float16", "float16"),  # T4: fp16 native
-    ("mps", None, set(), True, "bfloat16", "bfloat16", "bfloat16"),
-    ("mps", None, set(), False, "float16", "float16", "float16"),  # macOS 13: no bf16 in Metal
-])
-def test_auto_dtype_per_job(monkeypatch, device_type, capability, flags, macos14, train, score, decode):
-    """Training and scoring are bound by compute, so auto takes bf16 only where it is native; decoding is bound
-    by memory, so on a CPU auto takes bf16 weights even where bf16 arithmetic is emulated."""
+@pytest.mark.parametrize(
+    "device_type, capability, flags, macos14, train, score, decode",
+    [
+        # native bf16
+        (
+            "cpu",
+            None,
+            {"avx2", "avx512f", "avx512_bf16"},
+            False,
+            "bfloat16",
+            "bfloat16",
+            "bfloat16",
+        ),
+        # emulated: decoding still reads half
+        ("cpu", None, {"avx2"}, False, "float32", "float32", "bfloat16"),
+        ("cuda", (8, 0), set(), False, "bfloat16", "bfloat16", "bfloat16"),  # A100
+        ("cuda", (7, 5), set(), False, "float16", "float16", "float16"),  # T4: fp16 native
+        ("mps", None, set(), True, "bfloat16", "bfloat16", "bfloat16"),
+        ("mps", None, set(), False, "float16", "float16", "float16"),  # macOS 13: no bf16 in Metal
+    ],
+)
+def test_auto_dtype_per_job(
+    monkeypatch, device_type, capability, flags, macos14, train, score, decode
+):
+    """Training and scoring are bound by compute, so auto takes bf16 only where it is native;
+    decoding is bound by memory, so on a CPU auto takes bf16 weights even where bf16 arithmetic is
+    emulated."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(tg, "cpu_flags", lambda: flags)
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos14)
     said = []
     for job, want in (("train", train), ("score", score), ("decode", decode)):
         assert tg.resolve_dtype("auto", device_type, said.append, job=job) == want
-        assert tg.resolve_dtype("float32", device_type, None, job=job) == "float32"  # as named, silently
-    assert tg.resolve_dtype("auto", device_type, None) == train  # the job a caller names nothing for
+        # as named, silently
+        assert tg.resolve_dtype("float32", device_type, None, job=job) == "float32"
+    # the job a caller names nothing for
+    assert tg.resolve_dtype("auto", device_type, None) == train
     assert len(said) == 3
 
 
@@ -71,10 +105,12 @@ def test_cpu_flags_reads_this_machine():
 
 
 def test_float16_gradients_through_the_model_match_fp32_at_131072_rows():
-    """The scaler and the fused loss together: at 131,072 rows a micro-batch, (softmax - onehot) / rows would
-    sit below float16's range; the gradients must still be those of fp32 plain cross-entropy."""
+    """The scaler and the fused loss together: at 131,072 rows a micro-batch, (softmax - onehot) /
+    rows would sit below float16's range; the gradients must still be those of fp32 plain
+    cross-entropy."""
     torch.manual_seed(0)
-    config = tg.GPTConfig(block_size=128, vocab_size=512, n_layer=1, n_head=2, n_embd=16)  # rows are what matter
+    # rows are what matter
+    config = tg.GPTConfig(block_size=128, vocab_size=512, n_layer=1, n_head=2, n_embd=16)
     model, ref = tg.GPT(config), tg.GPT(config)
     ref.load_state_dict(model.state_dict())
     idx, targets = torch.randint(0, 512, (1024, 128)), torch.randint(0, 512, (1024, 128))
@@ -113,9 +149,11 @@ def test_float16_run_is_finite_and_ends_near_float32(runs):
     assert fp16 != fp32  # it did run in float16
     assert abs(fp16[7] - fp32[7]) < 0.05, (fp16, fp32)
     ckpt = torch.load(os.path.join(runs["fp16"], "model_000008.pt"), weights_only=True)
-    assert ckpt["scaler"]["scale"] == 2.0 ** 16 and ckpt["scaler"]["_growth_tracker"] == 8
+    assert ckpt["scaler"]["scale"] == 2.0**16 and ckpt["scaler"]["_growth_tracker"] == 8
     assert ckpt["config"]["dtype"] == "float16"
-    assert torch.load(os.path.join(runs["fp32"], "model_000008.pt"), weights_only=True)["scaler"] == {}
+    assert (
+        torch.load(os.path.join(runs["fp32"], "model_000008.pt"), weights_only=True)["scaler"] == {}
+    )
 
 
 def test_float16_resume_is_bit_identical_scaler_included(runs, tmp_path):
@@ -126,14 +164,21 @@ def test_float16_resume_is_bit_identical_scaler_included(runs, tmp_path):
     assert r.returncode == 0, r.stderr
     straight = train_losses(runs["fp16"])
     assert {s: v for s, v in straight.items() if s >= 4} == train_losses(resumed)
-    a, b = (torch.load(os.path.join(d, "model_000008.pt"), weights_only=True) for d in (runs["fp16"], resumed))
-    assert a["scaler"] == b["scaler"]  # the growth tracker counts on from the checkpoint's 4 clean steps
+    a, b = (
+        torch.load(os.path.join(d, "model_000008.pt"), weights_only=True)
+        for d in (runs["fp16"], resumed)
+    )
+    # the growth tracker counts on from the checkpoint's 4 clean steps
+    assert a["scaler"] == b["scaler"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_scaler_skips_are_not_bad_steps_but_a_non_finite_loss_is():
     cfg = tg.parse_args(["--max_bad_steps=0"])
-    run = lambda scaled: tg.Run(cfg, scaler=torch.amp.GradScaler("cpu", enabled=scaled))  # noqa: E731
+
+    def run(scaled):
+        return tg.Run(cfg, scaler=torch.amp.GradScaler("cpu", enabled=scaled))
+
     scaled = run(True)
     tg.count_bad_step(scaled, 3, 2.5, float("inf"))
     assert scaled.bad_steps == 0
@@ -155,10 +200,21 @@ train_gpt2.main(sys.argv[1:])
 def test_a_failing_compile_warns_once_and_runs_the_same_maths_eagerly(runs, tmp_path):
     log_dir = str(tmp_path / "log")
     args = [a for a in FP32 if not a.startswith("--compile")] + ["--compile=True"]
-    r = run([sys.executable, "-c", FAILING_COMPILE, *args, f"--data_dir={runs['data']}", f"--log_dir={log_dir}"])
+    r = run(
+        [
+            sys.executable,
+            "-c",
+            FAILING_COMPILE,
+            *args,
+            f"--data_dir={runs['data']}",
+            f"--log_dir={log_dir}",
+        ]
+    )
     assert r.returncode == 0, r.stderr
-    warning = ("warning: torch.compile failed (RuntimeError: no C++ compiler found (the test's)); running without it, "
-               "the same maths, slower. --compile=False skips the attempt\n")
+    warning = (
+        "warning: torch.compile failed (RuntimeError: no C++ compiler found (the test's)); running "
+        "without it, the same maths, slower. --compile=False skips the attempt\n"
+    )
     assert r.stdout.count("warning: torch.compile failed") == 1 and warning in r.stdout
     assert train_losses(log_dir) == train_losses(runs["fp32"])
     assert train_losses(log_dir, "val") == train_losses(runs["fp32"], "val")

@@ -1,8 +1,10 @@
-"""serve.py's page in a real browser (Debian's chromium through selenium, headless): text streams in as it is
-made, Stop stops it and frees the model, and a greedy completion is inference.generate's text.
+"""serve.py's page in a real browser (Debian's chromium through selenium, headless): text streams in
+as it is made, Stop stops it and frees the model, and a greedy completion is inference.generate's
+text.
 
-SERVE_SCREENSHOT=docs/serve.png python -m pytest tests/test_serve_browser.py   # refreshes the README's picture
-"""
+SERVE_SCREENSHOT=docs/serve.png python -m pytest tests/test_serve_browser.py   # refreshes the
+README's picture"""
+
 import json
 import os
 import shutil
@@ -25,11 +27,20 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 @pytest.fixture(scope="module")
 def page(serve_run, tmp_path_factory):
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.fail("needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
+        pytest.fail(
+            "needs Debian's chromium and chromium-driver: apt-get install -y chromium "
+            "chromium-driver"
+        )
     proc, url = start_server(serve_run.dir, tmp_path_factory.mktemp("browser") / "log")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=900,640"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=900,640",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.get(url)
@@ -47,7 +58,8 @@ def fill(driver, **values):
 
 
 def completion(driver):
-    return driver.find_element(By.ID, "completion").get_attribute("textContent")  # exact, spaces and all
+    # exact, spaces and all
+    return driver.find_element(By.ID, "completion").get_attribute("textContent")
 
 
 def test_text_streams_in_and_stop_stops_it(page):
@@ -56,7 +68,8 @@ def test_text_streams_in_and_stop_stops_it(page):
     driver.find_element(By.ID, "generate").click()
     stop = driver.find_element(By.ID, "stop")
     wait = WebDriverWait(driver, 30)
-    wait.until(lambda d: len(completion(d)) > 20 and stop.is_enabled())  # text shows while it is being made
+    # text shows while it is being made
+    wait.until(lambda d: len(completion(d)) > 20 and stop.is_enabled())
     seen = completion(driver)
     wait.until(lambda d: len(completion(d)) > len(seen) + 20)  # and keeps coming
     stop.click()
@@ -73,10 +86,14 @@ def test_a_greedy_completion_is_generates_text(page, serve_run, tmp_path):
     driver, _ = page
     fill(driver, prompt="Hello, I'm a language model,", max_tokens=40, temperature=0)
     driver.find_element(By.ID, "generate").click()
-    WebDriverWait(driver, 30).until(lambda d: "finish_reason: length" in d.find_element(By.ID, "status").text)
+    WebDriverWait(driver, 30).until(
+        lambda d: "finish_reason: length" in d.find_element(By.ID, "status").text
+    )
     enc = get_tokenizer()
     prompt = enc.encode("Hello, I'm a language model,")
-    assert completion(driver) == enc.decode(generate(load_model(serve_run.checkpoint), prompt, 40, temperature=0)[0])
+    assert completion(driver) == enc.decode(
+        generate(load_model(serve_run.checkpoint), prompt, 40, temperature=0)[0]
+    )
     shot = tmp_path / "serve.png"
     driver.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

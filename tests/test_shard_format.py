@@ -1,4 +1,6 @@
-"""llm.c .bin shards: the bytes prepare_fineweb.py writes, the loader's checks, and .npy/.bin equivalence."""
+"""llm.c .bin shards: the bytes prepare_fineweb.py writes, the loader's checks, and .npy/.bin
+equivalence."""
+
 import os
 
 import numpy as np
@@ -38,17 +40,23 @@ def test_bin_shard_is_llmc_header_then_uint16_tokens(tmp_path):
 def test_npy_and_bin_shards_give_identical_batches(tmp_path):
     npy_dir, bin_dir = write_both(tmp_path, [3000, 2500, 4100, 3300])
     for split in ("train", "val"):
-        loaders = [DataLoaderLite(Settings(B=4, T=32, data_dir=d, seed=5), split) for d in (npy_dir, bin_dir)]
+        loaders = [
+            DataLoaderLite(Settings(B=4, T=32, data_dir=d, seed=5), split)
+            for d in (npy_dir, bin_dir)
+        ]
         for _ in range(150):  # several epochs, so the shard permutations are compared too
             (xa, ya), (xb, yb) = (loader.next_batch() for loader in loaders)
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda raw: raw[:-2], "truncated or corrupt"),
-    (lambda raw: np.int32(LLMC_MAGIC + 1).tobytes() + raw[4:], "not an llm.c shard"),
-    (lambda raw: raw[:4] + np.int32(2).tobytes() + raw[8:], "not an llm.c shard"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda raw: raw[:-2], "truncated or corrupt"),
+        (lambda raw: np.int32(LLMC_MAGIC + 1).tobytes() + raw[4:], "not an llm.c shard"),
+        (lambda raw: raw[:4] + np.int32(2).tobytes() + raw[8:], "not an llm.c shard"),
+    ],
+)
 def test_damaged_bin_shard_is_refused_by_name(tmp_path, damage, message):
     path = str(tmp_path / "x_train_000001.bin")
     write_shard(path, np.arange(100, dtype=np.uint16))

@@ -15,31 +15,12 @@ from conftest import ROOT
 # the places scripts live; each failure names its file relative to ROOT
 PLACES = ("*.py", "bench/*.py", "tests/*.py")
 
-# files whose style pass lands with another branch (or, for tests/, after the merges), skipped until
-# then; each one named here still breaks a rule below (test_pending_files_still_need_their_pass)
-# TEMP: emptied as branches land
-PENDING = {
-    "inference.py",
-    "tests/conftest.py",
-    "tests/faulty_run.py",
-    "tests/test_chat.py",
-    "tests/test_chat_serve.py",
-    "tests/test_decoder.py",
-    "tests/test_lm_eval.py",
-    "tests/test_precision.py",
-    "tests/test_run_record.py",
-}
-
 
 def all_scripts():
     paths = [p for place in PLACES for p in glob.glob(os.path.join(ROOT, place))]
     names = {os.path.relpath(p, ROOT) for p in paths}
     assert "train_gpt2.py" in names and "tests/test_style.py" in names  # the walk found the repo
     return sorted(names)
-
-
-def scripts():
-    return [name for name in all_scripts() if name not in PENDING]
 
 
 def nested_conditionals(tree):
@@ -76,7 +57,7 @@ def parse(name):
 
 
 def violations(checker):
-    return [f"{name}:{line}" for name in scripts() for line in checker(parse(name))]
+    return [f"{name}:{line}" for name in all_scripts() for line in checker(parse(name))]
 
 
 def test_no_nested_conditional_expressions():
@@ -94,17 +75,6 @@ def test_no_three_names_from_one_literal():
     found = violations(many_names_from_a_literal)
     assert not found, ("three or more names set from one literal; one name per line: "
                        + ", ".join(found))
-
-
-def test_pending_files_still_need_their_pass():
-    """PENDING only shrinks: a file named there that now keeps every rule leaves it."""
-    checkers = (nested_conditionals, named_lambdas, many_names_from_a_literal)
-    names = all_scripts()
-    missing = sorted(PENDING - set(names))
-    assert not missing, "PENDING names files that are gone: " + ", ".join(missing)
-    clean = [name for name in sorted(PENDING) if not any(c(parse(name)) for c in checkers)]
-    assert not clean, ("these files keep every rule now; take them out of PENDING: "
-                       + ", ".join(clean))
 
 
 @pytest.mark.parametrize("checker, bad, good", [
