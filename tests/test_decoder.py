@@ -11,7 +11,7 @@ from conftest import ROOT, tiny_model
 
 import inference
 from inference import Engine, KVCache, Sequences, decode_path, generate, generate_stream, sample_next
-from train_gpt2 import EOT
+from train_gpt2 import EOT, GPT, GPTConfig
 
 torch.set_num_threads(1)  # these models are tiny: threads would only contend for the 2 cores
 
@@ -100,10 +100,17 @@ def collect(engine, requests):
     return [[list(row) for row in zip(*made[i])] for i in range(len(requests))]
 
 
-def test_a_requests_tokens_are_the_same_alone_and_in_any_company():
+@pytest.mark.parametrize("width", [4, 64], ids=["widths_vary", "block_size_wide"])
+def test_a_requests_tokens_are_the_same_alone_and_in_any_company(width, monkeypatch):
     """Twelve requests on 8 slots, greedy and seeded, of different prompts and lengths, some sharing the start
     of a prompt, joining while others are mid-way or waiting for a slot, one past the window: each gets the
-    tokens it gets alone on the same engine, exactly, and greedy ones GPT.generate's."""
+    tokens it gets alone on the same engine, exactly, and greedy ones GPT.generate's. With a WIDTH of 4 the
+    step attends to 4, 8, 12 or 16 positions of every slot, as far as the furthest running row: a request
+    alone steps at widths of its own, in company at the widths its company sets."""
+    monkeypatch.setattr(inference, "WIDTH", width)
+    widths = set()
+    fixed_step = Engine.fixed_step
+    monkeypatch.setattr(Engine, "fixed_step", lambda self: widths.add(self.width) or fixed_step(self))
     model = tiny_model(block_size=16)
     requests = []
     for i in range(12):
@@ -118,6 +125,29 @@ def test_a_requests_tokens_are_the_same_alone_and_in_any_company():
             prompt = torch.tensor([args[0]])
             assert got[0] == model.generate(prompt, args[1], top_k=1)[0, prompt.size(1):].tolist()
     assert len({tuple(t[0]) for t in together}) == 12
+    assert widths == ({4, 8, 12, 16} if width == 4 else {16})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_rows_step_is_the_same_at_every_width_that_covers_it(dtype):
+    """The bits under the width rule: a row's logits, at heads of GPT-2's width (64), do not change when the
+    step attends to more positions than the row has written (masked), whoever sets the width."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=256, vocab_size=64, n_layer=2, n_head=2, n_embd=128)
+    model = inference.hold_for_inference(GPT(config), getattr(torch, dtype))
+    engine = Engine(model, 8)
+    at = torch.tensor([3, 40, 63, 64, 100, 130, 200, 255])
+    with torch.no_grad():
+        for slot, n in enumerate(at.tolist()):
+            engine.prefill(torch.randint(0, 64, (1, n)), slot)
+        engine.tok.copy_(torch.randint(0, 64, (8, 1)))
+        engine.at.copy_(at)
+        engine.width = 256
+        widest = engine.fixed_step()  # rewrites the same keys and values at each width
+        for width in (64, 128, 192):
+            engine.width = width
+            rows = at < width
+            assert torch.equal(engine.fixed_step()[rows], widest[rows])
 
 
 def test_samples_of_one_prompt_draw_together_from_its_generator():
