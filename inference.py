@@ -67,18 +67,19 @@ class KVCache:
 
 
 class PackedLinear(nn.Module):
-    """A Linear for inference on CPU in bf16, its weight also held reordered into oneDNN's blocked
-    layout. A one-token step is a matrix-vector product per weight, bound by memory bandwidth; at
-    the 124M shape plain bf16 F.linear reads the weights at about half the speed of this op, which
-    is the one torch.compile's freezing pass emits for CPU, and gives the same numbers bit for bit.
-    weight stays a parameter, so that state_dict, weight tying and the parameter count are
-    unchanged."""
+    """A Linear for inference on CPU, its weight also held reordered into oneDNN's blocked layout
+    for a matmul over `rows` rows. A decoding step is a matrix product of a few rows per weight,
+    bound by memory bandwidth. In bf16, at the 124M shape, plain F.linear reads the weights at about
+    half the speed of this op, which is the one torch.compile's freezing pass emits for CPU, and
+    gives the same numbers bit for bit. In float32, plain F.linear (MKL) over an Engine's 8 rows
+    took twice as long as over 1; this op laid out for 8 rows took about as long as over 1, in the
+    same arithmetic summed in another order (the last bits differ from F.linear's). weight stays a
+    parameter, so that state_dict, weight tying and the parameter count are unchanged."""
 
-    def __init__(self, linear):
+    def __init__(self, linear, rows):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
-        # laid out for batch 1
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
 
     def forward(self, x):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -91,16 +92,29 @@ def onednn_bf16():
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def packed_rows(dtype):
+    """The rows a PackedLinear of dtype on this CPU is laid out for, or None where Linears stay
+    plain: bf16 for 1 (a lone request's step: torch.compile's layout) with oneDNN's bf16 kernels,
+    float32 for an Engine's 8 slots (about as fast over 1 row as the layout for 1, and half again
+    as fast over 8) wherever oneDNN is."""
+    if dtype == torch.bfloat16 and onednn_bf16():
+        return 1
+    if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return 8
+    return None
+
+
 def hold_for_inference(model, dtype):
-    """model, in place, with its weights in dtype, in eval mode; on a CPU with oneDNN's bf16
-    kernels, its Linears become PackedLinears. For generation and scoring only: the packed weights
-    do not train."""
+    """model, in place, with its weights in dtype, in eval mode; on a CPU where oneDNN has kernels
+    for dtype (packed_rows), its Linears become PackedLinears. For generation and scoring only: the
+    packed weights do not train."""
     model.to(dtype).eval()
-    if model.lm_head.weight.device.type == "cpu" and dtype == torch.bfloat16 and onednn_bf16():
+    rows = packed_rows(dtype)
+    if model.lm_head.weight.device.type == "cpu" and rows is not None:
         for module in list(model.modules()):
             for name, child in module.named_children():
                 if type(child) is nn.Linear:
-                    setattr(module, name, PackedLinear(child))
+                    setattr(module, name, PackedLinear(child, rows))
     return model
 
 
@@ -156,11 +170,11 @@ class StaticKVCache(KVCache):
     slot, allocated at the first prompt. A prompt (or the one-token step of a request alone) goes
     into the rows from `row` on, after position `pos`, by KVCache's arithmetic. While `at` holds
     every row's position (a (slots,) long tensor on the model's device), a step writes each row's
-    new key and value at its own position and returns the whole buffers, which the step's mask
-    limits, row by row, to the positions that row has written. Shapes then never change from step to
-    step, as a CUDA graph needs."""
+    new key and value at its own position and returns every row's first `width` positions, which
+    the step's mask limits, row by row, to the positions that row has written. Shapes then change
+    only with the width, as a CUDA graph (one per width) needs."""
 
-    row, at = 0, None
+    row, at, width = 0, None, None
 
     def __init__(self, block_size, slots):
         super().__init__(block_size)
@@ -182,12 +196,15 @@ class StaticKVCache(KVCache):
         # (slots, n_head, head_size): each row's at its own position
         self.k[self.every, :, self.at] = k[:, :, 0]
         self.v[self.every, :, self.at] = v[:, :, 0]
-        return self.k, self.v
+        return self.k[:, :, :self.width], self.v[:, :, :self.width]
 
 
 # False: CUDA decodes with the eager step too (benches compare the two in one process)
 CUDA_GRAPHS = True
 GRAPH_WARMUP = 2  # eager steps on a side stream before the capture, as CUDA graph capture needs
+# The shared step attends to the first positions of every slot, a multiple of WIDTH that covers the
+# furthest row: a lone request at position 40 reads 64 positions of each slot, not block_size.
+WIDTH = 64
 
 
 def decode_path(device, shared=True):
@@ -249,13 +266,17 @@ class Engine:
     A request that ends frees its slots at once.
 
     Where requests share it, the step is fixed-width (decode_path's "fixed", and "graph" on CUDA):
-    every slot's row is computed, running or not, over all block_size positions under a mask. A
-    row's arithmetic is then the same alone as in any company, so a request's tokens never depend on
-    who shares the batch (on a CPU a float32 matmul over 1 row and over 8 differ in the last bits,
-    and so does attention over 40 positions and over 64), and on CUDA the step is one graph,
-    captured once, where a width per count of running slots would need a graph for each and its own
-    memory pool. An engine for one request at a time (engine_for's, or one slot) runs GPT.forward
-    over the rows filled ("eager"), today's batch decoding.
+    every slot's row is computed, running or not, so a request's tokens never depend on who shares
+    the batch (on a CPU a float32 matmul over 1 row and over 8 differ in the last bits). Each row
+    attends to the first `width` positions of its slot under a mask that hides those past its own:
+    width is the multiple of WIDTH that covers the furthest running row, so a lone short request
+    does not read block_size positions of every slot. A row's attention is the same at any width
+    (tests/test_decoder.py checks it: the hidden positions get exact zeros, and the kernel sums the
+    ones it sees in the same order whatever follows them), where attention over the 40 positions
+    a row has written, unpadded, would differ from its attention over 64 in the last bits. On CUDA
+    each width is a graph of its own, captured when first met. An engine for one request at a time
+    (engine_for's, or one slot) runs GPT.forward over the rows filled ("eager"), today's batch
+    decoding.
 
     One thread steps it: run() for a server, or a caller's loop of step(). submit, call, cancel and
     load may be called from any thread."""
@@ -272,9 +293,10 @@ class Engine:
         self.tok = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self.at = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.arange(self.bs, device=self.device)
-        self.graph = None  # on CUDA, the step's graph, once captured ...
-        self.out = None  # ... the logits each replay writes,
-        self.warm = 0  # the eager steps run before the capture,
+        self.width = self.bs  # the positions of each slot the step attends to, set before each step
+        self.graphs = {}  # on CUDA, width -> (the step's graph there, the logits it writes),
+        self.pool = None  # the memory pool those graphs share,
+        self.warm = 0  # the eager steps run before the first capture,
         self.stream = None  # and the side stream they ran on
         self.free, self.running = list(range(slots)), []
         self.waiting = collections.deque()  # requests for a slot, oldest first
@@ -374,6 +396,8 @@ class Engine:
                 self.tok[seq.rows] = seq.idx[:, -1:]
                 self.at[seq.rows] = seq.pos
                 seq.pos += 1
+            furthest = max(seq.pos for seq in stepping)  # the positions the furthest row attends to
+            self.width = min(self.bs, -(-furthest // WIDTH) * WIDTH)
             out = self.graph_step() if self.path == "graph" else self.fixed_step()
             for seq in stepping:
                 logits[seq] = out[seq.rows]
@@ -446,13 +470,14 @@ class Engine:
 
     def fixed_step(self):
         """One token for every slot: self.tok at positions self.at (tensors, so that a graph reads
-        them afresh), each row attending to the cache rows up to its own position through a mask."""
+        them afresh), each row attending to its cache row's first self.width positions, masked to
+        those up to its own position."""
         model = self.model
-        mask = (self.positions[None] <= self.at[:, None]).view(self.slots, 1, 1, self.bs)
+        mask = self.positions[None, :self.width] <= self.at[:, None]
         for cache in self.caches:
-            cache.at = self.at
+            cache.at, cache.width = self.at, self.width
         try:
-            x = model.hidden_states(self.tok, self.at[:, None], mask, self.caches)
+            x = model.hidden_states(self.tok, self.at[:, None], mask[:, None, None], self.caches)
             return next_logits(model, model.lm_head(x))
         finally:
             for cache in self.caches:
@@ -460,11 +485,12 @@ class Engine:
 
     def graph_step(self):
         """fixed_step replayed as a CUDA graph: one launch for the whole step instead of ~15 a
-        layer, which at small batches take longer to issue than the GPU takes to run them. The first
-        GRAPH_WARMUP steps run eagerly on a side stream (capture needs cuBLAS's workspace and the
-        allocator warmed up on it); the next is captured, then replayed. Its logits land in the same
-        buffer each replay, read before the next one is queued."""
-        if self.graph is None and self.warm < GRAPH_WARMUP:
+        layer, which at small batches take longer to issue than the GPU takes to run them. A graph
+        per width, captured when the step first reaches it, all in one memory pool (they never run
+        at once). The first GRAPH_WARMUP steps run eagerly on a side stream (capture needs cuBLAS's
+        workspace and the allocator warmed up on it). A graph's logits land in the same buffer each
+        replay, read before the next step is queued."""
+        if not self.graphs and self.warm < GRAPH_WARMUP:
             self.warm += 1
             self.stream = self.stream or torch.cuda.Stream()
             self.stream.wait_stream(torch.cuda.current_stream())
@@ -472,7 +498,7 @@ class Engine:
                 out = self.fixed_step()
             torch.cuda.current_stream().wait_stream(self.stream)
             return out
-        if self.graph is None:
+        if self.width not in self.graphs:
             # Autocast's cache of cast weights would hand the graph tensors that are freed when the
             # caller's autocast ends; a held model has no casts to cache, and this keeps it so
             # whatever the caller holds.
@@ -481,16 +507,18 @@ class Engine:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.autocast("cuda", enabled=enabled, dtype=dtype, cache_enabled=False), \
-                        torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    self.out = self.fixed_step()
+                        torch.cuda.graph(graph, self.pool, capture_error_mode="thread_local"):
+                    out = self.fixed_step()
             except RuntimeError as e:  # e.g. an attention kernel that cannot be captured
                 warnings.warn(f"CUDA graph capture of the decoding step failed ({e}); decoding "
                               f"without it")
-                self.path = "eager"
+                self.path = "fixed"
                 return self.fixed_step()
-            self.graph = graph
-        self.graph.replay()
-        return self.out
+            self.pool = graph.pool()
+            self.graphs[self.width] = graph, out
+        graph, out = self.graphs[self.width]
+        graph.replay()
+        return out
 
 
 # model -> its Engine; none holds its model, so a model can be freed

@@ -20,7 +20,7 @@ from inference import (
     generate_stream,
     sample_next,
 )
-from train_gpt2 import EOT
+from train_gpt2 import EOT, GPT, GPTConfig
 
 torch.set_num_threads(1)  # these models are tiny: threads would only contend for the 2 cores
 
@@ -29,9 +29,7 @@ torch.set_num_threads(1)  # these models are tiny: threads would only contend fo
 def old_decoder(model, prompt, new_tokens, num_samples, generator=None, **sampling):
     """generate_stream as it was before the Decoder: a fresh KVCache per layer for every prompt and
     every slide of the window, one GPT.forward a token."""
-    idx = torch.tensor([prompt] * num_samples)
-    bs = model.config.block_size
-    cache = None
+    idx, bs, cache = torch.tensor([prompt] * num_samples), model.config.block_size, None
     for _ in range(new_tokens):
         if cache is None or cache[0].pos == bs:
             cache = [KVCache(bs) for _ in model.transformer.h]
@@ -57,8 +55,12 @@ def test_greedy_equals_generate_and_the_old_decoder_across_the_window_fill(batch
     assert old_decoder(model, prompt, new, batch, temperature=0) == expected
     assert generate(model, prompt, new, num_samples=batch, temperature=0, stop=None) == expected
     engine = inference._ENGINES[model]
-    # (slots, heads, block, head)
-    assert engine.path == "eager" and engine.caches[0].k.shape == (batch, 2, 16, 16)
+    assert engine.path == "eager" and engine.caches[0].k.shape == (
+        batch,
+        2,
+        16,
+        16,
+    )  # (slots, heads, block, head)
     # the kept engine again, its cache holding the last call's rows: nothing of them leaks into this
     # call
     assert generate(model, prompt, new, num_samples=batch, temperature=0, stop=None) == expected
@@ -82,14 +84,16 @@ def test_the_cache_is_allocated_once_for_a_slot_count():
     k = engine.caches[0].k
     generate(model, [3], 20, temperature=0)
     assert inference._ENGINES[model] is engine and engine.caches[0].k is k
-    # another slot count: a new engine, which is kept
-    generate(model, [3], 20, temperature=0, num_samples=2)
+    generate(
+        model, [3], 20, temperature=0, num_samples=2
+    )  # another slot count: a new engine, which is kept
     assert (
         inference._ENGINES[model] is not engine
         and inference._ENGINES[model].caches[0].k.size(0) == 2
     )
-    # weights somewhere else: a graph captured over the old ones would read freed memory
-    model.to(torch.float64)
+    model.to(
+        torch.float64
+    )  # weights somewhere else: a graph captured over the old ones would read freed memory
     generate(model, [3], 5, temperature=0, num_samples=2)
     assert inference._ENGINES[model].caches[0].k.dtype == torch.float64
 
@@ -104,16 +108,15 @@ def test_two_open_streams_each_get_an_engine():
     assert [x for x, _ in together] == first and [y for _, y in together] == second
     a.close()
     b.close()
-    # a closed stream gives its engine back
-    assert inference._ENGINES[model].lock.acquire(blocking=False)
+    assert inference._ENGINES[model].lock.acquire(
+        blocking=False
+    )  # a closed stream gives its engine back
 
 
 def collect(engine, requests):
     """Each request's new tokens, a list per sample, stepping the engine until all have ended;
     requests: (step at which it is submitted, Sequences arguments)."""
-    made = {}
-    seqs = []
-    step = 0
+    made, seqs, step = {}, [], 0
     for i, (_, args, kwargs) in enumerate(requests):
         made[i] = []
         seqs.append(Sequences(*args, on_token=lambda t, i=i: made[i].append(t.tolist()), **kwargs))
@@ -126,11 +129,20 @@ def collect(engine, requests):
     return [[list(row) for row in zip(*made[i])] for i in range(len(requests))]
 
 
-def test_a_requests_tokens_are_the_same_alone_and_in_any_company():
+@pytest.mark.parametrize("width", [4, 64], ids=["widths_vary", "block_size_wide"])
+def test_a_requests_tokens_are_the_same_alone_and_in_any_company(width, monkeypatch):
     """Twelve requests on 8 slots, greedy and seeded, of different prompts and lengths, some sharing
     the start of a prompt, joining while others are mid-way or waiting for a slot, one past the
     window: each gets the tokens it gets alone on the same engine, exactly, and greedy ones
-    GPT.generate's."""
+    GPT.generate's. With a WIDTH of 4 the step attends to 4, 8, 12 or 16 positions of every slot, as
+    far as the furthest running row: a request alone steps at widths of its own, in company at the
+    widths its company sets."""
+    monkeypatch.setattr(inference, "WIDTH", width)
+    widths = set()
+    fixed_step = Engine.fixed_step
+    monkeypatch.setattr(
+        Engine, "fixed_step", lambda self: widths.add(self.width) or fixed_step(self)
+    )
     model = tiny_model(block_size=16)
     requests = []
     for i in range(12):
@@ -147,6 +159,30 @@ def test_a_requests_tokens_are_the_same_alone_and_in_any_company():
             prompt = torch.tensor([args[0]])
             assert got[0] == model.generate(prompt, args[1], top_k=1)[0, prompt.size(1) :].tolist()
     assert len({tuple(t[0]) for t in together}) == 12
+    assert widths == ({4, 8, 12, 16} if width == 4 else {16})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_rows_step_is_the_same_at_every_width_that_covers_it(dtype):
+    """The bits under the width rule: a row's logits, at heads of GPT-2's width (64), do not change
+    when the step attends to more positions than the row has written (masked), whoever sets the
+    width."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=256, vocab_size=64, n_layer=2, n_head=2, n_embd=128)
+    model = inference.hold_for_inference(GPT(config), getattr(torch, dtype))
+    engine = Engine(model, 8)
+    at = torch.tensor([3, 40, 63, 64, 100, 130, 200, 255])
+    with torch.no_grad():
+        for slot, n in enumerate(at.tolist()):
+            engine.prefill(torch.randint(0, 64, (1, n)), slot)
+        engine.tok.copy_(torch.randint(0, 64, (8, 1)))
+        engine.at.copy_(at)
+        engine.width = 256
+        widest = engine.fixed_step()  # rewrites the same keys and values at each width
+        for width in (64, 128, 192):
+            engine.width = width
+            rows = at < width
+            assert torch.equal(engine.fixed_step()[rows], widest[rows])
 
 
 def test_samples_of_one_prompt_draw_together_from_its_generator():
@@ -176,11 +212,14 @@ def test_an_ended_request_frees_its_slot_for_the_next_step():
     engine.submit(waiting)
     engine.step()
     assert engine.load() == (2, 2) and not short.slots  # both wait: every slot runs
+    long[
+        0
     # a client that left: its slot is free at the next step, which prefills the next request
-    long[0].cancel()
+    ].cancel()
     engine.step()
-    # on_token ended it at once
-    assert long[0].ended and short.slots == [0] and stopped and short.ended
+    assert (
+        long[0].ended and short.slots == [0] and stopped and short.ended
+    )  # on_token ended it at once
     engine.step()
     assert waiting.slots == [0] and engine.load() == (2, 0)
 
@@ -215,8 +254,9 @@ def test_the_fixed_step_has_no_host_sync_nor_python_branch_on_a_tensor():
         engine.at.copy_(torch.tensor([3, 2]))  # each row at its own position
         torch._dynamo.reset()
         traced = torch.compile(engine.fixed_step, fullgraph=True, backend="eager")()
-        # the rows the step writes, so that the second run must write them again
-        engine.caches[0].k[0, :, 3].zero_()
+        engine.caches[0].k[
+            0, :, 3
+        ].zero_()  # the rows the step writes, so that the second run must write them again
         engine.caches[0].k[1, :, 2].zero_()
         assert torch.equal(traced, engine.fixed_step())
     torch._dynamo.reset()
@@ -237,8 +277,9 @@ def test_cuda_graphs_are_chosen_only_where_cuda_is(monkeypatch):
     monkeypatch.setattr(inference, "CUDA_GRAPHS", False)
     assert decode_path("cuda:0") == "fixed"
     monkeypatch.setattr(inference, "CUDA_GRAPHS", True)
-    # on the CPU, where CUDA is said to be there: still the eager step, and no CUDA call
-    model = tiny_model()
+    model = (
+        tiny_model()
+    )  # on the CPU, where CUDA is said to be there: still the eager step, and no CUDA call
     assert generate(model, [1, 2], 20, temperature=0, stop=None) == old_decoder(
         model, [1, 2], 20, 1, temperature=0
     )

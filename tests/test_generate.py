@@ -260,6 +260,27 @@ def test_bf16_inference_holds_packed_weights_that_change_no_number(onednn, monke
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["oneDNN", "no oneDNN"])
+def test_float32_inference_packs_its_weights_for_an_engines_rows_where_onednn_is(
+    onednn, monkeypatch
+):
+    if onednn and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: onednn)
+    model = tiny_model(vocab_size=50304)
+    held = hold_for_inference(copy.deepcopy(model), torch.float32)
+    assert type(held.lm_head) is (PackedLinear if onednn else torch.nn.Linear)
+    assert inference.packed_rows(torch.float32) == (8 if onednn else None)
+    assert held.lm_head.weight is held.transformer.wte.weight
+    assert held.state_dict().keys() == model.state_dict().keys()
+    idx = torch.tensor([[1, 2, 3, 4, 5]] * 8)
+    expected = model(idx)[0]
+    got = held(idx)[0]  # float32 arithmetic summed in oneDNN's order: equal to float32's precision
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert generate(held, [1, 2, 3], 30, temperature=0, stop=None) == \
+        generate(model, [1, 2, 3], 30, temperature=0, stop=None)
+
+
 def test_load_model_takes_a_run_directory_and_a_dtype(serve_run, capsys):
     # model_000002.pt is cut short: skipped, with a warning on stderr
     newest = load_model(serve_run.dir)
