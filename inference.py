@@ -174,7 +174,9 @@ class StaticKVCache(KVCache):
     the step's mask limits, row by row, to the positions that row has written. Shapes then change
     only with the width, as a CUDA graph (one per width) needs."""
 
-    row, at, width = 0, None, None
+    row = 0
+    at = None
+    width = None
 
     def __init__(self, block_size, slots):
         super().__init__(block_size)

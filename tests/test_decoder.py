@@ -29,7 +29,9 @@ torch.set_num_threads(1)  # these models are tiny: threads would only contend fo
 def old_decoder(model, prompt, new_tokens, num_samples, generator=None, **sampling):
     """generate_stream as it was before the Decoder: a fresh KVCache per layer for every prompt and
     every slide of the window, one GPT.forward a token."""
-    idx, bs, cache = torch.tensor([prompt] * num_samples), model.config.block_size, None
+    idx = torch.tensor([prompt] * num_samples)
+    bs = model.config.block_size
+    cache = None
     for _ in range(new_tokens):
         if cache is None or cache[0].pos == bs:
             cache = [KVCache(bs) for _ in model.transformer.h]
@@ -116,7 +118,9 @@ def test_two_open_streams_each_get_an_engine():
 def collect(engine, requests):
     """Each request's new tokens, a list per sample, stepping the engine until all have ended;
     requests: (step at which it is submitted, Sequences arguments)."""
-    made, seqs, step = {}, [], 0
+    made = {}
+    seqs = []
+    step = 0
     for i, (_, args, kwargs) in enumerate(requests):
         made[i] = []
         seqs.append(Sequences(*args, on_token=lambda t, i=i: made[i].append(t.tolist()), **kwargs))
