@@ -12,7 +12,7 @@ fused loss LinearCrossEntropy); the tokenizer; the data loader (DataLoaderLite);
 precision; the optimizers (AdamW, Muon) and the schedule (get_lr); MFU; the evals a run prints (val
 loss, samples, and HellaSwag, which hellaswag.py scores); the training step and train().
 
-Below the marked line (line 1715, "machinery below") comes what keeps long runs safe and big runs
+Below the marked line (line 1716, "machinery below") comes what keeps long runs safe and big runs
 fit: checkpoint files and resume checks, the lock on log_dir, sharding (FSDP2) and the memory plan,
 the run log's sinks, stopping on a signal, the process group, what other scripts import (load_model,
 local_model_path, ...), and the command line (parse_args, --help, main). A learner may stop there.
@@ -233,9 +233,10 @@ SETTING_PRESETS = {
 # fmt: on
 
 
-# LoRA's learning rate: its adapters start at zero and are few, so they take ~30x full
-# fine-tuning's (bench/lora.py's sweep). --preset=finetune or sft with --lora_rank, and no
-# --max_lr or --min_lr, take it too.
+# LoRA's learning rate: its adapters start at zero and are few, and take a larger one than full
+# fine-tuning's (in bench/lora.py's sweep, at least 10x); 1e-3, ~30x finetune's 3e-5, is the top of
+# LoRA's usual range. --preset=finetune or sft with --lora_rank, and no --max_lr or --min_lr, take
+# it too.
 LORA_LR = 1e-3
 # Fine-tune with adapters of rank 8, on finetune's data: 16 bytes a trained parameter, and 2 a
 # frozen one on a bf16 device.

@@ -20,12 +20,12 @@ rate.
    bench/token_efficiency.py does), so the vocabulary is the ids they use, not 50,304.
 """
 import argparse
-import ast
 import contextlib
 import dataclasses
 import io
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -42,6 +42,8 @@ from memory import map_large_buffers  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 from prepare_fineweb import write_shard  # noqa: E402
 
+# a module's docstring: the first string literal, after comments and blank lines
+MODULE_DOCSTRING = re.compile(r'\s*(?:#[^\n]*\n\s*)*[rRuU]?("""|\'\'\')(.*?)\1', re.S)
 CONFIGS = {"full": 0, "LoRA r=8": 8, "LoRA r=64": 64}  # name: lora_rank
 LRS = {"full": (1e-4, 3e-4, 1e-3), "LoRA r=8": (3e-4, 1e-3, 3e-3), "LoRA r=64": (3e-4, 1e-3, 3e-3)}
 MEDIUM = dict(n_layer=24, n_head=16, n_embd=1024, B=1, T=128, steps=2)
@@ -111,23 +113,23 @@ def measure_steps(shape, workdir):
 
 
 def texts(limit=None):
-    """(pydoc topics, the standard library's module docstrings, the first `limit` of each): the
-    base's text and the other text."""
+    """(pydoc topics, the standard library's module docstrings of over 200 characters, about 200 KB;
+    the first `limit` of each): the base's text and the other text."""
     from pydoc_data.topics import topics
-    pretrain = [topics[k] for k in sorted(topics)]
+    pretrain = [topics[k] for k in sorted(topics)][:limit]
     stdlib = sysconfig.get_paths()["stdlib"]
+    skipped = ("test", "tests", "idlelib", "site-packages", "pydoc_data")
     docs = []
-    for root, dirs, files in sorted(os.walk(stdlib)):
-        skipped = ("test", "tests", "idlelib", "site-packages", "pydoc_data")
+    for root, dirs, files in os.walk(stdlib):  # top-down, dirs sorted in place: the order is fixed
         dirs[:] = sorted(d for d in dirs if d not in skipped)
-        for name in sorted(files):
-            if name.endswith(".py"):
-                with contextlib.suppress(SyntaxError, UnicodeDecodeError, ValueError):
-                    with open(os.path.join(root, name), encoding="utf-8") as f:
-                        doc = ast.get_docstring(ast.parse(f.read()))
-                    if doc and len(doc) > 200:
-                        docs.append(doc)
-    return pretrain[:limit], docs[:limit]
+        for name in sorted(f for f in files if f.endswith(".py")):
+            with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
+                doc = MODULE_DOCSTRING.match(f.read())
+            if doc and len(doc[2]) > 200:
+                docs.append(doc[2])
+            if len(docs) == limit:
+                return pretrain, docs
+    return pretrain, docs
 
 
 def write_texts(workdir, limit=None):
