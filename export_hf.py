@@ -11,15 +11,36 @@ A chat model (--preset=sft) keeps its 4 template tokens (vocab_size 50261), whic
 knows as special tokens; tokenizer_config.json holds the template as chat_template, so
 apply_chat_template gives chat.render's ids, and generation_config.json ends a reply at <|end|>:
 transformers' text-generation pipeline takes messages.
+
+A LoRA run (--lora_rank) exports as the model with its adapters merged in. With --adapter, as a
+peft adapter directory instead (adapter_config.json, adapter_model.safetensors) for peft to put on
+the base:
+
+    python export_hf.py --model=log_lora --adapter --out=my_adapter
+    python export_hf.py --model=BASE --out=base    # unless BASE is a HF directory or hub name
+    peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained("base"), "my_adapter")
 """
 import argparse
+import functools
 import json
 import os
 import shutil
 import sys
 
 import chat
-from train_gpt2 import CHAT_TOKENS, EOT, HF_CONV1D, UserError, gpt2_bpe_files, load_model
+from train_gpt2 import (
+    CHAT_TOKENS,
+    EOT,
+    HF_CONV1D,
+    UserError,
+    gpt2_bpe_files,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    local_model_path,
+    target_names,
+)
 
 GPT2_VOCAB = EOT + 1  # 50257; our default 50304 pads it for faster matmuls
 
@@ -104,6 +125,46 @@ def export_hf(model, out_dir):
     shutil.copyfile(vocab_bpe, os.path.join(out_dir, "merges.txt"))
 
 
+def lora_checkpoint(spec):
+    """The LoRA checkpoint spec names (a file, or a run directory's newest readable one)."""
+    path = local_model_path(spec)
+    if os.path.isdir(path) and list_checkpoints(path):
+        ckpt = latest_checkpoint(path, functools.partial(print, file=sys.stderr))[1]
+    elif os.path.isfile(path):
+        ckpt = load_checkpoint(path)
+    else:
+        raise UserError(f"--model={spec}: --adapter takes a LoRA run's checkpoint or run directory")
+    if not ckpt["config"].get("lora_rank"):
+        raise UserError(f"--model={spec} was trained without adapters (--lora_rank=0), so it has "
+                        f"none to export; drop --adapter to export the whole model")
+    if ckpt["config"]["chat"]:
+        raise UserError(f"--model={spec} also trains the chat template's 4 token rows, which "
+                        f"GPT-2's 50,257-token base has no room for in a LoRA adapter; drop "
+                        f"--adapter to export the merged chat model")
+    return ckpt
+
+
+def export_adapter(ckpt, out_dir):
+    """ckpt's adapters as peft's LoRA: its key names, and fan_in_fan_out for GPT-2's Conv1D
+    layers, whose weights are (in, out); the adapters' own A (r, in) and B (out, r) are as ours."""
+    from safetensors.torch import save_file
+
+    cfg = ckpt["config"]
+    os.makedirs(out_dir, exist_ok=True)
+    weights = {f"base_model.model.{k}.weight": v.float().contiguous()
+               for k, v in ckpt["model"].items()}
+    save_file(weights, os.path.join(out_dir, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=cfg["lora_rank"],
+                  lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                  target_modules=target_names(cfg["lora_targets"]), fan_in_fan_out=True,
+                  bias="none", base_model_name_or_path=ckpt["lora_base"]["init_from"],
+                  inference_mode=True, init_lora_weights=True, use_rslora=False, use_dora=False,
+                  modules_to_save=None)
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def main(argv=None):
     # the docstring's first sentence, which runs over two lines
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
@@ -111,13 +172,21 @@ def main(argv=None):
                    help="checkpoint file (model_NNNNNN.pt), run directory (its newest checkpoint), "
                         "HF directory or hub name")
     p.add_argument("--out", required=True, help="new directory to write")
+    p.add_argument("--adapter", action="store_true",
+                   help="a LoRA run's adapters as a peft adapter directory, not the merged model")
     args = p.parse_args(argv)
     try:
         check_out_dir(args.out)  # now, rather than after loading the model
-        model = load_model(args.model)
+        if args.adapter:
+            ckpt = lora_checkpoint(args.model)
+        else:
+            model = load_model(args.model)
         created = not os.path.exists(args.out)
         try:
-            export_hf(model, args.out)
+            if args.adapter:
+                export_adapter(ckpt, args.out)
+            else:
+                export_hf(model, args.out)
         except OSError as e:  # a read-only or full disk: no half-written export is left behind
             for name in os.listdir(args.out) if os.path.isdir(args.out) else []:
                 os.remove(os.path.join(args.out, name))

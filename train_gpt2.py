@@ -12,7 +12,7 @@ fused loss LinearCrossEntropy); the tokenizer; the data loader (DataLoaderLite);
 precision; the optimizers (AdamW, Muon) and the schedule (get_lr); MFU; the evals a run prints (val
 loss, samples, and HellaSwag, which hellaswag.py scores); the training step and train().
 
-Below the marked line (line 1570, "machinery below") comes what keeps long runs safe and big runs
+Below the marked line (line 1716, "machinery below") comes what keeps long runs safe and big runs
 fit: checkpoint files and resume checks, the lock on log_dir, sharding (FSDP2) and the memory plan,
 the run log's sinks, stopping on a signal, the process group, what other scripts import (load_model,
 local_model_path, ...), and the command line (parse_args, --help, main). A learner may stop there.
@@ -24,6 +24,7 @@ import dataclasses
 import fcntl
 import functools
 import glob
+import hashlib
 import importlib.util
 import json
 import math
@@ -140,12 +141,16 @@ init_from = ""                   # "" GPT-2's init; fine-tune from a hub name (g
                                  # HF dir or checkpoint
 chat = False                     # conversations: train on the turns their masks mark;
                                  # chat.py's tokens become real
+lora_rank = 0                    # LoRA: the adapters' rank; 0: off, every weight trains
+lora_alpha = 16.0                # LoRA: the adapters' update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.05              # LoRA: dropout on the adapters' input, in training only
+lora_targets = "c_attn,attn.c_proj,c_fc,mlp.c_proj"  # LoRA: the blocks' weights with adapters
 resume = ""                      # "" starts fresh; "auto" continues from the newest checkpoint
                                  # in log_dir; or a path
 allow_changes = ""               # resume despite these data-order changes:
                                  # total_batch_size,seed,shards
 preset = ""                      # SETTING_PRESETS: gpt2-medium/large/xl, quickstart
-                                 # (a small CPU run), finetune, sft
+                                 # (a small CPU run), finetune, sft, lora
 # fmt: on
 
 SETTINGS = {
@@ -177,6 +182,7 @@ POSITIVE = (
     "block_size",
     "vocab_size",
     "max_new_tokens",
+    "lora_alpha",
 )
 
 
@@ -225,6 +231,22 @@ SETTING_PRESETS = {
         sample_prompt="<|endoftext|><|user|>Who are you?<|end|><|assistant|>"),
 }
 # fmt: on
+
+
+# LoRA's learning rate: its adapters start at zero and are few, and take a larger one than full
+# fine-tuning's (in bench/lora.py's sweep, at least 10x); 1e-3, ~30x finetune's 3e-5, is the top of
+# LoRA's usual range. --preset=finetune or sft with --lora_rank, and no --max_lr or --min_lr, take
+# it too.
+LORA_LR = 1e-3
+# Fine-tune with adapters of rank 8, on finetune's data: 16 bytes a trained parameter, and 2 a
+# frozen one on a bf16 device.
+SETTING_PRESETS["lora"] = {
+    **SETTING_PRESETS["finetune"],
+    "log_dir": "log_lora",
+    "lora_rank": 8,
+    "max_lr": LORA_LR,
+    "min_lr": LORA_LR,
+}
 
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -363,6 +385,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, dtype, tokens=None):
         counted = targets >= 0
         need_grad = any(ctx.needs_input_grad[:2])
+        need_grad_w = ctx.needs_input_grad[1]  # a frozen one (LoRA's): no (vocab, n_embd) gradient
         n = ctx.n = counted.sum().clamp(min=1)  # the row count when all count: then nothing changes
         # Eager only (a data-dependent shape would break a compiled graph): an SFT batch's untrained
         # rows cost no logits
@@ -381,7 +404,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         wd = weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(xd) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad_w else None
         for i in range(0, x.size(0), LOSS_CHUNK_ROWS):
             xc, tc, kept = (t[i : i + LOSS_CHUNK_ROWS] for t in (xd, targets, counted))
             logits = (xc @ wd.t()).float()
@@ -402,7 +425,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 rows = torch.arange(len(tc), device=x.device)
                 g[rows, tc] = (torch.exp(target - top) * scale - kept).squeeze(1).to(dtype)
                 grad_x[i : i + LOSS_CHUNK_ROWS] = g @ wd
-                grad_w += (g.t() @ xc).float()
+                if need_grad_w:
+                    grad_w += (g.t() @ xc).float()
         if need_grad:
             grad_x = (
                 grad_x
@@ -416,7 +440,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         grad_loss = grad_loss / ctx.n  # in fp32, with the scaler's factor in it
-        return (grad_x.float() * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None, None
+        if grad_w is not None:
+            grad_w = grad_w * grad_loss
+        return (grad_x.float() * grad_loss).to(ctx.x_dtype), grad_w, None, None, None
 
 
 # Hugging Face's GPT-2 keeps these in Conv1D layers, which store the weight as (in, out), transposed
@@ -440,6 +466,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.recompute = False  # set by a run's --recompute
+        self.chat_delta = None  # a LoRA chat run's trained change to the template rows (apply_lora)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -458,6 +485,13 @@ class GPT(nn.Module):
         # the tied wte/lm_head once, as GPT-2's 124M counts it
         return sum(p.numel() for p in self.parameters())
 
+    def tied_weight(self):
+        """The weight wte and lm_head share, with a LoRA chat run's trained template rows added."""
+        if self.chat_delta is None:
+            return self.lm_head.weight
+        rows = torch.arange(EOT + 1, EOT + 1 + len(self.chat_delta), device=self.chat_delta.device)
+        return self.lm_head.weight.index_add(0, rows, self.chat_delta.to(self.lm_head.weight.dtype))
+
     def forward(self, idx, targets=None, cache=None):
         """(logits, loss) for idx (B, T). targets (B, T): the loss alone (logits None), fused with
         the head. cache: a KVCache per layer (inference.py's); idx then continues the cached
@@ -465,8 +499,9 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, None, None, cache)  # default positions, causal: (B, T, n_embd)
         if cache:
             x = x[:, -1:]  # (B, 1, n_embd): decoding needs only the next token's logits
+        head = self.tied_weight()  # lm_head's weight
         if targets is None:
-            return self.lm_head(x), None  # (B, T, vocab_size)
+            return F.linear(x, head), None  # (B, T, vocab_size)
         # With targets only the loss (logits None), fused: all rows in the matmul, padding masked
         # inside, as a slice to 50257 rows cost 4-6% (bench/NOTES.md section 14).
         dtype = (
@@ -475,7 +510,7 @@ class GPT(nn.Module):
             else x.dtype
         )
         return None, LinearCrossEntropy.apply(
-            x.flatten(0, 1), self.lm_head.weight, targets.flatten(), dtype, self.config.real_tokens
+            x.flatten(0, 1), head, targets.flatten(), dtype, self.config.real_tokens
         )
 
     def hidden_states(self, idx, pos=None, mask=None, cache=None):
@@ -491,8 +526,8 @@ class GPT(nn.Module):
                 f"sequence length {end} exceeds block_size {self.config.block_size}"
             )
             pos = torch.arange(start, end, dtype=torch.long, device=idx.device)  # (T,)
-        # (B, T, n_embd)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        tok = F.embedding(idx, self.tied_weight())  # wte(idx): (B, T, n_embd)
+        x = self.transformer.drop(tok + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             layer_cache = cache[i] if cache else None
             if self.recompute and torch.is_grad_enabled():
@@ -615,6 +650,101 @@ def model_config(settings):
         dropout=settings.get("dropout", 0.0),
         chat=settings.get("chat", False),
     )
+
+
+# LoRA (Hu et al. 2021): each targeted weight W stays frozen, and beside it train two small
+# matrices, B (out, r) and A (r, in), whose product is a rank-r update:
+#     y = x W^T + b + dropout(x) A^T B^T * lora_alpha / r
+# A step keeps gradients and AdamW moments for the adapters alone, a fraction of a percent of the
+# weights. The blocks' weights that may get adapters (--lora_targets), and each one's path in a
+# Block:
+LORA_PATHS = {
+    "c_attn": "attn.c_attn",
+    "attn.c_proj": "attn.c_proj",
+    "c_fc": "mlp.c_fc",
+    "mlp.c_proj": "mlp.c_proj",
+}
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear's weight and bias (the same tensors, so the same state_dict names) and its
+    adapters. A starts as nn.Linear's init (as peft's), B at zero: the update is exactly zero until
+    the first step, and adding it changes no bit of the output."""
+
+    def __init__(self, linear, rank, alpha, dropout):
+        super().__init__()
+        self.weight = linear.weight  # (out, in)
+        self.bias = linear.bias  # (out,)
+        out_features, in_features = linear.weight.shape
+        device = linear.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout)
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., out)
+        return F.linear(x, self.weight, self.bias) + update * self.scale
+
+    def merged(self):
+        """An nn.Linear of W + B A * alpha / r, computed in fp32."""
+        out_features, in_features = self.weight.shape
+        linear = nn.Linear(
+            in_features, out_features, bias=self.bias is not None, device=self.weight.device
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.weight.float() + (self.lora_B @ self.lora_A) * self.scale)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
+def target_names(setting):
+    """--lora_targets as a list of names."""
+    return [name.strip() for name in setting.split(",") if name.strip()]
+
+
+def block_linears(model, names=tuple(LORA_PATHS)):
+    """(owner, attribute name) of each of the blocks' Linears (adapted or not) that names list."""
+    for block in model.transformer.h:
+        for name in names:
+            owner_path, attr = LORA_PATHS[name].split(".")
+            yield getattr(block, owner_path), attr
+
+
+def apply_lora(model, settings):
+    """Freezes model and puts adapters on the blocks' lora_targets. A chat model's template rows
+    train too (they start as the mean token), as a change added to them (chat_delta, zero at first),
+    so the tied weight stays frozen: masking its gradient instead would keep a (vocab, n_embd)
+    gradient and AdamW moments, 12 bytes per weight, and a DDP all-reduce of them every step."""
+    model.requires_grad_(False)
+    for owner, attr in block_linears(model, target_names(settings["lora_targets"])):
+        adapted = LoRALinear(
+            getattr(owner, attr),
+            settings["lora_rank"],
+            settings["lora_alpha"],
+            settings["lora_dropout"],
+        )
+        setattr(owner, attr, adapted)
+    if model.config.chat:
+        weight = model.lm_head.weight
+        delta = torch.zeros(len(CHAT_TOKENS), weight.size(1), device=weight.device)
+        model.chat_delta = nn.Parameter(delta)
+    return model
+
+
+def merge_lora(model):
+    """model with each adapter folded into its weight, and the chat rows' change into the tied
+    weight: a plain GPT, which inference.py and the exports take as any other."""
+    for owner, attr in block_linears(model):
+        if isinstance(getattr(owner, attr), LoRALinear):
+            setattr(owner, attr, getattr(owner, attr).merged())
+    if model.chat_delta is not None:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(model.tied_weight())
+        model.chat_delta = None
+    return model
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1290,6 +1420,7 @@ class Run:
     stop_signals: list = dataclasses.field(default_factory=list)
     bad_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
     val_loss: float = None  # the latest, which the checkpoint records
+    lora_base: dict = None  # a LoRA run's base, as its checkpoints record it: init_from, sha256
 
 
 def start_run(cfg, rank, world, device):
@@ -1354,7 +1485,8 @@ def build_model(run):
         if cfg.init_from:
             log(f"note: continuing the run in {path}; --init_from={cfg.init_from} was not used")
         check_resume(run, path, ckpt)
-        model.load_state_dict(ckpt["model"])
+        if not cfg.lora_rank:  # a LoRA checkpoint's base is loaded below
+            model.load_state_dict(ckpt["model"])
     elif cfg.resume:
         log(f"no checkpoint in {cfg.log_dir} yet; starting fresh")
     else:  # a fresh run would overwrite what is there
@@ -1368,8 +1500,22 @@ def build_model(run):
             )
     if dist.is_initialized():
         dist.barrier()  # every rank has looked at log_dir before rank 0 writes log.txt there
-    if cfg.init_from and not path:
+    if cfg.lora_rank and path:
+        run.lora_base = lora_from_checkpoint(model, ckpt, path, log)
+    elif cfg.init_from and not path:
         load_pretrained(model, cfg.init_from, log)
+        if cfg.lora_rank:
+            fingerprint = base_fingerprint(model)
+            run.lora_base = {"init_from": base_path(cfg.init_from), "sha256": fingerprint}
+            apply_lora(model, dataclasses.asdict(cfg))
+    if cfg.lora_rank:
+        if cfg.dtype == "bfloat16":  # auto picks it where bf16 is native
+            hold_base_in_bf16(model)
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(
+            f"LoRA: {trained / 1e6:.2f}M trained parameters beside the frozen base "
+            f"{run.lora_base['init_from']}"
+        )
     if cfg.fsdp and cfg.dtype == "float16":
         raise UserError(
             "--fsdp=True has no float16 gradient scaler here (its ranks could disagree on "
@@ -1670,6 +1816,21 @@ def set_rng_state(rng):
         torch.mps.set_rng_state(rng["mps"])
 
 
+# A LoRA checkpoint's adapters fit only these settings, and only the base whose fingerprint it
+# holds.
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
+
+
+def base_fingerprint(model):
+    """sha256 of the base's weights as loaded (names, shapes, fp32 bytes, in name order): the one
+    base a LoRA checkpoint's adapters fit."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):  # the tied wte/lm_head once
+        digest.update(f"{name} {tuple(p.shape)};".encode())
+        digest.update(p.detach().float().cpu().contiguous().numpy().view(np.uint8))
+    return digest.hexdigest()
+
+
 def save_checkpoint(run, step):
     """Rank 0 writes model_NNNNNN.pt (every rank calls it: a sharded model gathers), then prunes to
     keep_checkpoints. Only plain data, so loading it runs no code."""
@@ -1679,6 +1840,9 @@ def save_checkpoint(run, step):
     run.checkpoint = path
     if not is_master():
         return
+    if cfg.lora_rank:  # the trained weights alone, and the base they need (run.lora_base)
+        trained = {name for name, p in run.model.named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if k in trained}
     state = {
         "model": model_state,
         "optimizer": optimizer_state,
@@ -1691,6 +1855,8 @@ def save_checkpoint(run, step):
         "loader": run.train_loader.state_dict(),
         "rng": rng_state(),
     }
+    if cfg.lora_rank:
+        state["lora_base"] = run.lora_base
     try:
         with atomic_write(path) as f:
             torch.save(state, f)
@@ -1788,10 +1954,10 @@ def checkpoint_to_resume(cfg, warn=print):
     )
     if path is None:
         return None, None
-    saved = ckpt["config"]
+    saved = {**SETTINGS, **ckpt["config"]}  # one from before LoRA had none
     diff = ", ".join(
         f"{k}={saved[k]} (run has {getattr(cfg, k)})"
-        for k in MODEL_KEYS
+        for k in MODEL_KEYS + LORA_KEYS
         if saved[k] != getattr(cfg, k)
     )
     if diff:
@@ -2084,6 +2250,31 @@ def model_from_state(config, state, device, dtype):
     return model
 
 
+def hold_base_in_bf16(model):
+    """A LoRA run's frozen block matrices and biases in bf16: what autocast's bf16 matmuls cast them
+    to at each step, so the same bits in half the bytes. LayerNorms and embeddings stay fp32, as
+    autocast reads them in fp32."""
+    for owner, attr in block_linears(model):
+        linear = getattr(owner, attr)
+        for name, p in list(linear.named_parameters(recurse=False)):
+            if not p.requires_grad:
+                held = nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+                setattr(linear, name, held)
+
+
+# The blocks' weights that may get adapters, and their (in, out) widths in units of n_embd
+LORA_SHAPES = {"c_attn": (1, 3), "attn.c_proj": (1, 1), "c_fc": (1, 4), "mlp.c_proj": (4, 1)}
+
+
+def lora_params(settings):
+    """Trained parameters of a LoRA run of these settings: adapters, a chat model's chat rows."""
+    C = settings["n_embd"]
+    rank = settings["lora_rank"]
+    targets = target_names(settings["lora_targets"])
+    per_layer = sum(rank * C * sum(LORA_SHAPES[name]) for name in targets)
+    return settings["n_layer"] * per_layer + len(CHAT_TOKENS) * C * settings["chat"]
+
+
 def estimate_memory(cfg, n_params, world, lean=True):
     """Peak bytes per rank by part; lean: FSDP reduce-scatters each micro-step, never holding whole
     weights, grads."""
@@ -2099,6 +2290,14 @@ def estimate_memory(cfg, n_params, world, lean=True):
         "gradients": 4 * n_params / shard,
         "optimizer state": OPTIMIZERS[cfg.optimizer].state_bytes(cfg, n_params) / shard,
     }
+    held_in_bf16 = cfg.lora_rank and cfg.dtype == "bfloat16"  # see hold_base_in_bf16
+    if cfg.lora_rank:  # gradients and AdamW's moments for the trained adapters alone
+        trained = lora_params(dataclasses.asdict(cfg))
+        parts = {
+            "parameters": 4 * n_params - 2 * 12 * C * C * L * held_in_bf16,
+            "gradients": 4 * trained,
+            "optimizer state": 8 * trained,
+        }
     if cfg.fsdp and world > 1:
         whole = 8 * n_params if cfg.total_batch_size > bt * world and not lean else 0
         # root + 2 blocks
@@ -2110,9 +2309,9 @@ def estimate_memory(cfg, n_params, world, lean=True):
     # grads it holds, a chunk
     loss = bt * C * (size + 8) + 4 * V * C + min(LOSS_CHUNK_ROWS, bt) * V * (8 + size)
     parts["activations"] = L * per_layer + redo + loss
-    if size == 2 and not cfg.recompute:
+    if size == 2 and not cfg.recompute and not held_in_bf16:
         # autocast's half-precision copies of the blocks' matrices, which the backward needs: whole
-        # on every rank, FSDP or not
+        # on every rank, FSDP or not (a LoRA run's are held in bf16 already)
         parts["weight casts"] = 2 * 12 * C * C * L
     return parts
 
@@ -2457,7 +2656,11 @@ def load_model(spec):
         warn = functools.partial(print, file=sys.stderr)  # stdout is the sample's
         ckpt = latest_checkpoint(spec, warn)[1] if run_dir else load_checkpoint(spec)
         model = GPT(model_config(ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
+        if ckpt["config"].get("lora_rank"):  # its base, and its adapters merged into it
+            lora_from_checkpoint(model, ckpt, spec, warn)
+            merge_lora(model)
+        else:
+            model.load_state_dict(ckpt["model"])
     elif os.path.isdir(spec):
         try:
             model = GPT.from_pretrained(spec)
@@ -2479,6 +2682,29 @@ def load_model(spec):
                 f"name ({str(e).splitlines()[0]})"
             ) from None
     return model.eval()
+
+
+def base_path(spec):
+    """A base as a LoRA checkpoint names it: a local path made absolute, to load from anywhere."""
+    path = local_model_path(spec)
+    return os.path.abspath(path) if os.path.exists(path) else spec
+
+
+def lora_from_checkpoint(model, ckpt, path, log):
+    """model (built from ckpt's config) as the base ckpt names, checked against its fingerprint,
+    with ckpt's adapters on it; returns the base's record."""
+    base = ckpt["lora_base"]
+    load_pretrained(model, base["init_from"], log)
+    fingerprint = base_fingerprint(model)
+    if fingerprint != base["sha256"]:
+        raise UserError(
+            f"{path}: its adapters were trained on the base {base['init_from']} of sha256 "
+            f"{base['sha256'][:16]}..., which is now {fingerprint[:16]}...; put the base it was "
+            f"trained on back there"
+        )
+    apply_lora(model, ckpt["config"])
+    model.load_state_dict({**model.state_dict(), **ckpt["model"]})
+    return base
 
 
 def pretrained_shape(cfg, explicit):
@@ -2538,6 +2764,34 @@ def load_pretrained(model, spec, log):
 TRACKERS = ("tensorboard", "wandb")
 
 
+def check_lora_settings(cfg):
+    """Refuses what cannot go with adapters."""
+    rank = cfg["lora_rank"]
+    targets = target_names(cfg["lora_targets"])
+    if not targets or not set(targets) <= set(LORA_PATHS) or len(set(targets)) < len(targets):
+        raise UserError(
+            f"--lora_targets={cfg['lora_targets']}: expected a comma list of some of "
+            f"{', '.join(LORA_PATHS)}"
+        )
+    if not cfg["init_from"]:
+        raise UserError(
+            f"--lora_rank={rank} trains adapters beside a pretrained model's frozen weights; name "
+            f"that model with --init_from (gpt2, a Hugging Face directory or a checkpoint)"
+        )
+    if cfg["optimizer"] != "adamw":
+        raise UserError(
+            f"--optimizer={cfg['optimizer']} does not go with --lora_rank={rank}: Muon "
+            f"orthogonalizes each matrix's update, and an adapter's update B A is a product whose "
+            f"factors it would orthogonalize apart; use --optimizer=adamw"
+        )
+    if cfg["fsdp"]:
+        raise UserError(
+            f"--fsdp=True does not go with --lora_rank={rank}: sharding would save little, as a "
+            f"LoRA run holds 2 bytes a frozen weight (gpt2-xl: 3.1 GB, which one GPU holds) and "
+            f"trains a fraction of a percent; use DDP (--fsdp=False)"
+        )
+
+
 def parse_args(argv):
     """SETTINGS, then the --preset's changes, then the other --name=value arguments, each as its
     constant's type."""
@@ -2566,6 +2820,8 @@ def parse_args(argv):
             f"--preset={name}: unknown preset; choose from: {', '.join(map(repr, SETTING_PRESETS))}"
         )
     cfg = {**SETTINGS, **SETTING_PRESETS[name], **given}
+    if cfg["lora_rank"] and name in ("finetune", "sft") and not {"max_lr", "min_lr"} & set(given):
+        cfg.update(max_lr=LORA_LR, min_lr=LORA_LR)  # the preset's is for all weights, not adapters
     for k, v in cfg.items():
         if type(v) in (int, float) and (v <= 0 if k in POSITIVE else v < 0):
             raise UserError(f"--{k}={v}: must be {'positive' if k in POSITIVE else 'zero or more'}")
@@ -2587,10 +2843,13 @@ def parse_args(argv):
         ("decay_frac", cfg["decay_frac"] > 1, "at most 1 (the share of max_steps that decays)"),
         ("muon_momentum", cfg["muon_momentum"] >= 1, "below 1"),
         ("dropout", not 0 <= cfg["dropout"] < 1, "in [0, 1)"),
+        ("lora_dropout", not 0 <= cfg["lora_dropout"] < 1, "in [0, 1)"),
         ("seed", cfg["seed"] >= 2**64, "below 2**64 (a seed is 64 bits)"),
     ):
         if bad:
             raise UserError(f"--{name}={cfg[name]}: must be {want}")
+    if cfg["lora_rank"]:
+        check_lora_settings(cfg)
     if cfg["fsdp"] and not OPTIMIZERS[cfg["optimizer"]].shardable:
         raise UserError(
             f"--optimizer={cfg['optimizer']} does not work with --fsdp=True; use DDP "
