@@ -12,7 +12,7 @@ fused loss LinearCrossEntropy); the tokenizer; the data loader (DataLoaderLite);
 precision; the optimizers (AdamW, Muon) and the schedule (get_lr); MFU; the evals a run prints (val
 loss, samples, and HellaSwag, which hellaswag.py scores); the training step and train().
 
-Below the marked line (line 1716, "machinery below") comes what keeps long runs safe and big runs
+Below the marked line (line 1717, "machinery below") comes what keeps long runs safe and big runs
 fit: checkpoint files and resume checks, the lock on log_dir, sharding (FSDP2) and the memory plan,
 the run log's sinks, stopping on a signal, the process group, what other scripts import (load_model,
 local_model_path, ...), and the command line (parse_args, --help, main). A learner may stop there.
@@ -499,9 +499,10 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, None, None, cache)  # default positions, causal: (B, T, n_embd)
         if cache:
             x = x[:, -1:]  # (B, 1, n_embd): decoding needs only the next token's logits
-        head = self.tied_weight()  # lm_head's weight
         if targets is None:
-            return F.linear(x, head), None  # (B, T, vocab_size)
+            # lm_head itself where it can: held for inference it may be a PackedLinear
+            logits = self.lm_head(x) if self.chat_delta is None else F.linear(x, self.tied_weight())
+            return logits, None  # (B, T, vocab_size)
         # With targets only the loss (logits None), fused: all rows in the matmul, padding masked
         # inside, as a slice to 50257 rows cost 4-6% (bench/NOTES.md section 14).
         dtype = (
@@ -510,7 +511,7 @@ class GPT(nn.Module):
             else x.dtype
         )
         return None, LinearCrossEntropy.apply(
-            x.flatten(0, 1), head, targets.flatten(), dtype, self.config.real_tokens
+            x.flatten(0, 1), self.tied_weight(), targets.flatten(), dtype, self.config.real_tokens
         )
 
     def hidden_states(self, idx, pos=None, mask=None, cache=None):
