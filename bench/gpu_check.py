@@ -362,7 +362,9 @@ def decode_rows(shape, device):
     for who in ("ours, eager step", "ours", "transformers generate"):
         inference.CUDA_GRAPHS = who != "ours, eager step"
         model = decode_model(who, shape["model"], device)
-        path = inference.decode_path(device) if who.startswith("ours") else "transformers"
+        path = "transformers"
+        if who.startswith("ours"):  # generate decodes one request at a time: an unshared engine
+            path = inference.decode_path(device, shared=False)
         for B in shape["decode_batches"]:
             for mode, sampling in (("greedy", dict(temperature=0)), ("top-k 50", dict(top_k=50))):
                 row, tokens[who, B, mode] = decode_row(model, B, sampling, shape, device)
