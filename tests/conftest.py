@@ -18,6 +18,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# `torchrun --standalone`, run by the interpreter running the tests: what every multi-rank test
+# launches, followed by its --nproc_per_node and the script
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
 # A model small enough that a step takes milliseconds on CPU, trained in float32 so runs are exact.
 TINY = [
     "--B=4",

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from conftest import (
     ROOT,
     TINY,
+    TORCHRUN,
     read_log,
     run,
     train,
@@ -606,10 +607,7 @@ def test_two_ranks_give_the_one_process_losses(sft, tmp_path):
     ddp = str(tmp_path / "ddp")
     r = run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
+            *TORCHRUN,
             "--nproc_per_node=2",
             os.path.join(ROOT, "train_gpt2.py"),
             *args,

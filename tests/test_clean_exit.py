@@ -4,10 +4,9 @@ test in time instead of holding the suite."""
 
 import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import ROOT, TINY, run, write_shards
+from conftest import ROOT, TINY, TORCHRUN, run, write_shards
 
 # Each run's 3 ranks crowd one core, so a rank's threads often wait for it: the old teardown hung in
 # about 1 run in 5 this way (and in about 1 in 12 with the ranks free to move between the cores).
@@ -26,10 +25,7 @@ def test_finished_three_rank_runs_exit_0_on_crowded_cores(tmp_path):
         try:
             return run(
                 [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--standalone",
+                    *TORCHRUN,
                     "--nproc_per_node=3",
                     os.path.join(ROOT, "train_gpt2.py"),
                     *TINY,

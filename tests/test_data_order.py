@@ -3,10 +3,9 @@ tokens in the same order, across shard ends, so the per-step losses agree and a 
 another world size or B."""
 
 import os
-import sys
 
 import pytest
-from conftest import ROOT, TINY, finished_run, run, train, train_losses, write_shards
+from conftest import ROOT, TINY, TORCHRUN, finished_run, run, train, train_losses, write_shards
 
 # 384 tokens a step: 6 micro-batches of 2x32, split over 1, 2 or 3 ranks. Shards of ~1000 tokens put
 # a shard end in every third step, and val rows that 2 or 3 ranks cannot share evenly.
@@ -23,10 +22,7 @@ ARGS = TINY + [
 def torchrun(nproc, args):
     return run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
+            *TORCHRUN,
             f"--nproc_per_node={nproc}",
             os.path.join(ROOT, "train_gpt2.py"),
             *args,
@@ -70,10 +66,7 @@ def test_a_two_rank_run_stopped_at_a_checkpoint_resumes_on_one_process_with_b_ha
     # written
     r = run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
+            *TORCHRUN,
             "--nproc_per_node=2",
             os.path.join(ROOT, "tests", "faulty_run.py"),
             *ARGS,

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, finished_run, run, train, train_losses, write_shards
+from conftest import ROOT, TINY, TORCHRUN, finished_run, run, train, train_losses, write_shards
 
 FAULTY = os.path.join(ROOT, "tests", "faulty_run.py")
 # Checkpoints every 2 steps, of which 2 are kept, so that a run has many writes, renames and
@@ -160,10 +160,7 @@ def torchrun(args, **env):
     the previous attempt's addresses (pytorch/pytorch#135712), as docs/training.md says."""
     return run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
+            *TORCHRUN,
             "--nproc_per_node=2",
             "--max-restarts=1",
             FAULTY,

@@ -12,6 +12,7 @@ import torch
 from conftest import (
     ROOT,
     TINY,
+    TORCHRUN,
     finished_run,
     run,
     train,
@@ -34,10 +35,7 @@ ARGS = TINY + [
 def torchrun(args, nproc=2):
     return run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
+            *TORCHRUN,
             f"--nproc_per_node={nproc}",
             os.path.join(ROOT, "train_gpt2.py"),
             *args,
@@ -160,10 +158,7 @@ def test_a_rank_short_of_memory_reduces_every_micro_step_to_the_same_losses(args
     script.write_text(LEAN.format(root=ROOT))
     r = run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
+            *TORCHRUN,
             "--nproc_per_node=2",
             str(script),
             *args,

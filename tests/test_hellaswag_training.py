@@ -7,7 +7,7 @@ import re
 import sys
 
 import pytest
-from conftest import ROOT, TINY, run, train, train_losses, write_hellaswag
+from conftest import ROOT, TINY, TORCHRUN, run, train, train_losses, write_hellaswag
 
 N = 51  # odd, so that two ranks get unequal shares
 HELLA = ["--vocab_size=50304"]  # GPT-2's tokens must fit the embedding
@@ -106,7 +106,7 @@ def test_cli_rejects_malformed_file(tmp_path, trained):
 
 def test_ddp_counts_every_example_once(trained, tmp_path):
     shards, _, log_dir, _ = trained
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    launcher = [*TORCHRUN, "--nproc_per_node=2"]
     proc, ddp_log_dir, _ = hella_run(str(tmp_path), shards, "--max_steps=1", launcher=launcher)
     # all-reduced: neither half counted twice nor dropped
     assert proc.stdout.count(f"({N} examples)") == 2

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, hf_gpt2, read_log, run, train, train_losses, write_shards
+from conftest import ROOT, TINY, TORCHRUN, hf_gpt2, read_log, run, train, train_losses, write_shards
 
 import export_hf
 import train_gpt2 as tg
@@ -146,7 +146,7 @@ def test_two_gloo_ranks_with_recompute_give_one_process_losses(setup, tmp_path):
     args = [*args, "--dropout=0.0", "--lora_dropout=0.0", "--max_steps=4"]  # ranks draw other masks
     single = train([*args, f"--log_dir={tmp_path / 'single'}"], timeout=300)
     assert single.returncode == 0, single.stderr
-    ddp = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    ddp = run([*TORCHRUN, "--nproc_per_node=2",
                os.path.join(ROOT, "train_gpt2.py"), *args, "--recompute=True",
                f"--log_dir={tmp_path / 'ddp'}"], timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]

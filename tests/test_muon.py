@@ -6,12 +6,11 @@ import dataclasses
 import os
 import re
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, finished_run, run, train, train_losses
+from conftest import ROOT, TINY, TORCHRUN, finished_run, run, train, train_losses
 
 import train_gpt2 as tg
 
@@ -136,10 +135,7 @@ def assert_identical(a, b):
 def test_a_two_rank_muon_run_gives_the_one_process_losses(data, straight, tmp_path):
     r = run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
+            *TORCHRUN,
             "--nproc_per_node=2",
             os.path.join(ROOT, "train_gpt2.py"),
             *MUON,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TINY, finished_run, read_log, run, spawn, write_shards
+from conftest import ROOT, TINY, TORCHRUN, finished_run, read_log, run, spawn, write_shards
 
 import train_gpt2 as tg
 
@@ -101,10 +101,7 @@ def test_under_torchrun_rank_0_says_once_who_holds_the_log_dir(data, tmp_path):
         before = sorted(os.listdir(tmp_path))
         r = run(
             [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
+                *TORCHRUN,
                 "--nproc_per_node=2",
                 os.path.join(ROOT, "train_gpt2.py"),
                 *ARGS,

@@ -2,10 +2,9 @@
 
 import os
 import shutil
-import sys
 
 import torch
-from conftest import ROOT, TINY, read_log, run, train, train_losses, write_shards
+from conftest import ROOT, TINY, TORCHRUN, read_log, run, train, train_losses, write_shards
 
 
 def test_resume_continues_exactly(shards, tmp_path):
@@ -96,10 +95,7 @@ def test_ddp_matches_one_process_with_twice_the_accumulation(shards, tmp_path):
     ddp = str(tmp_path / "ddp")
     out = run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
+            *TORCHRUN,
             "--nproc_per_node=2",
             os.path.join(ROOT, "train_gpt2.py"),
             *TINY,
